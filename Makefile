@@ -1,0 +1,30 @@
+# The README's commands. Each one does all of its own set-up and is safe to run again.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+	$(PY) manage.py prepare
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	PYTHON=$(PY) bash scripts/run.sh
+
+test: setup
+	scripts/test.sh
+
+bench: setup
+	$(PY) bench/ingest_export.py
+	$(PY) bench/simulator.py
+
+clean:
+	rm -rf $(VENV) var staticfiles

@@ -1,0 +1,17 @@
+from django.contrib import admin
+
+from jobs.models import Endpoint, Job
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin):
+    list_display = ("name", "base_url", "masked_key", "concurrency", "rpm", "tpm", "is_default")
+    readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "cooldown_until")
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "status", "total", "n_succeeded", "n_failed", "created_at")
+    list_filter = ("status", "mode")
+    search_fields = ("name",)
+    readonly_fields = [f.name for f in Job._meta.fields if f.name not in ("name",)]

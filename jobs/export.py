@@ -1,0 +1,232 @@
+"""Items -> downloadable files, streamed in input order.
+
+- results JSONL: OpenAI's batch output-file format, one line per succeeded item;
+- errors JSONL: OpenAI's error-file format: an HTTP error keeps its status code and body under
+  `response`, a request that never got an answer (expired, cancelled, out of attempts) has
+  `response: null` and an `error` object;
+- CSV: the input columns (CSV jobs) or custom_id, then the output text, the fields of a structured
+  output, status, error and tokens.
+
+Stored request and response bodies are already compact JSON, so the JSONL writers splice the
+text in rather than parse and re-encode it: that is most of their speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Iterator
+
+from jobs.models import Item, Job
+
+FLUSH_BYTES = 64 * 1024
+ERROR_STATUSES = (Item.FAILED, Item.EXPIRED, Item.CANCELLED)
+# What OpenAI's error file says for a request that never ran.
+NOT_RUN = {
+    Item.EXPIRED: ("batch_expired", "This request could not be executed before the completion window expired."),
+    Item.CANCELLED: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+}
+
+
+def request_id(job_id: int, item_id: int) -> str:
+    return "batch_req_" + hashlib.md5(f"{job_id}:{item_id}".encode()).hexdigest()
+
+
+def _buffered(pieces: Iterable[str]) -> Iterator[str]:
+    buffer, size = [], 0
+    for piece in pieces:
+        buffer.append(piece)
+        size += len(piece)
+        if size >= FLUSH_BYTES:
+            yield "".join(buffer)
+            buffer, size = [], 0
+    if buffer:
+        yield "".join(buffer)
+
+
+def _items(job: Job, statuses, fields: tuple[str, ...]):
+    qs = Item.objects.filter(job=job)
+    if statuses:
+        qs = qs.filter(status__in=statuses)
+    return qs.order_by("line").values_list(*fields).iterator(chunk_size=2000)
+
+
+def results_jsonl(job: Job) -> Iterator[str]:
+    dumps = json.dumps
+    fields = ("id", "custom_id", "http_status", "request_id", "response")
+
+    def lines():
+        for pk, custom_id, status, upstream_id, body in _items(job, [Item.SUCCEEDED], fields):
+            yield (
+                f'{{"id":"{request_id(job.pk, pk)}","custom_id":{dumps(custom_id, ensure_ascii=False)},'
+                f'"response":{{"status_code":{status or 200},"request_id":{dumps(upstream_id)},'
+                f'"body":{body if body.startswith("{") else "{}"}}},"error":null}}\n'
+            )
+
+    return _buffered(lines())
+
+
+def _error_body(text: str, status: int) -> str:
+    """An HTTP error body as a JSON object, wrapping what was not JSON (an HTML 502 page, say)."""
+    if text.startswith("{"):
+        try:
+            json.loads(text)
+            return text
+        except ValueError:
+            pass
+    error = {"message": text[:2000] or f"HTTP {status}", "type": "server_error", "param": None, "code": None}
+    return json.dumps({"error": error}, ensure_ascii=False, separators=(",", ":"))
+
+
+def errors_jsonl(job: Job) -> Iterator[str]:
+    dumps = json.dumps
+    fields = ("id", "custom_id", "status", "http_status", "request_id", "response", "error_code", "error_message")
+
+    def lines():
+        for pk, custom_id, status, http_status, upstream_id, body, code, message in _items(job, ERROR_STATUSES, fields):
+            head = f'{{"id":"{request_id(job.pk, pk)}","custom_id":{dumps(custom_id, ensure_ascii=False)},'
+            if status == Item.FAILED and http_status:
+                yield (
+                    f'{head}"response":{{"status_code":{http_status},"request_id":{dumps(upstream_id)},'
+                    f'"body":{_error_body(body, http_status)}}},"error":null}}\n'
+                )
+            else:
+                default_code, default_message = NOT_RUN.get(status, ("request_failed", "The request failed."))
+                error = {"code": code or default_code, "message": message or default_message}
+                yield f'{head}"response":null,"error":{dumps(error, ensure_ascii=False)}}}\n'
+
+    return _buffered(lines())
+
+
+def output_text(url: str, response: dict) -> str:
+    """The text a person wants from a response body: the message, the completion, or the embedding."""
+    try:
+        if url == "/v1/chat/completions":
+            message = response["choices"][0]["message"]
+            if message.get("content") is not None:
+                return message["content"]
+            if message.get("tool_calls"):
+                return json.dumps(message["tool_calls"], ensure_ascii=False)
+            return message.get("refusal") or ""
+        if url == "/v1/completions":
+            return response["choices"][0]["text"]
+        if url == "/v1/embeddings":
+            return json.dumps(response["data"][0]["embedding"])
+        if url == "/v1/responses":
+            if isinstance(response.get("output_text"), str):
+                return response["output_text"]
+            return "".join(
+                part.get("text", "")
+                for block in response.get("output") or []
+                if block.get("type") == "message"
+                for part in block.get("content") or []
+                if part.get("type") == "output_text"
+            )
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    return ""
+
+
+def schema_fields(job: Job) -> list[str]:
+    """Top-level properties of the structured output the job asks for, if it asks for one."""
+    schema = job.template.get("json_schema") if job.template else None
+    if not schema:
+        first = Item.objects.filter(job=job).order_by("line").values_list("body", flat=True).first()
+        try:
+            response_format = json.loads(first or "{}").get("response_format") or {}
+            schema = response_format.get("json_schema") or {}
+        except (ValueError, AttributeError):
+            return []
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+        schema = schema["schema"]
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    return list(properties) if isinstance(properties, dict) else []
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_cell(value: str) -> str:
+    """Neutralise text that a spreadsheet would run as a formula (model output is untrusted)."""
+    if value and value.startswith(_FORMULA_START):
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _safe_cell(str(value))
+
+
+def results_csv(job: Job) -> Iterator[str]:
+    input_columns = list(job.columns) if job.source_format == Job.CSV else []
+    has_id_column = bool(job.template.get("custom_id_column")) if job.template else False
+    fields = schema_fields(job)
+    taken = set(input_columns)
+
+    def name(wanted: str) -> str:
+        while wanted in taken:
+            wanted = f"{wanted}_result"
+        taken.add(wanted)
+        return wanted
+
+    header = list(input_columns)
+    if not has_id_column:
+        header.append(name("custom_id"))
+    output_name = "embedding" if job.url == "/v1/embeddings" else "output"
+    header.append(name(output_name))
+    header += [name(f) for f in fields]
+    header += [name(n) for n in ("status", "error", "prompt_tokens", "completion_tokens", "latency_ms")]
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def rows():
+        writer.writerow(header)
+        item_fields = (
+            "custom_id", "input_row", "status", "response", "error_code", "error_message",
+            "http_status", "prompt_tokens", "completion_tokens", "latency_ms",
+        )  # fmt: skip
+        for custom_id, input_row, status, body, code, message, http_status, p, c, latency in _items(
+            job, None, item_fields
+        ):
+            row = []
+            if input_columns:
+                cells = json.loads(input_row) if input_row else []
+                row += cells + [""] * (len(input_columns) - len(cells))
+            if not has_id_column:
+                row.append(custom_id)
+            text, parsed = "", {}
+            if status == Item.SUCCEEDED and body:
+                text = output_text(job.url, json.loads(body))
+                if fields:
+                    try:
+                        value = json.loads(text)
+                        parsed = value if isinstance(value, dict) else {}
+                    except ValueError:
+                        parsed = {}
+            row.append(_safe_cell(text))
+            row += [_cell(parsed.get(f)) for f in fields]
+            error = ""
+            if status in ERROR_STATUSES:
+                error = message or code or NOT_RUN.get(status, ("", ""))[1]
+                if http_status:
+                    error = f"HTTP {http_status}: {error}"
+            row += [status, _safe_cell(error), p, c, "" if latency is None else latency]
+            writer.writerow(row)
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+
+    return _buffered(rows())

@@ -1,0 +1,616 @@
+"""Uploaded file -> validated requests -> a Job with its Items.
+
+Two passes over a file kept on disk, both streaming: `validate()` checks every line and returns
+a Plan (errors with line numbers, or counts, a preview and a token estimate); `create_job()`
+reads the file again and writes the Job and its Items in one transaction. Memory stays flat
+whatever the file size, apart from the set of custom_ids needed to find duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import shutil
+import uuid
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from jobs import tokens
+from jobs.models import SUPPORTED_URLS, Item, Job
+
+MAX_ERRORS = 100
+PREVIEW_SIZE = 5
+CHUNK = 5000
+
+# Fields each endpoint cannot do without, checked so that a typo fails at upload, not at line 40,000.
+REQUIRED_BODY = {
+    "/v1/chat/completions": ("messages", list),
+    "/v1/embeddings": ("input", (str, list)),
+    "/v1/completions": ("prompt", (str, list)),
+    "/v1/responses": ("input", (str, list)),
+}
+
+
+@dataclass
+class LineError:
+    line: int | None
+    code: str
+    message: str
+    param: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "line": self.line, "message": self.message, "param": self.param}
+
+
+@dataclass
+class Limits:
+    max_lines: int
+    max_line_bytes: int
+    max_file_bytes: int
+
+    @classmethod
+    def from_settings(cls) -> Limits:
+        return cls(
+            max_lines=settings.BATCHSITE_MAX_LINES,
+            max_line_bytes=settings.BATCHSITE_MAX_LINE_KB * 1024,
+            max_file_bytes=settings.BATCHSITE_MAX_UPLOAD_MB * 1024 * 1024,
+        )
+
+
+@dataclass
+class Template:
+    """How a CSV row becomes a request: `{{ column }}` placeholders in the prompts, and parameters."""
+
+    model: str = ""
+    user_prompt: str = ""
+    system_prompt: str = ""
+    url: str = "/v1/chat/completions"
+    temperature: float | None = None
+    max_tokens: int | None = None
+    json_schema: dict | str | None = None
+    custom_id_column: str = ""
+    input_column: str = ""  # embeddings: the column to embed
+    extra: dict = field(default_factory=dict)  # more body parameters, sent as they are
+    delimiter: str = ""  # empty: detected from the header line
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Template:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PLACEHOLDER = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+
+
+@dataclass
+class Request:
+    line: int
+    custom_id: str
+    body: dict
+    input_row: list[str] | None = None
+
+    def as_batch_line(self, url: str) -> dict:
+        return {"custom_id": self.custom_id, "method": "POST", "url": url, "body": self.body}
+
+
+class TooManyErrors(Exception):
+    pass
+
+
+class _Errors:
+    """Collects up to MAX_ERRORS errors and counts the rest."""
+
+    def __init__(self):
+        self.items: list[LineError] = []
+        self.count = 0
+
+    def add(self, line: int | None, code: str, message: str, param: str | None = None) -> None:
+        self.count += 1
+        if len(self.items) < MAX_ERRORS:
+            self.items.append(LineError(line, code, message, param))
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+@dataclass
+class Plan:
+    path: Path
+    format: str
+    source_name: str = ""
+    url: str = ""
+    count: int = 0
+    models: Counter = field(default_factory=Counter)
+    est_input_tokens: int = 0
+    max_output_tokens: int = 0
+    errors: list[LineError] = field(default_factory=list)
+    error_count: int = 0
+    preview: list[dict] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    template: Template | None = None
+    est_tokens: array = field(default_factory=lambda: array("I"), repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    @property
+    def model(self) -> str:
+        return ", ".join(m for m, _ in self.models.most_common())[:200]
+
+    def requests(self) -> Iterator[Request]:
+        """The requests again, read from the file; only for a plan without errors."""
+        errors = _Errors()
+        if self.format == Job.CSV:
+            yield from _csv_requests(self.path, self.template, Limits.from_settings(), errors, [])
+        else:
+            yield from _jsonl_requests(self.path, Limits.from_settings(), errors, self.url)
+        if errors:
+            raise ValueError(f"{self.path} changed since it was validated")
+
+
+def store_upload(chunks, name: str, limits: Limits | None = None) -> tuple[Path | None, LineError | None]:
+    """Write an uploaded file (an iterable of byte chunks) under the data dir, enforcing the size limit."""
+    limits = limits or Limits.from_settings()
+    folder = settings.DATA_DIR / "uploads" / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    safe = re.sub(r"[^\w.\-]+", "_", Path(name or "upload").name)[:100] or "upload"
+    path = folder / safe
+    size = 0
+    with open(path, "wb") as out:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > limits.max_file_bytes:
+                out.close()
+                shutil.rmtree(folder, ignore_errors=True)
+                mb = limits.max_file_bytes // (1024 * 1024)
+                return None, LineError(None, "file_too_large", f"The file is larger than the {mb} MB limit.")
+            out.write(chunk)
+    return path, None
+
+
+def detect_format(name: str, path: Path) -> str:
+    """CSV by extension, else JSONL if the first non-blank character opens a JSON object."""
+    suffix = Path(name).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return Job.CSV
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return Job.JSONL
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return Job.JSONL if head.startswith(b"{") else Job.CSV
+
+
+def validate(
+    path: Path,
+    *,
+    format: str = Job.JSONL,
+    template: Template | None = None,
+    source_name: str = "",
+    expected_url: str | None = None,
+    single_model: bool = False,
+    limits: Limits | None = None,
+) -> Plan:
+    """Check every line; the Plan holds either errors or what a job from this file would be."""
+    limits = limits or Limits.from_settings()
+    path = Path(path)
+    plan = Plan(path=path, format=format, source_name=source_name or path.name, template=template)
+    errors = _Errors()
+    if path.stat().st_size > limits.max_file_bytes:
+        mb = limits.max_file_bytes // (1024 * 1024)
+        errors.add(None, "file_too_large", f"The file is larger than the {mb} MB limit.")
+    elif format == Job.CSV:
+        if template is None:
+            errors.add(None, "missing_template", "A CSV file needs a prompt template.")
+        else:
+            plan.url = template.url
+            _consume(plan, _csv_requests(path, template, limits, errors, plan.columns))
+    else:
+        plan.url = expected_url or ""
+        _consume(plan, _jsonl_requests(path, limits, errors, expected_url, plan))
+
+    if not errors and plan.count == 0:
+        errors.add(None, "empty_file", "The file has no requests.")
+    if single_model and len(plan.models) > 1:
+        errors.add(
+            None,
+            "mismatched_model",
+            f"The OpenAI Batch API takes one model per file; this file uses {len(plan.models)}: {plan.model}.",
+            "body.model",
+        )
+    plan.errors, plan.error_count = errors.items, errors.count
+    if errors:
+        plan.est_tokens = array("I")
+    return plan
+
+
+def _consume(plan: Plan, requests: Iterator[Request]) -> None:
+    for request in requests:
+        plan.count += 1
+        plan.models[request.body.get("model", "")] += 1
+        est = tokens.estimate_request(plan.url, request.body)
+        plan.est_tokens.append(min(est, 2**32 - 1))
+        plan.est_input_tokens += est
+        plan.max_output_tokens += tokens.max_output_tokens(request.body)
+        if len(plan.preview) < PREVIEW_SIZE:
+            plan.preview.append(request.as_batch_line(plan.url))
+
+
+def _lines(path: Path, limits: Limits, errors: _Errors) -> Iterator[tuple[int, str]]:
+    """(line number, decoded text) for each line, checking encoding, line size and line count."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number > limits.max_lines:
+                errors.add(
+                    number,
+                    "too_many_lines",
+                    f"The file has more than {limits.max_lines:,} lines, the limit of this installation.",
+                )
+                return
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if len(raw) > limits.max_line_bytes:
+                errors.add(
+                    number, "line_too_long", f"Line {number} is {len(raw):,} bytes; the limit is {limits.max_line_bytes:,}."
+                )
+                continue
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.add(
+                    number,
+                    "invalid_encoding",
+                    f"Line {number} is not valid UTF-8 (byte {e.start + 1}). Save the file as UTF-8.",
+                )
+
+
+def _jsonl_requests(
+    path: Path, limits: Limits, errors: _Errors, expected_url: str | None, plan: Plan | None = None
+) -> Iterator[Request]:
+    seen: dict[str, int] = {}
+    url = expected_url
+    url_line = None
+    for number, text in _lines(path, limits, errors):
+        if not text.strip():
+            continue  # blank lines (a trailing one above all) carry no request
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            errors.add(number, "invalid_json_line", f"Line {number} is not valid JSON: {e.msg} (column {e.colno}).")
+            continue
+        if not isinstance(obj, dict):
+            errors.add(number, "invalid_json_line", f"Line {number} must be a JSON object, not {_kind(obj)}.")
+            continue
+        ok = True
+        for name, kind in (("custom_id", str), ("method", str), ("url", str), ("body", dict)):
+            if name not in obj or obj[name] is None:
+                errors.add(number, "missing_required_parameter", f"Line {number} has no '{name}'.", name)
+                ok = False
+            elif not isinstance(obj[name], kind):
+                expected = "an object" if kind is dict else "a string"
+                errors.add(
+                    number, "invalid_type", f"Line {number}: '{name}' must be {expected}, not {_kind(obj[name])}.", name
+                )
+                ok = False
+        if not ok:
+            continue
+        custom_id, line_url, body = obj["custom_id"], obj["url"], obj["body"]
+        if obj["method"].upper() != "POST":
+            errors.add(number, "invalid_method", f"Line {number}: method must be POST, not {obj['method']!r}.", "method")
+            ok = False
+        if not custom_id:
+            errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' is empty.", "custom_id")
+            ok = False
+        elif len(custom_id.encode()) > 1024:
+            errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' is longer than 1,024 bytes.", "custom_id")
+            ok = False
+        elif custom_id in seen:
+            errors.add(
+                number,
+                "duplicate_custom_id",
+                f"Line {number}: custom_id {custom_id!r} is already used on line {seen[custom_id]}.",
+                "custom_id",
+            )
+            ok = False
+        else:
+            seen[custom_id] = number
+        if line_url not in SUPPORTED_URLS:
+            errors.add(
+                number,
+                "invalid_url",
+                f"Line {number}: url {line_url!r} is not supported; use one of {', '.join(SUPPORTED_URLS)}.",
+                "url",
+            )
+            continue
+        if url is None:
+            url, url_line = line_url, number
+            if plan is not None:
+                plan.url = url
+        elif line_url != url:
+            where = f"line {url_line}" if url_line else "the batch"
+            errors.add(
+                number,
+                "mismatched_url",
+                f"Line {number}: url {line_url} differs from {url} on {where}; one file goes to one endpoint.",
+                "url",
+            )
+            continue
+        if not _check_body(number, line_url, body, errors) or not ok:
+            continue
+        yield Request(number, custom_id, body)
+
+
+def _check_body(number: int, url: str, body: dict, errors: _Errors) -> bool:
+    ok = True
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        errors.add(number, "missing_model", f"Line {number}: body has no 'model'.", "body.model")
+        ok = False
+    name, kind = REQUIRED_BODY[url]
+    value = body.get(name)
+    if value is None:
+        errors.add(number, "missing_required_parameter", f"Line {number}: body has no '{name}'.", f"body.{name}")
+        ok = False
+    elif not isinstance(value, kind) or (isinstance(value, (list, str)) and not value):
+        errors.add(number, "invalid_type", f"Line {number}: body.{name} must be a non-empty {_kinds(kind)}.", f"body.{name}")
+        ok = False
+    if body.get("stream"):
+        errors.add(number, "invalid_value", f"Line {number}: streaming is not supported in a batch.", "body.stream")
+        ok = False
+    return ok
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _kinds(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({list: "array", str: "string", dict: "object"}[k] for k in kinds)
+
+
+def _sniff_delimiter(header: str) -> str:
+    counts = {d: header.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Errors, columns_out: list) -> Iterator[Request]:
+    lines = (text for _, text in _lines(path, limits, errors))
+    first = next(lines, None)
+    if first is None:
+        return
+    delimiter = template.delimiter or _sniff_delimiter(first)
+    reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except csv.Error as e:
+        errors.add(1, "invalid_csv", f"Line 1: {e}.")
+        return
+    columns = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
+    columns_out[:] = columns
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if dupes:
+        errors.add(1, "duplicate_column", f"Line 1: the header repeats {', '.join(dupes)}; column names must be unique.")
+    if not _check_template(template, columns, errors):
+        return
+    index = {c: i for i, c in enumerate(columns)}
+    body_base = _template_body_base(template)
+    seen: dict[str, int] = {}
+    row_number = 0
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            errors.add(start, "invalid_csv", f"Line {start}: {e}.")
+            break
+        number, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        row_number += 1
+        if len(row) > len(columns):
+            errors.add(
+                number,
+                "too_many_cells",
+                f"Line {number} has {len(row)} cells but the header has {len(columns)}. Check the delimiter and quotes.",
+            )
+            continue
+        row = row + [""] * (len(columns) - len(row))  # missing trailing cells are empty
+        cells = dict(zip(columns, row))
+        if template.custom_id_column:
+            custom_id = cells[template.custom_id_column].strip()
+            if not custom_id:
+                errors.add(number, "invalid_custom_id", f"Line {number}: column {template.custom_id_column!r} is empty.")
+                continue
+        else:
+            custom_id = f"row-{row_number}"
+        if custom_id in seen:
+            errors.add(
+                number,
+                "duplicate_custom_id",
+                f"Line {number}: custom_id {custom_id!r} is already used on line {seen[custom_id]}.",
+            )
+            continue
+        seen[custom_id] = number
+        body = dict(body_base)
+        if template.url == "/v1/embeddings":
+            text = cells[template.input_column]
+            if not text.strip():
+                errors.add(number, "empty_input", f"Line {number}: column {template.input_column!r} is empty.")
+                continue
+            body["input"] = text
+        else:
+            user = _render(template.user_prompt, cells)
+            if not user.strip():
+                errors.add(number, "empty_prompt", f"Line {number}: the prompt is empty for this row.")
+                continue
+            messages = []
+            if template.system_prompt.strip():
+                messages.append({"role": "system", "content": _render(template.system_prompt, cells)})
+            messages.append({"role": "user", "content": user})
+            body["messages"] = messages
+        yield Request(number, custom_id, body, row)
+
+
+def _render(text: str, cells: dict[str, str]) -> str:
+    return PLACEHOLDER.sub(lambda m: cells.get(m.group(1), m.group(0)), text)
+
+
+def template_columns(text: str) -> list[str]:
+    return PLACEHOLDER.findall(text or "")
+
+
+def _check_template(template: Template, columns: list[str], errors: _Errors) -> bool:
+    ok = True
+
+    def fail(code, message, param):
+        nonlocal ok
+        errors.add(None, code, message, param)
+        ok = False
+
+    if template.url not in ("/v1/chat/completions", "/v1/embeddings"):
+        fail("invalid_url", "A CSV template makes chat completions or embeddings.", "url")
+        return False
+    if not template.model.strip():
+        fail("missing_model", "Choose a model.", "model")
+    known = ", ".join(columns)
+    if template.url == "/v1/embeddings":
+        if not template.input_column:
+            fail("missing_required_parameter", "Choose the column to embed.", "input_column")
+        elif template.input_column not in columns:
+            fail("unknown_column", f"There is no column {template.input_column!r}. Columns: {known}.", "input_column")
+    else:
+        if not template.user_prompt.strip():
+            fail("missing_required_parameter", "Write a user prompt.", "user_prompt")
+        for param in ("system_prompt", "user_prompt"):
+            for name in dict.fromkeys(template_columns(getattr(template, param))):
+                if name not in columns:
+                    fail(
+                        "unknown_column",
+                        f"The template uses {{{{ {name} }}}}, but the file has no column {name!r}. Columns: {known}.",
+                        param,
+                    )
+    if template.custom_id_column and template.custom_id_column not in columns:
+        fail("unknown_column", f"There is no column {template.custom_id_column!r}. Columns: {known}.", "custom_id_column")
+    if template.temperature is not None and not (0 <= template.temperature <= 2):
+        fail("invalid_value", "Temperature must be between 0 and 2.", "temperature")
+    if template.max_tokens is not None and template.max_tokens < 1:
+        fail("invalid_value", "Max tokens must be a positive number.", "max_tokens")
+    if template.json_schema not in (None, "", {}):
+        try:
+            schema_format(template.json_schema)
+        except ValueError as e:
+            fail("invalid_json_schema", str(e), "json_schema")
+    if not isinstance(template.extra, dict):
+        fail("invalid_type", "Extra parameters must be a JSON object.", "extra")
+    return ok
+
+
+def schema_format(schema: dict | str) -> dict:
+    """A JSON schema (or a full json_schema block) -> the chat response_format that asks for it."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise ValueError(f"The JSON schema is not valid JSON: {e}.") from None
+    if not isinstance(schema, dict):
+        raise ValueError("The JSON schema must be a JSON object.")
+    if "schema" in schema and isinstance(schema["schema"], dict):
+        block = {"name": "output", **schema}
+    else:
+        block = {"name": "output", "strict": True, "schema": schema}
+    return {"type": "json_schema", "json_schema": block}
+
+
+def _template_body_base(template: Template) -> dict:
+    body: dict = {"model": template.model.strip()}
+    if template.url == "/v1/chat/completions":
+        if template.temperature is not None:
+            body["temperature"] = template.temperature
+        if template.max_tokens:
+            body["max_tokens"] = template.max_tokens
+        if template.json_schema not in (None, "", {}):
+            body["response_format"] = schema_format(template.json_schema)
+    body.update(template.extra or {})
+    return body
+
+
+def create_job(
+    plan: Plan,
+    *,
+    owner,
+    name: str = "",
+    endpoint=None,
+    mode: str = Job.LIVE,
+    metadata: dict | None = None,
+    max_attempts: int = 5,
+) -> Job:
+    """One transaction: the Job and all its Items, or nothing."""
+    if not plan.ok:
+        raise ValueError("A plan with errors cannot become a job.")
+    template = plan.template
+    if template is not None and isinstance(template.json_schema, str) and template.json_schema.strip():
+        template = Template.from_dict({**template.as_dict(), "json_schema": json.loads(template.json_schema)})
+    with transaction.atomic():
+        job = Job.objects.create(
+            owner=owner,
+            name=(name or Path(plan.source_name).stem or "Untitled job")[:200],
+            url=plan.url,
+            model=plan.model,
+            mode=mode,
+            endpoint=endpoint,
+            source_name=plan.source_name[:255],
+            source_format=plan.format,
+            source_file=str(_relative(plan.path)),
+            columns=plan.columns,
+            template=template.as_dict() if template else {},
+            metadata=metadata or {},
+            max_attempts=max_attempts,
+            total=plan.count,
+            n_pending=plan.count,
+            est_input_tokens=plan.est_input_tokens,
+            created_at=timezone.now(),
+        )
+        batch = []
+        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        estimates = plan.est_tokens
+        for i, request in enumerate(plan.requests()):
+            batch.append(
+                Item(
+                    job=job,
+                    line=request.line,
+                    custom_id=request.custom_id,
+                    body=dumps(request.body),
+                    input_row=dumps(request.input_row) if request.input_row is not None else "",
+                    est_tokens=estimates[i] if i < len(estimates) else 0,
+                )
+            )
+            if len(batch) >= CHUNK:
+                Item.objects.bulk_create(batch)
+                batch.clear()
+        if batch:
+            Item.objects.bulk_create(batch)
+    return job
+
+
+def _relative(path: Path) -> Path:
+    try:
+        return Path(path).resolve().relative_to(settings.DATA_DIR)
+    except ValueError:
+        return Path(path)

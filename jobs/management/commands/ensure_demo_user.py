@@ -1,0 +1,32 @@
+import os
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Create the demo login (once, with a random password kept in the data dir) and print it."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--quiet-if-disabled", action="store_true")
+
+    def handle(self, *args, **options):
+        if os.environ.get("BATCHSITE_DEMO_USER", "1").lower() in ("0", "false", "no", "off"):
+            if not options["quiet_if_disabled"]:
+                self.stdout.write("The demo login is disabled (BATCHSITE_DEMO_USER=0).")
+            return
+        password_file = settings.DATA_DIR / "demo-password"
+        User = get_user_model()
+        user = User.objects.filter(username="demo").first()
+        if user is None or not password_file.exists():
+            password = secrets.token_urlsafe(9)
+            password_file.write_text(password)
+            password_file.chmod(0o600)
+            user = user or User(username="demo", email="demo@example.com")
+            user.is_staff = True
+            user.set_password(password)
+            user.save()
+        password = password_file.read_text().strip()
+        self.stdout.write(f"  Demo login: demo / {password}   (staff; set BATCHSITE_DEMO_USER=0 to turn off)")

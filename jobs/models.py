@@ -1,0 +1,311 @@
+import os
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import Count, F, Q, Sum
+from django.urls import reverse
+from django.utils import timezone
+
+from jobs import crypto
+
+SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
+
+
+class Endpoint(models.Model):
+    """An OpenAI-compatible server that jobs run against (OpenAI, Azure, vLLM, Ollama, LiteLLM...)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    base_url = models.URLField(max_length=500, help_text="Up to and including /v1, e.g. https://api.openai.com/v1")
+    api_key_encrypted = models.TextField(blank=True, editable=False)
+    key_hint = models.CharField(max_length=12, blank=True, editable=False)
+    concurrency = models.PositiveIntegerField(default=100, help_text="Requests in flight at once")
+    rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty: learned")
+    tpm = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens per minute; empty: learned")
+    learned_rpm = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    learned_tpm = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    cooldown_until = models.DateTimeField(null=True, blank=True, editable=False)
+    is_default = models.BooleanField(default=False)
+    from_env = models.BooleanField(default=False, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    ENV_NAME = "Default (from environment)"
+
+    class Meta:
+        ordering = ["-is_default", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_default"], condition=Q(is_default=True), name="one_default_endpoint"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def api_key(self) -> str:
+        return crypto.decrypt(self.api_key_encrypted)
+
+    def set_api_key(self, key: str) -> None:
+        self.api_key_encrypted = crypto.encrypt(key)
+        self.key_hint = key[-4:] if len(key) >= 12 else ""
+
+    @property
+    def masked_key(self) -> str:
+        if not self.api_key_encrypted:
+            return "(none)"
+        return f"…{self.key_hint}" if self.key_hint else "••••"
+
+    @property
+    def effective_rpm(self) -> int | None:
+        return self.rpm or self.learned_rpm
+
+    @property
+    def effective_tpm(self) -> int | None:
+        return self.tpm or self.learned_tpm
+
+    @classmethod
+    def sync_from_env(cls) -> "Endpoint | None":
+        """Create or update the endpoint described by OPENAI_API_KEY/OPENAI_BASE_URL and friends.
+
+        The environment owns that one endpoint: editing it on the page is overwritten at the
+        next start, which is what an operator who set the variables expects.
+        """
+        key = os.environ.get("OPENAI_API_KEY", "")
+        base_url = (os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        if not key and not os.environ.get("OPENAI_BASE_URL"):
+            return None
+
+        def envint(name):
+            value = os.environ.get(name, "").strip()
+            return int(value) if value else None
+
+        with transaction.atomic():
+            endpoint = cls.objects.filter(from_env=True).first() or cls(name=cls.ENV_NAME, from_env=True)
+            if not endpoint.pk and cls.objects.filter(name=cls.ENV_NAME).exists():
+                endpoint = cls.objects.get(name=cls.ENV_NAME)
+                endpoint.from_env = True
+            changed_url = endpoint.base_url != base_url
+            endpoint.base_url = base_url
+            if not endpoint.api_key_encrypted or endpoint.api_key != key:
+                endpoint.set_api_key(key)
+            endpoint.concurrency = envint("OPENAI_CONCURRENCY") or 100
+            endpoint.rpm = envint("OPENAI_RPM")
+            endpoint.tpm = envint("OPENAI_TPM")
+            if changed_url:  # limits learned from another server mean nothing here
+                endpoint.learned_rpm = endpoint.learned_tpm = None
+                endpoint.cooldown_until = None
+            if not cls.objects.filter(is_default=True).exclude(pk=endpoint.pk).exists():
+                endpoint.is_default = True
+            endpoint.save()
+        return endpoint
+
+    @classmethod
+    def default(cls) -> "Endpoint | None":
+        cls.sync_from_env()
+        return cls.objects.filter(is_default=True).first() or cls.objects.first()
+
+    def make_default(self) -> None:
+        with transaction.atomic():
+            Endpoint.objects.filter(is_default=True).exclude(pk=self.pk).update(is_default=False)
+            Endpoint.objects.filter(pk=self.pk).update(is_default=True)
+        self.is_default = True
+
+
+class InvalidTransition(Exception):
+    """A control action that the job's current state does not allow; the message says why."""
+
+
+class Job(models.Model):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    STATUS_CHOICES = [
+        (QUEUED, "Queued"),
+        (RUNNING, "Running"),
+        (PAUSED, "Paused"),
+        (CANCELLING, "Cancelling"),
+        (COMPLETED, "Completed"),
+        (CANCELLED, "Cancelled"),
+        (FAILED, "Failed"),
+    ]
+    ACTIVE = (QUEUED, RUNNING, CANCELLING)
+    FINISHED = (COMPLETED, CANCELLED, FAILED)
+    # Which states each state may move to. Everything that changes a job's status goes
+    # through transition(), a compare-and-set on this table, so two clicks or a click racing
+    # a worker cannot produce a state the diagram does not have.
+    TRANSITIONS = {
+        QUEUED: {RUNNING, PAUSED, CANCELLING, CANCELLED, FAILED},
+        RUNNING: {PAUSED, CANCELLING, CANCELLED, COMPLETED, FAILED},
+        PAUSED: {QUEUED, RUNNING, CANCELLING, CANCELLED},
+        CANCELLING: {CANCELLED},
+        COMPLETED: {QUEUED},  # retry failed items
+        CANCELLED: {QUEUED},  # retry failed items
+        FAILED: {QUEUED},
+    }
+
+    LIVE = "live"
+    REMOTE = "remote"
+    MODE_CHOICES = [(LIVE, "Live (concurrent requests)"), (REMOTE, "OpenAI Batch API (50% cheaper, up to 24 h)")]
+
+    JSONL = "jsonl"
+    CSV = "csv"
+    FORMAT_CHOICES = [(JSONL, "OpenAI batch JSONL"), (CSV, "CSV + prompt template")]
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    name = models.CharField(max_length=200)
+    url = models.CharField(max_length=40, help_text="Target path, e.g. /v1/chat/completions")
+    model = models.CharField(max_length=200, blank=True)
+    mode = models.CharField(max_length=10, choices=MODE_CHOICES, default=LIVE)
+    endpoint = models.ForeignKey(Endpoint, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=QUEUED)
+    status_reason = models.TextField(blank=True, help_text="Plain-words reason for a pause or failure")
+
+    source_name = models.CharField(max_length=255, blank=True)
+    source_format = models.CharField(max_length=5, choices=FORMAT_CHOICES, default=JSONL)
+    source_file = models.CharField(max_length=500, blank=True, help_text="Path under the data dir")
+    columns = models.JSONField(default=list, blank=True, help_text="CSV input columns, for the joined CSV export")
+    template = models.JSONField(default=dict, blank=True)
+    errors = models.JSONField(default=list, blank=True, help_text="Validation errors (API batches that failed)")
+    metadata = models.JSONField(default=dict, blank=True)
+    max_attempts = models.PositiveSmallIntegerField(default=5)
+
+    total = models.PositiveIntegerField(default=0)
+    n_pending = models.IntegerField(default=0)
+    n_running = models.IntegerField(default=0)
+    n_succeeded = models.IntegerField(default=0)
+    n_failed = models.IntegerField(default=0)
+    n_cancelled = models.IntegerField(default=0)
+    n_expired = models.IntegerField(default=0)
+    est_input_tokens = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
+
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["-created_at", "-id"], name="job_recent"),
+            models.Index(fields=["owner", "-created_at"], name="job_owner_recent"),
+            models.Index(fields=["status"], name="job_status"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("job_detail", args=[self.pk])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def n_done(self) -> int:
+        return self.n_succeeded + self.n_failed + self.n_cancelled + self.n_expired
+
+    def progress(self) -> float:
+        """Percent of items that have reached a final state."""
+        return 100.0 * self.n_done / self.total if self.total else 100.0
+
+    def counts(self) -> dict[str, int]:
+        return {s: getattr(self, f"n_{s}") for s in Item.STATUSES}
+
+    def transition(self, new: str, reason: str | None = None, **fields) -> None:
+        """Move to `new` if the state diagram allows it from the status in the database."""
+        allowed_from = [s for s, targets in self.TRANSITIONS.items() if new in targets]
+        changes = {"status": new, "updated_at": timezone.now(), **fields}
+        if reason is not None:
+            changes["status_reason"] = reason
+        if new in self.FINISHED:
+            changes.setdefault("finished_at", timezone.now())
+        n = Job.objects.filter(pk=self.pk, status__in=allowed_from).update(**changes)
+        if n != 1:
+            current = Job.objects.filter(pk=self.pk).values_list("status", flat=True).first()
+            raise InvalidTransition(f"A {current or 'deleted'} job cannot become {new}.")
+        for name, value in changes.items():
+            setattr(self, name, value)
+
+    def bump(self, **deltas) -> None:
+        """Add to counters with F() so concurrent writers never lose an update."""
+        Job.objects.filter(pk=self.pk).update(**{k: F(k) + v for k, v in deltas.items() if v}, updated_at=timezone.now())
+
+    def recount(self) -> None:
+        """Recompute the counters from the items: the check that the running totals are right."""
+        by_status = dict(self.items.values_list("status").annotate(n=Count("id")).order_by())
+        sums = self.items.aggregate(
+            p=Sum("prompt_tokens"), c=Sum("completion_tokens"), k=Sum("cached_tokens"), cost=Sum("cost")
+        )
+        fields = {f"n_{s}": by_status.get(s, 0) for s in Item.STATUSES}
+        fields.update(
+            total=sum(by_status.values()),
+            prompt_tokens=sums["p"] or 0,
+            completion_tokens=sums["c"] or 0,
+            cached_tokens=sums["k"] or 0,
+            cost=sums["cost"] or Decimal(0),
+        )
+        Job.objects.filter(pk=self.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class Item(models.Model):
+    """One request of a job, and once it ran, its one result."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+    STATUS_CHOICES = [(s, s.capitalize()) for s in STATUSES]
+    FINAL = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="items")
+    line = models.PositiveIntegerField(help_text="Line (JSONL) or row start line (CSV) in the source file")
+    custom_id = models.TextField()
+    body = models.TextField(help_text="The request body as compact JSON")
+    input_row = models.TextField(blank=True, help_text="CSV jobs: the input row as a JSON list of cells")
+    est_tokens = models.PositiveIntegerField(default=0, help_text="Estimated input tokens")
+
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    request_id = models.CharField(max_length=200, blank=True)
+    response = models.TextField(blank=True, help_text="The response body as received")
+    error_code = models.CharField(max_length=100, blank=True)
+    error_message = models.TextField(blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=12, decimal_places=8, default=Decimal(0))
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "line"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "line"], name="item_job_line"),
+            models.UniqueConstraint(fields=["job", "custom_id"], name="item_job_custom_id"),
+        ]
+        indexes = [
+            models.Index(fields=["job", "status", "line"], name="item_job_status_line"),
+            models.Index(fields=["lease_until"], condition=Q(status="running"), name="item_running_lease"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.custom_id} ({self.status})"
