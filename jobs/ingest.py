@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs import tokens
@@ -587,26 +587,43 @@ def create_job(
             est_input_tokens=plan.est_input_tokens,
             created_at=timezone.now(),
         )
-        batch = []
         dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
         estimates = plan.est_tokens
-        for i, request in enumerate(plan.requests()):
-            batch.append(
-                Item(
-                    job=job,
-                    line=request.line,
-                    custom_id=request.custom_id,
-                    body=dumps(request.body),
-                    input_row=dumps(request.input_row) if request.input_row is not None else "",
-                    est_tokens=estimates[i] if i < len(estimates) else 0,
-                )
+        rows = (
+            (
+                job.pk,
+                request.line,
+                request.custom_id,
+                dumps(request.body),
+                dumps(request.input_row) if request.input_row is not None else "",
+                estimates[i] if i < len(estimates) else 0,
             )
-            if len(batch) >= CHUNK:
-                Item.objects.bulk_create(batch)
-                batch.clear()
-        if batch:
-            Item.objects.bulk_create(batch)
+            for i, request in enumerate(plan.requests())
+        )
+        _insert_items(rows)
     return job
+
+
+def _insert_items(rows: Iterator[tuple]) -> None:
+    """INSERT items in chunks with executemany.
+
+    bulk_create spends ~90% of its time turning each value into SQL parameters one field at a
+    time; the values here are plain strings and ints, and every other column takes its default.
+    """
+    given = ("job", "line", "custom_id", "body", "input_row", "est_tokens")
+    fields = {f.name: f for f in Item._meta.concrete_fields if not f.primary_key}
+    defaults = {
+        name: f.get_db_prep_save(f.get_default(), connection) for name, f in fields.items() if name not in given
+    }
+    columns = [fields[name].column for name in given] + [fields[name].column for name in defaults]
+    constants = tuple(defaults.values())
+    quote = connection.ops.quote_name
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(Item._meta.db_table), ", ".join(quote(c) for c in columns), ", ".join(["%s"] * len(columns))
+    )
+    with connection.cursor() as cursor:
+        while chunk := list(itertools.islice(rows, CHUNK)):
+            cursor.executemany(sql, [row + constants for row in chunk])
 
 
 def _relative(path: Path) -> Path:
