@@ -130,10 +130,11 @@ else:
 Q_CLUSTER = {
     "name": "batchsite",
     "workers": envint("BATCHSITE_WORKERS", 2),
-    # Slices stop themselves after ~60 s; timeout is the hard stop and retry (re-delivery of a
-    # task whose worker died) must stay well above it, see FACTS.md.
-    "timeout": 300,
-    "retry": 900,
+    # Slices stop claiming after BATCHSITE_SLICE_SECONDS, then wait for requests in flight (up to
+    # the request timeout); timeout is the hard stop, and retry (re-delivery of a task whose worker
+    # died) must stay above it, see FACTS.md. Our sweeper, not re-delivery, is what recovers work.
+    "timeout": 1200,
+    "retry": 1500,
     "max_attempts": 1,
     "ack_failures": True,
     "catch_up": False,
@@ -171,6 +172,12 @@ MEDIA_ROOT = DATA_DIR / "files"
 BATCHSITE_MAX_UPLOAD_MB = envint("BATCHSITE_MAX_UPLOAD_MB", 512)
 BATCHSITE_MAX_LINES = envint("BATCHSITE_MAX_LINES", 1_000_000)
 BATCHSITE_MAX_LINE_KB = envint("BATCHSITE_MAX_LINE_KB", 10_240)
+# The engine: how long a worker's claim on items lasts without a heartbeat, how long one slice
+# task claims new work before handing over, and the upstream request timeout.
+BATCHSITE_LEASE_SECONDS = envint("BATCHSITE_LEASE_SECONDS", 120)
+BATCHSITE_SLICE_SECONDS = envint("BATCHSITE_SLICE_SECONDS", 60)
+BATCHSITE_REQUEST_TIMEOUT = envint("BATCHSITE_REQUEST_TIMEOUT", 600)
+BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_WORKERS", 2))
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 

@@ -2,7 +2,7 @@ import os
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import connection, models, transaction
 from django.db.models import Count, F, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
@@ -190,6 +190,7 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life from a slice")
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -238,6 +239,96 @@ class Job(models.Model):
     def bump(self, **deltas) -> None:
         """Add to counters with F() so concurrent writers never lose an update."""
         Job.objects.filter(pk=self.pk).update(**{k: F(k) + v for k, v in deltas.items() if v}, updated_at=timezone.now())
+
+    # Control. Each is safe to call twice and from any state: an action the state does not allow
+    # raises InvalidTransition with a message for the person who clicked.
+
+    def start(self) -> None:
+        """Enqueue the slices that run a queued job, once the surrounding transaction commits."""
+        from jobs import tasks
+
+        transaction.on_commit(lambda: tasks.start_job(self.pk))
+
+    def pause(self) -> None:
+        if self.status == Job.PAUSED:
+            return
+        if self.status not in (Job.QUEUED, Job.RUNNING):
+            raise InvalidTransition(f"A {self.status} job cannot be paused.")
+        self.transition(Job.PAUSED, reason="")
+
+    def resume(self) -> None:
+        if self.status in (Job.QUEUED, Job.RUNNING):
+            return
+        if self.status != Job.PAUSED:
+            raise InvalidTransition(f"A {self.status} job cannot be resumed.")
+        with transaction.atomic():
+            self.transition(Job.QUEUED, reason="")
+            self.start()
+
+    def cancel(self) -> None:
+        """Cancel pending items now; items in flight finish, then the job is cancelled."""
+        if self.status in (Job.CANCELLING, Job.CANCELLED):
+            return
+        if self.status in (Job.COMPLETED, Job.FAILED):
+            raise InvalidTransition(f"A {self.status} job cannot be cancelled.")
+        with transaction.atomic():
+            self.transition(Job.CANCELLING, reason="")
+            n = self.items.filter(status=Item.PENDING).update(status=Item.CANCELLED, next_attempt_at=None)
+            self.bump(n_pending=-n, n_cancelled=n)
+        from jobs.runner import finalize_if_done
+
+        finalize_if_done(self.pk)
+        self.refresh_from_db()
+
+    def retry_failed(self) -> int:
+        """Failed and expired items back to pending with fresh attempts; returns how many."""
+        if self.status == Job.CANCELLING:
+            raise InvalidTransition("Wait until the job is cancelled, then retry its failed items.")
+        reset = dict(
+            status=Item.PENDING, attempts=0, http_status=None, response="", request_id="", error_code="",
+            error_message="", next_attempt_at=None, finished_at=None, latency_ms=None,
+        )  # fmt: skip
+        with transaction.atomic():
+            n_failed = self.items.filter(status=Item.FAILED).update(**reset)
+            n_expired = self.items.filter(status=Item.EXPIRED).update(**reset)
+            n = n_failed + n_expired
+            if not n:
+                raise InvalidTransition("This job has no failed items to retry.")
+            self.bump(n_failed=-n_failed, n_expired=-n_expired, n_pending=n)
+            if self.status in Job.FINISHED:
+                self.transition(Job.QUEUED, reason="", finished_at=None)
+            if self.status in (Job.QUEUED, Job.RUNNING):
+                self.start()
+        return n
+
+    def duplicate(self, owner) -> "Job":
+        """A new queued job with the same requests, owned by `owner`, started."""
+        fields = ["url", "model", "mode", "endpoint", "source_name", "source_format", "source_file", "columns",
+                  "template", "metadata", "max_attempts", "total", "est_input_tokens"]  # fmt: skip
+        with transaction.atomic():
+            copy = Job.objects.create(
+                owner=owner,
+                name=f"Copy of {self.name}"[:200],
+                n_pending=self.total,
+                **{f: getattr(self, f) for f in fields},
+            )
+            table, quote = Item._meta.db_table, connection.ops.quote_name
+            copied = ["line", "custom_id", "body", "input_row", "est_tokens"]
+            defaults = {
+                f.column: f.get_db_prep_save(f.get_default(), connection)
+                for f in Item._meta.concrete_fields
+                if not f.primary_key and f.name not in copied and f.name != "job"
+            }
+            columns = ", ".join(quote(c) for c in ["job_id", *copied, *defaults])
+            placeholders = ", ".join(["%s"] * len(defaults))
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {table} ({columns}) SELECT %s, {', '.join(quote(c) for c in copied)}, {placeholders} "
+                    f"FROM {table} WHERE job_id = %s ORDER BY line",
+                    [copy.pk, *defaults.values(), self.pk],
+                )
+            copy.start()
+        return copy
 
     def recount(self) -> None:
         """Recompute the counters from the items: the check that the running totals are right."""
@@ -309,3 +400,54 @@ class Item(models.Model):
 
     def __str__(self) -> str:
         return f"{self.custom_id} ({self.status})"
+
+
+class JobTick(models.Model):
+    """Per-job counts in 10-second buckets: the timeline the dashboard charts (throughput, retries, tokens)."""
+
+    SECONDS = 10
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="ticks")
+    at = models.DateTimeField()
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    retried = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["job", "at"]
+        constraints = [models.UniqueConstraint(fields=["job", "at"], name="jobtick_job_at")]
+
+    @classmethod
+    def add(cls, job_id: int, when, counts) -> None:
+        """Add counts to the bucket holding `when` (call inside the transaction that wrote the items)."""
+        at = when.replace(second=when.second - when.second % cls.SECONDS, microsecond=0)
+        keys = ("succeeded", "failed", "retried", "prompt_tokens", "completion_tokens")
+        values = {k: counts[k] for k in keys if counts.get(k)}
+        if not values:
+            return
+        n = cls.objects.filter(job_id=job_id, at=at).update(**{k: F(k) + v for k, v in values.items()})
+        if not n:
+            cls.objects.create(job_id=job_id, at=at, **values)
+
+
+class Price(models.Model):
+    """USD per million tokens; the longest matching model prefix wins. Editable in the admin."""
+
+    model = models.CharField(max_length=100, unique=True, help_text="Model name or prefix, e.g. gpt-4o-mini")
+    input_per_mtok = models.DecimalField(max_digits=10, decimal_places=4)
+    cached_input_per_mtok = models.DecimalField(max_digits=10, decimal_places=4, null=True, blank=True)
+    output_per_mtok = models.DecimalField(max_digits=10, decimal_places=4, default=Decimal(0))
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return self.model
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
+        cached_rate = self.cached_input_per_mtok if self.cached_input_per_mtok is not None else self.input_per_mtok
+        uncached = max(prompt_tokens - cached_tokens, 0)
+        total = uncached * self.input_per_mtok + cached_tokens * cached_rate + completion_tokens * self.output_per_mtok
+        return (total / Decimal(1_000_000)).quantize(Decimal("0.00000001"))

@@ -1,7 +1,7 @@
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from jobs import tokens
+from jobs import tasks, tokens
 from jobs.models import Endpoint
 
 
@@ -13,4 +13,5 @@ class Command(BaseCommand):
         call_command("collectstatic", interactive=False, verbosity=0)
         tokens.seed_cache()
         Endpoint.sync_from_env()
+        tasks.ensure_schedules()
         self.stdout.write("Batchsite is set up.")

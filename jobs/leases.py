@@ -1,0 +1,202 @@
+"""Exactly one result per item: claim with a lease, write back only while holding it.
+
+- claim(): pending -> running with the slice's lease token, in one UPDATE ... RETURNING (on
+  Postgres the candidate rows are picked FOR UPDATE SKIP LOCKED, so slices never wait on each
+  other). The job's counters move in the same transaction.
+- write(): each result is stored `WHERE id = ? AND lease_token = ? AND status = 'running'`; a
+  slice whose lease expired and was handed to another cannot overwrite the newer result, and
+  only rows actually updated count toward the job's totals.
+- expire(): the sweeper's half: leases past their time go back to pending.
+
+Raw SQL because these run hundreds of times a second in the worker, and because the ORM
+cannot express UPDATE ... RETURNING.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from jobs.models import Item, Job, JobTick
+
+ITEM = Item._meta.db_table
+
+
+@dataclass
+class Claimed:
+    id: int
+    custom_id: str
+    body: str
+    est_tokens: int
+    attempts: int
+
+
+@dataclass
+class Outcome:
+    """What became of a claimed item: a final result, or back to pending for a later attempt."""
+
+    item_id: int
+    status: str  # Item.SUCCEEDED, Item.FAILED, or Item.PENDING (retry later / released)
+    attempts: int
+    http_status: int | None = None
+    response: str = ""
+    request_id: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    latency_ms: int | None = None
+    next_attempt_at: datetime | None = None
+    retries: int = 0  # attempts retried during this claim, for the timeline
+
+
+def lease_seconds() -> int:
+    return settings.BATCHSITE_LEASE_SECONDS
+
+
+def _uuid(value: uuid.UUID):
+    return Item._meta.get_field("lease_token").get_db_prep_value(value, connection)
+
+
+def _dt(value: datetime | None):
+    return connection.ops.adapt_datetimefield_value(value) if value is not None else None
+
+
+def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
+    now = timezone.now()
+    until = now + timedelta(seconds=lease_seconds())
+    lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
+    sql = f"""
+        UPDATE {ITEM} SET status = 'running', lease_token = %s, lease_until = %s
+        WHERE id IN (
+            SELECT id FROM {ITEM}
+            WHERE job_id = %s AND status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
+            ORDER BY line LIMIT %s {lock}
+        ) AND status = 'pending'
+        RETURNING id, custom_id, body, est_tokens, attempts, line
+    """
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [_uuid(lease), _dt(until), job_id, _dt(now), limit])
+            rows = cursor.fetchall()
+        if rows:
+            Job(pk=job_id).bump(n_pending=-len(rows), n_running=len(rows))
+    rows.sort(key=lambda r: r[5])  # RETURNING order is not guaranteed; keep input order
+    return [Claimed(*row[:5]) for row in rows]
+
+
+def next_due(job_id: int) -> datetime | None:
+    """When the earliest pending item may be tried (None: nothing is pending)."""
+    pending = Item.objects.filter(job_id=job_id, status=Item.PENDING)
+    if pending.filter(next_attempt_at__isnull=True).exists():
+        return timezone.now()
+    return pending.order_by("next_attempt_at").values_list("next_attempt_at", flat=True).first()
+
+
+def heartbeat(lease: uuid.UUID) -> None:
+    until = timezone.now() + timedelta(seconds=lease_seconds())
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {ITEM} SET lease_until = %s WHERE lease_token = %s AND status = 'running'",
+            [_dt(until), _uuid(lease)],
+        )
+
+
+_FINAL_SQL = f"""
+    UPDATE {ITEM} SET status = %s, attempts = %s, http_status = %s, response = %s, request_id = %s,
+        error_code = %s, error_message = %s, prompt_tokens = %s, completion_tokens = %s, cached_tokens = %s,
+        cost = %s, latency_ms = %s, finished_at = %s, lease_token = NULL, lease_until = NULL, next_attempt_at = NULL
+    WHERE id = %s AND lease_token = %s AND status = 'running'
+"""
+_RELEASE_SQL = f"""
+    UPDATE {ITEM} SET status = %s, attempts = %s, next_attempt_at = %s, error_code = %s, error_message = %s,
+        http_status = %s, lease_token = NULL, lease_until = NULL
+    WHERE id = %s AND lease_token = %s AND status = 'running'
+"""
+
+
+def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
+    """Store outcomes held under `lease`; return the counter changes that took effect."""
+    if not outcomes:
+        return Counter()
+    now = timezone.now()
+    token = _uuid(lease)
+    adapt_decimal = connection.ops.adapt_decimalfield_value
+    deltas: Counter = Counter()
+    tick: Counter = Counter()
+    with transaction.atomic():
+        status = Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+        # Work handed back while the job is being cancelled is cancelled, not queued again.
+        release_to = Item.CANCELLED if status == Job.CANCELLING else Item.PENDING
+        with connection.cursor() as cursor:
+            for o in outcomes:
+                if o.status == Item.PENDING:
+                    cursor.execute(
+                        _RELEASE_SQL,
+                        [release_to, o.attempts, _dt(o.next_attempt_at), o.error_code, o.error_message[:2000],
+                         o.http_status, o.item_id, token],
+                    )  # fmt: skip
+                    if cursor.rowcount == 1:
+                        deltas["n_running"] -= 1
+                        deltas[f"n_{release_to}"] += 1
+                        tick["retried"] += o.retries + (1 if release_to == Item.PENDING and o.attempts else 0)
+                    continue
+                cursor.execute(
+                    _FINAL_SQL,
+                    [o.status, o.attempts, o.http_status, o.response, o.request_id[:200], o.error_code[:100],
+                     o.error_message[:2000], o.prompt_tokens, o.completion_tokens, o.cached_tokens,
+                     adapt_decimal(o.cost, 12, 8), o.latency_ms, _dt(now), o.item_id, token],
+                )  # fmt: skip
+                if cursor.rowcount != 1:
+                    continue  # the lease was lost: another slice owns this item now
+                deltas["n_running"] -= 1
+                deltas[f"n_{o.status}"] += 1
+                deltas["prompt_tokens"] += o.prompt_tokens
+                deltas["completion_tokens"] += o.completion_tokens
+                deltas["cached_tokens"] += o.cached_tokens
+                deltas["cost"] += o.cost
+                tick[o.status] += 1
+                tick["retried"] += o.retries
+                tick["prompt_tokens"] += o.prompt_tokens
+                tick["completion_tokens"] += o.completion_tokens
+        if deltas:
+            Job(pk=job_id).bump(**deltas)
+        if tick:
+            JobTick.add(job_id, now, tick)
+    return deltas
+
+
+def release(job_id: int, lease: uuid.UUID, items: list[Claimed]) -> None:
+    """Give back claimed items that were never sent (pause, shutdown)."""
+    write(job_id, lease, [Outcome(i.id, Item.PENDING, i.attempts) for i in items])
+
+
+def expire(now: datetime | None = None) -> int:
+    """Return items whose lease ran out (their worker died) to pending, or cancelled for a cancelling job."""
+    now = now or timezone.now()
+    total = 0
+    stale = (
+        Item.objects.filter(status=Item.RUNNING, lease_until__lt=now)
+        .values_list("job_id", "job__status")
+        .distinct()
+        .order_by()
+    )
+    for job_id, job_status in list(stale):
+        target = Item.CANCELLED if job_status == Job.CANCELLING else Item.PENDING
+        with transaction.atomic():
+            n = Item.objects.filter(job_id=job_id, status=Item.RUNNING, lease_until__lt=now).update(
+                status=target, lease_token=None, lease_until=None, next_attempt_at=None
+            )
+            if n:
+                Job(pk=job_id).bump(n_running=-n, **{f"n_{target}": n})
+        total += n
+    return total

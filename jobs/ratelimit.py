@@ -1,0 +1,223 @@
+"""Request and token budgets per endpoint, shared by every process that sends to it.
+
+The schedule is GCRA (a leaky bucket kept as one timestamp per budget): each send reserves
+its slot by pushing a "theoretical arrival time" forward by 60/RPM seconds (and 60/TPM per
+token), and sleeps until its slot comes. A reservation is one small atomic step in a shared
+store, so N processes together keep to the limit without talking to each other:
+
+- FileStore: a 24-byte file per endpoint under the data dir, guarded by flock (processes on
+  one machine; the default);
+- RedisStore: the same arithmetic in a Lua script (many machines; when REDIS_URL is set).
+
+A 429 sets a cool-down in the same store, so one rate-limited answer pauses every sender.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BURST_SECONDS = 1.0  # how far ahead of the steady pace a sender may run (a small initial burst)
+_STATE = struct.Struct("ddd")  # request TAT, token TAT, cool-down until (unix seconds)
+
+
+class FileStore:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, key: str) -> int:
+        if key not in self._fds:
+            self._fds[key] = os.open(self.folder / f"{key}.bin", os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fds[key]
+
+    def _update(self, key: str, change) -> float:
+        fd = self._fd(key)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(fd, _STATE.size, 0)
+            state = list(_STATE.unpack(raw)) if len(raw) == _STATE.size else [0.0, 0.0, 0.0]
+            result = change(state, time.time())
+            os.pwrite(fd, _STATE.pack(*state), 0)
+            return result
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def reserve(self, key: str, request_interval: float, token_interval: float, tokens: int) -> float:
+        return self._update(key, lambda s, now: _reserve(s, now, request_interval, token_interval, tokens))
+
+    def give_back(self, key: str, token_interval: float, tokens: int) -> None:
+        def change(state, now):
+            # Never pull the schedule into the past: that would grant a burst nobody saved up for.
+            state[1] = max(state[1] - token_interval * tokens, now)
+
+        self._update(key, change)
+
+    def cool_down(self, key: str, until: float) -> None:
+        def change(state, now):
+            state[2] = max(state[2], until)
+
+        self._update(key, change)
+
+    def cooldown_until(self, key: str) -> float:
+        return self._update(key, lambda s, now: s[2])
+
+
+def _reserve(state: list, now: float, request_interval: float, token_interval: float, tokens: int) -> float:
+    """Take the next free slot; return how long to wait for it."""
+    request_tat, token_tat, cooldown = state
+    send_at = max(now, cooldown, request_tat - BURST_SECONDS, token_tat - BURST_SECONDS)
+    if request_interval:
+        state[0] = max(request_tat, send_at) + request_interval
+    if token_interval:
+        state[1] = max(token_tat, send_at) + token_interval * tokens
+    return send_at - now
+
+
+class RedisStore:
+    _SCRIPT = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    local s = redis.call('HMGET', KEYS[1], 'r', 't', 'c')
+    local r, k, c = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
+    local op, a, b, n, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+    local out = 0
+    if op == 'reserve' then
+      local send_at = math.max(now, c, r - burst, k - burst)
+      if a > 0 then r = math.max(r, send_at) + a end
+      if b > 0 then k = math.max(k, send_at) + b * n end
+      out = send_at - now
+    elseif op == 'give_back' then
+      k = math.max(k - b * n, now)
+    elseif op == 'cool_down' then
+      c = math.max(c, a)
+    end
+    redis.call('HSET', KEYS[1], 'r', r, 't', k, 'c', c)
+    redis.call('EXPIRE', KEYS[1], 86400)
+    if op == 'cooldown_until' then return tostring(c) end
+    return tostring(out)
+    """
+
+    def __init__(self, url: str):
+        import redis
+
+        self.redis = redis.Redis.from_url(url)
+        self.script = self.redis.register_script(self._SCRIPT)
+
+    def _call(self, key, op, a=0.0, b=0.0, n=0) -> float:
+        return float(self.script(keys=[f"batchsite:ratelimit:{key}"], args=[op, a, b, n, BURST_SECONDS]))
+
+    def reserve(self, key, request_interval, token_interval, tokens):
+        return self._call(key, "reserve", request_interval, token_interval, tokens)
+
+    def give_back(self, key, token_interval, tokens):
+        self._call(key, "give_back", 0, token_interval, tokens)
+
+    def cool_down(self, key, until):
+        self._call(key, "cool_down", until)
+
+    def cooldown_until(self, key):
+        return self._call(key, "cooldown_until")
+
+
+def default_store():
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        return RedisStore(settings.REDIS_URL)
+    return FileStore(settings.DATA_DIR / "ratelimit")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_UNITS = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Go durations as OpenAI sends them in x-ratelimit-reset-*: '12ms', '1s', '6m0s', '1h2m3.5s'."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return float(text)  # some servers send plain seconds
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts:
+        return None
+    return sum(float(n) * _UNITS[unit] for n, unit in parts)
+
+
+def _int_header(headers, name: str) -> int | None:
+    try:
+        value = int(float(headers.get(name, "")))
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None  # "-1" and "0" limits mean "not limited" on some servers
+
+
+@dataclass
+class Learned:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+class Limiter:
+    """One process's handle on an endpoint's budgets."""
+
+    def __init__(self, key: str, rpm: int | None, tpm: int | None, learned_rpm=None, learned_tpm=None, store=None):
+        self.key = key
+        self.store = store or default_store()
+        self.configured_rpm, self.configured_tpm = rpm, tpm
+        self.rpm, self.tpm = rpm or learned_rpm, tpm or learned_tpm
+        self.learned = Learned()
+
+    @property
+    def request_interval(self) -> float:
+        return 60.0 / self.rpm if self.rpm else 0.0
+
+    @property
+    def token_interval(self) -> float:
+        return 60.0 / self.tpm if self.tpm else 0.0
+
+    @property
+    def paced(self) -> bool:
+        return bool(self.request_interval or self.token_interval)
+
+    def reserve(self, tokens: int) -> float:
+        """Take the next slot for a request of `tokens` tokens; return the seconds to wait for it.
+
+        Unpaced (no limit known yet), nothing is reserved and the wait is any cool-down left,
+        so the caller should ask again after waiting: a cool-down may have been extended.
+        """
+        if self.paced:
+            return self.store.reserve(self.key, self.request_interval, self.token_interval, tokens)
+        return max(0.0, self.store.cooldown_until(self.key) - time.time())
+
+    def give_back(self, tokens: int) -> None:
+        """Return reserved tokens that a response did not use (the max_tokens reserve, an estimate too high)."""
+        if tokens > 0 and self.token_interval:
+            self.store.give_back(self.key, self.token_interval, tokens)
+
+    def cool_down(self, seconds: float) -> None:
+        self.store.cool_down(self.key, time.time() + seconds)
+
+    def observe(self, headers) -> None:
+        """Learn limits from x-ratelimit-* headers, and stop early when the server says we are at zero."""
+        limit_requests = _int_header(headers, "x-ratelimit-limit-requests")
+        limit_tokens = _int_header(headers, "x-ratelimit-limit-tokens")
+        if limit_requests and not self.configured_rpm:
+            self.rpm = self.learned.rpm = limit_requests
+        if limit_tokens and not self.configured_tpm:
+            self.tpm = self.learned.tpm = limit_tokens
+        for kind in ("requests", "tokens"):
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            if remaining is not None and remaining.strip() == "0":
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    self.cool_down(min(reset, 60.0))

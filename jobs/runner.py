@@ -1,0 +1,474 @@
+"""Live execution of one slice of a job: claim items, send them concurrently, store the results.
+
+One slice runs in one django-q2 task (see tasks.py): it claims work until its time budget is
+spent, then enqueues its successor and finishes the requests it has in flight. Inside, asyncio
+keeps up to `concurrency` requests going through one AsyncOpenAI client with max_retries=0:
+retries, backoff and the classification of failures are ours, because the SDK's rules (give up
+on a Retry-After over 120 s, retry every 429 including insufficient_quota) are wrong for a batch.
+
+Every database call runs on one worker thread (Django's ORM is synchronous); results are
+written in batches of up to a few hundred, a fraction of a second apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+import httpx2
+import openai
+from django.conf import settings
+from django.db import connections
+from django.utils import timezone
+
+from jobs import leases, tokens
+from jobs.leases import Claimed, Outcome
+from jobs.models import Endpoint, InvalidTransition, Item, Job
+from jobs.pricing import PriceBook
+from jobs.ratelimit import Limiter
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+FLUSH_SECONDS = 0.25
+FLUSH_SIZE = 250
+STATUS_CHECK_SECONDS = 1.0
+
+RETRY, PERMANENT, STOP = "retry", "permanent", "stop"
+QUOTA_CODES = {"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"}
+
+
+@dataclass
+class UpstreamError(Exception):
+    """A failed attempt, and what it means: retry the item, fail it for good, or stop the whole job."""
+
+    kind: str
+    message: str
+    http_status: int | None = None
+    body: str = ""
+    code: str = ""
+    retry_after: float | None = None
+    request_id: str = ""
+
+
+def retry_after_seconds(headers) -> float | None:
+    """retry-after-ms, then retry-after (seconds or an HTTP date), whatever their size."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(float(value) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max((parsed - timezone.now()).total_seconds(), 0.0)
+    return None
+
+
+def _error_fields(text: str) -> tuple[str, str, str]:
+    """(code, type, message) of an OpenAI-shaped error body; empty strings when it is not one."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return "", "", text[:500]
+    if isinstance(error, str):
+        return "", "", error
+    if not isinstance(error, dict):
+        return "", "", text[:500]
+    return str(error.get("code") or ""), str(error.get("type") or ""), str(error.get("message") or "")
+
+
+def classify(status: int, text: str, headers) -> UpstreamError:
+    code, kind, message = _error_fields(text)
+    request_id = headers.get("x-request-id", "")
+    common = dict(http_status=status, body=text, request_id=request_id)
+    if status == 429 and (code in QUOTA_CODES or kind in QUOTA_CODES):
+        return UpstreamError(
+            STOP,
+            "The API account has run out of quota (insufficient_quota). Add credit or raise the usage "
+            "limit, then resume the job.",
+            code=code or kind,
+            **common,
+        )
+    if status == 401:
+        return UpstreamError(
+            STOP,
+            "The endpoint rejected the API key (401 Unauthorized). Fix the key on the Endpoints page, "
+            "then resume the job.",
+            code=code or "invalid_api_key",
+            **common,
+        )
+    if status == 403:
+        detail = f": {message}" if message else ""
+        return UpstreamError(
+            STOP,
+            f"The endpoint refused access (403 Forbidden){detail}. Check the key's permissions, then resume the job.",
+            code=code or "forbidden",
+            **common,
+        )
+    if status in (408, 409, 429) or status >= 500:
+        return UpstreamError(
+            RETRY, message or f"HTTP {status}", code=code or f"http_{status}", retry_after=retry_after_seconds(headers), **common
+        )
+    return UpstreamError(PERMANENT, message or f"HTTP {status}", code=code or f"http_{status}", **common)
+
+
+def backoff(attempt: int) -> float:
+    """Exponential with jitter: 1, 2, 4 ... 60 s, each shortened by up to half at random."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(attempt - 1, 0)) * random.uniform(0.5, 1.0)
+
+
+def usage_of(url: str, body: dict) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens from a response's usage block, for every endpoint shape."""
+    usage = body.get("usage") or {}
+    if url == "/v1/responses":
+        details = usage.get("input_tokens_details") or {}
+        return usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, details.get("cached_tokens") or 0
+    details = usage.get("prompt_tokens_details") or {}
+    return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0, details.get("cached_tokens") or 0
+
+
+class Slice:
+    def __init__(self, job: Job, endpoint: Endpoint, lease: uuid.UUID, budget: float, db: ThreadPoolExecutor):
+        self.job_id = job.pk
+        self.url = job.url
+        self.path = job.url.removeprefix("/v1")
+        self.max_attempts = job.max_attempts
+        self.endpoint = endpoint
+        self.lease = lease
+        self.db_executor = db
+        self.concurrency = max(1, endpoint.concurrency)
+        self.started = time.monotonic()
+        self.deadline = self.started + budget
+        self.limiter = Limiter(f"endpoint-{endpoint.pk}", endpoint.rpm, endpoint.tpm, endpoint.learned_rpm, endpoint.learned_tpm)
+        self.prices: PriceBook | None = None
+        self.draining = asyncio.Event()  # set: stop claiming, nothing new is sent
+        self.stop_reason = ""
+        self.handed_over = False
+        self.outcomes: list[Outcome] = []
+        self.closing = False
+        self.sent = 0
+
+    async def db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.db_executor, fn, *args)
+
+    async def run(self) -> None:
+        self.prices = await self.db(PriceBook.load)
+        self.client = openai.AsyncOpenAI(
+            api_key=self.endpoint.api_key or "none",
+            base_url=self.endpoint.base_url,
+            max_retries=0,
+            timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0),
+        )
+        flusher = asyncio.create_task(self._flush_loop())
+        heart = asyncio.create_task(self._heartbeat_loop())
+        in_flight: set[asyncio.Task] = set()
+        queue: deque[Claimed] = deque()
+        last_check = 0.0
+        try:
+            while not self.draining.is_set():
+                now = time.monotonic()
+                if now - last_check >= STATUS_CHECK_SECONDS:
+                    last_check = now
+                    status = await self.db(_job_status, self.job_id)
+                    if status != Job.RUNNING:
+                        break
+                if now >= self.deadline:
+                    await self._hand_over()
+                    break
+                if len(in_flight) >= self.concurrency:
+                    await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if not queue:
+                    queue.extend(await self.db(leases.claim, self.job_id, self.lease, self.concurrency))
+                if queue:
+                    while queue and len(in_flight) < self.concurrency:
+                        task = asyncio.create_task(self._process_safely(queue.popleft()))
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                    continue
+                if in_flight:
+                    await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                due = await self.db(leases.next_due, self.job_id)
+                if due is None:
+                    break  # nothing pending: finished, or other slices hold the rest
+                wait = (due - timezone.now()).total_seconds()
+                if time.monotonic() + wait > self.deadline:
+                    await self._hand_over()
+                    break
+                await asyncio.sleep(min(max(wait, 0.05), STATUS_CHECK_SECONDS))
+        finally:
+            self.draining.set()
+            if queue:
+                await self.db(leases.release, self.job_id, self.lease, list(queue))
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            self.closing = True
+            await flusher  # never cancel it mid-write: the batch it holds would be lost
+            heart.cancel()
+            await self._flush()
+            await self.client.close()
+
+    async def _hand_over(self) -> None:
+        """Enqueue the next slice now, so new work starts while this one finishes its requests."""
+        from jobs import tasks
+
+        self.handed_over = True
+        await self.db(tasks.enqueue_slice, self.job_id)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless the slice starts draining first; False if it did."""
+        if seconds <= 0:
+            return not self.draining.is_set()
+        try:
+            await asyncio.wait_for(self.draining.wait(), timeout=seconds)
+            return False
+        except TimeoutError:
+            return True
+
+    async def _process_safely(self, item: Claimed) -> None:
+        try:
+            await self._process(item)
+        except Exception:
+            # A bug must not strand the item as running until its lease expires.
+            log.exception("Job %s: item %s crashed the runner; released", self.job_id, item.id)
+            self._release(item, item.attempts, 0, UpstreamError(RETRY, "Internal error", code="internal_error"), 30)
+
+    async def _process(self, item: Claimed) -> None:
+        body = json.loads(item.body)
+        model = body.get("model", "")
+        reserve = item.est_tokens + tokens.max_output_tokens(body)
+        attempts, retries = item.attempts, 0
+        last: UpstreamError | None = None
+        while True:
+            # Wait for the endpoint's budget (and any cool-down after a 429).
+            while True:
+                delay = self.limiter.reserve(reserve)
+                if delay <= 0:
+                    break
+                if not await self._sleep(delay):
+                    return self._release(item, attempts, retries, last)
+                if self.limiter.paced:
+                    break
+            if self.draining.is_set():
+                return self._release(item, attempts, retries, last)
+            attempts += 1
+            self.sent += 1
+            started = time.perf_counter()
+            try:
+                response = await self.client.post(self.path, body=body, cast_to=httpx2.Response)
+                latency = int((time.perf_counter() - started) * 1000)
+                return self._succeeded(item, model, response, attempts, retries, reserve, latency)
+            except openai.APIStatusError as e:
+                last = classify(e.status_code, e.response.text, e.response.headers)
+                self.limiter.observe(e.response.headers)
+            except openai.APITimeoutError:
+                last = UpstreamError(RETRY, "The request timed out.", code="timeout")
+            except openai.APIConnectionError as e:
+                last = UpstreamError(RETRY, f"Could not connect: {e.__cause__ or e}", code="connection_error")
+            except _InvalidResponse as e:
+                last = e.error
+            latency = int((time.perf_counter() - started) * 1000)
+
+            if last.kind == PERMANENT:
+                return self._failed(item, attempts, retries, last, latency)
+            if last.kind == STOP:
+                # Not the item's fault: give the attempt back and pause the job.
+                await self._stop_job(last.message)
+                return self._release(item, attempts - 1, retries, last)
+            if last.http_status == 429:
+                self.limiter.cool_down(last.retry_after if last.retry_after is not None else backoff(attempts))
+            if attempts >= self.max_attempts:
+                return self._failed(item, attempts, retries, last, latency)
+            delay = last.retry_after if last.retry_after is not None else backoff(attempts)
+            if time.monotonic() + delay > self.deadline:
+                # Too long to hold the item here: back to pending, due after the wait.
+                return self._release(item, attempts, retries, last, delay)
+            retries += 1
+            if not await self._sleep(delay):
+                return self._release(item, attempts, retries, last)
+
+    def _succeeded(self, item, model, response, attempts, retries, reserve, latency) -> None:
+        text = response.text
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise _InvalidResponse(
+                UpstreamError(RETRY, "The endpoint answered 200 with a body that is not JSON.", code="invalid_response")
+            ) from None
+        if "\n" in text:  # the JSONL exports splice stored bodies in as they are: keep them on one line
+            text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        self.limiter.observe(response.headers)
+        prompt, completion, cached = usage_of(self.url, data)
+        self.limiter.give_back(reserve - (prompt + completion))
+        self.outcomes.append(
+            Outcome(
+                item.id,
+                Item.SUCCEEDED,
+                attempts,
+                http_status=response.status_code,
+                response=text,
+                request_id=response.headers.get("x-request-id", ""),
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost=self.prices.cost(data.get("model") or model, prompt, completion, cached),
+                latency_ms=latency,
+                retries=retries,
+            )
+        )
+
+    def _failed(self, item, attempts, retries, error: UpstreamError, latency) -> None:
+        self.outcomes.append(
+            Outcome(
+                item.id,
+                Item.FAILED,
+                attempts,
+                http_status=error.http_status,
+                response=error.body,
+                request_id=error.request_id,
+                error_code=error.code,
+                error_message=error.message,
+                latency_ms=latency,
+                retries=retries,
+            )
+        )
+
+    def _release(self, item, attempts, retries, error: UpstreamError | None, delay: float = 0) -> None:
+        self.outcomes.append(
+            Outcome(
+                item.id,
+                Item.PENDING,
+                attempts,
+                http_status=error.http_status if error else None,
+                error_code=error.code if error else "",
+                error_message=error.message if error else "",
+                next_attempt_at=timezone.now() + timedelta(seconds=delay) if delay else None,
+                retries=retries,
+            )
+        )
+
+    async def _stop_job(self, reason: str) -> None:
+        if not self.stop_reason:
+            self.stop_reason = reason
+            self.draining.set()
+            await self.db(_pause_job, self.job_id, reason)
+
+    async def _flush(self) -> None:
+        if self.outcomes:
+            batch, self.outcomes = self.outcomes, []
+            await self.db(leases.write, self.job_id, self.lease, batch)
+
+    async def _flush_loop(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(FLUSH_SECONDS)
+            await self._flush()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(leases.lease_seconds() / 4, 1))
+            await self.db(_heartbeat, self.job_id, self.lease)
+
+
+class _InvalidResponse(Exception):
+    def __init__(self, error: UpstreamError):
+        self.error = error
+
+
+def _job_status(job_id: int) -> str | None:
+    return Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+
+
+def _heartbeat(job_id: int, lease: uuid.UUID) -> None:
+    leases.heartbeat(lease)
+    Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
+
+
+def _pause_job(job_id: int, reason: str) -> None:
+    job = Job.objects.get(pk=job_id)
+    try:
+        job.transition(Job.PAUSED, reason=reason)
+        log.warning("Job %s paused itself: %s", job_id, reason)
+    except InvalidTransition:
+        pass  # already paused or cancelled by someone else
+
+
+def run_slice(job_id: int, budget: float | None = None) -> dict:
+    """Run one slice of a live job; return a summary (for logs and tests)."""
+    job = Job.objects.select_related("endpoint").filter(pk=job_id).first()
+    if job is None:
+        return {"job": job_id, "skipped": "deleted"}
+    if job.status == Job.QUEUED:
+        try:
+            job.transition(Job.RUNNING, started_at=job.started_at or timezone.now())
+        except InvalidTransition:
+            job.refresh_from_db()
+    if job.status != Job.RUNNING:
+        return {"job": job_id, "skipped": job.status}
+    endpoint = job.endpoint or Endpoint.default()
+    if endpoint is None:
+        _pause_job(job_id, "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume.")
+        return {"job": job_id, "skipped": "no endpoint"}
+    try:
+        endpoint.api_key  # noqa: B018 - decrypting now turns a changed SECRET_KEY into a clear pause
+    except ValueError as e:
+        _pause_job(job_id, str(e))
+        return {"job": job_id, "skipped": "bad key"}
+
+    Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
+    budget = settings.BATCHSITE_SLICE_SECONDS if budget is None else budget
+    db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slice-db-{job_id}")
+    work = Slice(job, endpoint, uuid.uuid4(), budget, db)
+    try:
+        asyncio.run(work.run())
+    finally:
+        db.submit(connections.close_all).result()  # the slice thread's own connection
+        db.shutdown()
+    _remember_learned_limits(endpoint, work.limiter)
+    finished = finalize_if_done(job_id)
+    return {"job": job_id, "sent": work.sent, "handed_over": work.handed_over, "finished": finished,
+            "stopped": work.stop_reason}  # fmt: skip
+
+
+def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter) -> None:
+    learned = {}
+    if limiter.learned.rpm and limiter.learned.rpm != endpoint.learned_rpm:
+        learned["learned_rpm"] = limiter.learned.rpm
+    if limiter.learned.tpm and limiter.learned.tpm != endpoint.learned_tpm:
+        learned["learned_tpm"] = limiter.learned.tpm
+    if learned:
+        Endpoint.objects.filter(pk=endpoint.pk).update(**learned)
+
+
+def finalize_if_done(job_id: int) -> bool:
+    """Completed (or cancelled) once no item is pending or running; counters recomputed as a check."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or job.status not in (Job.RUNNING, Job.CANCELLING) or job.n_pending or job.n_running:
+        return False
+    job.recount()
+    if job.n_pending or job.n_running:
+        log.warning("Job %s counters had drifted; recounted", job_id)
+        return False
+    try:
+        job.transition(Job.CANCELLED if job.status == Job.CANCELLING else Job.COMPLETED)
+    except InvalidTransition:
+        return False
+    return True
