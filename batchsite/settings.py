@@ -103,7 +103,8 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": DATA_DIR / "batchsite.sqlite3",
+            # BATCHSITE_SQLITE_PATH lets the test suite point a real qcluster at its test database.
+            "NAME": os.environ.get("BATCHSITE_SQLITE_PATH") or DATA_DIR / "batchsite.sqlite3",
             "OPTIONS": {
                 # Workers and the web write the same rows: wait for the lock instead of failing,
                 # and take it at BEGIN so a read-then-write transaction cannot deadlock.

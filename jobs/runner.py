@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import logging
 import random
@@ -152,12 +153,16 @@ class Slice:
         self.endpoint = endpoint
         self.lease = lease
         self.db_executor = db
-        self.concurrency = max(1, endpoint.concurrency)
+        # The endpoint's concurrency is shared by the job's slices, which usually run at the same time.
+        self.concurrency = max(1, -(-endpoint.concurrency // max(1, settings.BATCHSITE_SLICES_PER_JOB)))
         self.started = time.monotonic()
         self.deadline = self.started + budget
-        self.limiter = Limiter(f"endpoint-{endpoint.pk}", endpoint.rpm, endpoint.tpm, endpoint.learned_rpm, endpoint.learned_tpm)
+        # The key names the server too, so budgets never carry over to a different server.
+        key = f"endpoint-{endpoint.pk}-{hashlib.sha1(endpoint.base_url.encode()).hexdigest()[:8]}"
+        self.limiter = Limiter(key, endpoint.rpm, endpoint.tpm, endpoint.learned_rpm, endpoint.learned_tpm)
         self.prices: PriceBook | None = None
-        self.draining = asyncio.Event()  # set: stop claiming, nothing new is sent
+        self.draining = asyncio.Event()  # set: pause, cancel or stop; nothing new is sent
+        self.claiming = True  # False once the time budget is spent: no new claims, sends go on
         self.stop_reason = ""
         self.handed_over = False
         self.outcomes: list[Outcome] = []
@@ -181,12 +186,13 @@ class Slice:
         queue: deque[Claimed] = deque()
         last_check = 0.0
         try:
-            while not self.draining.is_set():
+            while not self.draining.is_set() and self.claiming:
                 now = time.monotonic()
                 if now - last_check >= STATUS_CHECK_SECONDS:
                     last_check = now
                     status = await self.db(_job_status, self.job_id)
                     if status != Job.RUNNING:
+                        self.draining.set()
                         break
                 if now >= self.deadline:
                     await self._hand_over()
@@ -214,11 +220,13 @@ class Slice:
                     break
                 await asyncio.sleep(min(max(wait, 0.05), STATUS_CHECK_SECONDS))
         finally:
-            self.draining.set()
+            self.claiming = False
             if queue:
                 await self.db(leases.release, self.job_id, self.lease, list(queue))
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
+            while in_flight:  # finish what was claimed; a pause still stops what has not been sent
+                await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS)
+                if in_flight and not self.draining.is_set() and await self.db(_job_status, self.job_id) != Job.RUNNING:
+                    self.draining.set()
             self.closing = True
             await flusher  # never cancel it mid-write: the batch it holds would be lost
             heart.cancel()
@@ -229,6 +237,7 @@ class Slice:
         """Enqueue the next slice now, so new work starts while this one finishes its requests."""
         from jobs import tasks
 
+        self.claiming = False
         self.handed_over = True
         await self.db(tasks.enqueue_slice, self.job_id)
 

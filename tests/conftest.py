@@ -37,3 +37,60 @@ def chat_line(custom_id: str, text: str = "Hello", model: str = "gpt-4o-mini", *
         "url": "/v1/chat/completions",
         "body": {"model": model, "messages": [{"role": "user", "content": text}], **body},
     }
+
+
+@pytest.fixture
+def simulator(tmp_path):
+    """simulator(*args) starts `manage.py simulate_openai` with those arguments (stopped after the test)."""
+    from tests.servers import Simulator
+
+    started = []
+
+    def start(*args: str):
+        sim = Simulator(tmp_path, *args)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def cluster(transactional_db, tmp_path):
+    """cluster(**env) starts a real qcluster on the test database (stopped after the test)."""
+    from jobs import tasks
+    from tests.servers import Cluster
+
+    tasks.ensure_schedules()
+    started = []
+
+    def start(**env):
+        c = Cluster(tmp_path, **env)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def make_endpoint(base_url: str, **fields):
+    from jobs.models import Endpoint
+
+    endpoint = Endpoint(name=f"sim {base_url}", base_url=base_url, is_default=True, **fields)
+    endpoint.set_api_key("sk-test-simulator-key")
+    endpoint.save()
+    return endpoint
+
+
+def make_job(write, owner, endpoint, n: int, text=lambda i: f"Question {i}", start=True, **body):
+    from jobs import ingest
+
+    lines = [chat_line(f"req-{i}", text(i), **body) for i in range(n)]
+    plan = ingest.validate(write(f"job-{n}.jsonl", lines))
+    assert plan.ok, plan.errors
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint)
+    if start:
+        job.start()
+    return job

@@ -1,0 +1,214 @@
+"""The live engine end to end: a real qcluster, the simulator over HTTP, the SQLite test database."""
+
+import json
+import time
+from collections import defaultdict
+
+import pytest
+
+from jobs import export
+from jobs.models import Item, Job
+from tests.conftest import make_endpoint, make_job
+from tests.servers import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def wait_status(job, statuses, timeout=120):
+    statuses = (statuses,) if isinstance(statuses, str) else statuses
+
+    def reached():
+        job.refresh_from_db()
+        return job.status in statuses
+
+    wait_until(reached, timeout, 0.3, f"job to become {statuses} (it is {job.status}, {job.counts()})")
+    return job
+
+
+def answers(job) -> dict[str, str]:
+    out = {}
+    for line in "".join(export.results_jsonl(job)).splitlines():
+        record = json.loads(line)
+        assert record["custom_id"] not in out, "a custom_id appears twice in the output"
+        out[record["custom_id"]] = record["response"]["body"]["choices"][0]["message"]["content"]
+    return out
+
+
+def test_job_completes_with_every_right_answer(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "50")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url), 300)
+    wait_status(job, Job.COMPLETED, 90)
+    assert job.counts() == {"pending": 0, "running": 0, "succeeded": 300, "failed": 0, "cancelled": 0, "expired": 0}
+    assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(300)}
+    assert sim.stats()["total"] == 300  # no error, so not one request more than items
+    assert job.prompt_tokens > 0 and job.completion_tokens > 0
+    assert job.cost > 0  # gpt-4o-mini is in the price table
+    assert sum(t.succeeded for t in job.ticks.all()) == 300
+    assert job.started_at and job.finished_at and job.finished_at >= job.started_at
+
+
+def test_rides_out_a_429_storm_honouring_retry_after(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "20", "--error-rate", "429=0.3", "--retry-after-ms", "700", "--seed", "3")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url), 200, start=False)
+    Job.objects.filter(pk=job.pk).update(max_attempts=12)
+    job.start()
+    wait_status(job, Job.COMPLETED, 150)
+    assert job.n_succeeded == 200
+    assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(200)}
+    by_marker = defaultdict(list)
+    for entry in sim.requests():
+        by_marker[entry["marker"]].append(entry)
+    retried = 0
+    for entries in by_marker.values():
+        for first, second in zip(entries, entries[1:]):
+            assert first["status"] == 429, "only 429s are retried here"
+            gap = second["t"] - first["t"]
+            assert gap >= 0.7 - 0.05, f"retried after {gap:.3f}s, before retry-after-ms 700"
+            retried += 1
+    assert retried >= 30
+    assert sum(t.retried for t in job.ticks.all()) == retried
+
+
+def test_5xx_retried_and_400_not_retried(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "10", "--error-rate", "500=0.25", "--error-rate", "503=0.1", "--seed", "5")
+    cluster()
+    text = lambda i: f"Question {i} SIMULATE_400" if i % 10 == 0 else f"Question {i}"  # noqa: E731
+    job = make_job(write, owner, make_endpoint(sim.base_url), 150, text=text, start=False)
+    Job.objects.filter(pk=job.pk).update(max_attempts=12)
+    job.start()
+    wait_status(job, Job.COMPLETED, 150)
+    assert (job.n_succeeded, job.n_failed) == (135, 15)
+    failed = job.items.filter(status=Item.FAILED)
+    assert {i.custom_id for i in failed} == {f"req-{i}" for i in range(0, 150, 10)}
+    requests = sim.requests()
+    for item in failed:
+        tries = [r for r in requests if r["marker"] == f"Question {item.custom_id[4:]} SIMULATE_400"]
+        # injected 5xx may come first (and are retried), but a 400 is the last word
+        assert [r["status"] for r in tries][-1] == 400 and sum(r["status"] == 400 for r in tries) == 1
+        assert (item.http_status, item.attempts) == (400, len(tries))
+    statuses = [r["status"] for r in requests]
+    assert statuses.count(500) + statuses.count(503) >= 20
+    assert job.items.filter(status=Item.SUCCEEDED, attempts__gt=1).exists()
+    errors = [json.loads(line) for line in "".join(export.errors_jsonl(job)).splitlines()]
+    assert len(errors) == 15 and {e["response"]["status_code"] for e in errors} == {400}
+
+
+def test_insufficient_quota_pauses_without_more_requests(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "100")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=20), 400)
+    wait_until(lambda: sim.stats()["total"] >= 60, 60, message="some requests")
+    sim.configure(insufficient_quota=True)
+    wait_status(job, Job.PAUSED, 60)
+    assert "quota" in job.status_reason
+    wait_until(lambda: Job.objects.get(pk=job.pk).n_running == 0, 30, message="in-flight requests to finish")
+    settled = sim.stats()["total"]
+    time.sleep(3)
+    assert sim.stats()["total"] == settled, "requests kept going after the job paused"
+    quota_429s = sum(1 for r in sim.requests() if r["status"] == 429)
+    assert quota_429s <= 40  # the requests in flight when quota ran out, no more
+    job.refresh_from_db()
+    assert job.n_failed == 0 and job.n_pending > 0
+
+    sim.configure(insufficient_quota=False)
+    job.resume()
+    wait_status(job, Job.COMPLETED, 90)
+    assert job.n_succeeded == 400 and job.status_reason == ""
+    assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(400)}
+
+
+def test_pause_then_resume(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "100")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=20), 500)
+    wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded >= 50, 60, message="progress")
+    job.refresh_from_db()
+    job.pause()
+    job.pause()  # twice is fine
+    wait_until(lambda: Job.objects.get(pk=job.pk).n_running == 0, 30, message="in-flight requests to finish")
+    job.refresh_from_db()
+    done, sent = job.n_succeeded, sim.stats()["total"]
+    assert done < 500
+    time.sleep(2.5)
+    job.refresh_from_db()
+    assert (job.status, job.n_succeeded, sim.stats()["total"]) == (Job.PAUSED, done, sent)
+    job.resume()
+    wait_status(job, Job.COMPLETED, 90)
+    assert job.n_succeeded == 500 and sim.stats()["total"] == 500
+
+
+def test_cancel_keeps_finished_results(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "100")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=20), 500)
+    wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded >= 40, 60, message="progress")
+    job.refresh_from_db()
+    job.cancel()
+    job.cancel()
+    wait_status(job, Job.CANCELLED, 60)
+    assert job.n_succeeded >= 40 and job.n_cancelled > 0
+    assert job.n_succeeded + job.n_cancelled == 500 and job.n_pending == job.n_running == 0
+    assert len(answers(job)) == job.n_succeeded
+    time.sleep(1.5)
+    assert sim.stats()["total"] == job.n_succeeded  # nothing sent after the in-flight ones
+
+
+def test_retry_failed_items_only(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "10", "--error-rate", "500=0.5", "--seed", "9")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url), 120, start=False)
+    Job.objects.filter(pk=job.pk).update(max_attempts=1)
+    job.start()
+    wait_status(job, Job.COMPLETED, 90)
+    assert 30 < job.n_failed < 90
+    first_round = set(answers(job))
+    failed = job.n_failed
+    sim.configure(error_rates={})
+    assert job.retry_failed() == failed
+    wait_status(job, Job.COMPLETED, 90)
+    assert job.n_succeeded == 120 and job.n_failed == 0
+    assert set(answers(job)) == {f"req-{i}" for i in range(120)}
+    assert sim.stats()["total"] == 120 + failed  # succeeded items were not sent again
+    assert first_round < set(answers(job))
+
+
+def test_kill_9_mid_job_then_resume_exactly_once(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "200")
+    first = cluster()
+    n = 2000
+    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), n)
+    wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded >= 500, 90, message="progress before the crash")
+    first.kill()  # SIGKILL to the whole process group: no cleanup of any kind
+    time.sleep(0.5)
+    job.refresh_from_db()
+    in_flight = job.n_running
+    sent_before = sim.stats()["total"]
+    assert in_flight > 0 and job.n_succeeded < n
+    cluster()
+    wait_status(job, Job.COMPLETED, 180)
+    assert job.n_succeeded == n
+    assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(n)}
+    assert job.items.count() == n
+    total = sim.stats()["total"]
+    # at-least-once requests, exactly-once results: only what was in flight may be sent twice
+    assert total <= n + in_flight, (total, sent_before, in_flight)
+
+
+def test_rate_limit_reaches_95_percent_with_few_429s(cluster, simulator, write, owner):
+    sim = simulator("--latency-ms", "50", "--rpm", "3000")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), 1500)
+    wait_status(job, Job.COMPLETED, 120)
+    requests = sim.requests()
+    limited = sum(r["status"] == 429 for r in requests)
+    assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"
+    ok_times = sorted(r["t"] for r in requests if r["status"] == 200)
+    # Steady state: leave out the first seconds, where the server's full bucket allows a burst.
+    steady = [t for t in ok_times if t >= ok_times[0] + 3]
+    rate = (len(steady) - 1) / (steady[-1] - steady[0]) * 60
+    assert rate >= 0.95 * 3000, f"{rate:.0f} requests/min"
+    assert rate <= 1.03 * 3000
+    job.endpoint.refresh_from_db()
+    assert job.endpoint.learned_rpm == 3000
