@@ -218,6 +218,20 @@ class Job(models.Model):
         """Percent of items that have reached a final state."""
         return 100.0 * self.n_done / self.total if self.total else 100.0
 
+    def throughput(self, window: int = 60) -> float:
+        """Items finished per second over the last `window` seconds (from the timeline)."""
+        since = timezone.now() - timezone.timedelta(seconds=window)
+        done = self.ticks.filter(at__gte=since).aggregate(n=Sum(F("succeeded") + F("failed")))["n"] or 0
+        return done / window
+
+    def eta_seconds(self) -> float | None:
+        """Seconds until the remaining items are done at the recent rate; None when unknown."""
+        remaining = self.n_pending + self.n_running
+        rate = self.throughput()
+        if not remaining or self.status not in (Job.RUNNING, Job.QUEUED) or rate <= 0:
+            return None
+        return remaining / rate
+
     def counts(self) -> dict[str, int]:
         return {s: getattr(self, f"n_{s}") for s in Item.STATUSES}
 

@@ -8,7 +8,21 @@ PORT="${PORT:-8000}"
 pids=()
 stop() {
   trap - EXIT INT TERM
-  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null
+  [ ${#pids[@]} -gt 0 ] || return 0
+  echo "Stopping..."
+  kill -TERM "${pids[@]}" 2>/dev/null
+  for _ in $(seq 1 20); do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.5
+  done
+  # qcluster waits for running slices to end, which can take a minute. Cutting them short is
+  # safe by design: their leases expire and the sweeper hands the items to the next start.
+  for p in "${pids[@]}"; do
+    pkill -KILL -P "$p" 2>/dev/null
+    kill -KILL "$p" 2>/dev/null
+  done
   wait 2>/dev/null
 }
 trap stop EXIT INT TERM
