@@ -75,18 +75,21 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     now = timezone.now()
     until = now + timedelta(seconds=lease_seconds())
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
+    # MATERIALIZED: the candidates are picked once. Inlined into the UPDATE, Postgres may re-run
+    # the LIMIT subquery and claim more rows than asked for.
     sql = f"""
-        UPDATE {ITEM} SET status = 'running', lease_token = %s, lease_until = %s
-        WHERE id IN (
+        WITH picked AS MATERIALIZED (
             SELECT id FROM {ITEM}
             WHERE job_id = %s AND status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
             ORDER BY line LIMIT %s {lock}
-        ) AND status = 'pending'
+        )
+        UPDATE {ITEM} SET status = 'running', lease_token = %s, lease_until = %s
+        WHERE id IN (SELECT id FROM picked) AND status = 'pending'
         RETURNING id, custom_id, body, est_tokens, attempts, line
     """
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute(sql, [_uuid(lease), _dt(until), job_id, _dt(now), limit])
+            cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
         if rows:
             Job(pk=job_id).bump(n_pending=-len(rows), n_running=len(rows))

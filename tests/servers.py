@@ -109,18 +109,25 @@ class Simulator(Process):
         return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]
 
 
+def database_env() -> dict[str, str]:
+    """Environment that points another process at the database this test run uses."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return {"BATCHSITE_SQLITE_PATH": str(db["NAME"])}
+    assert connection.vendor == "postgresql"
+    return {"DATABASE_URL": f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"}
+
+
 class Cluster(Process):
     """`manage.py qcluster` on the test database, with short leases and slices so tests run fast."""
 
     def __init__(self, tmp: Path, **env: str):
-        db = connection.settings_dict["NAME"]
-        assert connection.vendor == "sqlite", "integration tests run the cluster on the SQLite test database"
         env = {
-            "BATCHSITE_SQLITE_PATH": str(db),
             "BATCHSITE_DATA_DIR": str(settings.DATA_DIR),
             "BATCHSITE_WORKERS": "2",
             "BATCHSITE_LEASE_SECONDS": "8",
             "BATCHSITE_SLICE_SECONDS": "5",
+            **database_env(),
             **env,
         }
         super().__init__(["qcluster"], tmp / "qcluster.out", env)

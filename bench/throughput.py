@@ -1,0 +1,462 @@
+"""Live-engine throughput against the simulator, next to a plain AsyncOpenAI script, and worker memory.
+
+Everything runs for real, on a throwaway data dir and SQLite database:
+  - `manage.py simulate_openai` in a subprocess (200 ms latency by default);
+  - baseline: asyncio.gather + Semaphore(C) over AsyncOpenAI(max_retries=0).chat.completions.create,
+    in this process, before the cluster exists (so nothing shares the CPU with it);
+  - Batchsite: a real `manage.py qcluster` (BATCHSITE_WORKERS=2), started and warmed up before the
+    clock starts; timed from ingest (validate + create_job of the JSONL) through job.start() to the
+    Job row reading `completed` (polled every 0.1 s);
+  - memory: a 50,000-item job at low latency through the same cluster, with the RSS of every
+    qcluster process sampled every 0.2 s from /proc.
+CPU per request of the simulator, the cluster processes and this process is read from /proc for
+each phase, with the CPU used by everything else on the machine (to spot a disturbed run).
+
+    .venv/bin/python bench/throughput.py [--items 5000] [--latency-ms 200] [--concurrency 100]
+                                         [--memory-items 50000] [--memory-latency-ms 20]
+                                         [--py-spy FILE]   # record the workers during the timed run
+
+Targets: Batchsite / baseline >= 0.9 (aim >= 1.0); largest worker peak RSS <= 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import ROOT, django_in_tempdir  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+USER_PROMPT = (
+    "Review #{i}: The blender arrived two days late and the lid cracked, "
+    "but support replaced it quickly. Is this customer happy? Explain briefly."
+)
+
+
+def body(i: int) -> dict:
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a careful analyst. Answer in one short paragraph."},
+            {"role": "user", "content": USER_PROMPT.format(i=i)},
+        ],
+        "max_tokens": 200,
+        "temperature": 0.2,
+    }
+
+
+def make_file(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            line = {"custom_id": f"review-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body(i)}
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- /proc readings ---------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[int, float] | None:
+    """(process group, CPU seconds) of a live process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(fields[2]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat and stat[0] == pgid:
+                pids.append(int(entry))
+    return pids
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:  # cheaper than status; field 2 is VmRSS in pages
+            return int(f.read().split()[1]) * PAGE_KB / 1024
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def system_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine (all cores), from /proc/stat. Steal is time the
+    hypervisor gave to other guests: the cores were not ours, so it is counted apart from busy."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU used during a phase by: the simulator, the cluster (every process of its group), this
+    process, and everything else on the machine."""
+
+    def __init__(self, sim: Server, cluster: Server | None):
+        self.sim, self.cluster = sim, cluster
+
+    def _read(self) -> dict:
+        cluster = {}
+        if self.cluster:
+            for pid in group_pids(self.cluster.pid):
+                stat = proc_stat(pid)
+                if stat:
+                    cluster[pid] = stat[1]
+        return {"sim": (proc_stat(self.sim.pid) or (0, 0.0))[1], "cluster": cluster, "self": own_cpu(),
+                "system": system_cpu_seconds(), "wall": time.perf_counter()}
+
+    def __enter__(self):
+        self.start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        self.end = self._read()
+
+    def split(self) -> dict:
+        a, b = self.start, self.end
+        cluster = {pid: cpu - a["cluster"].get(pid, 0.0) for pid, cpu in b["cluster"].items()}
+        out = {"sim": b["sim"] - a["sim"], "cluster": sum(cluster.values()), "self": b["self"] - a["self"],
+               "wall": b["wall"] - a["wall"], "per_pid": cluster}
+        out["other"] = max(0.0, (b["system"][0] - a["system"][0]) - out["sim"] - out["cluster"] - out["self"])
+        out["steal"] = b["system"][1] - a["system"][1]
+        return out
+
+
+def print_cpu(meter: CpuMeter, requests: int, indent: str = "    ") -> None:
+    s = meter.split()
+    parts = [f"simulator {s['sim'] * 1000 / requests:.2f}"]
+    if meter.cluster:
+        parts.append(f"qcluster {s['cluster'] * 1000 / requests:.2f}")
+    parts.append(f"bench process {s['self'] * 1000 / requests:.2f}")
+    total = s["sim"] + s["cluster"] + s["self"]
+    print(f"{indent}CPU ms/request: {', '.join(parts)}  (sum {total * 1000 / requests:.2f});  "
+          f"machine {100 * (total + s['other']) / s['wall']:.0f}% of 200%, "
+          f"other processes {100 * s['other'] / s['wall']:.0f}%, hypervisor steal {100 * s['steal'] / s['wall']:.0f}%")
+    if meter.cluster:
+        busy = sorted(((cpu, pid) for pid, cpu in s["per_pid"].items()), reverse=True)
+        print(f"{indent}qcluster CPU s by pid: " + ", ".join(f"{pid}: {cpu:.2f}" for cpu, pid in busy if cpu >= 0.01))
+
+
+# --- subprocesses -----------------------------------------------------------------------------
+
+
+class Server:
+    """`manage.py ARGS` in its own process group, so stopping it takes its children too."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log_path = log
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # anything of the group left behind by the parent
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+class Simulator(Server):
+    def __init__(self, data_dir: Path, latency_ms: float):
+        self.port = free_port()
+        super().__init__(["simulate_openai", "--port", str(self.port), "--latency-ms", str(latency_ms)],
+                         data_dir / "simulator.out")
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.stats()
+                return
+            except OSError:
+                if not self.alive() or time.monotonic() > deadline:
+                    raise SystemExit("the simulator did not start:\n" + self.tail()) from None
+                time.sleep(0.1)
+
+    def _call(self, path: str, payload=None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         method="POST" if data else "GET", headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> dict:
+        return self._call("/_sim/stats")
+
+    def reset(self) -> None:
+        self._call("/_sim/reset", {})
+
+    def configure(self, **values) -> None:
+        self._call("/_sim/config", values)
+
+
+STARTED: list[Server] = []
+
+
+def start(server_class, *args, **kwargs):
+    server = server_class(*args, **kwargs)
+    STARTED.append(server)
+    return server
+
+
+def stop_all() -> None:
+    while STARTED:
+        STARTED.pop().stop()
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the subprocesses
+
+
+# --- the runs ---------------------------------------------------------------------------------
+
+
+async def _baseline(base_url: str, bodies: list[dict], concurrency: int) -> int:
+    import openai
+
+    semaphore = asyncio.Semaphore(concurrency)
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
+
+        async def one(i: int, request: dict) -> bool:
+            async with semaphore:
+                answer = await client.chat.completions.create(**request)
+            return answer.choices[0].message.content.endswith(USER_PROMPT.format(i=i))
+
+        results = await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)), return_exceptions=True)
+    return sum(1 for r in results if r is not True)
+
+
+def run_baseline(sim: Simulator, n: int, concurrency: int) -> float:
+    # Warm-up, untimed, as the cluster gets: the SDK's imports and pydantic models built once.
+    asyncio.run(_baseline(sim.base_url, [body(i) for i in range(2 * concurrency)], concurrency))
+    bodies = [body(i) for i in range(n)]
+    sim.reset()
+    with CpuMeter(sim, None) as meter:
+        started = time.perf_counter()
+        failures = asyncio.run(_baseline(sim.base_url, bodies, concurrency))
+        elapsed = time.perf_counter() - started
+    stats = sim.stats()
+    rate = n / elapsed
+    print(f"  baseline AsyncOpenAI gather+Semaphore({concurrency}): {n:,} requests in {elapsed:.2f} s = "
+          f"{rate:.0f} req/s  (simulator saw {stats['total']:,}, max in flight {stats['max_in_flight']})"
+          + (f"  FAILED {failures}" if failures else ""))
+    print_cpu(meter, n)
+    return rate
+
+
+def wait_job(job_id: int, timeout: float, interval: float = 0.1, cluster: Server | None = None) -> str:
+    from jobs.models import Job
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+        if status in Job.FINISHED or status == Job.PAUSED:
+            return status
+        if cluster is not None and not cluster.alive():
+            raise SystemExit("the cluster died:\n" + cluster.tail())
+        time.sleep(interval)
+    raise SystemExit(f"job {job_id} still {status} after {timeout:.0f} s")
+
+
+def run_job(path: Path, owner, endpoint, cluster: Server, timeout: float) -> dict:
+    """ingest -> start -> completed, timed; the Job row is polled every 0.1 s."""
+    from jobs import ingest
+    from jobs.models import Job
+
+    t0 = time.perf_counter()
+    plan = ingest.validate(path)
+    assert plan.ok, plan.errors[:3]
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint)
+    t_created = time.perf_counter()
+    job.start()  # outside a transaction: the slice tasks are enqueued now
+    status = wait_job(job.pk, timeout, cluster=cluster)
+    t_done = time.perf_counter()
+    job = Job.objects.get(pk=job.pk)
+    assert status == Job.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
+    return {"job": job, "ingest_s": t_created - t0, "run_s": t_done - t_created, "total_s": t_done - t0}
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of every process in the cluster's group, sampled every `interval` seconds."""
+
+    def __init__(self, pgid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.pgid, self.interval = pgid, interval
+        self.peak: dict[int, float] = {}
+        self.samples = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid in group_pids(self.pgid):
+                mb = rss_mb(pid)
+                if mb is not None and mb > self.peak.get(pid, 0.0):
+                    self.peak[pid] = mb
+            self.samples += 1
+            self.done.wait(self.interval)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--latency-ms", type=float, default=200)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--memory-items", type=int, default=50_000, help="0 skips the memory run")
+    parser.add_argument("--memory-latency-ms", type=float, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--py-spy", metavar="FILE", help="py-spy record the cluster (with --subprocesses) "
+                        "during the timed run into FILE (speedscope JSON); costs some CPU")
+    args = parser.parse_args()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    data_dir = django_in_tempdir("batchsite-throughput-")
+    logging.getLogger("django-q").setLevel(logging.WARNING)  # no "Enqueued" line per slice task
+    db_path = Path(os.environ.get("BATCHSITE_SQLITE_PATH") or data_dir / "batchsite.sqlite3")
+    ideal = args.concurrency / (args.latency_ms / 1000)
+    print(f"Throughput: {args.items:,} chat requests, concurrency {args.concurrency}, simulator latency "
+          f"{args.latency_ms:.0f} ms (ideal {ideal:.0f} req/s); data dir {data_dir}")
+    print(f"  load average at start: {loadavg()}")
+    try:
+        sim = start(Simulator, data_dir, args.latency_ms)
+
+        # 1. Baseline, with no cluster on the machine yet.
+        baseline = run_baseline(sim, args.items, args.concurrency)
+
+        # 2. Batchsite: cluster up and warm before the clock starts.
+        from django.contrib.auth.models import User
+
+        from jobs import tasks
+        from jobs.models import Endpoint
+
+        owner = User.objects.create_user("bench")
+        endpoint = Endpoint(name="simulator", base_url=sim.base_url, is_default=True, concurrency=args.concurrency)
+        endpoint.set_api_key("sk-bench-simulator-key")
+        endpoint.save()
+        tasks.ensure_schedules()  # as `manage.py prepare` does in production: the sweeper runs too
+        cluster = start(Server, ["qcluster"], data_dir / "qcluster.out", {
+            "BATCHSITE_SQLITE_PATH": str(db_path), "BATCHSITE_DATA_DIR": str(data_dir),
+            "BATCHSITE_WORKERS": str(args.workers),
+        })  # fmt: skip
+        warm = make_file(data_dir / "warmup.jsonl", 4 * args.concurrency)
+        for _ in range(2):  # each round runs a slice per worker: imports, connections, first queries done
+            run_job(warm, owner, endpoint, cluster, 120)
+        time.sleep(1.5)  # let the slices' successors / finalization settle: the cluster is idle
+        print(f"  cluster warm: {len(group_pids(cluster.pid))} qcluster processes "
+              f"(BATCHSITE_WORKERS={args.workers}); load average {loadavg()}")
+
+        path = make_file(data_dir / "throughput.jsonl", args.items)
+        sim.reset()
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid", str(cluster.pid),
+                                    "--subprocesses", "--format", "speedscope", "--output", args.py_spy,
+                                    "--rate", "100", "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(1.0)
+        with CpuMeter(sim, cluster) as meter:
+            r = run_job(path, owner, endpoint, cluster, 600)
+        if spy:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        job, stats = r["job"], sim.stats()
+        rate = args.items / r["total_s"]
+        engine_rate = args.items / r["run_s"]
+        print(f"  Batchsite end to end: {args.items:,} requests in {r['total_s']:.2f} s = {rate:.0f} req/s  "
+              f"(ingest {r['ingest_s']:.2f} s, start -> completed {r['run_s']:.2f} s = {engine_rate:.0f} req/s)")
+        print(f"    job: {job.n_succeeded:,} succeeded, {job.n_failed} failed; simulator saw {stats['total']:,}, "
+              f"max in flight {stats['max_in_flight']}")
+        print_cpu(meter, args.items)
+        print(f"  ideal (concurrency / latency):        {ideal:.0f} req/s")
+        print(f"  baseline:                             {baseline:.0f} req/s  ({baseline / ideal:.0%} of ideal)")
+        print(f"  Batchsite (incl. ingest):             {rate:.0f} req/s  ({rate / ideal:.0%} of ideal)")
+        print(f"  ratio Batchsite / baseline:           {rate / baseline:.2f}   target >= 0.9, aim >= 1.0")
+        print(f"  ratio without ingest:                 {engine_rate / baseline:.2f}")
+        print(f"  load average after: {loadavg()}")
+
+        # 3. Worker memory on a big job.
+        if args.memory_items:
+            sim.configure(latency_ms=args.memory_latency_ms)
+            sim.reset()
+            big = make_file(data_dir / "memory.jsonl", args.memory_items)
+            time.sleep(1.0)
+            sampler = RssSampler(cluster.pid)
+            sampler.start()
+            with CpuMeter(sim, cluster) as meter:
+                r = run_job(big, owner, endpoint, cluster, 1800)
+            sampler.stop()
+            job = r["job"]
+            cpu = meter.split()["per_pid"]
+            workers = {pid for pid, seconds in cpu.items() if seconds > 1.0}
+            print(f"Memory: {args.memory_items:,} requests, simulator latency {args.memory_latency_ms:.0f} ms: "
+                  f"{r['total_s']:.1f} s total (ingest {r['ingest_s']:.1f} s, run {r['run_s']:.1f} s = "
+                  f"{args.memory_items / r['run_s']:.0f} req/s), {job.n_succeeded:,} succeeded, "
+                  f"{job.n_failed} failed; {sampler.samples} RSS samples")
+            for pid, mb in sorted(sampler.peak.items(), key=lambda kv: -kv[1]):
+                role = "parent" if pid == cluster.pid else ("worker" if pid in workers else "")
+                print(f"    pid {pid:>7} {role:<7} peak RSS {mb:6.1f} MB  CPU {cpu.get(pid, 0.0):6.1f} s")
+            worker_peak = max((mb for pid, mb in sampler.peak.items() if pid in workers), default=0.0)
+            print(f"  largest worker peak RSS: {worker_peak:.0f} MB   target <= 250 MB"
+                  f"   (largest of any qcluster process {max(sampler.peak.values()):.0f} MB)")
+            print_cpu(meter, args.memory_items)
+            print(f"  load average after: {loadavg()}")
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    main()
