@@ -29,3 +29,30 @@ class PriceBook:
             return ZERO
         cost = price.cost(prompt_tokens, completion_tokens, cached_tokens)
         return cost * (1 - discount) if discount else cost
+
+
+def estimate(plan, endpoint) -> dict:
+    """Tokens, cost and time a validated plan will take at the endpoint's limits."""
+    book = PriceBook.load()
+    model = plan.models.most_common(1)[0][0] if plan.models else ""
+    price = book.price(model)
+    input_cost = book.cost(model, plan.est_input_tokens, 0)
+    max_cost = book.cost(model, plan.est_input_tokens, plan.max_output_tokens) if plan.max_output_tokens else None
+    minutes, basis = None, "limits not known yet: they are learned from the first answers"
+    rpm = endpoint.effective_rpm if endpoint else None
+    tpm = endpoint.effective_tpm if endpoint else None
+    if rpm or tpm:
+        by_requests = plan.count / rpm if rpm else 0
+        by_tokens = (plan.est_input_tokens + plan.max_output_tokens) / tpm if tpm else 0
+        minutes = max(by_requests, by_tokens)
+        basis = f"at {rpm:,} requests/min" if by_requests >= by_tokens else f"at {tpm:,} tokens/min"
+    return {
+        "input_tokens": plan.est_input_tokens,
+        "max_output_tokens": plan.max_output_tokens,
+        "priced": price is not None,
+        "model": model,
+        "input_cost": input_cost,
+        "max_cost": max_cost,
+        "minutes": minutes,
+        "basis": basis,
+    }

@@ -1,17 +1,35 @@
-from django.contrib.auth.decorators import login_required
-from django.db import connection
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.shortcuts import get_object_or_404, render
-from django.views.decorators.http import require_GET
+import json
+import time
+from pathlib import Path
 
-from jobs import export
-from jobs.models import Job
+import httpx2
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required, user_passes_test
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db import connection
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncMonth
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
+
+from jobs import export, ingest, presets
+from jobs.forms import EndpointForm, JobForm, UploadForm
+from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick
+from jobs.pricing import estimate
 
 DOWNLOADS = {
     "results": (export.results_jsonl, "application/jsonl", "{name}-results.jsonl"),
     "errors": (export.errors_jsonl, "application/jsonl", "{name}-errors.jsonl"),
     "csv": (export.results_csv, "text/csv", "{name}-results.csv"),
 }
+JOBS_PER_PAGE = 25
+ITEMS_PER_PAGE = 50
+
+staff_required = user_passes_test(lambda u: u.is_active and u.is_staff)
 
 
 @require_GET
@@ -32,29 +50,239 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"database": database, "workers": workers}, status=status)
 
 
+def _get_job(request: HttpRequest, pk: int, write: bool = False) -> Job:
+    """Every signed-in team member may view a job; only its owner or staff may change it."""
+    job = get_object_or_404(Job.objects.select_related("owner", "endpoint"), pk=pk)
+    if write and not (job.owner_id == request.user.pk or request.user.is_staff):
+        raise PermissionDenied("Only the job's owner or staff can do that.")
+    return job
+
+
+def _can_control(request: HttpRequest, job: Job) -> bool:
+    return job.owner_id == request.user.pk or request.user.is_staff
+
+
+# Job list
+
+
+def _filtered_jobs(request: HttpRequest):
+    jobs = Job.objects.select_related("owner").order_by("-created_at", "-id")
+    filters = {
+        "scope": request.GET.get("scope", "all"),
+        "status": request.GET.get("status", ""),
+        "model": request.GET.get("model", ""),
+        "q": request.GET.get("q", "").strip(),
+    }
+    if filters["scope"] == "mine":
+        jobs = jobs.filter(owner=request.user)
+    if filters["status"] in dict(Job.STATUS_CHOICES):
+        jobs = jobs.filter(status=filters["status"])
+    if filters["model"]:
+        jobs = jobs.filter(model=filters["model"])
+    if filters["q"]:
+        jobs = jobs.filter(name__icontains=filters["q"])
+    return jobs, filters
+
+
 @require_GET
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    jobs = Job.objects.select_related("owner").order_by("-created_at", "-id")[:50]
-    return render(request, "jobs/home.html", {"jobs": jobs})
+    jobs, filters = _filtered_jobs(request)
+    page = Paginator(jobs, JOBS_PER_PAGE).get_page(request.GET.get("page"))
+    active = any(job.status in Job.ACTIVE for job in page)
+    context = {
+        "page": page,
+        "filters": filters,
+        "active": active,
+        "statuses": Job.STATUS_CHOICES,
+        "models": Job.objects.order_by().values_list("model", flat=True).distinct()[:50],
+        "query": request.GET.urlencode(),
+    }
+    if request.htmx and request.htmx.target == "job-table":
+        if not active:
+            return HttpResponseStopPolling(render(request, "jobs/_job_table.html", context).content)
+        return render(request, "jobs/_job_table.html", context)
+    return render(request, "jobs/home.html", context)
 
 
-def _get_job_for_user(request: HttpRequest, pk: int) -> Job:
-    # Every signed-in team member may view any job; write access is checked by the actions.
-    return get_object_or_404(Job.objects.select_related("owner", "endpoint"), pk=pk)
+# New job: upload -> review (template, errors, preview, estimate) -> launch
+
+
+def _uploads(request: HttpRequest) -> dict:
+    return request.session.setdefault("uploads", {})
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def job_new(request: HttpRequest) -> HttpResponse:
+    form = UploadForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        upload = form.cleaned_data["file"]
+        path, error = ingest.store_upload(upload.chunks(), upload.name)
+        if error:
+            form.add_error("file", error.message)
+        else:
+            token = path.parent.name
+            fmt = ingest.detect_format(upload.name, path)
+            _uploads(request)[token] = {"path": str(path), "name": upload.name, "format": fmt}
+            request.session.modified = True
+            return redirect("job_review", token=token)
+    limit = settings.BATCHSITE_MAX_UPLOAD_MB
+    return render(request, "jobs/new.html", {"form": form, "max_mb": limit})
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names, read the way validation reads them (a tiny template with no placeholders)."""
+    plan = ingest.validate(path, format=Job.CSV, template=ingest.Template(model="x", user_prompt="x"),
+                           limits=ingest.Limits(max_lines=2, max_line_bytes=10**7, max_file_bytes=10**12))  # fmt: skip
+    return plan.columns
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def job_review(request: HttpRequest, token: str) -> HttpResponse:
+    upload = _uploads(request).get(token)
+    if upload is None:
+        messages.error(request, "That upload has expired. Please upload the file again.")
+        return redirect("job_new")
+    path, fmt = Path(upload["path"]), upload["format"]
+    columns = _csv_header(path) if fmt == Job.CSV else []
+    initial = {"name": Path(upload["name"]).stem, "endpoint": Endpoint.default()}
+    form = JobForm(request.POST or None, initial=initial, csv_columns=columns)
+    plan = None
+    if request.method == "POST" and form.is_valid():
+        template = form.template() if fmt == Job.CSV else None
+        plan = ingest.validate(path, format=fmt, template=template, source_name=upload["name"])
+        if plan.ok and request.POST.get("action") == "launch":
+            endpoint = form.cleaned_data["endpoint"] or Endpoint.default()
+            job = ingest.create_job(
+                plan,
+                owner=request.user,
+                name=form.cleaned_data["name"],
+                endpoint=endpoint,
+                max_attempts=form.cleaned_data["max_attempts"],
+            )
+            job.start()
+            _uploads(request).pop(token, None)
+            request.session.modified = True
+            messages.success(request, f"Job started: {job.total:,} requests.")
+            if request.htmx:
+                return HttpResponseClientRedirect(job.get_absolute_url())
+            return redirect(job)
+    elif request.method == "GET" and fmt == Job.JSONL:
+        plan = ingest.validate(path, format=fmt, source_name=upload["name"])
+    endpoint = (form.cleaned_data.get("endpoint") if form.is_bound and form.is_valid() else None) or Endpoint.default()
+    context = {
+        "form": form,
+        "upload": upload,
+        "token": token,
+        "columns": columns,
+        "plan": plan,
+        "estimate": estimate(plan, endpoint) if plan and plan.ok else None,
+        "preview": [json.dumps(line, indent=2, ensure_ascii=False) for line in plan.preview[:3]] if plan else [],
+        "presets": presets.load(),
+        "is_csv": fmt == Job.CSV,
+    }
+    if request.htmx:
+        return render(request, "jobs/_review.html", context)
+    return render(request, "jobs/review.html", context)
+
+
+# Job detail and control
+
+
+def _progress_context(job: Job) -> dict:
+    ticks = list(job.ticks.order_by("-at").values("at", "succeeded", "failed", "retried")[:60])[::-1]
+    peak = max((t["succeeded"] + t["failed"] for t in ticks), default=0) or 1
+    width = 100 / max(len(ticks), 1)
+    bars = []
+    for i, t in enumerate(ticks):
+        done = t["succeeded"] + t["failed"]
+        height = round(60 * done / peak, 2)
+        bars.append({**t, "x": round(i * width, 3), "y": round(64 - height, 2), "h": height, "rate": done / JobTick.SECONDS})
+    return {
+        "job": job,
+        "bars": bars,
+        "bar_width": round(width * 0.85, 3),
+        "throughput": job.throughput() if job.status in Job.ACTIVE else 0,
+        "eta": job.eta_seconds(),
+    }
 
 
 @require_GET
 @login_required
 def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    job = _get_job_for_user(request, pk)
-    return render(request, "jobs/job_detail.html", {"job": job})
+    job = _get_job(request, pk)
+    error_kinds = (
+        job.items.filter(status__in=[Item.FAILED, Item.EXPIRED])
+        .values("error_code", "http_status")
+        .annotate(n=Count("id"))
+        .order_by("-n")[:10]
+    )
+    groups = []
+    for kind in error_kinds:
+        example = (
+            job.items.filter(status__in=[Item.FAILED, Item.EXPIRED], error_code=kind["error_code"], http_status=kind["http_status"])
+            .only("id", "custom_id", "error_message")
+            .first()
+        )
+        groups.append({**kind, "example": example})
+    context = {**_progress_context(job), "error_groups": groups, "can_control": _can_control(request, job)}
+    return render(request, "jobs/job_detail.html", context)
+
+
+@require_GET
+@login_required
+def job_progress(request: HttpRequest, pk: int) -> HttpResponse:
+    job = _get_job(request, pk)
+    context = {**_progress_context(job), "can_control": _can_control(request, job)}
+    response = render(request, "jobs/_progress.html", context)
+    if job.is_finished and request.htmx:
+        return HttpResponseStopPolling(response.content)
+    return response
+
+
+ACTIONS = {
+    "pause": ("pause", "Paused. Requests in flight will finish; nothing new is sent."),
+    "resume": ("resume", "Resumed."),
+    "cancel": ("cancel", "Cancelled. Finished results are kept."),
+    "retry": ("retry_failed", "Failed items are queued again."),
+}
+
+
+@require_POST
+@login_required
+def job_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    if action == "duplicate":
+        job = _get_job(request, pk)
+        copy = job.duplicate(request.user)
+        messages.success(request, f"Started a copy of “{job.name}”.")
+        return redirect(copy)
+    if action == "delete":
+        job = _get_job(request, pk, write=True)
+        if job.status in Job.ACTIVE:
+            messages.error(request, "Cancel or pause the job before deleting it.")
+            return redirect(job)
+        name = job.name
+        job.delete()
+        messages.success(request, f"Deleted “{name}”.")
+        return redirect("home")
+    if action not in ACTIONS:
+        raise Http404("No such action.")
+    job = _get_job(request, pk, write=True)
+    method, done = ACTIONS[action]
+    try:
+        result = getattr(job, method)()
+        messages.success(request, f"{result:,} failed items are queued again." if action == "retry" else done)
+    except InvalidTransition as e:
+        messages.error(request, str(e))
+    return redirect(job)
 
 
 @require_GET
 @login_required
 def download(request: HttpRequest, pk: int, kind: str) -> StreamingHttpResponse:
-    job = _get_job_for_user(request, pk)
+    job = _get_job(request, pk)
     if kind not in DOWNLOADS:
         raise Http404("No such download.")
     writer, content_type, filename = DOWNLOADS[kind]
@@ -62,3 +290,129 @@ def download(request: HttpRequest, pk: int, kind: str) -> StreamingHttpResponse:
     safe_name = "".join(c if c.isalnum() or c in "-_" else "-" for c in job.name)[:80] or f"job-{job.pk}"
     response["Content-Disposition"] = f'attachment; filename="{filename.format(name=safe_name)}"'
     return response
+
+
+# Items
+
+
+@require_GET
+@login_required
+def item_list(request: HttpRequest, pk: int) -> HttpResponse:
+    job = _get_job(request, pk)
+    items = job.items.only("id", "job_id", "line", "custom_id", "status", "attempts", "http_status", "error_message", "latency_ms",
+                           "prompt_tokens", "completion_tokens").order_by("line")  # fmt: skip
+    status = request.GET.get("status", "")
+    q = request.GET.get("q", "").strip()
+    if status in Item.STATUSES:
+        items = items.filter(status=status)
+    if q:
+        items = items.filter(custom_id__startswith=q)
+    # Counting 50,000 rows on every page costs more than the page: the job row already has the counts.
+    count = job.counts().get(status, 0) if status in Item.STATUSES and not q else (job.total if not q else None)
+    paginator = Paginator(items, ITEMS_PER_PAGE)
+    if count is not None:
+        paginator.count = count
+    page = paginator.get_page(request.GET.get("page"))
+    context = {"job": job, "page": page, "status": status, "q": q, "statuses": Item.STATUSES}
+    return render(request, "jobs/items.html", context)
+
+
+def _pretty(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except (ValueError, TypeError):
+        return text
+
+
+@require_GET
+@login_required
+def item_detail(request: HttpRequest, pk: int, item_pk: int) -> HttpResponse:
+    job = _get_job(request, pk)
+    item = get_object_or_404(Item, pk=item_pk, job=job)
+    request_line = {"custom_id": item.custom_id, "method": "POST", "url": job.url, "body": json.loads(item.body)}
+    context = {
+        "job": job,
+        "item": item,
+        "request_json": json.dumps(request_line, indent=2, ensure_ascii=False),
+        "response_json": _pretty(item.response) if item.response else "",
+        "output": export.output_text(job.url, json.loads(item.response)) if item.status == Item.SUCCEEDED else "",
+    }
+    return render(request, "jobs/item_detail.html", context)
+
+
+# Endpoints (staff)
+
+
+@require_GET
+@login_required
+@staff_required
+def endpoint_list(request: HttpRequest) -> HttpResponse:
+    Endpoint.sync_from_env()
+    return render(request, "jobs/endpoints.html", {"endpoints": Endpoint.objects.all()})
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@staff_required
+def endpoint_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
+    endpoint = get_object_or_404(Endpoint, pk=pk) if pk else None
+    form = EndpointForm(request.POST or None, instance=endpoint)
+    if request.method == "POST" and form.is_valid():
+        saved = form.save()
+        messages.success(request, f"Saved endpoint “{saved.name}”.")
+        return redirect("endpoint_list")
+    return render(request, "jobs/endpoint_form.html", {"form": form, "endpoint": endpoint})
+
+
+@require_POST
+@login_required
+@staff_required
+def endpoint_test(request: HttpRequest, pk: int) -> HttpResponse:
+    """Ask the server for its model list: proves the URL, the key and the network in one request."""
+    endpoint = get_object_or_404(Endpoint, pk=pk)
+    started = time.perf_counter()
+    try:
+        response = httpx2.get(
+            endpoint.base_url.rstrip("/") + "/models",
+            headers={"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key_encrypted else {},
+            timeout=10,
+        )
+        ms = int((time.perf_counter() - started) * 1000)
+        if response.status_code == 200:
+            try:
+                models = [m.get("id") for m in response.json().get("data", [])][:8]
+            except (ValueError, AttributeError):
+                models = []
+            ok, text = True, f"Connected in {ms} ms." + (f" Models include: {', '.join(map(str, models))}." if models else "")
+        elif response.status_code in (401, 403):
+            ok, text = False, f"The server refused the API key (HTTP {response.status_code})."
+        else:
+            ok, text = False, f"The server answered HTTP {response.status_code}."
+    except ValueError as e:  # the stored key cannot be decrypted
+        ok, text = False, str(e)
+    except httpx2.HTTPError as e:
+        ok, text = False, f"Could not reach {endpoint.base_url}: {type(e).__name__}."
+    return render(request, "jobs/_endpoint_test.html", {"ok": ok, "text": text})
+
+
+# Usage
+
+
+@require_GET
+@login_required
+def usage(request: HttpRequest) -> HttpResponse:
+    sums = dict(
+        jobs=Count("id"),
+        requests=Sum("n_succeeded"),
+        prompt=Sum("prompt_tokens"),
+        completion=Sum("completion_tokens"),
+        cost=Sum("cost"),
+    )
+    context = {
+        "by_user": Job.objects.values("owner__username").annotate(**sums).order_by("-cost", "owner__username"),
+        "by_model": Job.objects.values("model").annotate(**sums).order_by("-cost", "model"),
+        "by_month": Job.objects.annotate(month=TruncMonth("created_at")).values("month").annotate(**sums).order_by("-month"),
+        "total": Job.objects.aggregate(**sums),
+    }
+    return render(request, "jobs/usage.html", context)
+

@@ -1,0 +1,92 @@
+import json
+
+from django import forms
+
+from jobs.ingest import Template
+from jobs.models import Endpoint, Job
+
+
+class UploadForm(forms.Form):
+    file = forms.FileField(help_text="OpenAI batch JSONL, or a CSV with a header row")
+
+
+class JobForm(forms.Form):
+    """Launch settings, and for CSV files the prompt template."""
+
+    name = forms.CharField(max_length=200, required=False)
+    endpoint = forms.ModelChoiceField(queryset=Endpoint.objects.all(), required=False, empty_label=None)
+    mode = forms.ChoiceField(choices=Job.MODE_CHOICES, initial=Job.LIVE)
+    max_attempts = forms.IntegerField(min_value=1, max_value=20, initial=5)
+    # CSV template
+    url = forms.ChoiceField(
+        choices=[("/v1/chat/completions", "Chat completions"), ("/v1/embeddings", "Embeddings")],
+        initial="/v1/chat/completions",
+        required=False,
+    )
+    model = forms.CharField(max_length=200, required=False)
+    system_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False)
+    user_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 5}), required=False)
+    input_column = forms.CharField(max_length=200, required=False)
+    custom_id_column = forms.CharField(max_length=200, required=False)
+    temperature = forms.FloatField(min_value=0, max_value=2, required=False)
+    max_tokens = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
+    json_schema = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False)
+
+    def __init__(self, *args, csv_columns=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.csv_columns = csv_columns or []
+        if self.csv_columns:
+            choices = [("", "(row number)")] + [(c, c) for c in self.csv_columns]
+            self.fields["custom_id_column"].widget = forms.Select(choices=choices)
+            self.fields["input_column"].widget = forms.Select(choices=[("", "(choose)")] + choices[1:])
+        self.fields["mode"].disabled = True  # remote (OpenAI Batch API) mode is not available yet
+
+    def clean_mode(self):
+        return Job.LIVE
+
+    def clean_json_schema(self):
+        text = self.cleaned_data["json_schema"].strip()
+        if text:
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise forms.ValidationError(f"Not valid JSON: {e}.") from None
+            if not isinstance(value, dict):
+                raise forms.ValidationError("The schema must be a JSON object.")
+        return text
+
+    def template(self) -> Template:
+        data = self.cleaned_data
+        return Template(
+            model=data.get("model") or "",
+            user_prompt=data.get("user_prompt") or "",
+            system_prompt=data.get("system_prompt") or "",
+            url=data.get("url") or "/v1/chat/completions",
+            temperature=data.get("temperature"),
+            max_tokens=data.get("max_tokens"),
+            json_schema=data.get("json_schema") or None,
+            custom_id_column=data.get("custom_id_column") or "",
+            input_column=data.get("input_column") or "",
+        )
+
+
+class EndpointForm(forms.ModelForm):
+    api_key = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Leave empty to keep the stored key.",
+    )
+
+    class Meta:
+        model = Endpoint
+        fields = ["name", "base_url", "concurrency", "rpm", "tpm", "is_default"]
+
+    def save(self, commit=True):
+        endpoint = super().save(commit=False)
+        if self.cleaned_data.get("api_key"):
+            endpoint.set_api_key(self.cleaned_data["api_key"].strip())
+        if commit:
+            if endpoint.is_default:
+                Endpoint.objects.exclude(pk=endpoint.pk).filter(is_default=True).update(is_default=False)
+            endpoint.save()
+        return endpoint
