@@ -28,6 +28,7 @@ DOWNLOADS = {
 }
 JOBS_PER_PAGE = 25
 ITEMS_PER_PAGE = 50
+CHART_SLOTS = 60  # 10-second buckets: the last 10 minutes
 
 staff_required = user_passes_test(lambda u: u.is_active and u.is_staff)
 
@@ -191,10 +192,23 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
 # Job detail and control
 
 
+def _error_groups(job: Job) -> list[dict]:
+    """Failures grouped by kind, biggest first, each with one example item."""
+    if not (job.n_failed or job.n_expired):
+        return []
+    failed = job.items.filter(status__in=[Item.FAILED, Item.EXPIRED])
+    kinds = failed.values("error_code", "http_status").annotate(n=Count("id")).order_by("-n")[:8]
+    return [
+        {**kind, "example": failed.filter(error_code=kind["error_code"], http_status=kind["http_status"])
+         .only("id", "custom_id", "error_message").first()}  # fmt: skip
+        for kind in kinds
+    ]
+
+
 def _progress_context(job: Job) -> dict:
-    ticks = list(job.ticks.order_by("-at").values("at", "succeeded", "failed", "retried")[:60])[::-1]
+    ticks = list(job.ticks.order_by("-at").values("at", "succeeded", "failed", "retried")[:CHART_SLOTS])[::-1]
     peak = max((t["succeeded"] + t["failed"] for t in ticks), default=0) or 1
-    width = 100 / max(len(ticks), 1)
+    width = 100 / CHART_SLOTS  # fixed slots: a short job shows a few bars, not one wide block
     bars = []
     for i, t in enumerate(ticks):
         done = t["succeeded"] + t["failed"]
@@ -203,9 +217,11 @@ def _progress_context(job: Job) -> dict:
     return {
         "job": job,
         "bars": bars,
-        "bar_width": round(width * 0.85, 3),
+        "bar_width": round(width * 0.8, 3),
+        "peak_rate": peak / JobTick.SECONDS,
         "throughput": job.throughput() if job.status in Job.ACTIVE else 0,
         "eta": job.eta_seconds(),
+        "error_groups": _error_groups(job),
     }
 
 
@@ -213,21 +229,7 @@ def _progress_context(job: Job) -> dict:
 @login_required
 def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk)
-    error_kinds = (
-        job.items.filter(status__in=[Item.FAILED, Item.EXPIRED])
-        .values("error_code", "http_status")
-        .annotate(n=Count("id"))
-        .order_by("-n")[:10]
-    )
-    groups = []
-    for kind in error_kinds:
-        example = (
-            job.items.filter(status__in=[Item.FAILED, Item.EXPIRED], error_code=kind["error_code"], http_status=kind["http_status"])
-            .only("id", "custom_id", "error_message")
-            .first()
-        )
-        groups.append({**kind, "example": example})
-    context = {**_progress_context(job), "error_groups": groups, "can_control": _can_control(request, job)}
+    context = {**_progress_context(job), "can_control": _can_control(request, job)}
     return render(request, "jobs/job_detail.html", context)
 
 

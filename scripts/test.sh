@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 
+# Browser tests drive Debian's Chromium (Playwright cannot download its own here).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "Installing chromium with apt..."
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/tmp/batchsite-apt-chromium.log 2>&1 \
+    || { cat /tmp/batchsite-apt-chromium.log; exit 1; }
+fi
+
 echo "== SQLite + database broker"
 BATCHSITE_DATA_DIR="$PWD/var/test" "$PY" -m pytest "$@"
 

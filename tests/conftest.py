@@ -63,6 +63,7 @@ def cluster(transactional_db, tmp_path):
     from tests.servers import Cluster
 
     tasks.ensure_schedules()
+    seed_prices()
     started = []
 
     def start(**env):
@@ -94,3 +95,12 @@ def make_job(write, owner, endpoint, n: int, text=lambda i: f"Question {i}", sta
     if start:
         job.start()
     return job
+
+
+def seed_prices():
+    """Transactional tests flush the price rows a data migration made; put them back."""
+    import importlib
+
+    from django.apps import apps
+
+    importlib.import_module("jobs.migrations.0003_default_prices").add_prices(apps, None)

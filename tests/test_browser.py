@@ -1,0 +1,184 @@
+"""The dashboard in a real headless Chromium (Playwright), against a live server, a real qcluster
+and the simulator. Screenshots land in test-artifacts/; the job page's is copied to docs/."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jobs.models import Item, Job
+from tests.conftest import chat_line, make_endpoint, make_job, seed_prices
+
+# Playwright's sync API runs an event loop in this thread; the ORM calls in these tests are ours.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (make test installs it)")]
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    return {
+        **browser_type_launch_args,
+        "executable_path": "/usr/bin/chromium",
+        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    }
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": {"width": 1360, "height": 900}, "accept_downloads": True}
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def sign_in(page, live_server, username: str, password: str):
+    page.goto(f"{live_server.url}/")
+    assert "/login/" in page.url
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+
+
+@pytest.fixture
+def users(django_user_model):
+    seed_prices()
+    owner = django_user_model.objects.create_user("alice", password="alice-pass-123")
+    teammate = django_user_model.objects.create_user("bob", password="bob-pass-123")
+    return owner, teammate
+
+
+def test_bad_file_shows_line_numbered_errors(page, live_server, users, tmp_path):
+    make_endpoint("http://127.0.0.1:9/v1")
+    sign_in(page, live_server, "alice", "alice-pass-123")
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text(json.dumps(chat_line("a")) + "\n{oops\n" + json.dumps(chat_line("a")) + "\n")
+    page.goto(f"{live_server.url}/jobs/new/")
+    page.set_input_files("#id_file", str(bad))
+    page.click("text=Upload and check")
+    page.wait_for_selector("table.errors")
+    rows = page.locator("table.errors tbody tr").all_inner_texts()
+    assert rows[0].startswith("2\t") and "not valid JSON" in rows[0]
+    assert rows[1].startswith("3\t") and "already used on line 1" in rows[1]
+    assert page.locator("button[value=launch]").is_disabled()
+    shot(page, "upload-errors")
+    assert Job.objects.count() == 0
+
+
+def test_upload_launch_and_watch_to_completion_then_download(page, live_server, users, tmp_path, cluster, simulator):
+    sim = simulator("--latency-ms", "30")
+    make_endpoint(sim.base_url)
+    cluster()
+    sign_in(page, live_server, "alice", "alice-pass-123")
+
+    # A JSONL: preview and estimate, then launch.
+    good = tmp_path / "questions.jsonl"
+    text = lambda i: f"Question number {i}" + (" SIMULATE_400" if i % 50 == 7 else "")  # noqa: E731
+    good.write_text("".join(json.dumps(chat_line(f"q{i}", text(i))) + "\n" for i in range(400)))
+    page.goto(f"{live_server.url}/jobs/new/")
+    page.set_input_files("#id_file", str(good))
+    page.click("text=Upload and check")
+    page.wait_for_selector("text=All 400 requests are valid")
+    assert "Question number 0" in page.locator("pre.code").first.inner_text()
+    assert page.locator("text=Input tokens (est.)").count() == 1
+    shot(page, "review-jsonl")
+    page.click("button[value=launch]")
+    page.wait_for_url(re.compile(r"/jobs/\d+/$"))
+    # Progress reaches 100% by htmx polling alone: no reload.
+    page.evaluate("window.__marker = 'same page'")
+    page.wait_for_selector("#progress [data-status=completed]", timeout=120_000)
+    assert page.evaluate("window.__marker") == "same page"
+    assert page.locator(".percent").inner_text() == "100%"
+    shot(page, "job-detail")
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    shutil.copy(ARTIFACTS / "job-detail.png", docs / "job-detail.png")
+
+    with page.expect_download() as download:
+        page.click("text=Results JSONL")
+    lines = Path(download.value.path()).read_text().splitlines()
+    answers = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]["choices"][0]["message"]["content"] for line in lines}
+    assert answers == {f"q{i}": f"Echo: Question number {i}" for i in range(400) if i % 50 != 7}
+    errors = page.locator("table.errors-by-kind tbody tr").all_inner_texts()
+    assert len(errors) == 1 and errors[0].startswith("HTTP 400") and "\t8\t" in errors[0]
+
+    # A CSV with a template chosen from the presets and edited.
+    rows = tmp_path / "reviews.csv"
+    rows.write_text('review_id,review\nr1,"Loved it, truly"\nr2,Broke in a day\n')
+    page.goto(f"{live_server.url}/jobs/new/")
+    page.set_input_files("#id_file", str(rows))
+    page.click("text=Upload and check")
+    page.click("button[data-preset]:has-text('Sentiment')")
+    page.fill("#id_user_prompt", "")
+    page.click("#id_user_prompt")
+    page.click("button[data-insert=review]")
+    assert page.input_value("#id_user_prompt") == "{{ review }}"
+    page.select_option("#id_custom_id_column", "review_id")
+    page.click("button[value=check]")
+    page.wait_for_selector("text=All 2 requests are valid")
+    assert "Loved it, truly" in page.locator("pre.code").first.inner_text()
+    shot(page, "review-csv")
+    page.click("button[value=launch]")
+    page.wait_for_selector("#progress [data-status=completed]", timeout=60_000)
+    with page.expect_download() as download:
+        page.click("text=CSV (your rows + answers)")
+    text = Path(download.value.path()).read_text()
+    assert text.splitlines()[0].startswith("review_id,review,output,sentiment,confidence")
+    assert "r1,\"Loved it, truly\"" in text
+
+
+def test_cancel_a_running_job_and_teammate_cannot(page, live_server, users, cluster, simulator, write, browser):
+    owner, teammate = users
+    sim = simulator("--latency-ms", "300")
+    endpoint = make_endpoint(sim.base_url, concurrency=4)
+    cluster()
+    job = make_job(write, owner, endpoint, 300)
+
+    other = browser.new_context()
+    bob = other.new_page()
+    sign_in(bob, live_server, "bob", "bob-pass-123")
+    bob.goto(f"{live_server.url}/jobs/{job.pk}/")
+    assert bob.locator("button:has-text('Cancel job')").count() == 0
+    assert "Only alice or staff" in bob.inner_text("#progress")
+    # Even a forged request is refused.
+    status = bob.evaluate(
+        """async (url) => (await fetch(url, {method: 'POST', headers: {'X-CSRFToken': document.cookie.match(/csrftoken=([^;]+)/)[1]}})).status""",
+        f"{live_server.url}/jobs/{job.pk}/cancel",
+    )
+    assert status == 403
+    other.close()
+
+    sign_in(page, live_server, "alice", "alice-pass-123")
+    page.goto(f"{live_server.url}/jobs/{job.pk}/")
+    page.wait_for_selector("#progress [data-status=running]", timeout=60_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("button:has-text('Cancel job')")
+    page.wait_for_selector("#progress [data-status=cancelled]", timeout=60_000)
+    job.refresh_from_db()
+    assert job.status == Job.CANCELLED and job.n_cancelled > 0
+    assert job.n_succeeded + job.n_cancelled == 300
+
+
+def test_xss_in_a_model_answer_is_shown_as_text(page, live_server, users, write):
+    owner, _ = users
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
+    payload = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+    body = {"choices": [{"message": {"role": "assistant", "content": payload}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    Item.objects.filter(job=job).update(status=Item.SUCCEEDED, http_status=200, response=json.dumps(body), custom_id=payload)
+    item = job.items.get()
+    sign_in(page, live_server, "alice", "alice-pass-123")
+    for url in (f"/jobs/{job.pk}/items/{item.pk}/", f"/jobs/{job.pk}/items/"):
+        page.goto(live_server.url + url)
+        assert page.evaluate("window.__pwned") is None
+        assert payload in page.inner_text("main")
