@@ -15,6 +15,7 @@ def django_in_tempdir(prefix: str) -> Path:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "batchsite.settings")
     os.environ["DEBUG"] = "0"  # DEBUG keeps every SQL query in memory
     os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")
+    os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
     import django
     from django.core.management import call_command
 
