@@ -407,7 +407,6 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
         errors.add(1, "duplicate_column", f"Line 1: the header repeats {', '.join(dupes)}; column names must be unique.")
     if not _check_template(template, columns, errors):
         return
-    index = {c: i for i, c in enumerate(columns)}
     body_base = _template_body_base(template)
     seen: dict[str, int] = {}
     row_number = 0

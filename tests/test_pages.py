@@ -8,7 +8,6 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from jobs import ingest
 from jobs.models import Endpoint, Item, Job
 from tests.conftest import chat_line, make_endpoint, make_job
 
