@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from jobs.models import Endpoint, Job
+from jobs.models import Endpoint, Job, Price
 
 
 @admin.register(Endpoint)
@@ -15,3 +15,10 @@ class JobAdmin(admin.ModelAdmin):
     list_filter = ("status", "mode")
     search_fields = ("name",)
     readonly_fields = [f.name for f in Job._meta.fields if f.name not in ("name",)]
+
+
+@admin.register(Price)
+class PriceAdmin(admin.ModelAdmin):
+    list_display = ("model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
+    list_editable = ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
+    search_fields = ("model",)
