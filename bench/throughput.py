@@ -14,7 +14,7 @@ each phase, with the CPU used by everything else on the machine (to spot a distu
 
     .venv/bin/python bench/throughput.py [--items 5000] [--latency-ms 200] [--concurrency 100]
                                          [--memory-items 50000] [--memory-latency-ms 20]
-                                         [--py-spy FILE]   # record the workers during the timed run
+                                         [--workers 2] [--keep] [--py-spy FILE]
 
 Targets: Batchsite / baseline >= 0.9 (aim >= 1.0); largest worker peak RSS <= 250 MB.
 """
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import ROOT, django_in_tempdir  # noqa: E402
+from _setup import ROOT, django_in_tempdir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -163,7 +164,8 @@ def print_cpu(meter: CpuMeter, requests: int, indent: str = "    ") -> None:
     total = s["sim"] + s["cluster"] + s["self"]
     print(f"{indent}CPU ms/request: {', '.join(parts)}  (sum {total * 1000 / requests:.2f});  "
           f"machine {100 * (total + s['other']) / s['wall']:.0f}% of 200%, "
-          f"other processes {100 * s['other'] / s['wall']:.0f}%, hypervisor steal {100 * s['steal'] / s['wall']:.0f}%")
+          f"other processes {100 * s['other'] / s['wall']:.0f}%, hypervisor steal {100 * s['steal'] / s['wall']:.0f}%"
+          + ("   <- DISTURBED: re-run on a quiet machine" if s["other"] + s["steal"] > 0.15 * s["wall"] else ""))
     if meter.cluster:
         busy = sorted(((cpu, pid) for pid, cpu in s["per_pid"].items()), reverse=True)
         print(f"{indent}qcluster CPU s by pid: " + ", ".join(f"{pid}: {cpu:.2f}" for cpu, pid in busy if cpu >= 0.01))
@@ -177,7 +179,7 @@ class Server:
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None):
         self.log_path = log
-        self.log = open(log, "ab")
+        self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "manage.py", *args], cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -324,7 +326,8 @@ def run_job(path: Path, owner, endpoint, cluster: Server, timeout: float) -> dic
     t_done = time.perf_counter()
     job = Job.objects.get(pk=job.pk)
     assert status == Job.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
-    return {"job": job, "ingest_s": t_created - t0, "run_s": t_done - t_created, "total_s": t_done - t0}
+    return {"job": job, "ingest_s": t_created - t0, "run_s": t_done - t_created, "total_s": t_done - t0,
+            "started_at": t_created, "done_at": t_done}
 
 
 class RssSampler(threading.Thread):
@@ -351,6 +354,43 @@ class RssSampler(threading.Thread):
         self.join(5)
 
 
+class SimSampler(threading.Thread):
+    """The simulator's requests in flight and answered, every `interval` seconds: when the first request
+    arrived, how full the concurrency was kept, when the last answer went out."""
+
+    def __init__(self, sim: Simulator, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.sim, self.interval = sim, interval
+        self.samples: list[tuple[float, int, int]] = []  # (perf_counter, in_flight, total)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                stats = self.sim.stats()
+                self.samples.append((time.perf_counter(), stats["in_flight"], stats["total"]))
+            except OSError:
+                pass
+            self.done.wait(self.interval)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+    def summary(self, t_start: float, t_end: float, n: int) -> str:
+        busy = [(t, f, total) for t, f, total in self.samples if f > 0 or 0 < total < n]
+        if not busy:
+            return "no requests seen"
+        first = next(t for t, f, total in self.samples if f > 0 or total > 0)
+        last = next((t for t, f, total in self.samples if total >= n), busy[-1][0])
+        steady = [f for t, f, total in busy if first + 0.5 <= t <= last - 0.5]
+        mean = sum(steady) / len(steady) if steady else 0.0
+        low = sum(1 for f in steady if f < 0.9 * max(f for _, f, _ in busy)) if steady else 0
+        return (f"first request ~{first - t_start:.2f} s after start(), last answer ~{t_end - last:.2f} s before "
+                f"'completed' was seen; in flight between: mean {mean:.0f}, "
+                f"{100 * low / max(1, len(steady)):.0f}% of samples under 90% of the peak")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=5000)
@@ -359,11 +399,18 @@ def main() -> None:
     parser.add_argument("--memory-items", type=int, default=50_000, help="0 skips the memory run")
     parser.add_argument("--memory-latency-ms", type=float, default=20)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--py-spy", metavar="FILE", help="py-spy record the cluster (with --subprocesses) "
-                        "during the timed run into FILE (speedscope JSON); costs some CPU")
+    parser.add_argument("--keep", action="store_true", help="keep the data dir (DB, logs) after a successful run")
+    parser.add_argument("--py-spy", metavar="FILE", help="py-spy record the cluster (with --subprocesses, "
+                        "--threads) during the timed run into FILE: .json speedscope, .svg flamegraph, else "
+                        "collapsed stacks; costs some CPU")
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, _terminate)
+    # job.start() runs here and enqueues BATCHSITE_SLICES_PER_JOB slices, which defaults to *this*
+    # process's BATCHSITE_WORKERS, while each slice splits the endpoint's concurrency by the cluster's:
+    # both sides must agree, or the job runs with a fraction of its concurrency.
+    os.environ["BATCHSITE_WORKERS"] = str(args.workers)
+    os.environ.pop("BATCHSITE_SLICES_PER_JOB", None)
     data_dir = django_in_tempdir("batchsite-throughput-")
     logging.getLogger("django-q").setLevel(logging.WARNING)  # no "Enqueued" line per slice task
     db_path = Path(os.environ.get("BATCHSITE_SQLITE_PATH") or data_dir / "batchsite.sqlite3")
@@ -403,13 +450,17 @@ def main() -> None:
         sim.reset()
         spy = None
         if args.py_spy:
+            fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(Path(args.py_spy).suffix, "raw")
             spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid", str(cluster.pid),
-                                    "--subprocesses", "--format", "speedscope", "--output", args.py_spy,
+                                    "--subprocesses", "--threads", "--format", fmt, "--output", args.py_spy,
                                     "--rate", "100", "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(1.0)
+        flight = SimSampler(sim)
+        flight.start()
         with CpuMeter(sim, cluster) as meter:
             r = run_job(path, owner, endpoint, cluster, 600)
+        flight.stop()
         if spy:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -420,6 +471,7 @@ def main() -> None:
               f"(ingest {r['ingest_s']:.2f} s, start -> completed {r['run_s']:.2f} s = {engine_rate:.0f} req/s)")
         print(f"    job: {job.n_succeeded:,} succeeded, {job.n_failed} failed; simulator saw {stats['total']:,}, "
               f"max in flight {stats['max_in_flight']}")
+        print("    " + flight.summary(r["started_at"], r["done_at"], args.items))
         print_cpu(meter, args.items)
         print(f"  ideal (concurrency / latency):        {ideal:.0f} req/s")
         print(f"  baseline:                             {baseline:.0f} req/s  ({baseline / ideal:.0%} of ideal)")
@@ -439,13 +491,14 @@ def main() -> None:
             with CpuMeter(sim, cluster) as meter:
                 r = run_job(big, owner, endpoint, cluster, 1800)
             sampler.stop()
-            job = r["job"]
+            job, stats = r["job"], sim.stats()
             cpu = meter.split()["per_pid"]
             workers = {pid for pid, seconds in cpu.items() if seconds > 1.0}
             print(f"Memory: {args.memory_items:,} requests, simulator latency {args.memory_latency_ms:.0f} ms: "
                   f"{r['total_s']:.1f} s total (ingest {r['ingest_s']:.1f} s, run {r['run_s']:.1f} s = "
                   f"{args.memory_items / r['run_s']:.0f} req/s), {job.n_succeeded:,} succeeded, "
-                  f"{job.n_failed} failed; {sampler.samples} RSS samples")
+                  f"{job.n_failed} failed; simulator saw {stats['total']:,}, max in flight {stats['max_in_flight']} "
+                  f"(endpoint concurrency {args.concurrency}); {sampler.samples} RSS samples")
             for pid, mb in sorted(sampler.peak.items(), key=lambda kv: -kv[1]):
                 role = "parent" if pid == cluster.pid else ("worker" if pid in workers else "")
                 print(f"    pid {pid:>7} {role:<7} peak RSS {mb:6.1f} MB  CPU {cpu.get(pid, 0.0):6.1f} s")
@@ -456,6 +509,10 @@ def main() -> None:
             print(f"  load average after: {loadavg()}")
     finally:
         stop_all()
+    if args.keep:
+        print(f"  data dir kept: {data_dir}")
+    else:  # the 50,000 stored responses make it big; on failure it stays, with the logs
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def usage_of(url: str, body: dict) -> tuple[int, int, int]:
 
 
 class Slice:
-    def __init__(self, job: Job, endpoint: Endpoint, lease: uuid.UUID, budget: float, db: ThreadPoolExecutor):
+    def __init__(self, job: Job, endpoint: Endpoint, lease: uuid.UUID, budget: float, db: ThreadPoolExecutor, slices: int):
         self.job_id = job.pk
         self.url = job.url
         self.path = job.url.removeprefix("/v1")
@@ -154,7 +154,9 @@ class Slice:
         self.lease = lease
         self.db_executor = db
         # The endpoint's concurrency is shared by the job's slices, which usually run at the same time.
-        self.concurrency = max(1, -(-endpoint.concurrency // max(1, settings.BATCHSITE_SLICES_PER_JOB)))
+        # `slices` comes with the task from whoever started the job, so every slice agrees on it.
+        self.slices = max(1, slices)
+        self.concurrency = max(1, -(-endpoint.concurrency // self.slices))
         self.started = time.monotonic()
         self.deadline = self.started + budget
         # The key names the server too, so budgets never carry over to a different server.
@@ -167,6 +169,7 @@ class Slice:
         self.handed_over = False
         self.outcomes: list[Outcome] = []
         self.closing = False
+        self.more_to_claim = True
         self.sent = 0
 
     async def db(self, fn, *args):
@@ -198,10 +201,19 @@ class Slice:
                     await self._hand_over()
                     break
                 if len(in_flight) >= self.concurrency:
+                    if len(queue) < self.concurrency // 2 and self.more_to_claim:
+                        # Claim the next batch while every slot is busy, so that freed slots are
+                        # refilled at once instead of waiting on the database.
+                        claimed = await self.db(leases.claim, self.job_id, self.lease, self.concurrency - len(queue))
+                        self.more_to_claim = bool(claimed)
+                        queue.extend(claimed)
+                        continue
                     await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 if not queue:
-                    queue.extend(await self.db(leases.claim, self.job_id, self.lease, self.concurrency))
+                    claimed = await self.db(leases.claim, self.job_id, self.lease, self.concurrency)
+                    self.more_to_claim = bool(claimed)
+                    queue.extend(claimed)
                 if queue:
                     while queue and len(in_flight) < self.concurrency:
                         task = asyncio.create_task(self._process_safely(queue.popleft()))
@@ -239,7 +251,7 @@ class Slice:
 
         self.claiming = False
         self.handed_over = True
-        await self.db(tasks.enqueue_slice, self.job_id)
+        await self.db(tasks.enqueue_slice, self.job_id, self.slices)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless the slice starts draining first; False if it did."""
@@ -420,7 +432,7 @@ def _pause_job(job_id: int, reason: str) -> None:
         pass  # already paused or cancelled by someone else
 
 
-def run_slice(job_id: int, budget: float | None = None) -> dict:
+def run_slice(job_id: int, budget: float | None = None, slices: int | None = None) -> dict:
     """Run one slice of a live job; return a summary (for logs and tests)."""
     job = Job.objects.select_related("endpoint").filter(pk=job_id).first()
     if job is None:
@@ -445,7 +457,7 @@ def run_slice(job_id: int, budget: float | None = None) -> dict:
     Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
     budget = settings.BATCHSITE_SLICE_SECONDS if budget is None else budget
     db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slice-db-{job_id}")
-    work = Slice(job, endpoint, uuid.uuid4(), budget, db)
+    work = Slice(job, endpoint, uuid.uuid4(), budget, db, slices or settings.BATCHSITE_SLICES_PER_JOB)
     try:
         asyncio.run(work.run())
     finally:

@@ -15,17 +15,20 @@ from jobs.models import Job
 log = logging.getLogger(__name__)
 
 
-def enqueue_slice(job_id: int) -> None:
-    async_task("jobs.tasks.run_slice", job_id, task_name=f"job-{job_id}-slice", group=f"job-{job_id}")
+def enqueue_slice(job_id: int, slices: int | None = None) -> None:
+    """One more slice of a job that runs as `slices` side by side (they split its concurrency)."""
+    slices = slices or settings.BATCHSITE_SLICES_PER_JOB
+    async_task("jobs.tasks.run_slice", job_id, slices, task_name=f"job-{job_id}-slice", group=f"job-{job_id}")
 
 
 def start_job(job_id: int) -> None:
-    for _ in range(max(1, settings.BATCHSITE_SLICES_PER_JOB)):
-        enqueue_slice(job_id)
+    slices = max(1, settings.BATCHSITE_SLICES_PER_JOB)
+    for _ in range(slices):
+        enqueue_slice(job_id, slices)
 
 
-def run_slice(job_id: int) -> dict:
-    result = runner.run_slice(job_id)
+def run_slice(job_id: int, slices: int | None = None) -> dict:
+    result = runner.run_slice(job_id, slices=slices)
     log.info("slice %s", result)
     return result
 
