@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from jobs.models import Endpoint, Job, Price
+from jobs.models import ApiToken, Batch, Endpoint, Job, Price
 
 
 @admin.register(Endpoint)
@@ -22,3 +22,24 @@ class PriceAdmin(admin.ModelAdmin):
     list_display = ("model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
     list_editable = ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
     search_fields = ("model",)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "prefix", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "user__username", "prefix")
+    readonly_fields = ("user", "name", "prefix", "token_hash", "created_at", "last_used_at")
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset):
+        for token in queryset:
+            token.revoke()
+
+
+@admin.register(Batch)
+class BatchAdmin(admin.ModelAdmin):
+    list_display = ("public_id", "job", "input_file", "completion_window")
+    search_fields = ("public_id",)
+    readonly_fields = ("public_id", "job", "input_file", "completion_window", "cancelling_at")

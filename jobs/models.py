@@ -1,4 +1,7 @@
+import hashlib
 import os
+import secrets
+import shutil
 from decimal import Decimal
 
 from django.conf import settings
@@ -465,3 +468,176 @@ class Price(models.Model):
         uncached = max(prompt_tokens - cached_tokens, 0)
         total = uncached * self.input_per_mtok + cached_tokens * cached_rate + completion_tokens * self.output_per_mtok
         return (total / Decimal(1_000_000)).quantize(Decimal("0.00000001"))
+
+
+class ApiToken(models.Model):
+    """A personal token for the OpenAI-compatible /v1 API; only its SHA-256 is stored."""
+
+    PREFIX = "bs-"
+    SHOWN = 10  # leading characters kept in clear, so people can tell their tokens apart
+    USED_EVERY = 60  # seconds: last_used_at is written at most this often, not on every request
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=12)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @staticmethod
+    def digest(plaintext: str) -> str:
+        return hashlib.sha256(plaintext.encode()).hexdigest()
+
+    @classmethod
+    def create_for(cls, user, name: str) -> tuple["ApiToken", str]:
+        """A new token for `user`; the plaintext is returned once and never stored."""
+        plaintext = cls.PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(
+            user=user, name=name.strip()[:100] or "API token", prefix=plaintext[: cls.SHOWN], token_hash=cls.digest(plaintext)
+        )
+        return token, plaintext
+
+    @classmethod
+    def authenticate(cls, plaintext: str) -> "ApiToken | None":
+        """The token (with its user) that `plaintext` is, whether revoked or not; None if none is."""
+        if not plaintext:
+            return None
+        token = cls.objects.select_related("user").filter(token_hash=cls.digest(plaintext)).first()
+        if token is not None and token.is_active:
+            now = timezone.now()
+            stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - timezone.timedelta(seconds=cls.USED_EVERY))
+            ApiToken.objects.filter(stale, pk=token.pk).update(last_used_at=now)
+        return token
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None and self.user.is_active
+
+    def revoke(self) -> None:
+        ApiToken.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.refresh_from_db(fields=["revoked_at"])
+
+
+def _file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+def _batch_id() -> str:
+    return "batch_" + secrets.token_hex(12)
+
+
+class File(models.Model):
+    """A file of the /v1 API: an uploaded batch input on disk, or a job's output or error file.
+
+    Output files are not written anywhere: their content is exported from the job's items when
+    downloaded, so they cost nothing until someone asks for them.
+    """
+
+    BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"
+    PURPOSE_CHOICES = [(BATCH, "Batch input"), (BATCH_OUTPUT, "Batch output")]
+    RESULTS = "results"
+    ERRORS = "errors"
+    KIND_CHOICES = [(RESULTS, "Results"), (ERRORS, "Errors")]
+
+    public_id = models.CharField(max_length=40, unique=True, default=_file_id, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_files")
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=20, choices=PURPOSE_CHOICES)
+    bytes = models.BigIntegerField(default=0)
+    path = models.CharField(max_length=500, blank=True, help_text="Uploads: path under the data dir")
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="api_files")
+    kind = models.CharField(max_length=10, blank=True, choices=KIND_CHOICES)
+    created_at = models.DateTimeField(default=timezone.now)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "kind"], condition=Q(job__isnull=False), name="file_job_kind"),
+        ]
+        indexes = [models.Index(fields=["owner", "-id"], name="file_owner_recent")]
+
+    def __str__(self) -> str:
+        return self.public_id
+
+    @property
+    def full_path(self):
+        return settings.DATA_DIR / self.path
+
+    @classmethod
+    def of_job(cls, job: Job, kind: str) -> "File | None":
+        """The job's output (RESULTS) or error (ERRORS) file, made on first request; None when it would be empty.
+
+        Its size is measured by exporting once; a job that ran again since (retried items) is
+        measured again, so the file keeps its id but tells its current size.
+        """
+        from jobs import export
+
+        if kind == cls.RESULTS:
+            has_lines, writer = job.n_succeeded > 0, export.results_jsonl
+        else:
+            has_lines, writer = job.n_failed + job.n_expired + job.n_cancelled > 0, export.errors_jsonl
+        if not has_lines:
+            return None
+        file = next((f for f in job.api_files.all() if f.kind == kind), None)  # prefetched for lists
+        if file is not None and (job.finished_at is None or file.created_at >= job.finished_at):
+            return file
+        size = sum(len(chunk.encode()) for chunk in writer(job))
+        stem = job.batch.public_id if hasattr(job, "batch") else f"job-{job.pk}"
+        suffix = "output" if kind == cls.RESULTS else "error"
+        file, created = cls.objects.get_or_create(
+            job=job,
+            kind=kind,
+            defaults={"owner_id": job.owner_id, "filename": f"{stem}_{suffix}.jsonl", "purpose": cls.BATCH_OUTPUT,
+                      "bytes": size},
+        )  # fmt: skip
+        if not created:
+            File.objects.filter(pk=file.pk).update(bytes=size, created_at=timezone.now(), deleted_at=None)
+            file.refresh_from_db()
+        return file
+
+    def chunks(self):
+        """The content: bytes read from disk, or text exported from the job."""
+        from jobs import export
+
+        if self.job_id is not None:
+            writer = export.results_jsonl if self.kind == self.RESULTS else export.errors_jsonl
+            return writer(self.job)
+        return _read_chunks(self.full_path)
+
+    def delete_content(self) -> None:
+        """Mark deleted, and remove an upload from disk unless a job still names it as its source."""
+        File.objects.filter(pk=self.pk).update(deleted_at=timezone.now())
+        if self.path.startswith("uploads/") and not Job.objects.filter(source_file=self.path).exists():
+            shutil.rmtree(self.full_path.parent, ignore_errors=True)
+
+
+def _read_chunks(path, size: int = 64 * 1024):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+class Batch(models.Model):
+    """A Job created through the OpenAI-compatible API: the fields OpenAI's Batch object has and a Job lacks."""
+
+    public_id = models.CharField(max_length=40, unique=True, default=_batch_id, editable=False)
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="batch")
+    # RESTRICT: files are only ever marked deleted, and a user's deletion takes both along.
+    input_file = models.ForeignKey(File, on_delete=models.RESTRICT, related_name="batches")
+    completion_window = models.CharField(max_length=10, default="24h")
+    cancelling_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.public_id

@@ -104,3 +104,35 @@ def seed_prices():
     from django.apps import apps
 
     importlib.import_module("jobs.migrations.0003_default_prices").add_prices(apps, None)
+
+
+def api_headers(user) -> dict:
+    """Headers with a new personal API token of `user`, for Django's test client."""
+    from jobs.models import ApiToken
+
+    _, plaintext = ApiToken.create_for(user, "test")
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+@pytest.fixture
+def web_server(transactional_db, tmp_path):
+    """web_server(**env) starts `manage.py runserver` on the test database (stopped after the test)."""
+    from tests.servers import WebServer
+
+    started = []
+
+    def start(**env):
+        server = WebServer(tmp_path, **env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Browser tests last: Playwright keeps an event loop running in the main thread for the rest of
+    the session, and tests that call asyncio.run() cannot start after it."""
+    items.sort(key=lambda item: item.fspath.basename == "test_browser.py")

@@ -131,3 +131,31 @@ class Cluster(Process):
             **env,
         }
         super().__init__(["qcluster"], tmp / "qcluster.out", env)
+
+
+class WebServer(Process):
+    """`manage.py runserver` (threaded, no reloader) on the test database, for clients over real HTTP."""
+
+    def __init__(self, tmp: Path, **env: str):
+        self.port = free_port()
+        env = {
+            "BATCHSITE_DATA_DIR": str(settings.DATA_DIR),
+            "DEBUG": "1",
+            # The endpoint comes from the test's database, not from the developer's environment.
+            "OPENAI_API_KEY": "",
+            "OPENAI_BASE_URL": "",
+            **database_env(),
+            **env,
+        }
+        super().__init__(["runserver", f"127.0.0.1:{self.port}", "--noreload", "--skip-checks"], tmp / "web.out", env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v1"
+        wait_until(self._up, 30, message="the web server")
+
+    def _up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            assert self.proc.poll() is None, self.output()
+            return False

@@ -1,0 +1,112 @@
+"""Bearer-token authentication and OpenAI's error shape for every /v1 view."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+from django.core.exceptions import SuspiciousOperation
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from jobs.models import ApiToken
+
+log = logging.getLogger(__name__)
+
+NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer "
+    "auth (i.e. Authorization: Bearer YOUR_KEY). Create a personal API token on the Batchsite page "
+    "/account/tokens/ or with `manage.py create_api_token USERNAME`."
+)
+
+
+class ApiError(Exception):
+    """An error that becomes OpenAI's `{"error": {...}}` body with `status`."""
+
+    def __init__(self, status: int, message: str, type="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JsonResponse:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JsonResponse({"error": error}, status=self.status, headers=self.headers)
+
+
+def _masked(key: str) -> str:
+    return f"{key[:6]}{'*' * 10}{key[-4:]}" if len(key) > 12 else "*" * len(key)
+
+
+def authenticate(request: HttpRequest) -> ApiToken:
+    """The active token in the Authorization header, or ApiError(401) as OpenAI words it."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(401, NO_KEY)
+    token = ApiToken.authenticate(key)
+    if token is None:
+        raise ApiError(401, f"Incorrect API key provided: {_masked(key)}. Check the token, or create a new "
+                            "one on the Batchsite page /account/tokens/.", code="invalid_api_key")  # fmt: skip
+    if token.revoked_at is not None:
+        raise ApiError(401, f"The API token {token.prefix}… was revoked. Create a new one on /account/tokens/.",
+                       code="invalid_api_key")  # fmt: skip
+    if not token.user.is_active:
+        raise ApiError(401, "The account of this API token is deactivated.", code="invalid_api_key")
+    return token
+
+
+def api_view(*methods: str):
+    """A /v1 view: only `methods` (else 405), a valid Bearer token, every failure in OpenAI's shape.
+
+    The view gets `request.user` set to the token's owner. No session and no CSRF: a token in a
+    header is not sent by browsers on their own, so cross-site requests cannot use it.
+    """
+
+    def decorate(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            try:
+                if request.method not in methods:
+                    allowed = ", ".join(methods)
+                    response = ApiError(
+                        405, f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                        code="method_not_allowed",
+                    ).response()  # fmt: skip
+                    response["Allow"] = allowed
+                    return response
+                request.api_token = authenticate(request)
+                request.user = request.api_token.user
+                return view(request, *args, **kwargs)
+            except ApiError as e:
+                return e.response()
+            except SuspiciousOperation as e:  # a body over Django's limits, too many fields...
+                return ApiError(400, f"The request could not be read: {e}").response()
+            except Exception:
+                log.exception("API error on %s %s", request.method, request.path)
+                return ApiError(
+                    500, "The server had an error while processing your request. Sorry about that!", "server_error"
+                ).response()
+
+        return wrapper
+
+    return decorate
+
+
+@csrf_exempt
+def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    """Any other /v1 path: OpenAI's 'Invalid URL' 404, not an HTML page."""
+    return ApiError(404, f"Invalid URL ({request.method} {request.path})").response()
+
+
+def json_body(request: HttpRequest) -> dict:
+    """The request's JSON object, or ApiError(400)."""
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise ApiError(400, "We could not parse the JSON body of your request. The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body of your request must be a JSON object.")
+    return body

@@ -1,0 +1,248 @@
+"""/v1/batches: a batch is a Job run live by the cluster, described the way OpenAI describes batches.
+
+OpenAI's statuses from a Job's: a job waiting for its first worker is `validating` (its file was
+already validated, but that is the state clients expect first), running or paused is
+`in_progress` (the API has no paused; `batchsite.status` tells), then `cancelling`, `cancelled`,
+`completed`, or `failed` for an input file with errors. Batchsite never expires a batch.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest, JsonResponse
+from django.utils import timezone
+
+from jobs import ingest
+from jobs.api.auth import ApiError, api_view, json_body
+from jobs.api.files import get_file
+from jobs.api.pagination import cursor_page
+from jobs.models import SUPPORTED_URLS, Batch, Endpoint, File, InvalidTransition, Job
+
+COMPLETION_WINDOW = "24h"
+LIST_DEFAULT, LIST_MAX = 20, 100
+ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by name
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+STATUS = {
+    Job.QUEUED: "in_progress",
+    Job.RUNNING: "in_progress",
+    Job.PAUSED: "in_progress",
+    Job.CANCELLING: "cancelling",
+    Job.CANCELLED: "cancelled",
+    Job.COMPLETED: "completed",
+    Job.FAILED: "failed",
+}
+
+
+def _ts(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment else None
+
+
+def openai_status(job: Job) -> str:
+    if job.status == Job.QUEUED and job.started_at is None:
+        return "validating"
+    return STATUS[job.status]
+
+
+def batch_object(request: HttpRequest, batch: Batch) -> dict:
+    job = batch.job
+    status = openai_status(job)
+    finished = _ts(job.finished_at)
+    output = errors_file = None
+    if job.status in (Job.COMPLETED, Job.CANCELLED):
+        output, errors_file = File.of_job(job, File.RESULTS), File.of_job(job, File.ERRORS)
+    cancelling = batch.cancelling_at or (job.finished_at if job.status == Job.CANCELLED else None)
+    return {
+        "id": batch.public_id,
+        "object": "batch",
+        "endpoint": job.url,
+        "model": job.model or None,
+        "errors": {"object": "list", "data": job.errors} if job.errors else None,
+        "input_file_id": batch.input_file.public_id,
+        "completion_window": batch.completion_window,
+        "status": status,
+        "output_file_id": output.public_id if output else None,
+        "error_file_id": errors_file.public_id if errors_file else None,
+        "created_at": _ts(job.created_at),
+        "in_progress_at": _ts(job.started_at),
+        "expires_at": _ts(job.created_at + timedelta(hours=24)),
+        # Results are written as they arrive, so finalizing takes no time.
+        "finalizing_at": finished if status == "completed" else None,
+        "completed_at": finished if status == "completed" else None,
+        "failed_at": finished if status == "failed" else None,
+        "expired_at": None,
+        "cancelling_at": _ts(cancelling),
+        "cancelled_at": finished if status == "cancelled" else None,
+        # Like OpenAI's: requests never sent because of a cancel count as neither.
+        "request_counts": {"total": job.total, "completed": job.n_succeeded, "failed": job.n_failed + job.n_expired},
+        "usage": {
+            "input_tokens": job.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": job.cached_tokens},
+            "output_tokens": job.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": job.prompt_tokens + job.completion_tokens,
+        },
+        "metadata": job.metadata or None,
+        # Not OpenAI's: what the dashboard shows (a paused job is in_progress above). The SDK keeps it
+        # as an extra attribute, `batch.batchsite`.
+        "batchsite": {
+            "job_id": job.pk,
+            "status": job.status,
+            "status_reason": job.status_reason,
+            "url": request.build_absolute_uri(job.get_absolute_url()),
+        },
+    }
+
+
+def _batches() -> QuerySet:
+    return Batch.objects.select_related("job", "input_file").prefetch_related("job__api_files")
+
+
+def get_batch(request: HttpRequest, batch_id: str) -> Batch:
+    """A user's own batch, or anyone's for staff; 404 otherwise, as if it did not exist."""
+    batches = _batches()
+    if not request.user.is_staff:
+        batches = batches.filter(job__owner=request.user)
+    batch = batches.filter(public_id=batch_id).first()
+    if batch is None:
+        raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+    return batch
+
+
+@api_view("GET", "POST")
+def collection(request: HttpRequest) -> JsonResponse:
+    if request.method == "POST":
+        return _create(request)
+    mine = _batches().filter(job__owner=request.user)
+    return JsonResponse(cursor_page(request, mine, lambda b: batch_object(request, b), LIST_DEFAULT, LIST_MAX))
+
+
+@api_view("GET")
+def detail(request: HttpRequest, batch_id: str) -> JsonResponse:
+    return JsonResponse(batch_object(request, get_batch(request, batch_id)))
+
+
+@api_view("POST")
+def cancel(request: HttpRequest, batch_id: str) -> JsonResponse:
+    batch = get_batch(request, batch_id)
+    job = batch.job
+    if job.status in (Job.COMPLETED, Job.FAILED):
+        raise _conflict(f"Cannot cancel a batch with status '{openai_status(job)}'.")
+    asked = timezone.now()
+    try:
+        job.cancel()
+    except InvalidTransition as e:
+        raise _conflict(str(e)) from None
+    Batch.objects.filter(pk=batch.pk, cancelling_at__isnull=True).update(cancelling_at=asked)
+    return JsonResponse(batch_object(request, get_batch(request, batch_id)))
+
+
+def _conflict(message: str) -> ApiError:
+    # The SDK retries every 409 unless told not to; this one will not change by waiting.
+    return ApiError(409, message, headers={"x-should-retry": "false"})
+
+
+def _required(body: dict, name: str) -> str:
+    value = body.get(name)
+    if value is None or value == "":
+        raise ApiError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
+    if not isinstance(value, str):
+        raise ApiError(400, f"Invalid type for '{name}': expected a string.", param=name, code="invalid_type")
+    return value
+
+
+def _metadata(value) -> dict:
+    """OpenAI's rules: up to 16 string pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "Invalid type for 'metadata': expected an object.", param="metadata", code="invalid_type")
+    if len(value) > METADATA_PAIRS:
+        raise ApiError(400, f"Invalid 'metadata': at most {METADATA_PAIRS} pairs are allowed.", param="metadata",
+                       code="invalid_value")  # fmt: skip
+    for key, item in value.items():
+        if len(key) > METADATA_KEY_CHARS or not isinstance(item, str) or len(item) > METADATA_VALUE_CHARS:
+            raise ApiError(
+                400,
+                f"Invalid 'metadata.{key[:METADATA_KEY_CHARS]}': keys are strings of up to {METADATA_KEY_CHARS} "
+                f"characters, values strings of up to {METADATA_VALUE_CHARS}.",
+                param=f"metadata.{key[:METADATA_KEY_CHARS]}",
+                code="invalid_value",
+            )
+    return value
+
+
+def _upstream(metadata: dict) -> Endpoint | None:
+    name = metadata.get(ENDPOINT_KEY)
+    if not name:
+        return Endpoint.default()
+    endpoint = Endpoint.objects.filter(name=name).first()
+    if endpoint is None:
+        known = ", ".join(repr(n) for n in Endpoint.objects.values_list("name", flat=True)) or "none"
+        raise ApiError(400, f"No endpoint named {name!r}. Endpoints: {known}.", param=f"metadata.{ENDPOINT_KEY}",
+                       code="invalid_value")  # fmt: skip
+    return endpoint
+
+
+def _create(request: HttpRequest) -> JsonResponse:
+    body = json_body(request)
+    input_file_id = _required(body, "input_file_id")
+    url = _required(body, "endpoint")
+    if url not in SUPPORTED_URLS:
+        raise ApiError(400, f"Invalid value for 'endpoint': {url!r}. Supported values are: {', '.join(SUPPORTED_URLS)}.",
+                       param="endpoint", code="invalid_value")  # fmt: skip
+    if _required(body, "completion_window") != COMPLETION_WINDOW:
+        raise ApiError(400, "Invalid value for 'completion_window': only '24h' is supported.",
+                       param="completion_window", code="invalid_value")  # fmt: skip
+    metadata = _metadata(body.get("metadata"))
+    endpoint = _upstream(metadata)
+    file = get_file(request, input_file_id, param="input_file_id")
+    if file.purpose != File.BATCH:
+        raise ApiError(400, f"The file {input_file_id} has purpose '{file.purpose}'; a batch needs a 'batch' file.",
+                       param="input_file_id", code="invalid_value")  # fmt: skip
+    if not file.full_path.exists():
+        raise ApiError(400, f"The content of {input_file_id} is no longer stored; upload it again.",
+                       param="input_file_id")  # fmt: skip
+
+    # Validation reads the whole file (about 2-3 s for 50,000 lines): done here, so a file with
+    # errors gives a batch that is failed from the start, with every error and its line.
+    plan = ingest.validate(file.full_path, format=Job.JSONL, expected_url=url, source_name=file.filename)
+    name = metadata.get("description") or Path(file.filename).stem or "API batch"
+    with transaction.atomic():
+        if plan.ok:
+            job = ingest.create_job(plan, owner=request.user, name=name, endpoint=endpoint, metadata=metadata)
+            job.start()
+        else:
+            job = _failed_job(request, plan, name, url, endpoint, metadata, file)
+        batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
+    return JsonResponse(batch_object(request, get_batch(request, batch.public_id)))
+
+
+def _failed_job(request, plan: ingest.Plan, name: str, url: str, endpoint, metadata: dict, file: File) -> Job:
+    """A failed Job with no items: the team sees the rejected batch and its errors in the dashboard."""
+    errors = [error.as_dict() for error in plan.errors]
+    if plan.error_count > len(errors):
+        errors.append({"code": "too_many_errors", "line": None, "param": None,
+                       "message": f"{plan.error_count - len(errors):,} more errors are not listed."})  # fmt: skip
+    first = plan.errors[0].message if plan.errors else ""
+    now = timezone.now()
+    return Job.objects.create(
+        owner=request.user,
+        name=name[:200],
+        url=url,
+        model=plan.model,
+        endpoint=endpoint,
+        status=Job.FAILED,
+        status_reason=f"The input file has {plan.error_count:,} error{'s' if plan.error_count != 1 else ''}: {first}",
+        source_name=file.filename[:255],
+        source_format=Job.JSONL,
+        source_file=file.path,
+        errors=errors,
+        metadata=metadata,
+        created_at=now,
+        finished_at=now,
+    )

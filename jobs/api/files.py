@@ -1,0 +1,99 @@
+"""/v1/files: upload batch input files, read them back, and download batch output and error files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.http import FileResponse, HttpRequest, JsonResponse, StreamingHttpResponse
+from django.utils.http import content_disposition_header
+
+from jobs import ingest
+from jobs.api.auth import ApiError, api_view
+from jobs.api.pagination import cursor_page
+from jobs.models import File
+
+LIST_DEFAULT = LIST_MAX = 10_000  # OpenAI's defaults for GET /v1/files
+
+
+def file_object(file: File) -> dict:
+    return {
+        "id": file.public_id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": int(file.created_at.timestamp()),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
+
+
+def visible_files(request: HttpRequest) -> QuerySet:
+    """A user's own files; staff reach everyone's by id (lists stay per user, like an OpenAI key)."""
+    files = File.objects.filter(deleted_at__isnull=True).select_related("job")
+    return files if request.user.is_staff else files.filter(owner=request.user)
+
+
+def get_file(request: HttpRequest, file_id: str, param: str = "id") -> File:
+    file = visible_files(request).filter(public_id=file_id).first()
+    if file is None:
+        raise ApiError(404, f"No such File object: {file_id}", param=param)
+    return file
+
+
+@api_view("GET", "POST")
+def collection(request: HttpRequest) -> JsonResponse:
+    if request.method == "POST":
+        return _upload(request)
+    files = File.objects.filter(deleted_at__isnull=True, owner=request.user)
+    if request.GET.get("purpose"):
+        files = files.filter(purpose=request.GET["purpose"])
+    return JsonResponse(cursor_page(request, files, file_object, LIST_DEFAULT, LIST_MAX))
+
+
+def _upload(request: HttpRequest) -> JsonResponse:
+    purpose = request.POST.get("purpose", "")
+    upload = request.FILES.get("file")
+    if not purpose:
+        raise ApiError(400, "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+    if purpose != File.BATCH:
+        raise ApiError(400, f"Invalid value for 'purpose': {purpose!r}. Batchsite accepts only 'batch' files.",
+                       param="purpose", code="invalid_value")  # fmt: skip
+    if upload is None:
+        raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+    path, error = ingest.store_upload(upload.chunks(), upload.name)
+    if error:
+        raise ApiError(400, error.message, param="file", code=error.code)
+    file = File.objects.create(
+        owner=request.user,
+        filename=Path(upload.name or "upload.jsonl").name[:255],
+        purpose=File.BATCH,
+        bytes=path.stat().st_size,
+        path=str(path.relative_to(settings.DATA_DIR)),
+    )
+    return JsonResponse(file_object(file))
+
+
+@api_view("GET", "DELETE")
+def detail(request: HttpRequest, file_id: str) -> JsonResponse:
+    file = get_file(request, file_id)
+    if request.method == "DELETE":
+        file.delete_content()
+        return JsonResponse({"id": file.public_id, "object": "file", "deleted": True})
+    return JsonResponse(file_object(file))
+
+
+@api_view("GET")
+def content(request: HttpRequest, file_id: str) -> StreamingHttpResponse:
+    file = get_file(request, file_id)
+    if file.job_id is None:
+        if not file.full_path.exists():
+            raise ApiError(404, f"The content of {file_id} is no longer stored.", param="id")
+        response = FileResponse(open(file.full_path, "rb"), content_type="application/octet-stream")
+    else:
+        response = StreamingHttpResponse(file.chunks(), content_type="application/octet-stream")
+    response["Content-Disposition"] = content_disposition_header(True, file.filename)
+    return response
