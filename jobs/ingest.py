@@ -609,12 +609,9 @@ def _insert_items(rows: Iterator[tuple]) -> None:
     bulk_create spends ~90% of its time turning each value into SQL parameters one field at a
     time; the values here are plain strings and ints, and every other column takes its default.
     """
-    given = ("job", "line", "custom_id", "body", "input_row", "est_tokens")
-    fields = {f.name: f for f in Item._meta.concrete_fields if not f.primary_key}
-    defaults = {
-        name: f.get_db_prep_save(f.get_default(), connection) for name, f in fields.items() if name not in given
-    }
-    columns = [fields[name].column for name in given] + [fields[name].column for name in defaults]
+    given = ("job_id", "line", "custom_id", "body", "input_row", "est_tokens")
+    defaults = Item.column_defaults(given)
+    columns = [*given, *defaults]
     constants = tuple(defaults.values())
     quote = connection.ops.quote_name
     sql = "INSERT INTO {} ({}) VALUES ({})".format(

@@ -331,11 +331,7 @@ class Job(models.Model):
             )
             table, quote = Item._meta.db_table, connection.ops.quote_name
             copied = ["line", "custom_id", "body", "input_row", "est_tokens"]
-            defaults = {
-                f.column: f.get_db_prep_save(f.get_default(), connection)
-                for f in Item._meta.concrete_fields
-                if not f.primary_key and f.name not in copied and f.name != "job"
-            }
+            defaults = Item.column_defaults(["job_id", *copied])
             columns = ", ".join(quote(c) for c in ["job_id", *copied, *defaults])
             placeholders = ", ".join(["%s"] * len(defaults))
             with connection.cursor() as cursor:
@@ -417,6 +413,16 @@ class Item(models.Model):
 
     def __str__(self) -> str:
         return f"{self.custom_id} ({self.status})"
+
+    @classmethod
+    def column_defaults(cls, given) -> dict:
+        """{column: default as a database value} for every column but the primary key and `given`:
+        the constant part of the raw INSERTs that create items in bulk (ingest, duplicate)."""
+        return {
+            f.column: f.get_db_prep_save(f.get_default(), connection)
+            for f in cls._meta.concrete_fields
+            if not f.primary_key and f.column not in given
+        }
 
 
 class JobTick(models.Model):
