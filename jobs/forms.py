@@ -1,6 +1,7 @@
 import json
 
 from django import forms
+from django.db import transaction
 
 from jobs.ingest import Template
 from jobs.models import Endpoint, Job
@@ -72,21 +73,35 @@ class JobForm(forms.Form):
 
 class EndpointForm(forms.ModelForm):
     api_key = forms.CharField(
+        label="API key",
         required=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text="Leave empty to keep the stored key.",
     )
+    # Not the model field: its one-default constraint would reject the form before save() could
+    # hand the role over from the current default.
+    make_default = forms.BooleanField(label="Default endpoint", required=False,
+                                      help_text="New jobs and /v1 batches run here unless they pick another.")  # fmt: skip
 
     class Meta:
         model = Endpoint
-        fields = ["name", "base_url", "concurrency", "rpm", "tpm", "is_default"]
+        fields = ["name", "base_url", "concurrency", "rpm", "tpm"]
+        labels = {"base_url": "Base URL", "rpm": "Requests per minute", "tpm": "Tokens per minute"}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["make_default"].initial = self.instance.is_default
+        self.order_fields(["name", "base_url", "api_key", "concurrency", "rpm", "tpm", "make_default"])
 
     def save(self, commit=True):
         endpoint = super().save(commit=False)
         if self.cleaned_data.get("api_key"):
             endpoint.set_api_key(self.cleaned_data["api_key"].strip())
         if commit:
-            if endpoint.is_default:
-                Endpoint.objects.exclude(pk=endpoint.pk).filter(is_default=True).update(is_default=False)
-            endpoint.save()
+            with transaction.atomic():
+                if not self.cleaned_data["make_default"]:
+                    endpoint.is_default = False
+                endpoint.save()
+                if self.cleaned_data["make_default"]:
+                    endpoint.make_default()
         return endpoint

@@ -82,25 +82,36 @@ class Endpoint(models.Model):
             value = os.environ.get(name, "").strip()
             return int(value) if value else None
 
-        with transaction.atomic():
-            endpoint = cls.objects.filter(from_env=True).first() or cls(name=cls.ENV_NAME, from_env=True)
-            if not endpoint.pk and cls.objects.filter(name=cls.ENV_NAME).exists():
-                endpoint = cls.objects.get(name=cls.ENV_NAME)
-                endpoint.from_env = True
-            changed_url = endpoint.base_url != base_url
-            endpoint.base_url = base_url
-            if not endpoint.api_key_encrypted or endpoint.api_key != key:
-                endpoint.set_api_key(key)
-            endpoint.concurrency = envint("OPENAI_CONCURRENCY") or 100
-            endpoint.rpm = envint("OPENAI_RPM")
-            endpoint.tpm = envint("OPENAI_TPM")
-            if changed_url:  # limits learned from another server mean nothing here
-                endpoint.learned_rpm = endpoint.learned_tpm = None
-                endpoint.cooldown_until = None
-            if not cls.objects.filter(is_default=True).exclude(pk=endpoint.pk).exists():
-                endpoint.is_default = True
-            endpoint.save()
+        endpoint = cls.objects.filter(from_env=True).first() or cls(name=cls.ENV_NAME, from_env=True)
+        if not endpoint.pk and cls.objects.filter(name=cls.ENV_NAME).exists():
+            endpoint = cls.objects.get(name=cls.ENV_NAME)
+            endpoint.from_env = True
+        before = endpoint._values()
+        changed_url = endpoint.base_url != base_url
+        endpoint.base_url = base_url
+        try:
+            same_key = endpoint.api_key == key
+        except ValueError:  # encrypted under an older SECRET_KEY: the environment's key replaces it
+            same_key = False
+        if not same_key or not endpoint.api_key_encrypted:
+            endpoint.set_api_key(key)
+        endpoint.concurrency = envint("OPENAI_CONCURRENCY") or 100
+        endpoint.rpm = envint("OPENAI_RPM")
+        endpoint.tpm = envint("OPENAI_TPM")
+        if changed_url:  # limits learned from another server mean nothing here
+            endpoint.learned_rpm = endpoint.learned_tpm = None
+            endpoint.cooldown_until = None
+        if not cls.objects.filter(is_default=True).exclude(pk=endpoint.pk).exists():
+            endpoint.is_default = True
+        # Pages call this: write (and, on SQLite, take the write lock) only when the environment
+        # really changed something.
+        if endpoint.pk is None or endpoint._values() != before:
+            with transaction.atomic():
+                endpoint.save()
         return endpoint
+
+    def _values(self) -> dict:
+        return {f.attname: getattr(self, f.attname) for f in self._meta.concrete_fields if f.name != "updated_at"}
 
     @classmethod
     def default(cls) -> "Endpoint | None":
@@ -221,19 +232,11 @@ class Job(models.Model):
         """Percent of items that have reached a final state."""
         return 100.0 * self.n_done / self.total if self.total else 100.0
 
-    def throughput(self, window: int = 60) -> float:
-        """Items finished per second over the last `window` seconds (from the timeline)."""
-        since = timezone.now() - timezone.timedelta(seconds=window)
-        done = self.ticks.filter(at__gte=since).aggregate(n=Sum(F("succeeded") + F("failed")))["n"] or 0
-        return done / window
-
-    def eta_seconds(self) -> float | None:
-        """Seconds until the remaining items are done at the recent rate; None when unknown."""
-        remaining = self.n_pending + self.n_running
-        rate = self.throughput()
-        if not remaining or self.status not in (Job.RUNNING, Job.QUEUED) or rate <= 0:
+    def elapsed_seconds(self) -> float | None:
+        """Wall time since the first request, to the end if finished (pauses included)."""
+        if self.started_at is None:
             return None
-        return remaining / rate
+        return ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
 
     def counts(self) -> dict[str, int]:
         return {s: getattr(self, f"n_{s}") for s in Item.STATUSES}

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from jobs import views
+from jobs import team, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -26,4 +26,6 @@ urlpatterns = [
     path("endpoints/<int:pk>/", views.endpoint_edit, name="endpoint_edit"),
     path("endpoints/<int:pk>/test", views.endpoint_test, name="endpoint_test"),
     path("usage/", views.usage, name="usage"),
+    path("team/", team.team, name="team"),
+    path("team/<int:pk>/<str:action>", team.person_action, name="person_action"),
 ]

@@ -1,11 +1,12 @@
 import json
 import time
+from functools import wraps
 from pathlib import Path
 
 import httpx2
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required, user_passes_test
+from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
@@ -16,9 +17,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
-from jobs import export, ingest, presets
+from jobs import export, ingest, presets, timeline
 from jobs.forms import EndpointForm, JobForm, UploadForm
-from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick
+from jobs.models import Endpoint, InvalidTransition, Item, Job
 from jobs.pricing import estimate
 
 DOWNLOADS = {
@@ -28,9 +29,19 @@ DOWNLOADS = {
 }
 JOBS_PER_PAGE = 25
 ITEMS_PER_PAGE = 50
-CHART_SLOTS = 60  # 10-second buckets: the last 10 minutes
 
-staff_required = user_passes_test(lambda u: u.is_active and u.is_staff)
+
+
+def staff_required(view):
+    """403 for signed-in non-staff (user_passes_test would send them to the login page, which sends them back)."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff can manage this.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
 
 
 @require_GET
@@ -147,6 +158,11 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
         messages.error(request, "That upload has expired. Please upload the file again.")
         return redirect("job_new")
     path, fmt = Path(upload["path"]), upload["format"]
+    if not path.exists():  # cleaned up after a day, or the data dir was reset
+        _uploads(request).pop(token, None)
+        request.session.modified = True
+        messages.error(request, f"The upload of {upload['name']} is no longer on the server. Please upload it again.")
+        return redirect("job_new")
     columns = _csv_header(path) if fmt == Job.CSV else []
     initial = {"name": Path(upload["name"]).stem, "endpoint": Endpoint.default()}
     form = JobForm(request.POST or None, initial=initial, csv_columns=columns)
@@ -206,23 +222,7 @@ def _error_groups(job: Job) -> list[dict]:
 
 
 def _progress_context(job: Job) -> dict:
-    ticks = list(job.ticks.order_by("-at").values("at", "succeeded", "failed", "retried")[:CHART_SLOTS])[::-1]
-    peak = max((t["succeeded"] + t["failed"] for t in ticks), default=0) or 1
-    width = 100 / CHART_SLOTS  # fixed slots: a short job shows a few bars, not one wide block
-    bars = []
-    for i, t in enumerate(ticks):
-        done = t["succeeded"] + t["failed"]
-        height = round(60 * done / peak, 2)
-        bars.append({**t, "x": round(i * width, 3), "y": round(64 - height, 2), "h": height, "rate": done / JobTick.SECONDS})
-    return {
-        "job": job,
-        "bars": bars,
-        "bar_width": round(width * 0.8, 3),
-        "peak_rate": peak / JobTick.SECONDS,
-        "throughput": job.throughput() if job.status in Job.ACTIVE else 0,
-        "eta": job.eta_seconds(),
-        "error_groups": _error_groups(job),
-    }
+    return {"job": job, "timeline": timeline.for_job(job), "error_groups": _error_groups(job)}
 
 
 @require_GET

@@ -140,7 +140,8 @@ def test_item_browser_filters_and_searches(client, owner, endpoint, write):
 
 def test_endpoints_page_is_staff_only_and_never_shows_the_key(client, owner, django_user_model):
     client.force_login(owner)
-    assert client.get("/endpoints/").status_code == 302  # to login: not staff
+    for url in ("/endpoints/", "/endpoints/new/", "/team/"):  # a clear 403, not a redirect loop via the login page
+        assert client.get(url).status_code == 403, url
     staff = django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True)
     client.force_login(staff)
     response = client.post("/endpoints/new/", {"name": "vLLM", "base_url": "http://127.0.0.1:9/v1", "concurrency": 50,
@@ -156,6 +157,42 @@ def test_endpoints_page_is_staff_only_and_never_shows_the_key(client, owner, dja
     assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-supersecret-abcd1234"
     result = client.post(f"/endpoints/{endpoint.pk}/test").content.decode()
     assert "Could not reach" in result
+
+
+def test_staff_moves_the_default_to_another_endpoint(client, endpoint, django_user_model):
+    staff = django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True)
+    client.force_login(staff)
+    form = {"name": "vLLM", "base_url": "http://127.0.0.1:9/v1", "concurrency": 50, "make_default": "on"}
+    response = client.post("/endpoints/new/", form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert Endpoint.objects.get(is_default=True).name == "vLLM"
+    assert not Endpoint.objects.get(pk=endpoint.pk).is_default
+    page = client.get(f"/endpoints/{endpoint.pk}/").content.decode()
+    assert "Requests per minute" in page and "Base URL" in page
+    client.post(f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": endpoint.base_url, "concurrency": 5, "make_default": "on"})
+    assert Endpoint.objects.get(is_default=True).pk == endpoint.pk
+
+
+def test_pages_do_not_write_the_env_endpoint_again(client, owner, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env-123456")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    first = Endpoint.default()
+    assert first.from_env and first.api_key == "sk-from-env-123456"
+    updated = first.updated_at
+    with CaptureQueriesContext(connection) as queries:
+        assert Endpoint.default().pk == first.pk
+    assert not [q for q in queries if q["sql"].lstrip().upper().startswith(("UPDATE", "INSERT"))]
+    assert Endpoint.objects.get(pk=first.pk).updated_at == updated
+    monkeypatch.setenv("OPENAI_CONCURRENCY", "7")
+    assert Endpoint.default().concurrency == 7  # a real change is still written
+
+
+def test_env_endpoint_survives_a_changed_secret_key(client, owner, monkeypatch, settings):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env-123456")
+    Endpoint.default()
+    settings.SECRET_KEY = "another-secret-key-" + "x" * 40
+    endpoint = Endpoint.default()  # the stored key cannot be decrypted: the environment's replaces it
+    assert endpoint.api_key == "sk-from-env-123456"
 
 
 def test_endpoint_test_connection_against_the_simulator(client, django_user_model):
@@ -200,6 +237,25 @@ def test_no_500_from_odd_input(client, owner, endpoint, write):
         assert client.get(url).status_code in (200, 302, 404), url
     assert client.post("/jobs/new/", {}).status_code == 200
     assert client.post("/jobs/new/", {"file": SimpleUploadedFile("x.bin", b"\x00\xff\xfe")}).status_code == 302
+    # NUL characters: Postgres refuses them in queries, so they are turned away at the door
+    for url in ("/?q=a%00b", "/?model=%00", f"/jobs/{job.pk}/items/?q=%00"):
+        assert client.get(url).status_code == 400, url
+    response = client.get("/v1/batches/batch_%00", HTTP_AUTHORIZATION="Bearer x")
+    assert response.status_code == 400 and response.json()["error"]["message"]
+    assert client.post("/account/tokens/", {"action": "revoke", "token": "²"}).status_code == 404
+
+
+def test_review_of_an_upload_gone_from_disk_asks_for_it_again(client, owner, endpoint):
+    import shutil
+    from pathlib import Path
+
+    client.force_login(owner)
+    url = upload(client, "a.jsonl", jsonl([chat_line("a")]))
+    path = Path(client.session["uploads"][url.rstrip("/").split("/")[-1]]["path"])
+    shutil.rmtree(path.parent)
+    response = client.get(url, follow=True)
+    assert "no longer on the server" in response.content.decode()
+    assert response.redirect_chain[-1][0] == "/jobs/new/"
 
 
 def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint, write):

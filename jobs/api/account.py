@@ -42,7 +42,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
 
 
 def _own_token(request: HttpRequest, pk: str) -> ApiToken:
-    token = ApiToken.objects.filter(pk=int(pk), user=request.user).first() if pk.isdigit() else None
+    token = ApiToken.objects.filter(pk=int(pk), user=request.user).first() if pk.isascii() and pk.isdigit() else None
     if token is None:
         raise Http404("No such token.")
     return token

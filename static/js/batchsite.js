@@ -1,5 +1,7 @@
 // Small progressive enhancements; every page works without them.
 (function () {
+  const PRESET_FIELDS = ["url", "model", "system_prompt", "user_prompt", "custom_id_column", "input_column",
+                         "temperature", "max_tokens", "json_schema"];
   let lastPrompt = null;
 
   document.addEventListener("focusin", (e) => {
@@ -21,9 +23,12 @@
     const preset = e.target.closest("[data-preset]");
     if (preset) {
       const data = JSON.parse(preset.dataset.preset);
-      for (const [key, value] of Object.entries(data)) {
+      // Every template field is set, to the preset's value or empty: switching from "Extract to
+      // JSON" to "Summarise" must not keep the old schema.
+      for (const key of PRESET_FIELDS) {
         const field = document.getElementById("id_" + key);
-        if (!field || value === null || value === undefined) continue;
+        const value = data[key] ?? "";
+        if (!field) continue;
         if (field.tagName === "SELECT" && ![...field.options].some((o) => o.value === String(value))) continue;
         field.value = value;
       }

@@ -25,8 +25,8 @@ class Command(BaseCommand):
             password_file.write_text(password)
             password_file.chmod(0o600)
             user = user or User(username="demo", email="demo@example.com")
-            user.is_staff = True
+            user.is_staff = user.is_superuser = True  # the demo's one person may do everything, prices too
             user.set_password(password)
             user.save()
         password = password_file.read_text().strip()
-        self.stdout.write(f"  Demo login: demo / {password}   (staff; set BATCHSITE_DEMO_USER=0 to turn off)")
+        self.stdout.write(f"  Demo login: demo / {password}   (admin; set BATCHSITE_DEMO_USER=0 to turn off)")

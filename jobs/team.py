@@ -1,0 +1,75 @@
+"""The staff page where the team's accounts are created, reset and switched off (no admin needed)."""
+
+import secrets
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Sum
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from jobs.views import staff_required
+
+User = get_user_model()
+
+
+class PersonForm(forms.ModelForm):
+    class Meta:
+        model = User
+        fields = ["username", "email", "is_staff"]
+        labels = {"is_staff": "Staff: may manage endpoints, the team, and everyone's jobs"}
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def _render(request: HttpRequest, form: PersonForm, shown: dict | None = None) -> HttpResponse:
+    people = User.objects.annotate(n_jobs=Count("jobs"), cost=Sum("jobs__cost")).order_by("-is_active", "username")
+    response = render(request, "jobs/team.html", {"people": people, "form": form, "shown": shown})
+    if shown:  # the one page that shows a password: keep it out of every cache
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@staff_required
+def team(request: HttpRequest) -> HttpResponse:
+    form = PersonForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        person = form.save(commit=False)
+        password = _new_password()
+        person.set_password(password)
+        person.save()
+        return _render(request, PersonForm(), {"person": person, "password": password, "created": True})
+    return _render(request, form)
+
+
+@require_POST
+@login_required
+@staff_required
+def person_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    person = get_object_or_404(User, pk=pk)
+    if action == "reset":
+        password = _new_password()
+        person.set_password(password)
+        person.save(update_fields=["password"])
+        return _render(request, PersonForm(), {"person": person, "password": password})
+    if person == request.user:
+        messages.error(request, "You cannot switch off or demote your own account.")
+    elif action == "deactivate":
+        User.objects.filter(pk=pk).update(is_active=False)
+        messages.success(request, f"{person.username} can no longer sign in; their API tokens stop working. Their jobs stay.")
+    elif action == "activate":
+        User.objects.filter(pk=pk).update(is_active=True)
+        messages.success(request, f"{person.username} can sign in again.")
+    elif action in ("make-staff", "remove-staff"):
+        User.objects.filter(pk=pk).update(is_staff=action == "make-staff")
+        messages.success(request, f"{person.username} is {'now' if action == 'make-staff' else 'no longer'} staff.")
+    else:
+        messages.error(request, "Unknown action.")
+    return redirect("team")
