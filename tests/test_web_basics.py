@@ -1,3 +1,5 @@
+import re
+
 
 import pytest
 
@@ -39,3 +41,28 @@ def test_signed_in_teammate_sees_and_downloads_jobs(client, owner, teammate, wri
     assert "<script>alert(1)</script>,,pending" in text
     assert client.get(f"/jobs/{job.pk}/download/nope").status_code == 404
     assert client.get("/jobs/999/").status_code == 404
+
+
+def _check(tmp_path, *args, **env):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BATCHSITE_DATA_DIR": str(tmp_path), "DEBUG": "0", "SECRET_KEY": "k" * 50, **env}
+    return subprocess.run([sys.executable, "manage.py", "check", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_production_settings_refuse_to_start_half_configured(tmp_path):
+    result = _check(tmp_path, SECRET_KEY="")
+    assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
+    result = _check(tmp_path, ALLOWED_HOSTS="")
+    assert result.returncode != 0 and "ALLOWED_HOSTS must be set" in result.stderr
+
+
+def test_production_settings_pass_the_deploy_check_behind_https(tmp_path):
+    result = _check(tmp_path, "--deploy", ALLOWED_HOSTS="batchsite.example.com", SECURE_COOKIES="1", SECURE_PROXY_SSL_HEADER="1",
+                    SECRET_KEY="a-long-random-production-key-" + "x9Yq" * 10)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # Left to the operator, and said in the README: HSTS for subdomains and preload, redirecting at the proxy.
+    found = set(re.findall(r"security\.W\d+", result.stdout + result.stderr))
+    assert found <= {"security.W005", "security.W008", "security.W021"}, result.stdout + result.stderr
