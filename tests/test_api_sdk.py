@@ -111,6 +111,7 @@ def test_async_client_completes_one_batch_and_cancels_another_mid_run(cluster, s
         first = await submit([chat_line(f"req-{i}", question(i)) for i in range(small)])
         first = await wait(first, lambda b: b.status in DONE)
         first_output = (await client.files.content(first.output_file_id)).text
+        first_errors = (await client.files.content(first.error_file_id)).text
 
         second = await submit([chat_line(f"req-{i}", question(i)) for i in range(big)])
         await wait(second, lambda b: b.request_counts.completed >= 20)
@@ -119,15 +120,20 @@ def test_async_client_completes_one_batch_and_cancels_another_mid_run(cluster, s
         outputs = [(await client.files.content(second.output_file_id)).text]
         outputs.append((await client.files.content(second.error_file_id)).text)
         await client.close()
-        return first, first_output, cancelling, second, outputs
+        return first, (first_output, first_errors), cancelling, second, outputs
 
     # A thread of its own: asyncio.run() refuses to start where a loop already runs (Playwright's
     # session-wide one, when the browser tests ran first).
     with ThreadPoolExecutor(1) as thread:
-        first, first_output, cancelling, second, (output_text, error_text) = thread.submit(asyncio.run, scenario()).result()
+        first, (first_output, first_errors), cancelling, second, (output_text, error_text) = thread.submit(
+            asyncio.run, scenario()
+        ).result()
 
     assert first.status == "completed" and first.request_counts.total == small
-    check_answers(by_custom_id(first_output))
+    output, errors = by_custom_id(first_output), by_custom_id(first_errors)
+    assert set(output) | set(errors) == {f"req-{i}" for i in range(small)} and not set(output) & set(errors)
+    assert set(errors) == {f"req-{i}" for i in range(small) if "SIMULATE_400" in question(i)}
+    check_answers(output)
 
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
     assert second.status == "cancelled" and second.cancelled_at >= second.cancelling_at
