@@ -1,6 +1,7 @@
 """OpenAI batch JSONL validation: every error with its line number, and nothing saved on error."""
 
 import json
+import tracemalloc
 
 import pytest
 
@@ -89,6 +90,31 @@ def test_duplicate_custom_id_names_both_lines(write):
     plan = ingest.validate(write("f.jsonl", [chat_line("a"), chat_line("b"), chat_line("a")]))
     assert codes(plan) == [(3, "duplicate_custom_id")]
     assert "line 1" in plan.errors[0].message
+
+
+def test_duplicates_found_among_many_ids(write):
+    lines = [chat_line(f"id-{i}") for i in range(5000)]
+    lines += [chat_line("id-0"), chat_line("id-2500"), chat_line("id-4999")]
+    plan = ingest.validate(write("f.jsonl", lines))
+    assert codes(plan) == [(5001, "duplicate_custom_id"), (5002, "duplicate_custom_id"), (5003, "duplicate_custom_id")]
+    assert [e.message.rsplit(" ", 1)[-1] for e in plan.errors] == ["1.", "2501.", "5000."]  # "... on line 1."
+
+
+def test_duplicate_detection_memory_does_not_grow_with_the_ids(write):
+    # Files of up to 1M lines are allowed: keeping every custom_id would cost 120+ MB there, and
+    # ids may be 1 KB long. Only a fixed-size digest of each id is kept.
+    n = 20_000
+    line = json.dumps(chat_line("X", "hi"))
+    path = write("long-ids.jsonl", "".join(line.replace('"X"', f'"{i:01000d}"') + "\n" for i in range(n)))
+    ingest.validate(write("warm-up.jsonl", [chat_line("a")]))  # tiktoken's tables load once
+    tracemalloc.start()
+    try:
+        plan = ingest.validate(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert plan.ok and plan.count == n
+    assert peak < 250 * n, f"{peak / n:.0f} bytes a line"  # each id alone is 1,000
 
 
 def test_unsupported_url(write):
