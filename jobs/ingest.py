@@ -434,38 +434,73 @@ def _sniff_delimiter(header: str) -> str:
     return best if counts[best] else ","
 
 
+class _RowStarts:
+    """The text lines for csv.reader, noting the file line each row starts on.
+
+    reader.line_num counts the lines the reader was given, so it falls behind the file after a
+    line that _lines() skipped (bad UTF-8, too long); the numbers have to come from _lines().
+    """
+
+    def __init__(self, numbered: Iterator[tuple[int, str]]):
+        self._numbered = numbered
+        self.start: int | None = None  # set by the first line of the next row
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        number, text = next(self._numbered)
+        if self.start is None:
+            self.start = number
+        return text
+
+    def read_row(self, reader) -> tuple[int, list[str]] | None:
+        """(first line, cells) of the next row, None at the end; raises csv.Error."""
+        self.start = None
+        row = next(reader, None)
+        return None if row is None else (self.start, row)
+
+
 def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Errors, columns_out: list) -> Iterator[Request]:
-    lines = (text for _, text in _lines(path, limits, errors))
-    first = next(lines, None)
+    # A cell may be as long as a line may be, where csv's default stops it at 128 KB. The limit is
+    # process-wide, but every caller sets it from the same settings; it still stops a stray quote
+    # from reading the rest of the file into one cell.
+    csv.field_size_limit(limits.max_line_bytes)
+    numbered = _lines(path, limits, errors)
+    first = next(numbered, None)
     if first is None:
         return
-    delimiter = template.delimiter or _sniff_delimiter(first)
-    reader = csv.reader(itertools.chain([first], lines), delimiter=delimiter)
+    delimiter = template.delimiter or _sniff_delimiter(first[1])
+    source = _RowStarts(itertools.chain([first], numbered))
+    reader = csv.reader(source, delimiter=delimiter)
     try:
-        header = next(reader)
+        header_line, header = source.read_row(reader) or (first[0], [])
     except csv.Error as e:
-        errors.add(1, "invalid_csv", f"Line 1: {e}.")
+        errors.add(source.start, "invalid_csv", f"Line {source.start}: {e}.")
         return
     columns = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
     columns_out[:] = columns
     dupes = sorted({c for c in columns if columns.count(c) > 1})
     if dupes:
-        errors.add(1, "duplicate_column", f"Line 1: the header repeats {', '.join(dupes)}; column names must be unique.")
+        errors.add(
+            header_line,
+            "duplicate_column",
+            f"Line {header_line}: the header repeats {', '.join(dupes)}; column names must be unique.",
+        )
     if not _check_template(template, columns, errors):
         return
     body_base = _template_body_base(template)
     seen = _SeenIds()
     row_number = 0
-    start = reader.line_num + 1
     while True:
         try:
-            row = next(reader)
-        except StopIteration:
-            break
+            numbered_row = source.read_row(reader)
         except csv.Error as e:
-            errors.add(start, "invalid_csv", f"Line {start}: {e}.")
+            errors.add(source.start, "invalid_csv", f"Line {source.start}: {e}.")
             break
-        number, start = start, reader.line_num + 1
+        if numbered_row is None:
+            break
+        number, row = numbered_row
         if not any(cell.strip() for cell in row):
             continue
         row_number += 1

@@ -1,5 +1,6 @@
 """CSV + prompt template: quoting, unicode, delimiters, missing cells and template errors."""
 
+import csv
 import json
 
 import pytest
@@ -8,6 +9,14 @@ from jobs import ingest
 from jobs.models import Job
 
 Template = ingest.Template
+
+
+@pytest.fixture(autouse=True)
+def restore_csv_field_limit():
+    """Ingest sets csv's process-wide cell limit from its Limits; tests with tiny ones put it back."""
+    limit = csv.field_size_limit()
+    yield
+    csv.field_size_limit(limit)
 
 
 def plan_for(write, text, name="rows.csv", **template):
@@ -120,6 +129,37 @@ def test_row_errors_have_line_numbers(write):
     # "Review: " alone is not empty, so row d is fine; a prompt of only a placeholder is checked below
     bare = plan_for(write, "review\n\n ,\nok\n\"\"\n", name="b.csv", user_prompt="{{ review }}")
     assert bare.ok and bare.count == 1
+
+
+@pytest.mark.parametrize(
+    "skipped,code",
+    [(b"b,caf\xe9", "invalid_encoding"), (b"b," + b"x" * 200, "line_too_long")],
+)
+def test_line_numbers_stay_right_after_a_skipped_line(write, skipped, code):
+    # A line that is skipped never reaches the csv reader, whose own line count then lags behind.
+    text = b'id,review\na,fine\n' + skipped + b'\nc,"two\nlines"\nc,again\nd,x,extra\n'
+    limits = ingest.Limits(max_lines=100, max_line_bytes=100, max_file_bytes=10**6)
+    template = Template(model="gpt-4o-mini", user_prompt="{{ review }}", custom_id_column="id")
+    plan = ingest.validate(write("rows.csv", text), format=Job.CSV, template=template, limits=limits)
+    assert [(e.line, e.code) for e in plan.errors] == [(3, code), (6, "duplicate_custom_id"), (7, "too_many_cells")]
+    assert "already used on line 4" in plan.errors[1].message
+
+
+def test_a_cell_may_be_as_long_as_a_line(write):
+    review = "x" * 300_000  # csv refuses cells over 131,072 characters unless told otherwise
+    plan = plan_for(write, f'id,review\n1,"{review}"\n', custom_id_column="id")
+    assert plan.ok, plan.errors
+    assert user_messages(plan) == [f"Review: {review}"]
+
+
+def test_a_cell_longer_than_the_line_limit_is_refused(write):
+    # Every line is short enough, but the quoted cell that spans them is not.
+    cell = "\n".join(["y" * 60] * 3)
+    limits = ingest.Limits(max_lines=100, max_line_bytes=100, max_file_bytes=10**6)
+    template = Template(model="gpt-4o-mini", user_prompt="{{ review }}")
+    plan = ingest.validate(write("rows.csv", f'review\n"{cell}"\nok\n'), format=Job.CSV, template=template, limits=limits)
+    assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_csv")]
+    assert "field limit (100)" in plan.errors[0].message
 
 
 def test_empty_prompt(write):
