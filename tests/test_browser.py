@@ -119,6 +119,11 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     page.goto(f"{live_server.url}/jobs/new/")
     page.set_input_files("#id_file", str(rows))
     page.click("text=Upload and check")
+    # A preset sets every template field: one without a schema clears the last one's.
+    page.click("button[data-preset]:has-text('Extract to JSON')")
+    assert '"invoice_number"' in page.input_value("#id_json_schema")
+    page.click("button[data-preset]:has-text('Summarise')")
+    assert page.input_value("#id_json_schema") == "" and "Summarise" in page.input_value("#id_user_prompt")
     page.click("button[data-preset]:has-text('Sentiment')")
     page.fill("#id_user_prompt", "")
     page.click("#id_user_prompt")
@@ -128,6 +133,8 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     page.click("button[value=check]")
     page.wait_for_selector("text=All 2 requests are valid")
     assert "Loved it, truly" in page.locator("pre.code").first.inner_text()
+    estimate = page.locator("#check dl.counts").inner_text()
+    assert re.search(r"Input tokens \(est\.\)\s+\d+", estimate) and re.search(r"Input cost \(est\.\)\s+\$0\.\d{4}", estimate)
     shot(page, "review-csv")
     page.click("button[value=launch]")
     page.wait_for_selector("#progress [data-status=completed]", timeout=60_000)
@@ -182,3 +189,16 @@ def test_xss_in_a_model_answer_is_shown_as_text(page, live_server, users, write)
         page.goto(live_server.url + url)
         assert page.evaluate("window.__pwned") is None
         assert payload in page.inner_text("main")
+
+
+def test_pages_fit_a_narrow_window(page, live_server, users, write, django_user_model):
+    owner, _ = users
+    django_user_model.objects.filter(pk=owner.pk).update(is_staff=True)
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 30, start=False)
+    sign_in(page, live_server, "alice", "alice-pass-123")
+    page.set_viewport_size({"width": 700, "height": 900})
+    for url in ("/", f"/jobs/{job.pk}/", f"/jobs/{job.pk}/items/", "/usage/", "/endpoints/", "/team/", "/account/tokens/"):
+        page.goto(live_server.url + url)
+        # Wide tables scroll inside their box; the page itself never scrolls sideways.
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), url
+    shot(page, "narrow-tokens")
