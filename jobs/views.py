@@ -1,5 +1,6 @@
 import json
 import time
+from datetime import timedelta
 from functools import wraps
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import Count, Sum
-from django.db.models.functions import TruncMonth
+from django.db.models.functions import TruncDate, TruncMonth
+from django.utils import timezone
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -411,6 +413,7 @@ def usage(request: HttpRequest) -> HttpResponse:
         cost=Sum("cost"),
     )
     context = {
+        "days": _last_days(sums),
         "by_user": Job.objects.values("owner__username").annotate(**sums).order_by("-cost", "owner__username"),
         "by_model": Job.objects.values("model").annotate(**sums).order_by("-cost", "model"),
         "by_month": Job.objects.annotate(month=TruncMonth("created_at")).values("month").annotate(**sums).order_by("-month"),
@@ -418,3 +421,20 @@ def usage(request: HttpRequest) -> HttpResponse:
     }
     return render(request, "jobs/usage.html", context)
 
+
+
+def _last_days(sums: dict, n: int = 30) -> list[dict]:
+    """Tokens and cost per day over the last `n` days, as chart bars (days without jobs included)."""
+    today = timezone.localdate()
+    since = today - timedelta(days=n - 1)
+    rows = (Job.objects.filter(created_at__date__gte=since).annotate(day=TruncDate("created_at"))
+            .values("day").annotate(**sums).order_by("day"))  # fmt: skip
+    by_day = {r["day"]: r for r in rows}
+    days = [by_day.get(since + timedelta(days=i), {"day": since + timedelta(days=i)}) for i in range(n)]
+    peak = max(((d.get("prompt") or 0) + (d.get("completion") or 0) for d in days), default=0) or 1
+    width = 100 / n
+    for i, d in enumerate(days):
+        d["tokens"] = (d.get("prompt") or 0) + (d.get("completion") or 0)
+        d["h"] = round(60 * d["tokens"] / peak, 2)
+        d["x"], d["y"], d["w"] = round(i * width, 3), round(64 - d["h"], 2), round(width * 0.8, 3)
+    return days if any(d["tokens"] for d in days) else []

@@ -218,6 +218,8 @@ def test_usage_page(client, owner, teammate, endpoint, write):
     client.force_login(teammate)
     page = client.get("/usage/").content.decode()
     assert "1,500" in page and "$0.5000" in page and "teammate" in page and "gpt-4o-mini" in page
+    assert page.count("<rect ") == 30  # a bar per day of the last 30
+    assert "1,515 tokens, $0.5100, 2 jobs</title>" in page  # today's bar
 
 
 def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, write):
