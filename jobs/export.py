@@ -7,8 +7,10 @@
 - CSV: the input columns (CSV jobs) or custom_id, then the output text, the fields of a structured
   output, status, error and tokens.
 
-Stored request and response bodies are already compact JSON, so the JSONL writers splice the
-text in rather than parse and re-encode it: that is most of their speed.
+Stored response bodies are normally compact JSON, so the results writer splices the text in rather
+than parse and re-encode it: that is most of its speed. A record must still stay on one line
+whatever was stored, so a body spread over several lines (pretty-printed, as OpenAI sends its
+answers and errors) is re-encoded.
 """
 
 from __future__ import annotations
@@ -53,6 +55,23 @@ def _items(job: Job, statuses, fields: tuple[str, ...]):
     return qs.order_by("line").values_list(*fields).iterator(chunk_size=2000)
 
 
+def _compact(text: str) -> str | None:
+    """A stored JSON object re-encoded on one line; None if the text is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if isinstance(value, dict) else None
+
+
+def _result_body(text: str) -> str:
+    # A line break can only be whitespace between JSON tokens (inside strings it is escaped), so a
+    # body without one is already a single line and is spliced as it is: the fast, usual path.
+    if text.startswith("{") and "\n" not in text and "\r" not in text:
+        return text
+    return _compact(text) or "{}"
+
+
 def results_jsonl(job: Job) -> Iterator[str]:
     dumps = json.dumps
     fields = ("id", "custom_id", "http_status", "request_id", "response")
@@ -62,20 +81,21 @@ def results_jsonl(job: Job) -> Iterator[str]:
             yield (
                 f'{{"id":"{request_id(job.pk, pk)}","custom_id":{dumps(custom_id, ensure_ascii=False)},'
                 f'"response":{{"status_code":{status or 200},"request_id":{dumps(upstream_id)},'
-                f'"body":{body if body.startswith("{") else "{}"}}},"error":null}}\n'
+                f'"body":{_result_body(body)}}},"error":null}}\n'
             )
 
     return _buffered(lines())
 
 
 def _error_body(text: str, status: int) -> str:
-    """An HTTP error body as a JSON object, wrapping what was not JSON (an HTML 502 page, say)."""
-    if text.startswith("{"):
-        try:
-            json.loads(text)
-            return text
-        except ValueError:
-            pass
+    """An HTTP error body as one line of JSON, wrapping what was not a JSON object (an HTML 502 page, say).
+
+    Always re-encoded, never spliced: servers send errors pretty-printed over several lines, and
+    error files are small.
+    """
+    compact = _compact(text)
+    if compact is not None:
+        return compact
     error = {"message": text[:2000] or f"HTTP {status}", "type": "server_error", "param": None, "code": None}
     return json.dumps({"error": error}, ensure_ascii=False, separators=(",", ":"))
 

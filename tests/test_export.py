@@ -7,6 +7,7 @@ import json
 import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
+from openai.types.shared import ErrorObject
 
 from jobs import export, ingest
 from jobs.models import Item, Job
@@ -45,6 +46,117 @@ def read(chunks) -> str:
 def job(write, owner):
     lines = [chat_line(f"req-{i}", f"Question {i}: «why?»") for i in range(6)]
     return ingest.create_job(ingest.validate(write("batchinput.jsonl", lines)), owner=owner)
+
+
+# The input file of OpenAI's Batch guide, byte for byte.
+OPENAI_INPUT = (
+    '{"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-3.5-turbo-0125", '
+    '"messages": [{"role": "system", "content": "You are a helpful assistant."},{"role": "user", "content": "Hello world!"}],"max_tokens": 1000}}\n'
+    '{"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-3.5-turbo-0125", '
+    '"messages": [{"role": "system", "content": "You are an unhelpful assistant."},{"role": "user", "content": "Hello world!"}],"max_tokens": 1000}}\n'
+)
+
+# Bodies as OpenAI sends them: pretty-printed, answers with two spaces, errors with four.
+OPENAI_ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion",
+        "created": 1741570283,
+        "model": "gpt-3.5-turbo-0125",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! How can I assist you today?", "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 19,
+            "completion_tokens": 10,
+            "total_tokens": 29,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        },
+        "service_tier": "default",
+        "system_fingerprint": None,
+    },
+    indent=2,
+) + "\n"
+OPENAI_ERROR = """{
+    "error": {
+        "message": "Sorry! We've encountered an issue with repetitive patterns in your prompt. Please try again with a different prompt.",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_prompt"
+    }
+}
+"""
+
+
+def records(text: str) -> list[dict]:
+    """The records of a JSONL file, each of which must be exactly one line of JSON."""
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text[:-1].split("\n")]
+
+
+def assert_openai_output_line(record: dict) -> None:
+    """The shape of a line of OpenAI's batch output and error files."""
+    assert set(record) == {"id", "custom_id", "response", "error"}
+    assert record["id"].startswith("batch_req_") and isinstance(record["custom_id"], str)
+    if record["response"] is not None:
+        assert set(record["response"]) == {"status_code", "request_id", "body"}
+        assert isinstance(record["response"]["status_code"], int) and isinstance(record["response"]["body"], dict)
+        assert record["error"] is None
+    else:
+        assert set(record["error"]) == {"code", "message"}
+
+
+def test_openai_file_round_trips_to_openai_output_and_error_files(write, owner):
+    job = ingest.create_job(ingest.validate(write("batchinput.jsonl", OPENAI_INPUT)), owner=owner)
+    sent = [json.loads(line) for line in OPENAI_INPUT.splitlines()]
+    stored = list(job.items.order_by("line").values_list("custom_id", "body"))
+    assert [(c, json.loads(b)) for c, b in stored] == [(line["custom_id"], line["body"]) for line in sent]
+
+    finish(job, "request-1", Item.SUCCEEDED, http_status=200, request_id="req_83a7c6f5a9b2", response=OPENAI_ANSWER)
+    error_fields = {"error_code": "invalid_prompt", "error_message": json.loads(OPENAI_ERROR)["error"]["message"]}
+    finish(job, "request-2", Item.FAILED, http_status=400, request_id="req_4b1f0e2d7c9a", response=OPENAI_ERROR, **error_fields)
+
+    [result] = records(read(export.results_jsonl(job)))
+    assert_openai_output_line(result)
+    assert result["custom_id"] == "request-1"
+    assert (result["response"]["status_code"], result["response"]["request_id"]) == (200, "req_83a7c6f5a9b2")
+    assert result["response"]["body"] == json.loads(OPENAI_ANSWER)
+    completion = ChatCompletion.model_validate(result["response"]["body"])
+    assert completion.choices[0].message.content == "Hello! How can I assist you today?"
+
+    [error] = records(read(export.errors_jsonl(job)))
+    assert_openai_output_line(error)
+    assert error["custom_id"] == "request-2"
+    assert (error["response"]["status_code"], error["response"]["request_id"]) == (400, "req_4b1f0e2d7c9a")
+    assert error["response"]["body"] == json.loads(OPENAI_ERROR)
+    assert ErrorObject.model_validate(error["response"]["body"]["error"]).code == "invalid_prompt"
+
+    rows = list(csv.DictReader(io.StringIO(read(export.results_csv(job)))))
+    assert [(r["custom_id"], r["output"], r["status"]) for r in rows] == [
+        ("request-1", "Hello! How can I assist you today?", "succeeded"),
+        ("request-2", "", "failed"),
+    ]
+
+
+def test_stored_bodies_of_any_layout_export_as_one_line_each(job):
+    answer = json.loads(chat_response("Fine"))
+    finish(job, "req-0", Item.SUCCEEDED, http_status=200, response=json.dumps(answer, indent=4))
+    finish(job, "req-1", Item.SUCCEEDED, http_status=200, response="\r\n " + json.dumps(answer) + "\r\n")
+    finish(job, "req-2", Item.FAILED, http_status=429, response='\n  {"error": {"message": "Slow down",\n "type": "requests"}}')
+    finish(job, "req-3", Item.FAILED, http_status=500, response="Internal\nServer Error\n")
+    results = records(read(export.results_jsonl(job)))
+    assert [r["response"]["body"] for r in results] == [answer, answer]
+    errors = records(read(export.errors_jsonl(job)))
+    assert errors[0]["response"]["body"] == {"error": {"message": "Slow down", "type": "requests"}}
+    assert errors[1]["response"]["body"]["error"]["message"] == "Internal\nServer Error\n"
+    for record in results + errors:
+        assert_openai_output_line(record)
 
 
 def test_output_file_matches_openai_schema_in_input_order(job):
