@@ -37,7 +37,7 @@ fi
 
 "$PY" manage.py qcluster &
 pids+=($!)
-"$PY" manage.py runserver "0.0.0.0:$PORT" --noreload &
+"$PY" -m gunicorn --config gunicorn.conf.py --bind "0.0.0.0:$PORT" &
 pids+=($!)
 
 sleep 1

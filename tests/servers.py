@@ -35,11 +35,11 @@ def wait_until(predicate, timeout: float = 60, interval: float = 0.2, message: s
 
 
 class Process:
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, program: list[str] | None = None):
         self.log_path = log
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", *args],
+            [sys.executable, *(program or ["manage.py"]), *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=self.log,
@@ -133,8 +133,13 @@ class Cluster(Process):
         super().__init__(["qcluster"], tmp / "qcluster.out", env)
 
 
+def gunicorn_args(bind: str, workers: int) -> list[str]:
+    """The same options as scripts/run.sh, which reads them from gunicorn.conf.py."""
+    return ["--config", str(ROOT / "gunicorn.conf.py"), "--bind", bind, "--workers", str(workers)]
+
+
 class WebServer(Process):
-    """`manage.py runserver` (threaded, no reloader) on the test database, for clients over real HTTP."""
+    """The web server `make run` starts (gunicorn) on the test database, for clients over real HTTP."""
 
     def __init__(self, tmp: Path, **env: str):
         self.port = free_port()
@@ -147,7 +152,7 @@ class WebServer(Process):
             **database_env(),
             **env,
         }
-        super().__init__(["runserver", f"127.0.0.1:{self.port}", "--noreload", "--skip-checks"], tmp / "web.out", env)
+        super().__init__(gunicorn_args(f"127.0.0.1:{self.port}", workers=2), tmp / "web.out", env, program=["-m", "gunicorn"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
         wait_until(self._up, 30, message="the web server")

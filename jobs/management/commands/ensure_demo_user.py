@@ -28,5 +28,8 @@ class Command(BaseCommand):
             user.is_staff = user.is_superuser = True  # the demo's one person may do everything, prices too
             user.set_password(password)
             user.save()
+        elif not (user.is_staff and user.is_superuser):  # made by an older version as staff only
+            user.is_staff = user.is_superuser = True
+            user.save(update_fields=["is_staff", "is_superuser"])
         password = password_file.read_text().strip()
         self.stdout.write(f"  Demo login: demo / {password}   (admin; set BATCHSITE_DEMO_USER=0 to turn off)")

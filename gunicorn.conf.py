@@ -1,0 +1,14 @@
+# The web server `make run` starts (and the tests' live server). Each option can be overridden on
+# the command line; WEB_CONCURRENCY (gunicorn's own variable) sets the number of processes.
+import os
+
+wsgi_app = "batchsite.wsgi:application"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = 8  # htmx polls every 2 s per open page; threads keep them cheap
+timeout = 120  # a worker silent this long is restarted; gthread workers keep beating during long uploads
+graceful_timeout = 10
+accesslog = None  # progress polling would drown the log; LOG_LEVEL governs Batchsite's own
+errorlog = "-"
+loglevel = "warning"
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
