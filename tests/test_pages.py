@@ -2,13 +2,15 @@
 
 import json
 import time
+from datetime import timedelta
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
-from jobs.models import Endpoint, Item, Job
+from jobs.models import Endpoint, Item, Job, JobTick
 from tests.conftest import chat_line, make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db
@@ -266,9 +268,13 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
                                  status=Job.COMPLETED) for i in range(1000)])  # fmt: skip
     Item.objects.filter(job=big, line__lte=500).update(status=Item.FAILED, error_code="http_500", http_status=500)
     big.recount()
+    start = timezone.now() - timedelta(days=1)  # a day-long run's timeline for the chart
+    JobTick.objects.bulk_create([JobTick(job=big, at=start + timedelta(seconds=10 * i), succeeded=3) for i in range(8640)])
     client.force_login(owner)
     urls = ["/", "/?scope=mine&status=completed&q=job", f"/jobs/{big.pk}/", f"/jobs/{big.pk}/progress",
-            f"/jobs/{big.pk}/items/", f"/jobs/{big.pk}/items/?status=failed&page=5", f"/jobs/{big.pk}/items/?page=900", "/usage/"]  # fmt: skip
+            f"/jobs/{big.pk}/items/", f"/jobs/{big.pk}/items/?status=failed&page=5", f"/jobs/{big.pk}/items/?page=900", "/usage/",
+            f"/jobs/{big.pk}/items/{big.items.order_by('-line').values_list('pk', flat=True).first()}/", "/?page=40",
+            "/account/tokens/"]  # fmt: skip
     for url in urls:
         client.get(url)  # warm caches (templates, sessions)
         with CaptureQueriesContext(connection) as queries:
