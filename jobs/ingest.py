@@ -340,6 +340,10 @@ def _jsonl_requests(
         if not isinstance(obj, dict):
             errors.add(number, "invalid_json_line", f"Line {number} must be a JSON object, not {_kind(obj)}.")
             continue
+        if _has_lone_surrogate(text, obj):
+            errors.add(number, "invalid_json_line", f"Line {number} has a \\u escape of half a character "
+                                                    "(a lone UTF-16 surrogate), which is not text.")  # fmt: skip
+            continue
         ok = True
         for name, kind in (("custom_id", str), ("method", str), ("url", str), ("body", dict)):
             if name not in obj or obj[name] is None:
@@ -395,6 +399,17 @@ def _jsonl_requests(
         if not _check_body(number, line_url, body, errors) or not ok:
             continue
         yield Request(number, custom_id, body)
+
+
+def _has_lone_surrogate(text: str, obj) -> bool:
+    """JSON may spell half of a UTF-16 pair ("\\ud800"); no database or UTF-8 file can store it."""
+    if "\\ud" not in text and "\\uD" not in text:  # the cheap test: only such an escape can make one
+        return False
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _check_body(number: int, url: str, body: dict, errors: _Errors) -> bool:
@@ -610,6 +625,8 @@ def schema_format(schema: dict | str) -> dict:
             raise ValueError(f"The JSON schema is not valid JSON: {e}.") from None
     if not isinstance(schema, dict):
         raise ValueError("The JSON schema must be a JSON object.")
+    if _has_lone_surrogate(json.dumps(schema), schema):
+        raise ValueError("The JSON schema has a \\u escape of half a character (a lone UTF-16 surrogate).")
     if "schema" in schema and isinstance(schema["schema"], dict):
         block = {"name": "output", **schema}
     else:

@@ -187,6 +187,19 @@ def test_not_utf8(write):
     assert "UTF-8" in plan.errors[0].message
 
 
+def test_lone_surrogate_escape_is_a_line_error_not_a_crash(write, owner):
+    good = json.dumps(chat_line("emoji", "Ship it \U0001F680"))  # a valid pair, spelled \ud83d\ude80
+    bad = json.dumps(chat_line("half", "broken \ud800 text"))
+    assert "\\ud800" in bad and "\\ud83d" in good
+    plan = ingest.validate(write("s.jsonl", good + "\n" + bad + "\n"))
+    assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_json_line")] and "surrogate" in plan.errors[0].message
+    plan = ingest.validate(write("ok.jsonl", good + "\n"))
+    job = ingest.create_job(plan, owner=owner)
+    assert "\U0001F680" in job.items.get().body or "\\ud83d" in job.items.get().body
+    with pytest.raises(ValueError, match="surrogate"):
+        ingest.schema_format('{"type": "string", "description": "\\udfff"}')
+
+
 def test_line_too_long_and_too_many_lines(write):
     limits = ingest.Limits(max_lines=2, max_line_bytes=200, max_file_bytes=10**6)
     path = write("f.jsonl", [chat_line("a"), chat_line("b", "x" * 300), chat_line("c")])
