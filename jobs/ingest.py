@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import struct
+import time
 import uuid
 from array import array
 from collections import Counter
@@ -226,6 +227,31 @@ def store_upload(chunks, name: str, limits: Limits | None = None) -> tuple[Path 
                 return None, LineError(None, "file_too_large", f"The file is larger than the {mb} MB limit.")
             out.write(chunk)
     return path, None
+
+
+def remove_stale_uploads(max_age_hours: float = 24) -> int:
+    """Delete uploads nobody launched (or whose job was deleted) after a day; returns how many.
+
+    An upload lives in its own folder under uploads/; a job or a /v1 file that still points into a
+    folder keeps it, whatever its age.
+    """
+    from jobs.models import File
+
+    root = settings.DATA_DIR / "uploads"
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - max_age_hours * 3600
+    old = [folder for folder in root.iterdir() if folder.is_dir() and folder.stat().st_mtime < cutoff]
+    if not old:
+        return 0
+    kept = {Path(p).parts[1] for p in Job.objects.filter(source_file__startswith="uploads/").values_list("source_file", flat=True)}
+    kept |= {Path(p).parts[1] for p in File.objects.filter(path__startswith="uploads/", deleted_at=None).values_list("path", flat=True)}
+    removed = 0
+    for folder in old:
+        if folder.name not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def detect_format(name: str, path: Path) -> str:

@@ -4,6 +4,7 @@ import json
 import tracemalloc
 
 import pytest
+from django.utils import timezone
 
 from jobs import ingest
 from jobs.models import Item, Job
@@ -289,3 +290,32 @@ def test_store_upload_enforces_size(settings):
     path, error = ingest.store_upload([b"12345"], "../../etc/passwd", limits)
     assert error is None and path.name == "passwd" and path.read_bytes() == b"12345"
     assert settings.DATA_DIR in path.parents
+
+
+def test_stale_uploads_are_removed_unless_a_job_or_file_uses_them(write, owner):
+    import os
+    import time
+
+    from jobs.models import File
+
+    def stored(name, age_hours):
+        path, error = ingest.store_upload([json.dumps(chat_line("a")).encode() + b"\n"], name)
+        assert error is None
+        old = time.time() - age_hours * 3600
+        os.utime(path.parent, (old, old))
+        return path
+
+    abandoned = stored("abandoned.jsonl", 30)
+    fresh = stored("fresh.jsonl", 1)
+    launched = stored("launched.jsonl", 30)
+    ingest.create_job(ingest.validate(launched), owner=owner)
+    api_file = stored("api.jsonl", 30)
+    File.objects.create(owner=owner, filename="api.jsonl", purpose=File.BATCH, path=str(api_file.relative_to(api_file.parents[2])))
+    deleted = stored("deleted.jsonl", 30)
+    File.objects.create(owner=owner, filename="d.jsonl", purpose=File.BATCH, path=str(deleted.relative_to(deleted.parents[2])),
+                        deleted_at=timezone.now())  # fmt: skip
+
+    assert ingest.remove_stale_uploads() == 2
+    assert not abandoned.exists() and not deleted.exists()
+    assert fresh.exists() and launched.exists() and api_file.exists()
+    assert ingest.remove_stale_uploads() == 0
