@@ -284,3 +284,5 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
         assert response.status_code == 200, url
         assert len(queries) <= 12, (url, [q["sql"] for q in queries])
         assert elapsed < 0.25, (url, elapsed)  # < 100 ms is the target; bench/pages.py prints it
+    page = client.get(f"/jobs/{big.pk}/").content.decode()
+    assert page.count("<rect ") == 60 and "(1 d)" in page  # the whole day-long run, in 24-minute bars
