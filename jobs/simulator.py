@@ -60,6 +60,10 @@ class SimConfig:
     jitter_ms: float = 0
     rpm: int | None = None
     tpm: int | None = None
+    # Rate-limit buckets are empty when the first request arrives, instead of full (as if another client
+    # had just spent the budget): a client faster than its limit gets 429s from the first second, not
+    # only once it has used up a whole minute's budget.
+    start_empty: bool = False
     # status -> fraction of inference requests answered with that status instead
     error_rates: dict[int, float] = field(default_factory=dict)
     retry_after_ms: int = 1000  # advertised by injected 429s
@@ -78,6 +82,7 @@ _RUNTIME_KEYS = {
     "jitter_ms": float,
     "rpm": int,
     "tpm": int,
+    "start_empty": bool,
     "retry_after_ms": int,
     "insufficient_quota": bool,
     "api_key": str,
@@ -366,11 +371,15 @@ class _Bucket:
 
     __slots__ = ("limit", "rate", "level", "stamp")
 
-    def __init__(self, limit: int):
-        self.limit, self.rate, self.level, self.stamp = limit, limit / 60.0, float(limit), time.monotonic()
+    def __init__(self, limit: int, empty: bool = False):
+        self.limit, self.rate, self.level = limit, limit / 60.0, float(limit)
+        self.stamp = None if empty else time.monotonic()  # empty: the refill starts with the first request
 
     def refill(self, now: float) -> None:
-        self.level = min(self.limit, self.level + (now - self.stamp) * self.rate)
+        if self.stamp is None:
+            self.level = 0.0
+        else:
+            self.level = min(self.limit, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
     def wait_for(self, cost: float) -> float:
@@ -392,9 +401,9 @@ class RateLimited(ApiError):
 
 
 class _Limiter:
-    def __init__(self, rpm: int | None, tpm: int | None):
-        self.requests = _Bucket(rpm) if rpm else None
-        self.tokens = _Bucket(tpm) if tpm else None
+    def __init__(self, rpm: int | None, tpm: int | None, empty: bool = False):
+        self.requests = _Bucket(rpm, empty) if rpm else None
+        self.tokens = _Bucket(tpm, empty) if tpm else None
 
     def take(self, tokens: int, model: str) -> dict:
         """Admit one request costing `tokens`, or raise RateLimited without consuming anything.
@@ -734,9 +743,10 @@ class Simulator:
         return _json_response(200, dataclasses.asdict(self.config))
 
     def reset_limits(self) -> None:
-        """Full rate-limit buckets; error generators back at the start of their seeded sequence."""
+        """Rate-limit buckets full again (empty with start_empty); error generators back at the start of
+        their seeded sequence."""
         cfg = self.config
-        self.limiter = _Limiter(cfg.rpm, cfg.tpm)
+        self.limiter = _Limiter(cfg.rpm, cfg.tpm, cfg.start_empty)
         # One generator per status, seeded from (seed, status), drawn once per request each: the
         # number of injected errors per status is then fixed by the seed and the request count,
         # whatever order concurrent requests arrive in.

@@ -236,6 +236,26 @@ def test_rejected_requests_do_not_consume_budget(start):
     assert ask(c, "admitted after the advertised wait").choices[0].message.content.startswith("Echo")
 
 
+def test_start_empty_buckets_admit_only_the_refill_rate(start):
+    """With start_empty the first request finds no budget, and from then on only what has refilled is
+    admitted: a client faster than its limit is caught at once, not after a minute's budget."""
+    url = start(rpm=600, tpm=60_000, start_empty=True)
+    c = client(url)
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask(c, "first")
+    assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < int(caught.value.response.headers["retry-after-ms"]) <= 100  # one request refills in 0.1 s
+    admitted, started = 0, time.monotonic()
+    while time.monotonic() - started < 1.0:
+        try:
+            ask(c, "as fast as possible")
+            admitted += 1
+        except openai.RateLimitError:
+            pass
+    assert 8 <= admitted <= 11  # 10 requests/s, not the 600 a full bucket holds
+    assert admin(url, "/_sim/config")["start_empty"] is True
+
+
 def test_ratelimit_headers_count_down(start):
     c = client(start(rpm=100, tpm=10_000))
     seen = []

@@ -21,6 +21,9 @@ class Command(BaseCommand):
         parser.add_argument("--jitter-ms", type=float, default=0, help="uniform extra latency, 0..N ms")
         parser.add_argument("--rpm", type=int, help="requests per minute (token bucket)")
         parser.add_argument("--tpm", type=int, help="tokens per minute: prompt estimate + max_tokens")
+        parser.add_argument("--start-empty", action="store_true",
+                            help="rate-limit buckets are empty when the first request arrives, not full: a client "
+                                 "faster than --rpm/--tpm gets 429s from the start, not after a minute's budget")
         parser.add_argument("--error-rate", action="append", default=[], metavar="STATUS=FRACTION",
                             help="answer this fraction of requests with STATUS; repeatable")
         parser.add_argument("--retry-after-ms", type=int, default=1000, help="retry-after of injected 429s")
@@ -38,6 +41,7 @@ class Command(BaseCommand):
             jitter_ms=options["jitter_ms"],
             rpm=options["rpm"],
             tpm=options["tpm"],
+            start_empty=options["start_empty"],
             error_rates=dict(_error_rate(v) for v in options["error_rate"]),
             retry_after_ms=options["retry_after_ms"],
             insufficient_quota=options["insufficient_quota"],
