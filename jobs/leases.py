@@ -8,6 +8,10 @@
   only rows actually updated count toward the job's totals.
 - expire(): the sweeper's half: leases past their time go back to pending.
 
+Lock order: a transaction that writes a job's items locks the job's row first (lock_job), then the
+items; Job.cancel() and Job.retry_failed() do the same. With one order, two transactions never wait
+on each other in a circle (Postgres would abort one as deadlocked).
+
 Raw SQL because these run hundreds of times a second in the worker, and because the ORM
 cannot express UPDATE ... RETURNING.
 """
@@ -71,6 +75,12 @@ def _dt(value: datetime | None):
     return connection.ops.adapt_datetimefield_value(value) if value is not None else None
 
 
+def lock_job(job_id: int) -> str | None:
+    """Lock the job's row until the transaction ends (Postgres; SQLite's write lock covers it) and
+    return its status."""
+    return Job.objects.select_for_update().filter(pk=job_id).values_list("status", flat=True).first()
+
+
 def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     now = timezone.now()
     until = now + timedelta(seconds=lease_seconds())
@@ -88,6 +98,7 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
         RETURNING id, custom_id, body, est_tokens, attempts, line
     """
     with transaction.atomic():
+        lock_job(job_id)
         with connection.cursor() as cursor:
             cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
@@ -137,7 +148,7 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
     deltas: Counter = Counter()
     tick: Counter = Counter()
     with transaction.atomic():
-        status = Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+        status = lock_job(job_id)
         # Work handed back while the job is being cancelled is cancelled, not queued again.
         release_to = Item.CANCELLED if status == Job.CANCELLING else Item.PENDING
         with connection.cursor() as cursor:
@@ -187,15 +198,10 @@ def expire(now: datetime | None = None) -> int:
     """Return items whose lease ran out (their worker died) to pending, or cancelled for a cancelling job."""
     now = now or timezone.now()
     total = 0
-    stale = (
-        Item.objects.filter(status=Item.RUNNING, lease_until__lt=now)
-        .values_list("job_id", "job__status")
-        .distinct()
-        .order_by()
-    )
-    for job_id, job_status in list(stale):
-        target = Item.CANCELLED if job_status == Job.CANCELLING else Item.PENDING
+    stale = Item.objects.filter(status=Item.RUNNING, lease_until__lt=now).values_list("job_id", flat=True).distinct()
+    for job_id in list(stale.order_by()):
         with transaction.atomic():
+            target = Item.CANCELLED if lock_job(job_id) == Job.CANCELLING else Item.PENDING
             n = Item.objects.filter(job_id=job_id, status=Item.RUNNING, lease_until__lt=now).update(
                 status=target, lease_token=None, lease_until=None, next_attempt_at=None
             )

@@ -205,6 +205,11 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life from a slice")
+    # Slice bookkeeping (see jobs/tasks.py): the generation of slices allowed to run, when the newest
+    # slice was enqueued, and the enqueue time of the newest one that has started.
+    slice_gen = models.PositiveIntegerField(default=0, editable=False)
+    slice_enqueued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    slice_picked_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -264,7 +269,10 @@ class Job(models.Model):
     # raises InvalidTransition with a message for the person who clicked.
 
     def start(self) -> None:
-        """Enqueue the slices that run a queued job, once the surrounding transaction commits."""
+        """Enqueue the slices that run a queued job, once the surrounding transaction commits.
+
+        They are a new generation: slices still running from before (a resume right after a pause)
+        stop at their next look at the job, so the job never runs more slices than it was given."""
         from jobs import tasks
 
         transaction.on_commit(lambda: tasks.start_job(self.pk))
@@ -292,6 +300,8 @@ class Job(models.Model):
         if self.status in (Job.COMPLETED, Job.FAILED):
             raise InvalidTransition(f"A {self.status} job cannot be cancelled.")
         with transaction.atomic():
+            # The job's row first (the transition locks it), then its items: the order every writer
+            # takes (jobs/leases.py), so this never deadlocks with a slice claiming or writing items.
             self.transition(Job.CANCELLING, reason="")
             n = self.items.filter(status=Item.PENDING).update(status=Item.CANCELLED, next_attempt_at=None)
             self.bump(n_pending=-n, n_cancelled=n)
@@ -302,13 +312,16 @@ class Job(models.Model):
 
     def retry_failed(self) -> int:
         """Failed and expired items back to pending with fresh attempts; returns how many."""
-        if self.status == Job.CANCELLING:
-            raise InvalidTransition("Wait until the job is cancelled, then retry its failed items.")
         reset = dict(
             status=Item.PENDING, attempts=0, http_status=None, response="", request_id="", error_code="",
             error_message="", next_attempt_at=None, finished_at=None, latency_ms=None,
         )  # fmt: skip
         with transaction.atomic():
+            # The job's row first, then its items (the order of jobs/leases.py), and its status as of
+            # now: a slice may have just completed the job.
+            self.status = Job.objects.select_for_update().values_list("status", flat=True).get(pk=self.pk)
+            if self.status == Job.CANCELLING:
+                raise InvalidTransition("Wait until the job is cancelled, then retry its failed items.")
             n_failed = self.items.filter(status=Item.FAILED).update(**reset)
             n_expired = self.items.filter(status=Item.EXPIRED).update(**reset)
             n = n_failed + n_expired
@@ -317,8 +330,9 @@ class Job(models.Model):
             self.bump(n_failed=-n_failed, n_expired=-n_expired, n_pending=n)
             if self.status in Job.FINISHED:
                 self.transition(Job.QUEUED, reason="", finished_at=None)
-            if self.status in (Job.QUEUED, Job.RUNNING):
                 self.start()
+            # A queued or running job's slices take the items up (a slice never ends its chain while
+            # items are pending), a paused job's on resume: more slices would only add chains.
         return n
 
     def duplicate(self, owner) -> "Job":

@@ -15,6 +15,7 @@ A 429 sets a cool-down in the same store, so one rate-limited answer pauses ever
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import re
 import struct
@@ -22,7 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-BURST_SECONDS = 1.0  # how far ahead of the steady pace a sender may run (a small initial burst)
+# How far ahead of the steady pace a sender may run: enough to absorb scheduling jitter, small because
+# a server whose budget was just spent (by another client, or by us before an idle spell it did not
+# see) answers every request of a burst above its refill rate with a 429.
+BURST_SECONDS = 0.2
 _STATE = struct.Struct("ddd")  # request TAT, token TAT, cool-down until (unix seconds)
 
 
@@ -49,15 +53,8 @@ class FileStore:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def reserve(self, key: str, request_interval: float, token_interval: float, tokens: int) -> float:
-        return self._update(key, lambda s, now: _reserve(s, now, request_interval, token_interval, tokens))
-
-    def give_back(self, key: str, token_interval: float, tokens: int) -> None:
-        def change(state, now):
-            # Never pull the schedule into the past: that would grant a burst nobody saved up for.
-            state[1] = max(state[1] - token_interval * tokens, now)
-
-        self._update(key, change)
+    def reserve(self, key: str, request_interval: float, token_interval: float, tokens: int, latest: float) -> float:
+        return self._update(key, lambda s, now: _reserve(s, now, request_interval, token_interval, tokens, latest))
 
     def cool_down(self, key: str, until: float) -> None:
         def change(state, now):
@@ -69,10 +66,13 @@ class FileStore:
         return self._update(key, lambda s, now: s[2])
 
 
-def _reserve(state: list, now: float, request_interval: float, token_interval: float, tokens: int) -> float:
-    """Take the next free slot; return how long to wait for it."""
+def _reserve(state: list, now: float, request_interval: float, token_interval: float, tokens: int,
+             latest: float) -> float:
+    """Take the next free slot; return how long to wait for it (inf, taking nothing, if it comes after `latest`)."""
     request_tat, token_tat, cooldown = state
     send_at = max(now, cooldown, request_tat - BURST_SECONDS, token_tat - BURST_SECONDS)
+    if send_at > latest:
+        return math.inf
     if request_interval:
         state[0] = max(request_tat, send_at) + request_interval
     if token_interval:
@@ -86,15 +86,15 @@ class RedisStore:
     local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
     local s = redis.call('HMGET', KEYS[1], 'r', 't', 'c')
     local r, k, c = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
-    local op, a, b, n, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+    local op, a, b, n, burst, latest = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+                                       tonumber(ARGV[5]), tonumber(ARGV[6])
     local out = 0
     if op == 'reserve' then
       local send_at = math.max(now, c, r - burst, k - burst)
+      if send_at > latest then return 'inf' end
       if a > 0 then r = math.max(r, send_at) + a end
       if b > 0 then k = math.max(k, send_at) + b * n end
       out = send_at - now
-    elseif op == 'give_back' then
-      k = math.max(k - b * n, now)
     elseif op == 'cool_down' then
       c = math.max(c, a)
     end
@@ -110,14 +110,12 @@ class RedisStore:
         self.redis = redis.Redis.from_url(url)
         self.script = self.redis.register_script(self._SCRIPT)
 
-    def _call(self, key, op, a=0.0, b=0.0, n=0) -> float:
-        return float(self.script(keys=[f"batchsite:ratelimit:{key}"], args=[op, a, b, n, BURST_SECONDS]))
+    def _call(self, key, op, a=0.0, b=0.0, n=0, latest=math.inf) -> float:
+        args = [op, a, b, n, BURST_SECONDS, min(latest, 1e18)]  # Lua's tonumber() may not read "inf"
+        return float(self.script(keys=[f"batchsite:ratelimit:{key}"], args=args))
 
-    def reserve(self, key, request_interval, token_interval, tokens):
-        return self._call(key, "reserve", request_interval, token_interval, tokens)
-
-    def give_back(self, key, token_interval, tokens):
-        self._call(key, "give_back", 0, token_interval, tokens)
+    def reserve(self, key, request_interval, token_interval, tokens, latest):
+        return self._call(key, "reserve", request_interval, token_interval, tokens, latest)
 
     def cool_down(self, key, until):
         self._call(key, "cool_down", until)
@@ -189,20 +187,23 @@ class Limiter:
     def paced(self) -> bool:
         return bool(self.request_interval or self.token_interval)
 
-    def reserve(self, tokens: int) -> float:
+    def reserve(self, tokens: int, latest: float = math.inf) -> float:
         """Take the next slot for a request of `tokens` tokens; return the seconds to wait for it.
+
+        `tokens` is what the server charges when the request arrives: the prompt and the whole
+        max_tokens budget. Nothing is given back when the answer is shorter, because the server
+        does not give it back either.
+
+        A slot after `latest` (unix time) is not taken: the wait is inf and nothing is reserved, so
+        a sender that is about to stop never holds budget it cannot use.
 
         Unpaced (no limit known yet), nothing is reserved and the wait is any cool-down left,
         so the caller should ask again after waiting: a cool-down may have been extended.
         """
         if self.paced:
-            return self.store.reserve(self.key, self.request_interval, self.token_interval, tokens)
-        return max(0.0, self.store.cooldown_until(self.key) - time.time())
-
-    def give_back(self, tokens: int) -> None:
-        """Return reserved tokens that a response did not use (the max_tokens reserve, an estimate too high)."""
-        if tokens > 0 and self.token_interval:
-            self.store.give_back(self.key, self.token_interval, tokens)
+            return self.store.reserve(self.key, self.request_interval, self.token_interval, tokens, latest)
+        wait = max(0.0, self.store.cooldown_until(self.key) - time.time())
+        return math.inf if time.time() + wait > latest else wait
 
     def cool_down(self, seconds: float) -> None:
         self.store.cool_down(self.key, time.time() + seconds)
@@ -215,9 +216,12 @@ class Limiter:
             self.rpm = self.learned.rpm = limit_requests
         if limit_tokens and not self.configured_tpm:
             self.tpm = self.learned.tpm = limit_tokens
-        for kind in ("requests", "tokens"):
+        for kind, limit in (("requests", limit_requests), ("tokens", limit_tokens)):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             if remaining is not None and remaining.strip() == "0":
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 if reset:
-                    self.cool_down(min(reset, 60.0))
+                    # The reset is when the whole budget is back; room for one more request (or token) comes
+                    # after a 1/limit share of it, and the pacing spaces the rest. Waiting for all of it
+                    # would stall every sender for up to a minute whenever the budget runs dry.
+                    self.cool_down(min(reset / limit if limit else reset, 60.0))

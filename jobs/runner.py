@@ -1,7 +1,9 @@
 """Live execution of one slice of a job: claim items, send them concurrently, store the results.
 
 One slice runs in one django-q2 task (see tasks.py): it claims work until its time budget is
-spent, then enqueues its successor and finishes the requests it has in flight. Inside, asyncio
+spent, then enqueues its successor and finishes the requests it has in flight. A slice that ends
+early (nothing left to claim) enqueues a successor anyway while items are pending, so a job always
+has a slice or is finalized (settle()). Inside, asyncio
 keeps up to `concurrency` requests going through one AsyncOpenAI client with max_retries=0:
 retries, backoff and the classification of failures are ours, because the SDK's rules (give up
 on a Retry-After over 120 s, retry every 429 including insufficient_quota) are wrong for a batch.
@@ -17,18 +19,20 @@ import email.utils
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx2
 import openai
 from django.conf import settings
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connection, connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from jobs import leases, tokens
@@ -44,9 +48,17 @@ BACKOFF_CAP = 60.0
 FLUSH_SECONDS = 0.25
 FLUSH_SIZE = 250
 STATUS_CHECK_SECONDS = 1.0
+INTERNAL_ERROR_RETRY_SECONDS = 30.0
+# A locked SQLite database or a dropped connection: worth trying again, for up to DB_PATIENCE seconds.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+DB_PATIENCE = 30.0
 
 RETRY, PERMANENT, STOP = "retry", "permanent", "stop"
 QUOTA_CODES = {"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"}
+
+# Limiter keys of endpoints that answered without rate-limit headers, in this worker process: their
+# slices need not send one request alone first to find out their limits.
+_SENDS_NO_LIMITS: set[str] = set()
 
 
 @dataclass
@@ -94,10 +106,20 @@ def _error_fields(text: str) -> tuple[str, str, str]:
     return str(error.get("code") or ""), str(error.get("type") or ""), str(error.get("message") or "")
 
 
+def one_line(text: str) -> str:
+    """A JSON body re-encoded compactly, on one line. Servers pretty-print errors (OpenAI does), and the
+    JSONL exports need one record per line. Text that is not JSON stays as it is: the export wraps it
+    in an error object as a JSON string."""
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
+    except ValueError:
+        return text
+
+
 def classify(status: int, text: str, headers) -> UpstreamError:
     code, kind, message = _error_fields(text)
     request_id = headers.get("x-request-id", "")
-    common = dict(http_status=status, body=text, request_id=request_id)
+    common = dict(http_status=status, body=one_line(text), request_id=request_id)
     if status == 429 and (code in QUOTA_CODES or kind in QUOTA_CODES):
         return UpstreamError(
             STOP,
@@ -145,8 +167,12 @@ def usage_of(url: str, body: dict) -> tuple[int, int, int]:
 
 
 class Slice:
-    def __init__(self, job: Job, endpoint: Endpoint, lease: uuid.UUID, budget: float, db: ThreadPoolExecutor, slices: int):
+    def __init__(
+        self, job: Job, endpoint: Endpoint, lease: uuid.UUID, budget: float, db: ThreadPoolExecutor, slices: int,
+        gen: int,
+    ):
         self.job_id = job.pk
+        self.gen = gen
         self.url = job.url
         self.path = job.url.removeprefix("/v1")
         self.max_attempts = job.max_attempts
@@ -159,21 +185,44 @@ class Slice:
         self.concurrency = max(1, -(-endpoint.concurrency // self.slices))
         self.started = time.monotonic()
         self.deadline = self.started + budget
+        self.deadline_wall = time.time() + budget  # the same moment, for the shared rate-limit store
         # The key names the server too, so budgets never carry over to a different server.
         key = f"endpoint-{endpoint.pk}-{hashlib.sha1(endpoint.base_url.encode()).hexdigest()[:8]}"
         self.limiter = Limiter(key, endpoint.rpm, endpoint.tpm, endpoint.learned_rpm, endpoint.learned_tpm)
+        # Until the endpoint's limits are known, one request goes alone and its headers tell them:
+        # a blind burst of `concurrency` requests would draw as many 429s from a spent budget.
+        self.limits_known = asyncio.Event()
+        if self.limiter.paced or key in _SENDS_NO_LIMITS:
+            self.limits_known.set()
+        self.probing = False
         self.prices: PriceBook | None = None
-        self.draining = asyncio.Event()  # set: pause, cancel or stop; nothing new is sent
-        self.claiming = True  # False once the time budget is spent: no new claims, sends go on
+        self.draining = asyncio.Event()  # set: pause, cancel, stop or superseded; nothing new is sent
+        self.booked = False  # the endpoint's budget is spoken for up to the deadline: claim nothing more
         self.stop_reason = ""
         self.handed_over = False
         self.outcomes: list[Outcome] = []
+        self.flushing = asyncio.Lock()  # one write at a time, in the order the outcomes came
         self.closing = False
         self.more_to_claim = True
+        self.cooldown_shown = 0.0
         self.sent = 0
 
-    async def db(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.db_executor, fn, *args)
+    async def db(self, fn, *args, patience: float = DB_PATIENCE):
+        """Run `fn` on the slice's database thread, retrying transient errors ("database is locked",
+        a dropped connection) with a short backoff for up to `patience` seconds."""
+        loop = asyncio.get_running_loop()
+        give_up = time.monotonic() + patience
+        pause = 0.05
+        while True:
+            try:
+                return await loop.run_in_executor(self.db_executor, fn, *args)
+            except TRANSIENT_DB_ERRORS as e:
+                if time.monotonic() + pause > give_up:
+                    raise
+                log.warning("Job %s: %s in %s; trying again in %.2f s", self.job_id, e, fn.__name__, pause)
+                await loop.run_in_executor(self.db_executor, _drop_broken_connection)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def run(self) -> None:
         self.prices = await self.db(PriceBook.load)
@@ -189,17 +238,19 @@ class Slice:
         queue: deque[Claimed] = deque()
         last_check = 0.0
         try:
-            while not self.draining.is_set() and self.claiming:
+            while not self.draining.is_set():
                 now = time.monotonic()
                 if now - last_check >= STATUS_CHECK_SECONDS:
                     last_check = now
-                    status = await self.db(_job_status, self.job_id)
-                    if status != Job.RUNNING:
+                    if not await self.db(_wanted, self.job_id, self.gen):
                         self.draining.set()
                         break
                 if now >= self.deadline:
                     await self._hand_over()
                     break
+                if self.booked:
+                    await self._wait(in_flight, self.deadline - now)
+                    continue
                 if len(in_flight) >= self.concurrency:
                     if len(queue) < self.concurrency // 2 and self.more_to_claim:
                         # Claim the next batch while every slot is busy, so that freed slots are
@@ -208,7 +259,7 @@ class Slice:
                         self.more_to_claim = bool(claimed)
                         queue.extend(claimed)
                         continue
-                    await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    await self._wait(in_flight, STATUS_CHECK_SECONDS)
                     continue
                 if not queue:
                     claimed = await self.db(leases.claim, self.job_id, self.lease, self.concurrency)
@@ -221,37 +272,57 @@ class Slice:
                         task.add_done_callback(in_flight.discard)
                     continue
                 if in_flight:
-                    await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    await self._wait(in_flight, STATUS_CHECK_SECONDS)
                     continue
+                # Nothing to claim. Store what this slice released first: until then those items still
+                # look held (running), and the slice would leave while they wait for their retry.
+                await self._flush()
                 due = await self.db(leases.next_due, self.job_id)
                 if due is None:
-                    break  # nothing pending: finished, or other slices hold the rest
+                    break  # nothing pending: finished, or other slices hold the rest (see settle())
+                # Wait here, up to the deadline, for the earliest retry: a successor would only find the
+                # same nothing to do, and hand over again, for as long as a Retry-After lasts.
                 wait = (due - timezone.now()).total_seconds()
-                if time.monotonic() + wait > self.deadline:
-                    await self._hand_over()
-                    break
-                await asyncio.sleep(min(max(wait, 0.05), STATUS_CHECK_SECONDS))
+                await self._sleep(min(max(wait, 0.05), STATUS_CHECK_SECONDS, max(self.deadline - now, 0.0)))
         finally:
-            self.claiming = False
             if queue:
-                await self.db(leases.release, self.job_id, self.lease, list(queue))
+                try:
+                    await self.db(leases.release, self.job_id, self.lease, list(queue))
+                except TRANSIENT_DB_ERRORS:
+                    log.exception("Job %s: could not release %d unsent items; their leases will run out", self.job_id,
+                                  len(queue))  # fmt: skip
             while in_flight:  # finish what was claimed; a pause still stops what has not been sent
                 await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS)
-                if in_flight and not self.draining.is_set() and await self.db(_job_status, self.job_id) != Job.RUNNING:
-                    self.draining.set()
+                if in_flight and not self.draining.is_set():
+                    try:
+                        if not await self.db(_wanted, self.job_id, self.gen):
+                            self.draining.set()
+                    except TRANSIENT_DB_ERRORS:
+                        pass  # asked again in a second
             self.closing = True
             await flusher  # never cancel it mid-write: the batch it holds would be lost
             heart.cancel()
-            await self._flush()
+            try:
+                # Past the leases' end another slice may own the items: writing would change nothing.
+                await self._flush(patience=leases.lease_seconds())
+            except TRANSIENT_DB_ERRORS:
+                log.exception("Job %s: %d results could not be stored; their items will run again", self.job_id,
+                              len(self.outcomes))  # fmt: skip
             await self.client.close()
+
+    async def _wait(self, in_flight: set[asyncio.Task], seconds: float) -> None:
+        """Until a request finishes, or `seconds` (at most a status check's interval) have passed."""
+        seconds = min(max(seconds, 0.0), STATUS_CHECK_SECONDS)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await self._sleep(seconds)
 
     async def _hand_over(self) -> None:
         """Enqueue the next slice now, so new work starts while this one finishes its requests."""
         from jobs import tasks
 
-        self.claiming = False
-        self.handed_over = True
-        await self.db(tasks.enqueue_slice, self.job_id, self.slices)
+        self.handed_over = await self.db(tasks.enqueue_slice, self.job_id, self.slices, self.gen)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless the slice starts draining first; False if it did."""
@@ -266,37 +337,43 @@ class Slice:
     async def _process_safely(self, item: Claimed) -> None:
         try:
             await self._process(item)
-        except Exception:
-            # A bug must not strand the item as running until its lease expires.
-            log.exception("Job %s: item %s crashed the runner; released", self.job_id, item.id)
-            self._release(item, item.attempts, 0, UpstreamError(RETRY, "Internal error", code="internal_error"), 30)
+        except Exception as e:
+            # A bug must neither strand the item as running until its lease expires nor send it forever:
+            # the crash counts as an attempt, and the item fails once it is out of attempts.
+            log.exception("Job %s: item %s crashed the runner", self.job_id, item.id)
+            self.limits_known.set()  # in case it was the request finding out the limits: nobody waits forever
+            attempts = item.attempts + 1
+            error = UpstreamError(PERMANENT, f"Batchsite could not process this request ({type(e).__name__}: {e}).",
+                                  code="internal_error")  # fmt: skip
+            if attempts >= self.max_attempts:
+                self._failed(item, attempts, 0, error, None)
+            else:
+                self._release(item, attempts, 0, error, INTERNAL_ERROR_RETRY_SECONDS)
 
     async def _process(self, item: Claimed) -> None:
         body = json.loads(item.body)
         model = body.get("model", "")
-        reserve = item.est_tokens + tokens.max_output_tokens(body)
+        # What the endpoint charges against its token budget when the request arrives.
+        cost = item.est_tokens + tokens.max_output_tokens(body)
         attempts, retries = item.attempts, 0
         last: UpstreamError | None = None
         while True:
-            # Wait for the endpoint's budget (and any cool-down after a 429).
-            while True:
-                delay = self.limiter.reserve(reserve)
-                if delay <= 0:
-                    break
-                if not await self._sleep(delay):
-                    return self._release(item, attempts, retries, last)
-                if self.limiter.paced:
-                    break
-            if self.draining.is_set():
+            probe = self._probe()
+            if not await self._wait_for_slot(cost, probe):
+                if probe:
+                    self.limits_known.set()
                 return self._release(item, attempts, retries, last)
             attempts += 1
             self.sent += 1
             started = time.perf_counter()
+            answered = False
             try:
                 response = await self.client.post(self.path, body=body, cast_to=httpx2.Response)
+                answered = True
                 latency = int((time.perf_counter() - started) * 1000)
-                return self._succeeded(item, model, response, attempts, retries, reserve, latency)
+                return self._succeeded(item, model, response, attempts, retries, latency)
             except openai.APIStatusError as e:
+                answered = True
                 last = classify(e.status_code, e.response.text, e.response.headers)
                 self.limiter.observe(e.response.headers)
             except openai.APITimeoutError:
@@ -305,6 +382,9 @@ class Slice:
                 last = UpstreamError(RETRY, f"Could not connect: {e.__cause__ or e}", code="connection_error")
             except _InvalidResponse as e:
                 last = e.error
+            finally:
+                if probe:
+                    self._limits_found(answered)
             latency = int((time.perf_counter() - started) * 1000)
 
             if last.kind == PERMANENT:
@@ -314,7 +394,9 @@ class Slice:
                 await self._stop_job(last.message)
                 return self._release(item, attempts - 1, retries, last)
             if last.http_status == 429:
-                self.limiter.cool_down(last.retry_after if last.retry_after is not None else backoff(attempts))
+                pause = last.retry_after if last.retry_after is not None else backoff(attempts)
+                self.limiter.cool_down(pause)
+                await self._show_cooldown(pause)
             if attempts >= self.max_attempts:
                 return self._failed(item, attempts, retries, last, latency)
             delay = last.retry_after if last.retry_after is not None else backoff(attempts)
@@ -325,7 +407,52 @@ class Slice:
             if not await self._sleep(delay):
                 return self._release(item, attempts, retries, last)
 
-    def _succeeded(self, item, model, response, attempts, retries, reserve, latency) -> None:
+    def _probe(self) -> bool:
+        """True for the one request that goes first, alone, while the endpoint's limits are unknown."""
+        if self.limits_known.is_set() or self.probing:
+            return False
+        self.probing = True
+        return True
+
+    def _limits_found(self, answered: bool) -> None:
+        if answered and not self.limiter.paced:
+            _SENDS_NO_LIMITS.add(self.limiter.key)  # no rate-limit headers: nothing to find out next time
+        self.limits_known.set()
+
+    async def _wait_for_slot(self, cost: int, probe: bool) -> bool:
+        """Wait for the endpoint's budget (and any cool-down after a 429). False: give the item back,
+        because the slice is draining or because no slot is free before its deadline."""
+        if not probe and not self.limits_known.is_set():
+            await _first_of(self.limits_known, self.draining)
+        while not self.draining.is_set():
+            # Never reserve past the deadline: a slot the slice cannot use would be lost to every sender,
+            # and waiting for it would keep the slice alive past its task's time limit.
+            delay = self.limiter.reserve(cost, latest=self.deadline_wall)
+            if delay == math.inf:
+                self.booked = True
+                return False
+            if delay <= 0:
+                return True
+            if not await self._sleep(delay):
+                return False
+            if self.limiter.paced:
+                return True
+            # Unpaced, the wait was a cool-down, which another 429 may have extended: ask again.
+        return False
+
+    async def _show_cooldown(self, seconds: float) -> None:
+        """Keep Endpoint.cooldown_until (shown in the admin) up to date, with a write only when it moves
+        on by a second or more, not one per 429."""
+        until = time.time() + seconds
+        if until < self.cooldown_shown + 1.0:
+            return
+        self.cooldown_shown = until
+        try:
+            await self.db(_set_cooldown, self.endpoint.pk, until, patience=0)
+        except TRANSIENT_DB_ERRORS:
+            pass  # only a display; the next 429 tries again
+
+    def _succeeded(self, item, model, response, attempts, retries, latency) -> None:
         text = response.text
         try:
             data = json.loads(text)
@@ -335,11 +462,10 @@ class Slice:
             raise _InvalidResponse(
                 UpstreamError(RETRY, "The endpoint answered 200 with a body that is not JSON.", code="invalid_response")
             ) from None
-        if "\n" in text:  # the JSONL exports splice stored bodies in as they are: keep them on one line
+        if "\n" in text or "\r" in text:  # the JSONL exports splice stored bodies in as they are: one line
             text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         self.limiter.observe(response.headers)
         prompt, completion, cached = usage_of(self.url, data)
-        self.limiter.give_back(reserve - (prompt + completion))
         self.outcomes.append(
             Outcome(
                 item.id,
@@ -393,20 +519,41 @@ class Slice:
             self.draining.set()
             await self.db(_pause_job, self.job_id, reason)
 
-    async def _flush(self) -> None:
-        if self.outcomes:
+    async def _flush(self, patience: float = DB_PATIENCE) -> None:
+        async with self.flushing:
+            if not self.outcomes:
+                return
             batch, self.outcomes = self.outcomes, []
-            await self.db(leases.write, self.job_id, self.lease, batch)
+            try:
+                await self.db(leases.write, self.job_id, self.lease, batch, patience=patience)
+            except TRANSIENT_DB_ERRORS:
+                self.outcomes[:0] = batch  # kept, ahead of newer ones, for the next try
+                raise
 
     async def _flush_loop(self) -> None:
         while not self.closing:
             await asyncio.sleep(FLUSH_SECONDS)
-            await self._flush()
+            try:
+                await self._flush()
+            except TRANSIENT_DB_ERRORS:
+                log.exception("Job %s: results not stored yet; trying again", self.job_id)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(max(leases.lease_seconds() / 4, 1))
-            await self.db(_heartbeat, self.job_id, self.lease)
+            try:
+                await self.db(_heartbeat, self.job_id, self.lease)
+            except TRANSIENT_DB_ERRORS:
+                log.exception("Job %s: heartbeat missed; trying again at the next beat", self.job_id)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 class _InvalidResponse(Exception):
@@ -414,8 +561,19 @@ class _InvalidResponse(Exception):
         self.error = error
 
 
-def _job_status(job_id: int) -> str | None:
-    return Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+def _wanted(job_id: int, gen: int) -> bool:
+    """Whether the job still wants this slice: it is running, and no newer generation of slices replaced it."""
+    return Job.objects.filter(pk=job_id, status=Job.RUNNING, slice_gen=gen).exists()
+
+
+def _drop_broken_connection() -> None:
+    connection.close_if_unusable_or_obsolete()
+
+
+def _set_cooldown(endpoint_id: int, until: float) -> None:
+    moment = datetime.fromtimestamp(until, tz=UTC)
+    later = Q(cooldown_until__isnull=True) | Q(cooldown_until__lt=moment)
+    Endpoint.objects.filter(later, pk=endpoint_id).update(cooldown_until=moment)
 
 
 def _heartbeat(job_id: int, lease: uuid.UUID) -> None:
@@ -432,11 +590,17 @@ def _pause_job(job_id: int, reason: str) -> None:
         pass  # already paused or cancelled by someone else
 
 
-def run_slice(job_id: int, budget: float | None = None, slices: int | None = None) -> dict:
-    """Run one slice of a live job; return a summary (for logs and tests)."""
+def run_slice(job_id: int, budget: float | None = None, slices: int | None = None, gen: int | None = None) -> dict:
+    """Run one slice of a live job; return a summary (for logs and tests).
+
+    `gen` is the generation of slices the task belongs to (tasks.start_job); a task of an older one
+    does nothing. None (a task enqueued before generations existed) means the current one."""
     job = Job.objects.select_related("endpoint").filter(pk=job_id).first()
     if job is None:
         return {"job": job_id, "skipped": "deleted"}
+    gen = job.slice_gen if gen is None else gen
+    if gen != job.slice_gen:
+        return {"job": job_id, "skipped": "superseded"}
     if job.status == Job.QUEUED:
         try:
             job.transition(Job.RUNNING, started_at=job.started_at or timezone.now())
@@ -457,16 +621,34 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
     Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
     budget = settings.BATCHSITE_SLICE_SECONDS if budget is None else budget
     db = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slice-db-{job_id}")
-    work = Slice(job, endpoint, uuid.uuid4(), budget, db, slices or settings.BATCHSITE_SLICES_PER_JOB)
+    work = Slice(job, endpoint, uuid.uuid4(), budget, db, slices or settings.BATCHSITE_SLICES_PER_JOB, gen)
     try:
         asyncio.run(work.run())
     finally:
         db.submit(connections.close_all).result()  # the slice thread's own connection
         db.shutdown()
-    _remember_learned_limits(endpoint, work.limiter)
-    finished = finalize_if_done(job_id)
+        _remember_learned_limits(endpoint, work.limiter)
+        # Even after a crash: the chain must go on while items are pending.
+        finished = settle(job_id, gen, work.slices, work.handed_over)
     return {"job": job_id, "sent": work.sent, "handed_over": work.handed_over, "finished": finished,
             "stopped": work.stop_reason}  # fmt: skip
+
+
+def settle(job_id: int, gen: int, slices: int, handed_over: bool) -> bool:
+    """After a slice: finalize the job if nothing is left, else make sure a slice follows while items
+    are pending. True if the job was finalized.
+
+    A slice that did not hand over stopped because it had nothing to claim, or was told to stop. In
+    the first case the items it saw held by others may have come back since (released for a retry),
+    so it continues its chain unless nothing is pending: the slices still holding items settle after
+    it and see what they released. Paused, cancelled or superseded jobs get no successor."""
+    from jobs import tasks
+
+    if finalize_if_done(job_id):
+        return True
+    if not handed_over and Job.objects.filter(pk=job_id, status=Job.RUNNING, slice_gen=gen, n_pending__gt=0).exists():
+        tasks.enqueue_slice(job_id, slices, gen)
+    return False
 
 
 def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter) -> None:
@@ -480,16 +662,20 @@ def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter) -> None:
 
 
 def finalize_if_done(job_id: int) -> bool:
-    """Completed (or cancelled) once no item is pending or running; counters recomputed as a check."""
-    job = Job.objects.filter(pk=job_id).first()
-    if job is None or job.status not in (Job.RUNNING, Job.CANCELLING) or job.n_pending or job.n_running:
-        return False
-    job.recount()
-    if job.n_pending or job.n_running:
-        log.warning("Job %s counters had drifted; recounted", job_id)
-        return False
-    try:
-        job.transition(Job.CANCELLED if job.status == Job.CANCELLING else Job.COMPLETED)
-    except InvalidTransition:
-        return False
+    """Completed (or cancelled) once no item is pending or running; counters recomputed as a check.
+
+    Under the job's row lock, so that items made pending again at the same moment (Job.retry_failed)
+    either come first and keep the job running, or find it completed."""
+    with transaction.atomic():
+        job = Job.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.status not in (Job.RUNNING, Job.CANCELLING) or job.n_pending or job.n_running:
+            return False
+        job.recount()
+        if job.n_pending or job.n_running:
+            log.warning("Job %s counters had drifted; recounted", job_id)
+            return False
+        try:
+            job.transition(Job.CANCELLED if job.status == Job.CANCELLING else Job.COMPLETED)
+        except InvalidTransition:
+            return False
     return True

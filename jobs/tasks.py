@@ -1,10 +1,20 @@
-"""django-q2 entry points. Thin: the work is in runner.py and leases.py."""
+"""django-q2 entry points. Thin: the work is in runner.py and leases.py.
+
+A job runs as a few *chains* of slice tasks: each slice enqueues its successor (runner.py). The
+bookkeeping here keeps their number bounded:
+- every start (start, resume, retry of a finished job, the sweeper's restart) is a new *generation*:
+  slices of an older one stop at their next look at the job, so starting again never adds chains;
+- the Job records when its newest slice was enqueued and the enqueue time of the newest one that has
+  started, so the sweeper can tell a job whose slices wait in the queue behind other jobs (leave it
+  alone) from one whose slices are gone (restart it).
+"""
 
 import logging
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Q
+from django.db import transaction
+from django.db.models import F, Max, Q
 from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
@@ -14,41 +24,53 @@ from jobs.models import Job
 
 log = logging.getLogger(__name__)
 
+# The queue is first in, first out, but workers take turns and clocks differ a little: a slice counts as
+# lost only when one enqueued this much later than it has started.
+QUEUE_ORDER_SLACK = timedelta(seconds=30)
 
-def enqueue_slice(job_id: int, slices: int | None = None) -> None:
-    """One more slice of a job that runs as `slices` side by side (they split its concurrency)."""
-    slices = slices or settings.BATCHSITE_SLICES_PER_JOB
-    async_task("jobs.tasks.run_slice", job_id, slices, task_name=f"job-{job_id}-slice", group=f"job-{job_id}")
+
+def _enqueue(job_id: int, slices: int, gen: int, enqueued_at) -> None:
+    async_task("jobs.tasks.run_slice", job_id, slices, gen, enqueued_at, task_name=f"job-{job_id}-slice",
+               group=f"job-{job_id}")  # fmt: skip
 
 
 def start_job(job_id: int) -> None:
+    """Start a new generation of BATCHSITE_SLICES_PER_JOB slices (they split the job's concurrency)."""
     slices = max(1, settings.BATCHSITE_SLICES_PER_JOB)
+    now = timezone.now()
+    with transaction.atomic():
+        if not Job.objects.filter(pk=job_id).update(slice_gen=F("slice_gen") + 1, slice_enqueued_at=now):
+            return
+        gen = Job.objects.filter(pk=job_id).values_list("slice_gen", flat=True).get()
     for _ in range(slices):
-        enqueue_slice(job_id, slices)
+        _enqueue(job_id, slices, gen, now)
 
 
-def run_slice(job_id: int, slices: int | None = None) -> dict:
-    result = runner.run_slice(job_id, slices=slices)
+def enqueue_slice(job_id: int, slices: int, gen: int) -> bool:
+    """The next slice of a chain of generation `gen`; nothing if a newer generation replaced it. True if enqueued."""
+    now = timezone.now()
+    if not Job.objects.filter(pk=job_id, slice_gen=gen).update(slice_enqueued_at=now):
+        return False
+    _enqueue(job_id, slices, gen, now)
+    return True
+
+
+def run_slice(job_id: int, slices: int | None = None, gen: int | None = None, enqueued_at=None) -> dict:
+    if enqueued_at is not None:  # this slice has left the queue, and so have those enqueued before it
+        later = Q(slice_picked_at__isnull=True) | Q(slice_picked_at__lt=enqueued_at)
+        Job.objects.filter(later, pk=job_id).update(slice_picked_at=enqueued_at)
+    result = runner.run_slice(job_id, slices=slices, gen=gen)
     log.info("slice %s", result)
     return result
 
 
 def sweep() -> dict:
-    """Every minute: expired leases back to pending, stalled jobs restarted, finished jobs finalized."""
+    """Every minute: expired leases back to pending, jobs left without a slice restarted, finished jobs finalized."""
     expired = leases.expire()
-    now = timezone.now()
-    quiet_since = now - timedelta(seconds=leases.lease_seconds())
-    stalled = Job.objects.filter(status__in=[Job.QUEUED, Job.RUNNING], n_pending__gt=0).filter(
-        Q(heartbeat_at__lt=quiet_since) | Q(heartbeat_at__isnull=True, created_at__lt=quiet_since)
-    )
     restarted = []
-    for job_id in stalled.values_list("pk", flat=True):
-        # heartbeat_at doubles as "a slice was asked for": no second restart until it had time to run.
-        if Job.objects.filter(pk=job_id).filter(
-            Q(heartbeat_at__lt=quiet_since) | Q(heartbeat_at__isnull=True)
-        ).update(heartbeat_at=now):
-            enqueue_slice(job_id)
-            restarted.append(job_id)
+    for job_id in _orphans(timezone.now()):
+        start_job(job_id)
+        restarted.append(job_id)
     finished = [
         job_id
         for job_id in Job.objects.filter(status__in=[Job.RUNNING, Job.CANCELLING], n_pending=0, n_running=0).values_list(
@@ -61,8 +83,34 @@ def sweep() -> dict:
     return {"expired": expired, "restarted": restarted, "finalized": finished}
 
 
+def _orphans(now) -> list[int]:
+    """Queued or running jobs with pending items and no slice: none has shown life for a lease period,
+    and none waits in the queue.
+
+    A slice enqueued but not started is waiting for a worker (jobs queue behind each other), unless it
+    is known to be lost: a slice enqueued well after it has started already (the queue is first in,
+    first out), or the cluster runs no slice at all yet has not started it for a lease period."""
+    quiet = now - timedelta(seconds=leases.lease_seconds())
+    live = Job.objects.filter(status__in=[Job.QUEUED, Job.RUNNING, Job.PAUSED, Job.CANCELLING])
+    newest_started = live.aggregate(at=Max("slice_picked_at"))["at"]
+    cluster_idle = not live.filter(heartbeat_at__gte=quiet).exists()
+    stalled = live.filter(status__in=[Job.QUEUED, Job.RUNNING], n_pending__gt=0).filter(
+        Q(heartbeat_at__lt=quiet) | Q(heartbeat_at__isnull=True, created_at__lt=quiet)
+    )
+    orphans = []
+    for job_id, enqueued, started in stalled.values_list("pk", "slice_enqueued_at", "slice_picked_at"):
+        if enqueued is not None and (started is None or enqueued > started):
+            overtaken = newest_started is not None and newest_started > enqueued + QUEUE_ORDER_SLACK
+            forgotten = cluster_idle and enqueued < quiet
+            if not (overtaken or forgotten):
+                continue  # its slice waits in the queue: another one would only add a chain
+        orphans.append(job_id)
+    return orphans
+
+
 def ensure_schedules() -> None:
-    """Register the sweeper once (idempotent: called by `manage.py prepare` and at cluster start)."""
+    """Register the sweeper once (idempotent: `manage.py prepare` calls it, and the tests and benches that
+    start a cluster)."""
     Schedule.objects.update_or_create(
         name="batchsite-sweeper",
         defaults={"func": "jobs.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},

@@ -1,7 +1,12 @@
 """The engine's rules, without a cluster: failure classification, Retry-After, backoff, leases, budgets."""
 
+import contextlib
+import json
+import math
 import multiprocessing as mp
+import re
 import time
+import urllib.request
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -9,16 +14,15 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from jobs import leases, ratelimit, runner
+from jobs import leases, ratelimit, runner, tasks
 from jobs.leases import Outcome
 from jobs.models import Item, Job, Price
 from jobs.pricing import PriceBook
+from jobs.simulator import SimConfig, serve_in_thread
 from tests.conftest import make_endpoint, make_job
 
 
 def err(code=None, type_=None, message="m"):
-    import json
-
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
 
 
@@ -190,3 +194,292 @@ def test_limits_learned_from_headers(tmp_path):
     assert configured.rpm == 100  # a configured limit wins over what the server says
     limiter.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1.5s"})
     assert 1.3 < limiter.store.cooldown_until("ep") - time.time() <= 1.5
+
+
+def test_an_empty_budget_waits_for_one_more_request_not_a_full_reset(tmp_path):
+    limiter = ratelimit.Limiter("ep", None, None, store=ratelimit.FileStore(tmp_path))
+    # An empty bucket of 3,000 a minute: full again in 60 s, room for the next request in 20 ms.
+    limiter.observe({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": "1m0s"})  # fmt: skip
+    assert limiter.store.cooldown_until("ep") - time.time() <= 0.02
+
+
+def test_error_bodies_are_stored_on_one_line():
+    pretty = json.dumps({"error": {"message": "Invalid 'messages': empty.", "type": "invalid_request_error",
+                                   "param": "messages", "code": None}}, indent=2)  # fmt: skip
+    error = runner.classify(400, pretty, {})
+    assert "\n" not in error.body and json.loads(error.body) == json.loads(pretty)
+    assert error.message == "Invalid 'messages': empty."
+    html = "<html>\n<body>502 Bad Gateway</body>\n</html>"
+    assert runner.classify(502, html, {}).body == html  # not JSON: kept as it is, the export wraps it
+
+
+def test_limiter_takes_no_slot_after_the_deadline(tmp_path):
+    limiter = ratelimit.Limiter("ep", rpm=60, tpm=None, store=ratelimit.FileStore(tmp_path))
+    deadline = time.time() + 2.5
+    waits = [limiter.reserve(1, latest=deadline) for _ in range(5)]
+    # one slot a second: now (and the burst allowance), +1 s, +2 s; then none before the deadline
+    assert [w < 2.6 for w in waits] == [True, True, True, False, False] and waits[3] == math.inf
+    assert 2.5 < limiter.reserve(1) <= 3.05  # refused slots were not taken: the next one follows +2 s
+
+
+def test_unpaced_cool_down_past_the_deadline_is_refused(tmp_path):
+    limiter = ratelimit.Limiter("ep", None, None, store=ratelimit.FileStore(tmp_path))
+    limiter.cool_down(600)
+    assert limiter.reserve(1, latest=time.time() + 60) == math.inf
+    assert 599 < limiter.reserve(1) <= 600
+
+
+def _touches(sql: str, model) -> bool:
+    return re.search(rf'(?<![\w"])"?{model._meta.db_table}"?(?![\w"])', sql) is not None
+
+
+def _locks_job_before_items(run) -> bool:
+    """Whether `run()` takes the job's row (SELECT ... FOR UPDATE, or an UPDATE of it) before it first
+    writes an item. SQLite has no FOR UPDATE: there, reading the job's row first is what counts."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        run()
+    sql = [" ".join(q["sql"].split()) for q in captured.captured_queries]
+    writes = ("UPDATE", "INSERT", "DELETE", "WITH")
+    first_item_write = next(i for i, s in enumerate(sql) if s.upper().startswith(writes) and _touches(s, Item))
+    locks = [s for s in sql[:first_item_write] if _touches(s, Job)]
+    if connection.features.has_select_for_update:
+        locks = [s for s in locks if "FOR UPDATE" in s.upper() or s.upper().startswith("UPDATE")]
+    return bool(locks)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_writer_locks_the_job_before_its_items(write, owner):
+    """One lock order (job row, then items) for claims, writes, expiry, cancel and retry: with two
+    orders, a cancel and a claim on Postgres wait on each other in a circle."""
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 6, start=False)
+    lease = uuid.uuid4()
+    claimed = []
+    assert _locks_job_before_items(lambda: claimed.extend(leases.claim(job.pk, lease, 3)))
+    failed = Outcome(claimed[0].id, Item.FAILED, 1, http_status=400, response="{}")
+    assert _locks_job_before_items(lambda: leases.write(job.pk, lease, [failed]))
+    after_the_leases = timezone.now() + timedelta(seconds=leases.lease_seconds() + 1)
+    assert _locks_job_before_items(lambda: leases.expire(after_the_leases))
+    job = Job.objects.get(pk=job.pk)
+    assert _locks_job_before_items(job.retry_failed)
+    assert _locks_job_before_items(job.cancel)
+
+
+# A slice run in this process against a simulator in a thread: the engine's behaviour over real HTTP,
+# without a cluster. Slice tasks it enqueues are recorded instead of going to the broker.
+
+
+@pytest.fixture
+def sim():
+    """sim(**SimConfig fields) -> base URL of a simulator in a thread of this process."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **config: stack.enter_context(serve_in_thread(SimConfig(**config)))
+
+
+def sim_get(url: str, path: str):
+    with urllib.request.urlopen(url.removesuffix("/v1") + path, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def enqueued(monkeypatch):
+    """The slice tasks enqueued during the test, as their argument tuples (job_id, slices, gen, enqueued_at)."""
+    calls = []
+    monkeypatch.setattr(tasks, "async_task", lambda func, *args, **options: calls.append(args))
+    return calls
+
+
+def slice_run(job, budget: float, slices: int = 1) -> tuple[dict, float]:
+    started = time.monotonic()
+    summary = runner.run_slice(job.pk, budget=budget, slices=slices)
+    job.refresh_from_db()
+    return summary, time.monotonic() - started
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_released_past_the_deadline_keeps_the_chain_going(sim, enqueued, write, owner):
+    """The released item is stored before the slice looks for due work: it waits for it up to its
+    deadline and hands over, instead of seeing the item as still running and leaving without a successor."""
+    url = sim(error_rates={429: 1.0}, retry_after_ms=60_000)
+    job = make_job(write, owner, make_endpoint(url, concurrency=4), 1, start=False)
+    summary, elapsed = slice_run(job, budget=1.5)
+    assert summary["sent"] == 1 and summary["handed_over"] and len(enqueued) == 1
+    assert elapsed >= 1.4
+    item = job.items.get()
+    assert (job.status, item.status, item.attempts) == (Job.RUNNING, Item.PENDING, 1)
+    assert item.error_code == "rate_limit_exceeded"
+    assert item.next_attempt_at > timezone.now() + timedelta(seconds=55)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_waiting_for_a_retry_costs_one_slice_per_budget(sim, enqueued, write, owner):
+    """Nothing due before the deadline: the slice sleeps until it, then hands over once; it does not hand
+    over at once (a tight loop of slices for as long as a Retry-After lasts)."""
+    url = sim()
+    job = make_job(write, owner, make_endpoint(url), 3, start=False)
+    job.items.update(next_attempt_at=timezone.now() + timedelta(minutes=10))
+    summary, elapsed = slice_run(job, budget=2.0)
+    assert elapsed >= 1.9 and summary["sent"] == 0 and len(enqueued) == 1
+    assert sim_get(url, "/_sim/stats")["total"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_429_shows_its_cool_down_on_the_endpoint(sim, enqueued, write, owner):
+    url = sim(error_rates={429: 1.0}, retry_after_ms=30_000)
+    job = make_job(write, owner, make_endpoint(url), 2, start=False)
+    before = timezone.now()
+    slice_run(job, budget=1.0)
+    job.endpoint.refresh_from_db()
+    assert before + timedelta(seconds=29) < job.endpoint.cooldown_until < timezone.now() + timedelta(seconds=31)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reservations_never_outlive_the_slice(sim, enqueued, write, owner):
+    """At 6 requests a minute, 20 requests in flight would hold slots for 200 s; a 2 s slice takes only
+    what it can use before its deadline, gives the other items back, and ends on time."""
+    url = sim(latency_ms=10)
+    job = make_job(write, owner, make_endpoint(url, rpm=6, concurrency=20), 20, start=False)
+    summary, elapsed = slice_run(job, budget=2.0)
+    assert elapsed < 4.0 and summary["sent"] == 1 and summary["handed_over"]
+    assert (job.n_succeeded, job.n_pending, job.n_running) == (1, 19, 0)
+    assert job.items.filter(status=Item.PENDING, attempts=0).count() == 19  # given back without an attempt
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_that_crashes_the_runner_fails_after_its_attempts(sim, enqueued, write, owner, monkeypatch):
+    def broken(url, body):
+        raise RuntimeError("usage block not understood")
+
+    monkeypatch.setattr(runner, "usage_of", broken)
+    monkeypatch.setattr(runner, "INTERNAL_ERROR_RETRY_SECONDS", 0.1)
+    url = sim()
+    job = make_job(write, owner, make_endpoint(url), 1, start=False)
+    Job.objects.filter(pk=job.pk).update(max_attempts=3)
+    slice_run(job, budget=5.0)
+    item = job.items.get()
+    assert (item.status, item.attempts, item.error_code) == (Item.FAILED, 3, "internal_error")
+    assert "RuntimeError" in item.error_message
+    assert sim_get(url, "/_sim/stats")["total"] == 3
+    assert job.status == Job.COMPLETED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_results_survive_a_locked_database(sim, enqueued, write, owner, monkeypatch):
+    """A "database is locked" while storing results is waited out: nothing is lost, nothing sent twice."""
+    from django.db import OperationalError
+
+    real_write, failures = leases.write, []
+
+    def flaky_write(*args):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OperationalError("database is locked")
+        return real_write(*args)
+
+    monkeypatch.setattr(leases, "write", flaky_write)
+    url = sim(latency_ms=20)
+    job = make_job(write, owner, make_endpoint(url, concurrency=10), 30, start=False)
+    slice_run(job, budget=10.0)
+    assert len(failures) == 2
+    assert (job.status, job.n_succeeded) == (Job.COMPLETED, 30)
+    assert sim_get(url, "/_sim/stats")["total"] == 30
+
+
+@pytest.mark.django_db(transaction=True)
+def test_first_request_alone_finds_out_the_limits(sim, enqueued, write, owner):
+    """Before the endpoint's limits are known one request goes alone; the rest wait for its headers
+    instead of going out as a blind burst that an exhausted budget answers with 429s."""
+    url = sim(latency_ms=100, rpm=1200)
+    job = make_job(write, owner, make_endpoint(url, concurrency=20), 20, start=False)
+    slice_run(job, budget=10.0)
+    times = sorted(entry["t"] for entry in sim_get(url, "/_sim/log"))
+    assert len(times) == 20 and times[1] - times[0] >= 0.09  # the others after the first answer
+    job.endpoint.refresh_from_db()
+    assert job.endpoint.learned_rpm == 1200
+
+
+def _set(job, **fields):
+    Job.objects.filter(pk=job.pk).update(**fields)
+    job.refresh_from_db()
+
+
+@pytest.mark.django_db
+def test_sweeper_leaves_jobs_waiting_in_the_queue_alone(write, owner, enqueued, settings):
+    """More jobs than workers: a job whose slices wait behind others' shows no life for minutes, but
+    starting it again would only add chains (each one growing without bound, sweep after sweep)."""
+    settings.BATCHSITE_SLICES_PER_JOB = 2
+    endpoint = make_endpoint("http://127.0.0.1:9/v1")
+    now = timezone.now()
+    running, waiting = (make_job(write, owner, endpoint, 3, start=False) for _ in range(2))
+    # `running` was enqueued first and its slice runs; `waiting` was enqueued after it, 10 minutes ago.
+    _set(running, status=Job.RUNNING, heartbeat_at=now, slice_enqueued_at=now - timedelta(minutes=11),
+         slice_picked_at=now - timedelta(minutes=11))  # fmt: skip
+    _set(waiting, created_at=now - timedelta(minutes=10), slice_enqueued_at=now - timedelta(minutes=10), slice_gen=1)
+    for _ in range(3):
+        assert tasks.sweep()["restarted"] == []
+    assert enqueued == []
+
+    # A slice enqueued well after `waiting`'s has started: the queue is first in, first out, so its
+    # slices were lost (a worker died with them). It is restarted once, with one new generation.
+    _set(running, slice_picked_at=now - timedelta(minutes=2))
+    assert tasks.sweep()["restarted"] == [waiting.pk]
+    assert tasks.sweep()["restarted"] == []  # the new slices wait in the queue now
+    assert [(job_id, gen) for job_id, _, gen, _ in enqueued] == [(waiting.pk, 2), (waiting.pk, 2)]
+
+
+@pytest.mark.django_db
+def test_sweeper_restarts_a_job_whose_slices_are_gone(write, owner, enqueued):
+    endpoint = make_endpoint("http://127.0.0.1:9/v1")
+    long_ago = timezone.now() - timedelta(minutes=10)
+    # Its last slice started and died (no heartbeat since), and nothing else runs.
+    died = make_job(write, owner, endpoint, 3, start=False)
+    _set(died, status=Job.RUNNING, heartbeat_at=long_ago, slice_enqueued_at=long_ago, slice_picked_at=long_ago)
+    # Its slice was enqueued but never started, on a cluster that runs nothing: it was lost.
+    lost = make_job(write, owner, endpoint, 3, start=False)
+    _set(lost, created_at=long_ago, slice_enqueued_at=long_ago)
+    assert sorted(tasks.sweep()["restarted"]) == sorted([died.pk, lost.pk])
+    assert tasks.sweep()["restarted"] == []
+
+
+@pytest.mark.django_db
+def test_slices_of_an_older_generation_stop(write, owner, enqueued):
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
+    tasks.start_job(job.pk)
+    tasks.start_job(job.pk)  # a restart: generation 2
+    assert runner.run_slice(job.pk, gen=1) == {"job": job.pk, "skipped": "superseded"}
+    assert tasks.enqueue_slice(job.pk, 2, gen=1) is False  # an old chain does not go on
+    assert tasks.enqueue_slice(job.pk, 2, gen=2) is True
+    assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 2]
+    assert not runner._wanted(job.pk, 1)
+
+
+@pytest.mark.django_db
+def test_resume_and_retry_never_add_chains(write, owner, enqueued, settings, django_capture_on_commit_callbacks):
+    settings.BATCHSITE_SLICES_PER_JOB = 2
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
+    with django_capture_on_commit_callbacks(execute=True):
+        job.start()
+    _set(job, status=Job.RUNNING)
+    job.items.filter(line__lte=2).update(status=Item.FAILED)
+    job.recount()
+    # Retrying while the job runs: its slices take the items up; a new chain would be one too many.
+    with django_capture_on_commit_callbacks(execute=True):
+        assert job.retry_failed() == 2
+    assert len(enqueued) == 2
+    # Resuming starts a new generation, and the slices still finishing from before stop.
+    job.pause()
+    with django_capture_on_commit_callbacks(execute=True):
+        job.resume()
+    assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2]
+    assert not runner._wanted(job.pk, 1)
+    # A completed job's retry starts it again.
+    job.items.update(status=Item.SUCCEEDED)
+    job.items.filter(line=1).update(status=Item.FAILED)
+    job.recount()
+    _set(job, status=Job.COMPLETED)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert job.retry_failed() == 1
+    assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 3, 3]
