@@ -196,19 +196,49 @@ def test_kill_9_mid_job_then_resume_exactly_once(cluster, simulator, write, owne
     assert total <= n + in_flight, (total, sent_before, in_flight)
 
 
+def steady_rate(times: list[float], amounts: list[float] | None = None) -> float:
+    """Per minute, between the first and last of `times` after the first 3 s (the start-up: probing the
+    limits, the first burst); `amounts` weighs each time (tokens), else each counts one."""
+    order = sorted(range(len(times)), key=times.__getitem__)
+    start = times[order[0]] + 3
+    steady = [i for i in order if times[i] >= start]
+    weights = [amounts[i] if amounts else 1 for i in steady]
+    return (sum(weights) - weights[0]) / (times[steady[-1]] - times[steady[0]]) * 60
+
+
 def test_rate_limit_reaches_95_percent_with_few_429s(cluster, simulator, write, owner):
-    sim = simulator("--latency-ms", "50", "--rpm", "3000")
+    # The simulator's bucket is empty when the first request arrives, so every request the engine
+    # sends faster than 3,000 a minute, from the first second on, is a 429.
+    sim = simulator("--latency-ms", "50", "--rpm", "3000", "--start-empty")
     cluster()
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), 1500)
     wait_status(job, Job.COMPLETED, 120)
     requests = sim.requests()
     limited = sum(r["status"] == 429 for r in requests)
     assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"
-    ok_times = sorted(r["t"] for r in requests if r["status"] == 200)
-    # Steady state: leave out the first seconds, where the server's full bucket allows a burst.
-    steady = [t for t in ok_times if t >= ok_times[0] + 3]
-    rate = (len(steady) - 1) / (steady[-1] - steady[0]) * 60
-    assert rate >= 0.95 * 3000, f"{rate:.0f} requests/min"
-    assert rate <= 1.03 * 3000
+    rate = steady_rate([r["t"] for r in requests if r["status"] == 200])
+    assert 0.95 * 3000 <= rate <= 1.03 * 3000, f"{rate:.0f} requests/min"
     job.endpoint.refresh_from_db()
     assert job.endpoint.learned_rpm == 3000
+
+
+def test_token_limit_reaches_90_percent_with_few_429s(cluster, simulator, write, owner):
+    """The token budget counts the whole max_tokens of every request, as OpenAI's does, even though the
+    answers are a few tokens long: the engine keeps its reservation and stays under the limit."""
+    tpm, max_tokens = 600_000, 200
+    sim = simulator("--latency-ms", "50", "--tpm", str(tpm), "--start-empty")
+    cluster()
+    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), 1400, max_tokens=max_tokens)
+    wait_status(job, Job.COMPLETED, 120)
+    requests = sim.requests()
+    limited = sum(r["status"] == 429 for r in requests)
+    assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"
+    # What the server charged each answered request: its prompt tokens and the max_tokens it asked for.
+    charged = {f"Question {custom_id.removeprefix('req-')}": prompt + max_tokens
+               for custom_id, prompt in job.items.values_list("custom_id", "prompt_tokens")}  # fmt: skip
+    answered = [r for r in requests if r["status"] == 200]
+    rate = steady_rate([r["t"] for r in answered], [charged[r["marker"]] for r in answered])
+    assert 0.9 * tpm <= rate <= 1.03 * tpm, f"{rate:.0f} tokens/min"
+    assert job.completion_tokens < job.n_succeeded * 10  # short answers: a refund would have sent ~15x too fast
+    job.endpoint.refresh_from_db()
+    assert job.endpoint.learned_tpm == tpm
