@@ -248,7 +248,7 @@ class Slice:
                 if now >= self.deadline:
                     await self._hand_over()
                     break
-                if self.booked:
+                if self.booked:  # no rate-limit slot left before the deadline (_wait_for_slot): claim no more
                     await self._wait(in_flight, self.deadline - now)
                     continue
                 if len(in_flight) >= self.concurrency:
