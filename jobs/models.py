@@ -335,6 +335,15 @@ class Job(models.Model):
             # items are pending), a paused job's on resume: more slices would only add chains.
         return n
 
+    def delete(self, *args, **kwargs):
+        # Lock the job's row before the cascade deletes its items: the order every writer of items
+        # keeps (jobs/leases.py), so a slice still finishing a paused job cannot deadlock with it.
+        from jobs.leases import lock_job
+
+        with transaction.atomic():
+            lock_job(self.pk)
+            return super().delete(*args, **kwargs)
+
     def duplicate(self, owner) -> "Job":
         """A new queued job with the same requests, owned by `owner`, started."""
         fields = ["url", "model", "mode", "endpoint", "source_name", "source_format", "source_file", "columns",

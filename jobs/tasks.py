@@ -19,7 +19,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
-from jobs import leases, runner
+from jobs import ingest, leases, runner
 from jobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,22 @@ def _orphans(now) -> list[int]:
     return orphans
 
 
+def clean_up() -> dict:
+    """Every hour: uploads nobody launched, or whose job was deleted, leave the disk after a day."""
+    removed = ingest.remove_stale_uploads()
+    if removed:
+        log.info("clean-up: removed %s stale uploads", removed)
+    return {"uploads_removed": removed}
+
+
 def ensure_schedules() -> None:
-    """Register the sweeper once (idempotent: `manage.py prepare` calls it, and the tests and benches that
-    start a cluster)."""
+    """Register the sweeper and the clean-up once (idempotent: `manage.py prepare` calls it, and the tests
+    and benches that start a cluster)."""
     Schedule.objects.update_or_create(
         name="batchsite-sweeper",
         defaults={"func": "jobs.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
+    )
+    Schedule.objects.update_or_create(
+        name="batchsite-clean-up",
+        defaults={"func": "jobs.tasks.clean_up", "schedule_type": Schedule.HOURLY, "repeats": -1},
     )

@@ -292,7 +292,8 @@ def test_store_upload_enforces_size(settings):
     assert settings.DATA_DIR in path.parents
 
 
-def test_stale_uploads_are_removed_unless_a_job_or_file_uses_them(write, owner):
+def test_stale_uploads_are_removed_unless_a_job_or_file_uses_them(write, owner, settings, tmp_path):
+    settings.DATA_DIR = tmp_path / "data"  # aged folders must not outlive this test's database rows
     import os
     import time
 

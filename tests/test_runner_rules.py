@@ -483,3 +483,17 @@ def test_resume_and_retry_never_add_chains(write, owner, enqueued, settings, dja
     with django_capture_on_commit_callbacks(execute=True):
         assert job.retry_failed() == 1
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.django_db
+def test_schedules_are_registered_once_and_clean_up_runs(settings, tmp_path):
+    settings.DATA_DIR = tmp_path  # other tests' uploads are not this test's
+    from django_q.models import Schedule
+
+    from jobs import tasks
+
+    tasks.ensure_schedules()
+    tasks.ensure_schedules()
+    assert sorted(Schedule.objects.values_list("name", "func")) == [
+        ("batchsite-clean-up", "jobs.tasks.clean_up"), ("batchsite-sweeper", "jobs.tasks.sweep")]  # fmt: skip
+    assert tasks.clean_up() == {"uploads_removed": 0}
