@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from jobs.models import Item, Job, JobTick
@@ -98,7 +98,8 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
         RETURNING id, custom_id, body, est_tokens, attempts, line
     """
     with transaction.atomic():
-        lock_job(job_id)
+        if lock_job(job_id) != Job.RUNNING:
+            return []  # paused, cancelled or finished since the slice last looked: send nothing more
         with connection.cursor() as cursor:
             cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
@@ -156,8 +157,8 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
                 if o.status == Item.PENDING:
                     cursor.execute(
                         _RELEASE_SQL,
-                        [release_to, o.attempts, _dt(o.next_attempt_at), o.error_code, o.error_message[:2000],
-                         o.http_status, o.item_id, token],
+                        [release_to, o.attempts, _dt(o.next_attempt_at), _text(o.error_code[:100]),
+                         _text(o.error_message[:2000]), o.http_status, o.item_id, token],
                     )  # fmt: skip
                     if cursor.rowcount == 1:
                         deltas["n_running"] -= 1
@@ -166,8 +167,8 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
                     continue
                 cursor.execute(
                     _FINAL_SQL,
-                    [o.status, o.attempts, o.http_status, o.response, o.request_id[:200], o.error_code[:100],
-                     o.error_message[:2000], o.prompt_tokens, o.completion_tokens, o.cached_tokens,
+                    [o.status, o.attempts, o.http_status, _text(o.response), _text(o.request_id[:200]),
+                     _text(o.error_code[:100]), _text(o.error_message[:2000]), o.prompt_tokens, o.completion_tokens, o.cached_tokens,
                      adapt_decimal(o.cost, 12, 8), o.latency_ms, _dt(now), o.item_id, token],
                 )  # fmt: skip
                 if cursor.rowcount != 1:
@@ -187,6 +188,28 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
         if tick:
             JobTick.add(job_id, now, tick)
     return deltas
+
+
+def write_each(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
+    """After a batch was refused for one bad row (a value the database rejects): store the outcomes
+    one by one, and one that is still refused as a failed item saying why, so that a result the
+    database cannot hold never sends its request again and again."""
+    deltas: Counter = Counter()
+    for o in outcomes:
+        try:
+            deltas.update(write(job_id, lease, [o]))  # update(), not +=: it keeps the negative counts
+        except (OperationalError, InterfaceError):
+            raise  # transient: the caller tries the whole batch again (stored ones no longer match the lease)
+        except Exception as e:  # noqa: BLE001 - any refusal of this one row
+            message = f"The result could not be stored: {type(e).__name__}: {e}"
+            deltas.update(write(job_id, lease, [Outcome(o.item_id, Item.FAILED, o.attempts, http_status=o.http_status,
+                                                           error_code="internal_error", error_message=message)]))  # fmt: skip
+    return deltas
+
+
+def _text(value: str) -> str:
+    """Postgres text cannot hold NUL (SQLite can): an upstream's stray NUL becomes U+FFFD."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def release(job_id: int, lease: uuid.UUID, items: list[Claimed]) -> None:

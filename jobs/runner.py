@@ -74,23 +74,31 @@ class UpstreamError(Exception):
     request_id: str = ""
 
 
+MAX_RETRY_AFTER = 86_400.0  # a day: a longer wait is a broken header, not advice
+
+
 def retry_after_seconds(headers) -> float | None:
-    """retry-after-ms, then retry-after (seconds or an HTTP date), whatever their size."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(float(value) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return max((parsed - timezone.now()).total_seconds(), 0.0)
-    return None
+    """retry-after-ms, then retry-after (seconds or an HTTP date), whatever their size up to a day."""
+    seconds = None
+    if value := headers.get("retry-after-ms"):
+        seconds = _number(value, scale=1000.0)
+    if seconds is None and (value := headers.get("retry-after")):
+        seconds = _number(value)
+        if seconds is None:
+            try:
+                seconds = (email.utils.parsedate_to_datetime(value) - timezone.now()).total_seconds()
+            except (TypeError, ValueError):
+                return None
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _number(text: str, scale: float = 1.0) -> float | None:
+    try:
+        return float(text) / scale
+    except ValueError:
+        return None
 
 
 def _error_fields(text: str) -> tuple[str, str, str]:
@@ -279,7 +287,11 @@ class Slice:
                 await self._flush()
                 due = await self.db(leases.next_due, self.job_id)
                 if due is None:
-                    break  # nothing pending: finished, or other slices hold the rest (see settle())
+                    if not await self.db(_held_elsewhere, self.job_id):
+                        break  # nothing pending, nothing running: done (settle() finalizes the job)
+                    # Other slices hold the rest and may hand some back for a retry after they have
+                    # handed over, with no successor of their own left to take it: stay and look again.
+                    due = timezone.now() + timedelta(seconds=STATUS_CHECK_SECONDS)
                 # Wait here, up to the deadline, for the earliest retry: a successor would only find the
                 # same nothing to do, and hand over again, for as long as a Retry-After lasts.
                 wait = (due - timezone.now()).total_seconds()
@@ -525,7 +537,14 @@ class Slice:
                 return
             batch, self.outcomes = self.outcomes, []
             try:
-                await self.db(leases.write, self.job_id, self.lease, batch, patience=patience)
+                try:
+                    await self.db(leases.write, self.job_id, self.lease, batch, patience=patience)
+                except TRANSIENT_DB_ERRORS:
+                    raise
+                except Exception:  # one row the database refuses must not cost the batch (nor kill the flusher)
+                    log.exception("Job %s: a batch of %d results was refused; storing them one by one", self.job_id,
+                                  len(batch))  # fmt: skip
+                    await self.db(leases.write_each, self.job_id, self.lease, batch, patience=patience)
             except TRANSIENT_DB_ERRORS:
                 self.outcomes[:0] = batch  # kept, ahead of newer ones, for the next try
                 raise
@@ -564,6 +583,11 @@ class _InvalidResponse(Exception):
 def _wanted(job_id: int, gen: int) -> bool:
     """Whether the job still wants this slice: it is running, and no newer generation of slices replaced it."""
     return Job.objects.filter(pk=job_id, status=Job.RUNNING, slice_gen=gen).exists()
+
+
+def _held_elsewhere(job_id: int) -> bool:
+    """Items of the job are running under another slice's lease (or a dead one's, until it expires)."""
+    return Job.objects.filter(pk=job_id, n_running__gt=0).exists()
 
 
 def _drop_broken_connection() -> None:
@@ -624,14 +648,37 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
     work = Slice(job, endpoint, uuid.uuid4(), budget, db, slices or settings.BATCHSITE_SLICES_PER_JOB, gen)
     try:
         asyncio.run(work.run())
+    except Exception as crash:
+        if not work.sent and not isinstance(crash, TRANSIENT_DB_ERRORS):
+            # It failed before sending anything: it would fail the same way again at once, slice after
+            # slice. Say so on the job instead; resuming tries again.
+            _pause_job(job_id, f"Batchsite could not run this job: {type(crash).__name__}: {crash}. Resume to try again.")
+        raise
     finally:
         db.submit(connections.close_all).result()  # the slice thread's own connection
         db.shutdown()
-        _remember_learned_limits(endpoint, work.limiter)
         # Even after a crash: the chain must go on while items are pending.
-        finished = settle(job_id, gen, work.slices, work.handed_over)
+        finished = _patiently(settle, job_id, gen, work.slices, work.handed_over)
+        try:
+            _remember_learned_limits(endpoint, work.limiter)
+        except Exception:  # a nicety: the next slice learns them again
+            log.exception("Job %s: could not store the learned limits", job_id)
     return {"job": job_id, "sent": work.sent, "handed_over": work.handed_over, "finished": finished,
             "stopped": work.stop_reason}  # fmt: skip
+
+
+def _patiently(fn, *args, patience: float = DB_PATIENCE):
+    """`fn(*args)`, retrying transient database errors for up to `patience` seconds (outside a slice's loop)."""
+    give_up, pause = time.monotonic() + patience, 0.05
+    while True:
+        try:
+            return fn(*args)
+        except TRANSIENT_DB_ERRORS:
+            if time.monotonic() + pause > give_up:
+                raise
+            _drop_broken_connection()
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def settle(job_id: int, gen: int, slices: int, handed_over: bool) -> bool:

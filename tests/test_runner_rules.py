@@ -60,6 +60,12 @@ def test_retry_after_header_forms():
     http_date = (timezone.now() + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert 25 < runner.retry_after_seconds({"retry-after": http_date}) <= 31
     assert runner.retry_after_seconds({}) is None
+    # Broken headers: never an infinite (or NaN) wait that would freeze the endpoint for every process
+    assert runner.retry_after_seconds({"retry-after": "inf"}) == runner.MAX_RETRY_AFTER
+    assert runner.retry_after_seconds({"retry-after-ms": "1e400"}) == runner.MAX_RETRY_AFTER
+    assert runner.retry_after_seconds({"retry-after": "nan"}) is None
+    assert runner.retry_after_seconds({"retry-after-ms": "soon", "retry-after": "2"}) == 2.0
+    assert runner.retry_after_seconds({"retry-after": "Someday, 99 Foo"}) is None
 
 
 def test_backoff_grows_with_jitter_and_a_cap():
@@ -99,6 +105,7 @@ def test_price_longest_prefix_wins():
 @pytest.mark.django_db
 def test_a_stale_lease_cannot_overwrite_a_result(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
     old, new = uuid.uuid4(), uuid.uuid4()
     claimed = leases.claim(job.pk, old, 10)
     assert [c.custom_id for c in claimed] == ["req-0", "req-1", "req-2"]
@@ -117,8 +124,18 @@ def test_a_stale_lease_cannot_overwrite_a_result(write, owner):
 
 
 @pytest.mark.django_db
+def test_nothing_is_claimed_once_the_job_is_paused(write, owner):
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    assert len(leases.claim(job.pk, uuid.uuid4(), 1)) == 1
+    Job.objects.get(pk=job.pk).pause()
+    assert leases.claim(job.pk, uuid.uuid4(), 10) == []
+
+
+@pytest.mark.django_db
 def test_claims_respect_next_attempt_and_input_order(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
     first = Item.objects.get(job=job, custom_id="req-0")
     Item.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now() + timedelta(minutes=5))
     assert [c.custom_id for c in leases.claim(job.pk, uuid.uuid4(), 2)] == ["req-1", "req-2"]
@@ -256,6 +273,7 @@ def test_every_writer_locks_the_job_before_its_items(write, owner):
     """One lock order (job row, then items) for claims, writes, expiry, cancel and retry: with two
     orders, a cancel and a claim on Postgres wait on each other in a circle."""
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 6, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
     lease = uuid.uuid4()
     claimed = []
     assert _locks_job_before_items(lambda: claimed.extend(leases.claim(job.pk, lease, 3)))
@@ -497,3 +515,87 @@ def test_schedules_are_registered_once_and_clean_up_runs(settings, tmp_path):
     assert sorted(Schedule.objects.values_list("name", "func")) == [
         ("batchsite-clean-up", "jobs.tasks.clean_up"), ("batchsite-sweeper", "jobs.tasks.sweep")]  # fmt: skip
     assert tasks.clean_up() == {"uploads_removed": 0}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slice_stays_while_another_holds_items_it_may_hand_back(sim, enqueued, write, owner):
+    """Another slice (already handed over, so with no successor of its own) holds every item, then hands
+    them back for a retry: this slice must still be there to take them, not have left at once."""
+    import threading
+
+    from django.db import connection
+
+    url = sim()
+    job = make_job(write, owner, make_endpoint(url), 3, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    other = uuid.uuid4()
+    held = leases.claim(job.pk, other, 3)
+
+    def hand_back():
+        leases.write(job.pk, other, [Outcome(c.id, Item.PENDING, 1) for c in held])
+        connection.close()
+
+    threading.Timer(0.7, hand_back).start()
+    summary, elapsed = slice_run(job, budget=4.0)
+    assert summary["sent"] == 3 and job.status == Job.COMPLETED and job.n_succeeded == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slice_leaves_at_once_when_nothing_is_pending_or_held(sim, enqueued, write, owner):
+    url = sim()
+    job = make_job(write, owner, make_endpoint(url), 2, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    job.items.update(status=Item.SUCCEEDED)
+    job.recount()
+    summary, elapsed = slice_run(job, budget=5.0)
+    assert elapsed < 2 and summary["finished"] and not enqueued
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_result_the_database_refuses_fails_that_item_only(sim, enqueued, write, owner, monkeypatch):
+    """One row Postgres refuses (say, an absurd cost) must not cost the batch's other results, nor send
+    its own request again and again."""
+    from django.db import DataError
+
+    url = sim(latency_ms=5)
+    job = make_job(write, owner, make_endpoint(url, concurrency=10), 10, start=False)
+    bad = job.items.get(custom_id="req-3").pk
+    real_write = leases.write
+
+    def refusing_write(job_id, lease, outcomes):
+        if any(o.item_id == bad and o.status == Item.SUCCEEDED for o in outcomes):
+            raise DataError("numeric field overflow")
+        return real_write(job_id, lease, outcomes)
+
+    monkeypatch.setattr(leases, "write", refusing_write)
+    slice_run(job, budget=5.0)
+    assert (job.status, job.n_succeeded, job.n_failed) == (Job.COMPLETED, 9, 1)
+    item = Item.objects.get(pk=bad)
+    assert item.error_code == "internal_error" and "numeric field overflow" in item.error_message
+    assert sim_get(url, "/_sim/stats")["total"] == 10
+
+
+@pytest.mark.django_db
+def test_nul_characters_from_upstream_are_stored_as_replacement_characters(write, owner):
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
+    lease = uuid.uuid4()
+    (claimed,) = leases.claim(job.pk, lease, 1)
+    leases.write(job.pk, lease, [Outcome(claimed.id, Item.FAILED, 1, http_status=500, response="bad\x00gateway",
+                                         error_code="http_500", error_message="bad\x00gateway")])  # fmt: skip
+    item = job.items.get()
+    assert item.response == item.error_message == "bad\ufffdgateway"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slice_that_fails_before_sending_pauses_the_job_instead_of_looping(sim, enqueued, write, owner, monkeypatch):
+    def broken():
+        raise RuntimeError("price table unreadable")
+
+    monkeypatch.setattr(PriceBook, "load", staticmethod(broken))
+    job = make_job(write, owner, make_endpoint(sim()), 3, start=False)
+    with pytest.raises(RuntimeError):
+        runner.run_slice(job.pk, budget=2.0)
+    job.refresh_from_db()
+    assert job.status == Job.PAUSED and "price table unreadable" in job.status_reason
+    assert not enqueued  # no successor that would fail the same way at once
