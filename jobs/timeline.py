@@ -76,17 +76,26 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
         recent = ticks.filter(at__gte=now - timedelta(seconds=RECENT)).aggregate(n=Sum(F("succeeded") + F("failed")))
         recent_done = recent["n"] or 0
     peak = max((s + f for s, f, _ in sums), default=0) or 1
-    width = 100 / max(n, 12)  # a 30-second job gets a few bars, not three slabs across the page
-    bars = []
-    for i, (succeeded, failed, retried) in enumerate(sums):
-        done = succeeded + failed
-        height = round(60 * done / peak, 2)
-        bars.append({
-            "at": start + timedelta(seconds=i * bucket), "succeeded": succeeded, "failed": failed, "retried": retried,
-            "rate": done / bucket, "x": round(i * width, 3), "y": round(64 - height, 2), "h": height,
-        })  # fmt: skip
+    bars = [
+        {"at": start + timedelta(seconds=i * bucket), "succeeded": succeeded, "failed": failed, "retried": retried,
+         "done": succeeded + failed, "rate": (succeeded + failed) / bucket}
+        for i, (succeeded, failed, retried) in enumerate(sums)
+    ]  # fmt: skip
+    # At least 12 slots: a 30-second job gets a few bars, not three slabs across the page.
+    width = place_bars(bars, "done", slots=max(n, 12))
     rate = recent_done / RECENT if active else 0.0
     remaining = job.n_pending + job.n_running
     eta = remaining / rate if rate > 0 and remaining and job.status in (Job.RUNNING, Job.QUEUED) else None
-    return Timeline(bars=bars, bucket_seconds=bucket, bar_width=round(width * 0.8, 3), peak_rate=peak / bucket,
+    return Timeline(bars=bars, bucket_seconds=bucket, bar_width=width, peak_rate=peak / bucket,
                     start=start, end=end, rate=rate, eta=eta)  # fmt: skip
+
+
+def place_bars(bars: list[dict], key: str, slots: int) -> float:
+    """Give each bar its x, y and h in the charts' SVG box (0 0 100 64), scaled to the largest `key`;
+    return the bars' width."""
+    peak = max((bar[key] for bar in bars), default=0) or 1
+    slot = 100 / max(slots, 1)
+    for i, bar in enumerate(bars):
+        bar["h"] = round(60 * bar[key] / peak, 2)
+        bar["x"], bar["y"] = round(i * slot, 3), round(64 - bar["h"], 2)
+    return round(slot * 0.8, 3)

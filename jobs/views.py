@@ -413,7 +413,7 @@ def usage(request: HttpRequest) -> HttpResponse:
         cost=Sum("cost"),
     )
     context = {
-        "days": _last_days(sums),
+        "days": _last_days(sums),  # {"bars", "bar_width"}
         "by_user": Job.objects.values("owner__username").annotate(**sums).order_by("-cost", "owner__username"),
         "by_model": Job.objects.values("model").annotate(**sums).order_by("-cost", "model"),
         "by_month": Job.objects.annotate(month=TruncMonth("created_at")).values("month").annotate(**sums).order_by("-month"),
@@ -422,19 +422,16 @@ def usage(request: HttpRequest) -> HttpResponse:
     return render(request, "jobs/usage.html", context)
 
 
-
-def _last_days(sums: dict, n: int = 30) -> list[dict]:
-    """Tokens and cost per day over the last `n` days, as chart bars (days without jobs included)."""
-    today = timezone.localdate()
-    since = today - timedelta(days=n - 1)
+def _last_days(sums: dict, n: int = 30) -> dict:
+    """Tokens and cost per day over the last `n` days as chart bars (days without jobs included);
+    no bars when there were no tokens at all."""
+    since = timezone.localdate() - timedelta(days=n - 1)
     rows = (Job.objects.filter(created_at__date__gte=since).annotate(day=TruncDate("created_at"))
             .values("day").annotate(**sums).order_by("day"))  # fmt: skip
     by_day = {r["day"]: r for r in rows}
     days = [by_day.get(since + timedelta(days=i), {"day": since + timedelta(days=i)}) for i in range(n)]
-    peak = max(((d.get("prompt") or 0) + (d.get("completion") or 0) for d in days), default=0) or 1
-    width = 100 / n
-    for i, d in enumerate(days):
+    for d in days:
         d["tokens"] = (d.get("prompt") or 0) + (d.get("completion") or 0)
-        d["h"] = round(60 * d["tokens"] / peak, 2)
-        d["x"], d["y"], d["w"] = round(i * width, 3), round(64 - d["h"], 2), round(width * 0.8, 3)
-    return days if any(d["tokens"] for d in days) else []
+    if not any(d["tokens"] for d in days):
+        return {"bars": [], "bar_width": 0}
+    return {"bars": days, "bar_width": timeline.place_bars(days, "tokens", slots=n)}
