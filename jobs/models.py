@@ -312,6 +312,8 @@ class Job(models.Model):
 
     def retry_failed(self) -> int:
         """Failed and expired items back to pending with fresh attempts; returns how many."""
+        from jobs.leases import lock_job
+
         reset = dict(
             status=Item.PENDING, attempts=0, http_status=None, response="", request_id="", error_code="",
             error_message="", next_attempt_at=None, finished_at=None, latency_ms=None,
@@ -319,7 +321,7 @@ class Job(models.Model):
         with transaction.atomic():
             # The job's row first, then its items (the order of jobs/leases.py), and its status as of
             # now: a slice may have just completed the job.
-            self.status = Job.objects.select_for_update().values_list("status", flat=True).get(pk=self.pk)
+            self.status = lock_job(self.pk)
             if self.status == Job.CANCELLING:
                 raise InvalidTransition("Wait until the job is cancelled, then retry its failed items.")
             n_failed = self.items.filter(status=Item.FAILED).update(**reset)

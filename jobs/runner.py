@@ -405,13 +405,13 @@ class Slice:
                 # Not the item's fault: give the attempt back and pause the job.
                 await self._stop_job(last.message)
                 return self._release(item, attempts - 1, retries, last)
+            # One draw of the jitter: the endpoint's cool-down and this item's wait are the same pause.
+            delay = last.retry_after if last.retry_after is not None else backoff(attempts)
             if last.http_status == 429:
-                pause = last.retry_after if last.retry_after is not None else backoff(attempts)
-                self.limiter.cool_down(pause)
-                await self._show_cooldown(pause)
+                self.limiter.cool_down(delay)
+                await self._show_cooldown(delay)
             if attempts >= self.max_attempts:
                 return self._failed(item, attempts, retries, last, latency)
-            delay = last.retry_after if last.retry_after is not None else backoff(attempts)
             if time.monotonic() + delay > self.deadline:
                 # Too long to hold the item here: back to pending, due after the wait.
                 return self._release(item, attempts, retries, last, delay)
@@ -685,10 +685,9 @@ def settle(job_id: int, gen: int, slices: int, handed_over: bool) -> bool:
     """After a slice: finalize the job if nothing is left, else make sure a slice follows while items
     are pending. True if the job was finalized.
 
-    A slice that did not hand over stopped because it had nothing to claim, or was told to stop. In
-    the first case the items it saw held by others may have come back since (released for a retry),
-    so it continues its chain unless nothing is pending: the slices still holding items settle after
-    it and see what they released. Paused, cancelled or superseded jobs get no successor."""
+    A slice that did not hand over stopped because nothing was pending or held, or because it was told
+    to stop. Items may have become pending in between (a retry of failed items), so it continues its
+    chain while any are. Paused, cancelled or superseded jobs get no successor."""
     from jobs import tasks
 
     if finalize_if_done(job_id):
