@@ -60,7 +60,7 @@ class Outcome:
     cost: Decimal = Decimal(0)
     latency_ms: int | None = None
     next_attempt_at: datetime | None = None
-    retries: int = 0  # attempts retried during this claim, for the timeline
+    retries: int = 0  # failed attempts to be tried again, decided during this claim (the timeline's "retried")
 
 
 def lease_seconds() -> int:
@@ -163,7 +163,7 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
                     if cursor.rowcount == 1:
                         deltas["n_running"] -= 1
                         deltas[f"n_{release_to}"] += 1
-                        tick["retried"] += o.retries + (1 if release_to == Item.PENDING and o.attempts else 0)
+                        tick["retried"] += o.retries
                     continue
                 cursor.execute(
                     _FINAL_SQL,

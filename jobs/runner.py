@@ -360,7 +360,7 @@ class Slice:
             if attempts >= self.max_attempts:
                 self._failed(item, attempts, 0, error, None)
             else:
-                self._release(item, attempts, 0, error, INTERNAL_ERROR_RETRY_SECONDS)
+                self._release(item, attempts, 1, error, INTERNAL_ERROR_RETRY_SECONDS)
 
     async def _process(self, item: Claimed) -> None:
         body = json.loads(item.body)
@@ -412,10 +412,10 @@ class Slice:
                 await self._show_cooldown(delay)
             if attempts >= self.max_attempts:
                 return self._failed(item, attempts, retries, last, latency)
+            retries += 1  # counted once, here, whether the retry happens in this slice or a later one
             if time.monotonic() + delay > self.deadline:
                 # Too long to hold the item here: back to pending, due after the wait.
                 return self._release(item, attempts, retries, last, delay)
-            retries += 1
             if not await self._sleep(delay):
                 return self._release(item, attempts, retries, last)
 

@@ -367,6 +367,29 @@ def test_reservations_never_outlive_the_slice(sim, enqueued, write, owner):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_timeline_does_not_count_items_given_back_unsent_as_retries(sim, enqueued, write, owner):
+    """Items tried before (attempts > 0) and handed back without being sent are not retried again;
+    each 429 counts once, whether retried inside the slice or released for a later one."""
+    url = sim(latency_ms=10)
+    job = make_job(write, owner, make_endpoint(url, rpm=6, concurrency=20), 20, start=False)
+    job.items.update(attempts=1)
+    slice_run(job, budget=2.0)
+    assert (job.n_succeeded, job.n_pending) == (1, 19)
+    assert sum(t.retried for t in job.ticks.all()) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_timeline_counts_retries_in_and_after_the_slice(sim, enqueued, write, owner):
+    url = sim(latency_ms=10, error_rates={429: 1.0}, retry_after_ms=300)
+    job = make_job(write, owner, make_endpoint(url, concurrency=1), 1, start=False)
+    Job.objects.filter(pk=job.pk).update(max_attempts=50)
+    slice_run(job, budget=1.2)  # 429 ... 429 while the slice lasts, then one released past the deadline
+    sent = sim_get(url, "/_sim/stats")["total"]
+    assert sent >= 2 and job.items.get().attempts == sent
+    assert sum(t.retried for t in job.ticks.all()) == sent
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_request_that_crashes_the_runner_fails_after_its_attempts(sim, enqueued, write, owner, monkeypatch):
     def broken(url, body):
         raise RuntimeError("usage block not understood")
