@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench screenshots clean
 
 setup: $(STAMP)
 	$(PY) manage.py prepare
@@ -25,6 +25,9 @@ test: setup
 bench: setup
 	$(PY) bench/ingest_export.py
 	$(PY) bench/simulator.py
+
+screenshots: setup
+	$(PY) scripts/screenshots.py
 
 clean:
 	rm -rf $(VENV) var staticfiles

@@ -23,6 +23,7 @@ class Timeline:
     end: datetime | None = None
     rate: float = 0.0  # finished per second over the last minute; 0 unless the job is active
     eta: float | None = None  # seconds left at that rate
+    retried_points: str = ""  # the retries line's SVG points; empty when nothing was retried
 
     @property
     def span_seconds(self) -> float:
@@ -83,11 +84,20 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
     ]  # fmt: skip
     # At least 12 slots: a 30-second job gets a few bars, not three slabs across the page.
     width = place_bars(bars, "done", slots=max(n, 12))
+    scale = 60 / peak
+    for bar in bars:
+        # Failed on top of succeeded, in the same bar; retries (429s, 5xx) as a line on the same scale,
+        # capped at the top: a storm's retries can outnumber what finished.
+        failed_h = scale * bar["failed"]
+        bar["fh"] = round(failed_h, 2)
+        bar["sy"], bar["sh"] = round(bar["y"] + failed_h, 2), round(max(bar["h"] - failed_h, 0), 2)
+        bar["ry"] = round(64 - min(scale * bar["retried"], 62), 2)
+    retried = " ".join(f"{bar['x'] + width / 2:g},{bar['ry']:g}" for bar in bars) if any(b["retried"] for b in bars) else ""
     rate = recent_done / RECENT if active else 0.0
     remaining = job.n_pending + job.n_running
     eta = remaining / rate if rate > 0 and remaining and job.status in (Job.RUNNING, Job.QUEUED) else None
     return Timeline(bars=bars, bucket_seconds=bucket, bar_width=width, peak_rate=peak / bucket,
-                    start=start, end=end, rate=rate, eta=eta)  # fmt: skip
+                    start=start, end=end, rate=rate, eta=eta, retried_points=retried)  # fmt: skip
 
 
 def place_bars(bars: list[dict], key: str, slots: int) -> float:

@@ -1,10 +1,9 @@
 """The dashboard in a real headless Chromium (Playwright), against a live server, a real qcluster
-and the simulator. Screenshots land in test-artifacts/; the job page's is copied to docs/."""
+and the simulator. Screenshots land in test-artifacts/ (the README's come from `make screenshots`)."""
 
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -101,9 +100,6 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     assert page.evaluate("window.__marker") == "same page"
     assert page.locator(".percent").inner_text() == "100%"
     shot(page, "job-detail")
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
-    shutil.copy(ARTIFACTS / "job-detail.png", docs / "job-detail.png")
 
     with page.expect_download() as download:
         page.click("text=Results JSONL")

@@ -269,7 +269,8 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
     Item.objects.filter(job=big, line__lte=500).update(status=Item.FAILED, error_code="http_500", http_status=500)
     big.recount()
     start = timezone.now() - timedelta(days=1)  # a day-long run's timeline for the chart
-    JobTick.objects.bulk_create([JobTick(job=big, at=start + timedelta(seconds=10 * i), succeeded=3) for i in range(8640)])
+    JobTick.objects.bulk_create([JobTick(job=big, at=start + timedelta(seconds=10 * i), succeeded=3, failed=int(i % 500 == 0),
+                                         retried=2 * int(i % 300 == 0)) for i in range(8640)])  # fmt: skip
     client.force_login(owner)
     urls = ["/", "/?scope=mine&status=completed&q=job", f"/jobs/{big.pk}/", f"/jobs/{big.pk}/progress",
             f"/jobs/{big.pk}/items/", f"/jobs/{big.pk}/items/?status=failed&page=5", f"/jobs/{big.pk}/items/?page=900", "/usage/",
@@ -285,4 +286,5 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
         assert len(queries) <= 12, (url, [q["sql"] for q in queries])
         assert elapsed < 0.25, (url, elapsed)  # < 100 ms is the target; bench/pages.py prints it
     page = client.get(f"/jobs/{big.pk}/").content.decode()
-    assert page.count("<rect ") == 60 and "(1 d)" in page  # the whole day-long run, in 24-minute bars
+    assert page.count('class="b"') == 60 and "(1 d)" in page  # the whole day-long run, in 24-minute bars
+    assert page.count('class="f"') == 18 and page.count("<polyline ") == 1  # failed stacked on top; retries drawn as a line

@@ -48,11 +48,33 @@ def test_a_stall_shows_as_empty_bars_and_the_eta_comes_from_the_last_minute(job)
     assert t.rate == pytest.approx(0.1) and t.eta == pytest.approx(40)
 
 
+def test_failed_stack_on_succeeded_and_retries_are_a_line_on_the_same_scale(job):
+    start = timezone.now().replace(microsecond=0) - timedelta(minutes=5)
+    tick(job, start, succeeded=30, failed=10)
+    tick(job, start + timedelta(seconds=10), succeeded=20, retried=100)  # a 429 storm: more retried than done
+    tick(job, start + timedelta(seconds=20), succeeded=40)
+    Job.objects.filter(pk=job.pk).update(status=Job.COMPLETED)
+    job.refresh_from_db()
+    first, storm, last = timeline.for_job(job).bars
+    assert first["h"] == 60 and first["fh"] == 15 and first["sh"] == 45 and first["sy"] == first["y"] + 15 == 19
+    assert storm["fh"] == 0 and storm["sh"] == storm["h"] == 30
+    assert storm["ry"] == 2 and first["ry"] == last["ry"] == 64  # capped near the top; none is the baseline
+    points = timeline.for_job(job).retried_points.split()
+    assert len(points) == 3 and points[1].endswith(",2")
+
+
+def test_no_retries_no_retries_line(job):
+    tick(job, timezone.now() - timedelta(seconds=60), succeeded=3)
+    tick(job, timezone.now() - timedelta(seconds=40), succeeded=3)
+    assert timeline.for_job(job).retried_points == ""
+
+
 def test_no_ticks_no_chart(job):
     assert timeline.for_job(job).bars == []
 
 
-@pytest.mark.parametrize("seconds,text", [(4.4, "4 s"), (59, "59 s"), (90, "2 min"), (3600, "1 h"), (7500, "2 h 5 min"),
+@pytest.mark.parametrize("seconds,text", [(4.4, "4 s"), (59, "59 s"), (90, "1 min 30 s"), (120, "2 min"), (599.6, "10 min"),
+                                          (1530, "26 min"), (3600, "1 h"), (7500, "2 h 5 min"),
                                           (90000, "1 d 1 h"), (None, "")])  # fmt: skip
 def test_duration(seconds, text):
     assert duration(seconds) == text
