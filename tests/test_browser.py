@@ -99,6 +99,7 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     page.wait_for_selector("#progress [data-status=completed]", timeout=120_000)
     assert page.evaluate("window.__marker") == "same page"
     assert page.locator(".percent").inner_text() == "100%"
+    assert page.title() == "Completed · questions · Batchsite"  # the tab's title followed the polling
     shot(page, "job-detail")
 
     with page.expect_download() as download:

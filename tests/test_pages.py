@@ -226,11 +226,18 @@ def test_usage_page(client, owner, teammate, endpoint, write):
 
 def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 2, start=False)
+    Job.objects.filter(pk=job.pk).update(name="<b>Q&A</b>")
+    Item.objects.filter(pk=job.items.first().pk).update(status=Item.SUCCEEDED)
+    job.recount()
     client.force_login(owner)
-    assert client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true").status_code == 200
+    response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
+    # The tab's title follows the progress (htmx takes it from the partial), escaped like the rest
+    assert response.status_code == 200 and "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in response.content.decode()
+    assert "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "<title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()  # not an htmx request: no title
     job.cancel()
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
-    assert response.status_code == 286 and "Cancelled" in response.content.decode()
+    assert response.status_code == 286 and "<title>Cancelled · &lt;b&gt;" in response.content.decode()
 
 
 def test_no_500_from_odd_input(client, owner, endpoint, write):
