@@ -568,7 +568,9 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
                 f"Line {number}: custom_id {custom_id!r} is already used on line {earlier}.",
             )
             continue
-        body = dict(body_base)
+        # The model and the prompt first, then the settings: the previews and item pages show the
+        # filled-in prompt at the top, not below a long JSON schema.
+        body = {"model": body_base["model"]}
         if template.url == "/v1/embeddings":
             text = cells[template.input_column]
             if not text.strip():
@@ -585,6 +587,7 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
                 messages.append({"role": "system", "content": _render(template.system_prompt, cells)})
             messages.append({"role": "user", "content": user})
             body["messages"] = messages
+        body.update((key, value) for key, value in body_base.items() if key not in body)
         yield Request(number, custom_id, body, row)
 
 

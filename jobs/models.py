@@ -233,9 +233,17 @@ class Job(models.Model):
     def n_done(self) -> int:
         return self.n_succeeded + self.n_failed + self.n_cancelled + self.n_expired
 
+    @property
+    def n_answered(self) -> int:
+        """Items that ran to a result or an error: what the job got done (cancelled ones never ran)."""
+        return self.n_succeeded + self.n_failed + self.n_expired
+
     def progress(self) -> float:
-        """Percent of items that have reached a final state."""
-        return 100.0 * self.n_done / self.total if self.total else 100.0
+        """Percent of items answered: a job cancelled half-way stays at half, it does not read as done."""
+        return 100.0 * self.n_answered / self.total if self.total else 100.0
+
+    def cancelled_percent(self) -> float:
+        return 100.0 * self.n_cancelled / self.total if self.total else 0.0
 
     def elapsed_seconds(self) -> float | None:
         """Wall time since the first request, to the end if finished (pauses included)."""

@@ -11,6 +11,7 @@ from jobs.models import Job, JobTick
 
 SLOTS = 60  # bars in the chart, whatever the length of the run
 RECENT = 60  # seconds behind "requests/s now" and the ETA
+MIN_WINDOW = 5  # ... but no fewer: the first second's burst is not a rate
 
 
 @dataclass
@@ -93,7 +94,12 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
         bar["sy"], bar["sh"] = round(bar["y"] + failed_h, 2), round(max(bar["h"] - failed_h, 0), 2)
         bar["ry"] = round(64 - min(scale * bar["retried"], 62), 2)
     retried = " ".join(f"{bar['x'] + width / 2:g},{bar['ry']:g}" for bar in bars) if any(b["retried"] for b in bars) else ""
-    rate = recent_done / RECENT if active else 0.0
+    # Over the last minute, or over the run so far while it is younger than that: 12 done in its first
+    # 3 s is 4/s, not 0.2/s (and an ETA 20 times too long).
+    window = RECENT
+    if job.started_at is not None:
+        window = min(RECENT, max((now - job.started_at).total_seconds(), MIN_WINDOW))
+    rate = recent_done / window if active else 0.0
     remaining = job.n_pending + job.n_running
     eta = remaining / rate if rate > 0 and remaining and job.status in (Job.RUNNING, Job.QUEUED) else None
     return Timeline(bars=bars, bucket_seconds=bucket, bar_width=width, peak_rate=peak / bucket,

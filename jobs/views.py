@@ -247,7 +247,7 @@ def job_progress(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 ACTIONS = {
-    "pause": ("pause", "Paused. Requests in flight will finish; nothing new is sent."),
+    "pause": ("pause", "Paused. Requests already sent will finish; the rest wait until you resume."),
     "resume": ("resume", "Resumed."),
     "cancel": ("cancel", "Cancelled. Finished results are kept."),
     "retry": ("retry_failed", "Failed items are queued again."),

@@ -81,6 +81,7 @@ def test_system_prompt_parameters_and_schema(write):
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"] == schema
     assert plan.preview[0]["url"] == "/v1/chat/completions"
+    assert list(body)[:2] == ["model", "messages"]  # the prompt reads first in previews, before the schema
 
 
 def test_embeddings_from_a_column(write):

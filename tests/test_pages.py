@@ -1,6 +1,7 @@
 """Dashboard pages with Django's test client: flows, permissions, escaping, query counts."""
 
 import json
+import re
 import time
 from datetime import timedelta
 
@@ -67,6 +68,10 @@ def test_csv_template_errors_then_launch(client, owner, endpoint):
             "user_prompt": "Classify: {{ tiket }}", "custom_id_column": "id", "action": "check"}  # fmt: skip
     page = client.post(url, form).content.decode()
     assert "no column &#x27;tiket&#x27;" in page and Job.objects.count() == 0
+    # A setting the form refuses is listed in the Check panel, and nothing can launch until it is fixed
+    page = client.post(url, {**form, "user_prompt": "Classify: {{ ticket }}", "json_schema": "{not json"}).content.decode()
+    assert "Some settings need fixing" in page and "JSON schema" in page and "Fill in the template" not in page
+    assert re.search(r'value="launch"[^>]*disabled', page)
     form["user_prompt"] = "Classify: {{ ticket }}"
     page = client.post(url, form).content.decode()
     assert "All 2 requests are valid" in page and "Classify: Printer on fire, again" in page
@@ -237,7 +242,11 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
     assert "<title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()  # not an htmx request: no title
     job.cancel()
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
-    assert response.status_code == 286 and "<title>Cancelled · &lt;b&gt;" in response.content.decode()
+    page = response.content.decode()
+    assert response.status_code == 286 and "<title>Cancelled · &lt;b&gt;" in page
+    # Cancelled items are not progress: the job stopped half-way, and says so
+    assert ">50%<" in page and "1 of 2 done · 1 cancelled" in page and 'class="cancelled" style="width: 50.0%"' in page
+    assert "1 / 2" in client.get("/").content.decode()
 
 
 def test_no_500_from_odd_input(client, owner, endpoint, write):

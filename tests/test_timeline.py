@@ -69,6 +69,18 @@ def test_no_retries_no_retries_line(job):
     assert timeline.for_job(job).retried_points == ""
 
 
+def test_a_young_job_rates_over_its_life_so_far_not_a_whole_minute(job):
+    now = timezone.now()
+    tick(job, now - timedelta(seconds=8), succeeded=40)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, n_pending=400, started_at=now - timedelta(seconds=10))
+    job.refresh_from_db()
+    t = timeline.for_job(job, now=now)
+    assert t.rate == pytest.approx(4.0) and t.eta == pytest.approx(100)
+    Job.objects.filter(pk=job.pk).update(started_at=now - timedelta(seconds=1))
+    job.refresh_from_db()
+    assert timeline.for_job(job, now=now).rate == pytest.approx(8.0)  # at least 5 s: one burst is not a rate
+
+
 def test_no_ticks_no_chart(job):
     assert timeline.for_job(job).bars == []
 

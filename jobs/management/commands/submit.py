@@ -58,7 +58,7 @@ class Command(BaseCommand):
                 shown = state
                 bar = "#" * int(job.progress() / 2.5)
                 end = "" if sys.stdout.isatty() else "\n"
-                sys.stdout.write(f"\r  [{bar:<40}] {job.n_done:,}/{job.total:,} {job.status:<10}{end}")
+                sys.stdout.write(f"\r  [{bar:<40}] {job.n_answered:,}/{job.total:,} {job.status:<10}{end}")
                 sys.stdout.flush()
             if job.is_finished or job.status == Job.PAUSED:
                 break
