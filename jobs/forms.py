@@ -76,7 +76,7 @@ class EndpointForm(forms.ModelForm):
         label="API key",
         required=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Leave empty to keep the stored key.",
+        help_text="Sent as a Bearer token. Leave empty for servers that need none, like a local Ollama or vLLM.",
     )
     # Not the model field: its one-default constraint would reject the form before save() could
     # hand the role over from the current default.
@@ -87,10 +87,16 @@ class EndpointForm(forms.ModelForm):
         model = Endpoint
         fields = ["name", "base_url", "concurrency", "rpm", "tpm"]
         labels = {"base_url": "Base URL", "rpm": "Requests per minute", "tpm": "Tokens per minute"}
+        help_texts = {
+            "rpm": "Leave empty to learn it from the server's x-ratelimit-* headers.",
+            "tpm": "Leave empty to learn it from the server's x-ratelimit-* headers.",
+        }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["make_default"].initial = self.instance.is_default
+        if self.instance.api_key_encrypted:
+            self.fields["api_key"].help_text = "Leave empty to keep the stored key."
         self.order_fields(["name", "base_url", "api_key", "concurrency", "rpm", "tpm", "make_default"])
 
     def save(self, commit=True):

@@ -1,18 +1,24 @@
 from django.contrib.auth import views as auth_views
+from django.contrib.messages.views import SuccessMessageMixin
 from django.urls import path
 
 from jobs import team, views
+
+
+class PasswordChangeView(SuccessMessageMixin, auth_views.PasswordChangeView):
+    """Django's view redirects without a word; this one says the change worked."""
+
+    template_name = "registration/password_change.html"
+    success_url = "/"
+    success_message = "Your password was changed."
+
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path(
-        "account/password/",
-        auth_views.PasswordChangeView.as_view(template_name="registration/password_change.html", success_url="/"),
-        name="password_change",
-    ),
+    path("account/password/", PasswordChangeView.as_view(), name="password_change"),
     path("jobs/new/", views.job_new, name="job_new"),
     path("jobs/new/<str:token>/", views.job_review, name="job_review"),
     path("jobs/<int:pk>/", views.job_detail, name="job_detail"),

@@ -100,3 +100,12 @@ def test_members_cannot_manage_the_team(client, owner, teammate):
     assert client.post(f"/team/{teammate.pk}/make-staff").status_code == 403
     teammate.refresh_from_db()
     assert not teammate.is_staff
+
+
+def test_password_change_shows_the_rules_then_confirms(client, owner):
+    client.force_login(owner)
+    assert "at least 8 characters" in client.get("/account/password/").content.decode()
+    response = client.post("/account/password/", {"old_password": "owner-pass-123", "new_password1": "a-new-long-pass-42",
+                                                  "new_password2": "a-new-long-pass-42"}, follow=True)  # fmt: skip
+    assert "Your password was changed." in response.content.decode()
+    assert response.wsgi_request.user.is_authenticated  # the session survives the change

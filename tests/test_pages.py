@@ -304,3 +304,22 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
     page = client.get(f"/jobs/{big.pk}/").content.decode()
     assert page.count('class="b"') == 60 and "(1 d)" in page  # the whole day-long run, in 24-minute bars
     assert page.count('class="f"') == 18 and page.count("<polyline ") == 1  # failed stacked on top; retries drawn as a line
+
+
+def test_endpoint_form_offers_to_keep_a_key_only_when_there_is_one(client, endpoint, django_user_model):
+    client.force_login(django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True))
+    keyless = Endpoint.objects.create(name="ollama", base_url="http://127.0.0.1:9/v1")
+    for url in ("/endpoints/new/", f"/endpoints/{keyless.pk}/"):
+        page = client.get(url).content.decode()
+        assert "keep the stored key" not in page and "Stored key" not in page, url
+        assert "x-ratelimit-* headers" in page, url
+    page = client.get(f"/endpoints/{endpoint.pk}/").content.decode()
+    assert "Stored key: <span class=\"mono\">…-key</span>. Leave empty to keep the stored key." in page
+
+
+def test_not_found_page_speaks_plainly(client, owner):
+    client.force_login(owner)
+    response = client.get("/jobs/999999/")
+    page = response.content.decode()
+    assert response.status_code == 404
+    assert "This page does not exist, or it was deleted." in page and "matches the given query" not in page
