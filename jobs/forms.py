@@ -14,7 +14,8 @@ class UploadForm(forms.Form):
 class JobForm(forms.Form):
     """Launch settings, and for CSV files the prompt template."""
 
-    name = forms.CharField(max_length=200, required=False)
+    # Labels as the review page shows them: the Check panel lists refused fields by these names.
+    name = forms.CharField(label="Job name", max_length=200, required=False)
     endpoint = forms.ModelChoiceField(queryset=Endpoint.objects.all(), required=False, empty_label=None)
     mode = forms.ChoiceField(choices=Job.MODE_CHOICES, initial=Job.LIVE)
     max_attempts = forms.IntegerField(min_value=1, max_value=20, initial=5)
@@ -23,15 +24,16 @@ class JobForm(forms.Form):
         choices=[("/v1/chat/completions", "Chat completions"), ("/v1/embeddings", "Embeddings")],
         initial="/v1/chat/completions",
         required=False,
+        label="Request type",
     )
     model = forms.CharField(max_length=200, required=False)
     system_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False)
     user_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 5}), required=False)
-    input_column = forms.CharField(max_length=200, required=False)
-    custom_id_column = forms.CharField(max_length=200, required=False)
+    input_column = forms.CharField(label="Text to embed", max_length=200, required=False)
+    custom_id_column = forms.CharField(label="custom_id from", max_length=200, required=False)
     temperature = forms.FloatField(min_value=0, max_value=2, required=False)
     max_tokens = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
-    json_schema = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False)
+    json_schema = forms.CharField(label="JSON schema", widget=forms.Textarea(attrs={"rows": 4}), required=False)
 
     def __init__(self, *args, csv_columns=None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,14 +66,17 @@ def main() -> None:
 
     tasks.ensure_schedules()
     User.objects.create_superuser("alice", password="alice-pass-123")
-    sim = Simulator(data_dir, "--latency-ms", "300", "--rpm", "1800", "--seed", "1")
-    endpoint = Endpoint.objects.create(name="simulator", base_url=sim.base_url, concurrency=100, is_default=True)
-    endpoint.set_api_key("sk-simulator")
-    endpoint.save()
-    cluster = Cluster(data_dir, BATCHSITE_LEASE_SECONDS="120", BATCHSITE_SLICE_SECONDS="60")
-    web = WebServer(data_dir)
     args.out.mkdir(exist_ok=True)
+    started = []
     try:
+        sim = Simulator(data_dir, "--latency-ms", "300", "--rpm", "1800", "--seed", "1")
+        started.append(sim)
+        endpoint = Endpoint.objects.create(name="simulator", base_url=sim.base_url, concurrency=100, is_default=True)
+        endpoint.set_api_key("sk-simulator")
+        endpoint.save()
+        started.append(Cluster(data_dir, BATCHSITE_LEASE_SECONDS="120", BATCHSITE_SLICE_SECONDS="60"))
+        web = WebServer(data_dir)
+        started.append(web)
         plan = ingest.validate(write_input(data_dir / "reviews.jsonl", args.items), format=Job.JSONL, source_name="reviews.jsonl")
         job = ingest.create_job(plan, owner=User.objects.get(), name="Review sentiment", endpoint=endpoint)
         job.start()
@@ -98,10 +102,11 @@ def main() -> None:
             page.goto(f"{web.url}/jobs/{job.pk}/")
             page.screenshot(path=str(args.out / "job-detail.png"), full_page=True)
             browser.close()
-        print(f"Wrote {', '.join(sorted(p.name for p in args.out.glob('*.png')))} to {args.out}")
+        print(f"Wrote job-running.png and job-detail.png to {args.out}")
     finally:
-        for process in (web, cluster, sim):
+        for process in reversed(started):
             process.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.models import Item, Job
+from jobs.models import Endpoint, Item, Job
 from tests.conftest import chat_line, make_endpoint, make_job, seed_prices
 
 # Playwright's sync API runs an event loop in this thread; the ORM calls in these tests are ours.
@@ -193,9 +193,12 @@ def test_pages_fit_a_narrow_window(page, live_server, users, write, django_user_
     django_user_model.objects.filter(pk=owner.pk).update(is_staff=True)
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 30, start=False)
     sign_in(page, live_server, "alice", "alice-pass-123")
-    page.set_viewport_size({"width": 700, "height": 900})
-    for url in ("/", f"/jobs/{job.pk}/", f"/jobs/{job.pk}/items/", "/usage/", "/endpoints/", "/team/", "/account/tokens/"):
-        page.goto(live_server.url + url)
-        # Wide tables scroll inside their box; the page itself never scrolls sideways.
-        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), url
+    Endpoint.objects.create(name="Azure, team deployment for the nightly batches", rpm=10_000_000, tpm=150_000_000,
+                            base_url="https://my-resource-name.openai.azure.com/openai/deployments/gpt-4o-mini-batch/v1")  # fmt: skip
+    for width in (700, 900, 1100):
+        page.set_viewport_size({"width": width, "height": 900})
+        for url in ("/", f"/jobs/{job.pk}/", f"/jobs/{job.pk}/items/", "/usage/", "/endpoints/", "/team/", "/account/tokens/"):
+            page.goto(live_server.url + url)
+            # Wide tables scroll inside their box; the page itself never scrolls sideways.
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), (width, url)
     shot(page, "narrow-tokens")

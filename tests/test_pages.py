@@ -70,7 +70,8 @@ def test_csv_template_errors_then_launch(client, owner, endpoint):
     assert "no column &#x27;tiket&#x27;" in page and Job.objects.count() == 0
     # A setting the form refuses is listed in the Check panel, and nothing can launch until it is fixed
     page = client.post(url, {**form, "user_prompt": "Classify: {{ ticket }}", "json_schema": "{not json"}).content.decode()
-    assert "Some settings need fixing" in page and "JSON schema" in page and "Fill in the template" not in page
+    assert "Some settings need fixing" in page and "<li><strong>JSON schema</strong>: Not valid JSON" in page
+    assert "Fill in the template" not in page
     assert re.search(r'value="launch"[^>]*disabled', page)
     form["user_prompt"] = "Classify: {{ ticket }}"
     page = client.post(url, form).content.decode()
@@ -239,7 +240,7 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
     # The tab's title follows the progress (htmx takes it from the partial), escaped like the rest
     assert response.status_code == 200 and "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in response.content.decode()
     assert "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in client.get(f"/jobs/{job.pk}/").content.decode()
-    assert "<title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()  # not an htmx request: no title
+    assert "· Batchsite</title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()  # not htmx: no page title
     job.cancel()
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
     page = response.content.decode()
