@@ -63,6 +63,10 @@ class Outcome:
     retries: int = 0  # failed attempts to be tried again, decided during this claim (the timeline's "retried")
 
 
+# A locked SQLite database or a dropped connection: worth trying the same write again (runner.py does).
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+
+
 def lease_seconds() -> int:
     return settings.BATCHSITE_LEASE_SECONDS
 
@@ -198,7 +202,7 @@ def write_each(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counte
     for o in outcomes:
         try:
             deltas.update(write(job_id, lease, [o]))  # update(), not +=: it keeps the negative counts
-        except (OperationalError, InterfaceError):
+        except TRANSIENT_DB_ERRORS:
             raise  # transient: the caller tries the whole batch again (stored ones no longer match the lease)
         except Exception as e:  # noqa: BLE001 - any refusal of this one row
             message = f"The result could not be stored: {type(e).__name__}: {e}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import hashlib
 import json
 import logging
@@ -31,12 +32,12 @@ from datetime import UTC, datetime, timedelta
 import httpx2
 import openai
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, connections, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from jobs import leases, tokens
-from jobs.leases import Claimed, Outcome
+from jobs.leases import TRANSIENT_DB_ERRORS, Claimed, Outcome
 from jobs.models import Endpoint, InvalidTransition, Item, Job
 from jobs.pricing import PriceBook
 from jobs.ratelimit import Limiter
@@ -49,9 +50,7 @@ FLUSH_SECONDS = 0.25
 FLUSH_SIZE = 250
 STATUS_CHECK_SECONDS = 1.0
 INTERNAL_ERROR_RETRY_SECONDS = 30.0
-# A locked SQLite database or a dropped connection: worth trying again, for up to DB_PATIENCE seconds.
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
-DB_PATIENCE = 30.0
+DB_PATIENCE = 30.0  # how long a transient database error is tried again (_patiently)
 
 RETRY, PERMANENT, STOP = "retry", "permanent", "stop"
 QUOTA_CODES = {"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"}
@@ -216,21 +215,9 @@ class Slice:
         self.sent = 0
 
     async def db(self, fn, *args, patience: float = DB_PATIENCE):
-        """Run `fn` on the slice's database thread, retrying transient errors ("database is locked",
-        a dropped connection) with a short backoff for up to `patience` seconds."""
-        loop = asyncio.get_running_loop()
-        give_up = time.monotonic() + patience
-        pause = 0.05
-        while True:
-            try:
-                return await loop.run_in_executor(self.db_executor, fn, *args)
-            except TRANSIENT_DB_ERRORS as e:
-                if time.monotonic() + pause > give_up:
-                    raise
-                log.warning("Job %s: %s in %s; trying again in %.2f s", self.job_id, e, fn.__name__, pause)
-                await loop.run_in_executor(self.db_executor, _drop_broken_connection)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+        """Run `fn` on the slice's database thread, patiently (see _patiently)."""
+        call = functools.partial(_patiently, fn, *args, patience=patience)
+        return await asyncio.get_running_loop().run_in_executor(self.db_executor, call)
 
     async def run(self) -> None:
         self.prices = await self.db(PriceBook.load)
@@ -668,14 +655,17 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
 
 
 def _patiently(fn, *args, patience: float = DB_PATIENCE):
-    """`fn(*args)`, retrying transient database errors for up to `patience` seconds (outside a slice's loop)."""
+    """`fn(*args)`, retrying transient database errors ("database is locked", a dropped connection)
+    with a short backoff for up to `patience` seconds. A slice runs its calls this way on its database
+    thread (Slice.db); a wait there holds back its other calls, which would meet the same lock."""
     give_up, pause = time.monotonic() + patience, 0.05
     while True:
         try:
             return fn(*args)
-        except TRANSIENT_DB_ERRORS:
+        except TRANSIENT_DB_ERRORS as e:
             if time.monotonic() + pause > give_up:
                 raise
+            log.warning("%s in %s; trying again in %.2f s", e, fn.__name__, pause)
             _drop_broken_connection()
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
