@@ -1,10 +1,34 @@
 from django.contrib import admin
+from django_q.admin import ScheduleAdmin
+from django_q.models import Schedule
 
 from jobs.models import ApiToken, Batch, Endpoint, Job, Price
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+# A django-q schedule names any importable function with any arguments: whoever can edit one runs code
+# on the server. Batchsite makes its own schedules in code (tasks.ensure_schedules), so the admin only
+# shows them.
+admin.site.unregister(Schedule)
+
+
+@admin.register(Schedule)
+class ReadOnlyScheduleAdmin(ReadOnlyAdmin, ScheduleAdmin):
+    pass
+
+
 @admin.register(Endpoint)
-class EndpointAdmin(admin.ModelAdmin):
+class EndpointAdmin(ReadOnlyAdmin):
+    """Read-only: endpoints are edited on the Endpoints page, whose form checks the URL and asks for the key
+    again when the server changes."""
+
     list_display = ("name", "base_url", "masked_key", "concurrency", "rpm", "tpm", "is_default")
     readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "cooldown_until")
 

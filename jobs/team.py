@@ -4,8 +4,9 @@ import secrets
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth import get_user_model
+from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -54,10 +55,18 @@ def team(request: HttpRequest) -> HttpResponse:
 @staff_required
 def person_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     person = get_object_or_404(User, pk=pk)
+    if person.is_superuser and not request.user.is_superuser:
+        # Else staff could set an admin's password, sign in as them and, from the admin, do anything.
+        raise PermissionDenied("Only an admin can change an admin's account.")
     if action == "reset":
         password = _new_password()
         person.set_password(password)
         person.save(update_fields=["password"])
+        # Their signed-in sessions end with the old password (Django checks a hash of it on every
+        # request); keep the session of staff who reset their own. API tokens keep working: a reset is
+        # how a forgotten password is replaced, and scripts should not break; switching off stops them.
+        if person == request.user:
+            update_session_auth_hash(request, person)
         return _render(request, PersonForm(), {"person": person, "password": password})
     if person == request.user:
         messages.error(request, "You cannot switch off or demote your own account.")

@@ -10,6 +10,7 @@ from django.core.exceptions import SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from jobs import lockout
 from jobs.models import ApiToken
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,14 @@ def authenticate(request: HttpRequest) -> ApiToken:
         raise ApiError(401, NO_KEY)
     token = ApiToken.authenticate(key)
     if token is None:
+        # Guessing is throttled per address (jobs/lockout.py). A right token is let through even
+        # then: 256 random bits cannot be guessed, and a teammate behind the same address keeps working.
+        retry_after = lockout.token_retry_after(request)
+        if retry_after:
+            raise ApiError(429, f"Too many wrong API keys from your address: try again in {retry_after // 60 or 1} "
+                                "minutes.", type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(retry_after)})  # fmt: skip
+        lockout.token_failed(request)
         raise ApiError(401, f"Incorrect API key provided: {_masked(key)}. Check the token, or create a new "
                             "one on the Batchsite page /account/tokens/.", code="invalid_api_key")  # fmt: skip
     if token.revoked_at is not None:

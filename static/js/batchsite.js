@@ -35,6 +35,11 @@
     }
   });
 
+  // Filters apply as soon as they change (no inline onchange: the Content Security Policy forbids inline script).
+  document.addEventListener("change", (e) => {
+    if (e.target.matches("[data-autosubmit]")) e.target.form.submit();
+  });
+
   document.addEventListener("submit", (e) => {
     const message = e.target.dataset.confirm;
     if (message && !window.confirm(message)) e.preventDefault();

@@ -5,6 +5,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
+from jobs.secretfile import read_or_create
+
 
 class Command(BaseCommand):
     help = "Create the demo login (once, with a random password kept in the data dir) and print it."
@@ -17,19 +19,20 @@ class Command(BaseCommand):
             if not options["quiet_if_disabled"]:
                 self.stdout.write("The demo login is disabled (BATCHSITE_DEMO_USER=0).")
             return
-        password_file = settings.DATA_DIR / "demo-password"
-        User = get_user_model()
-        user = User.objects.filter(username="demo").first()
-        if user is None or not password_file.exists():
-            password = secrets.token_urlsafe(9)
-            password_file.write_text(password)
-            password_file.chmod(0o600)
-            user = user or User(username="demo", email="demo@example.com")
+        made = []
+
+        def new_password() -> str:
+            made.append(True)
+            return secrets.token_urlsafe(9)
+
+        password = read_or_create(settings.DATA_DIR / "demo-password", new_password)
+        user = get_user_model().objects.filter(username="demo").first()
+        if user is None or made:
+            user = user or get_user_model()(username="demo", email="demo@example.com")
             user.is_staff = user.is_superuser = True  # the demo's one person may do everything, prices too
             user.set_password(password)
             user.save()
         elif not (user.is_staff and user.is_superuser):  # made by an older version as staff only
             user.is_staff = user.is_superuser = True
             user.save(update_fields=["is_staff", "is_superuser"])
-        password = password_file.read_text().strip()
         self.stdout.write(f"  Demo login: demo / {password}   (admin; set BATCHSITE_DEMO_USER=0 to turn off)")

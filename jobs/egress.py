@@ -1,0 +1,96 @@
+"""Where Batchsite may send requests (and endpoint keys): the rules for an endpoint's base URL.
+
+Loopback and private networks are allowed: self-hosted servers (Ollama, vLLM) live there. Link-local
+addresses and the clouds' metadata services are refused, since they hand out credentials to whoever
+asks from the machine, unless BATCHSITE_ALLOW_PRIVATE_ENDPOINTS is set.
+"""
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+import httpx2
+from django.conf import settings
+
+METADATA_HOSTS = {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
+METADATA_ADDRESSES = {
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16", "192.0.0.192")
+}
+
+
+class UnsafeURL(ValueError):
+    """A base URL Batchsite will not send requests to; the message says why."""
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what a stored key was entered for."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower().rstrip("."), port
+
+
+def check_address(address: str) -> None:
+    """UnsafeURL if `address` (an IP) is link-local or a cloud metadata service."""
+    if settings.BATCHSITE_ALLOW_PRIVATE_ENDPOINTS:
+        return
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0 carries a zone
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    if ip.is_link_local or ip in METADATA_ADDRESSES:
+        raise UnsafeURL(f"{address} is a link-local or cloud metadata address; endpoints may not point there "
+                        "(BATCHSITE_ALLOW_PRIVATE_ENDPOINTS=1 allows it).")  # fmt: skip
+
+
+def check_base_url(url: str, resolve: bool = True) -> None:
+    """UnsafeURL unless `url` is a plain http(s) base URL whose host is an allowed address.
+
+    With `resolve`, the host name is looked up and every address it has is checked; a name that does not
+    resolve (yet) passes, since it is checked again when the endpoint is used.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https"):
+        raise UnsafeURL("The base URL must start with http:// or https://.")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeURL("The base URL may not contain a user name or password; put the key in the API key field.")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise UnsafeURL("The base URL may not contain ? or #: paths such as /models are appended to it.")
+    try:
+        parts.port
+        httpx2.URL(url.strip())
+    except (ValueError, httpx2.InvalidURL) as e:
+        raise UnsafeURL(f"This is not a valid URL: {e}.") from None
+    host = (parts.hostname or "").lower().rstrip(".")
+    if not host:
+        raise UnsafeURL("The base URL needs a host name.")
+    if host in METADATA_HOSTS and not settings.BATCHSITE_ALLOW_PRIVATE_ENDPOINTS:
+        raise UnsafeURL(f"{host} is a cloud metadata service; endpoints may not point there.")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a name, or an address in a form only the resolver reads (2852039166, 0xa9fea9fe)
+        if resolve:
+            for address in resolve_host(host):
+                check_address(address)
+    else:
+        check_address(host)
+
+
+def resolve_host(host: str) -> list[str]:
+    """The addresses `host` resolves to now; none if it does not resolve."""
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+    except (OSError, UnicodeError):
+        return []
+
+
+def check_peer(response: httpx2.Response) -> None:
+    """UnsafeURL if the connection `response` came over ended at a refused address (a name that
+    resolved elsewhere when it was checked: DNS rebinding)."""
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if peer:
+        check_address(str(peer[0]))
