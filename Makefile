@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# exec: make's SIGTERM then reaches run.sh itself, not a /bin/sh that would die and leave it running.
 run: setup
-	PYTHON=$(PY) bash scripts/run.sh
+	PYTHON=$(PY) exec bash scripts/run.sh
 
 test: setup
 	scripts/test.sh

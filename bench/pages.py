@@ -3,7 +3,10 @@ that has run for a day (8,640 timeline ticks).
 
 Baseline in the same run: Django's own login page (no data) — what "no work at all" costs here.
 Target (issue 4): every page and partial < 100 ms, a bounded number of queries.
-Usage: .venv/bin/python bench/pages.py
+Then the three endpoints clients poll while a job runs, as server CPU per poll (thread CPU time around
+the test client's call: Django, the template and SQLite all run in this thread), target <= 2 ms
+(issue 9): GET /v1/batches/{id}, GET /v1/batches, and the dashboard's progress partial.
+Usage: .venv/bin/python bench/pages.py [--polls-only]
 """
 
 import json
@@ -17,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import django_in_tempdir  # noqa: E402
 
 REPEAT = 7
+POLLS = 300
 
 
 def main() -> None:
@@ -29,7 +33,7 @@ def main() -> None:
     from jobs import ingest
     from django.utils import timezone
 
-    from jobs.models import Item, Job, JobTick
+    from jobs.models import ApiToken, Batch, File, Item, Job, JobTick
 
     user = User.objects.create_user("bench", password="bench-pass-123", is_staff=True)
     path = data_dir / "big.jsonl"
@@ -54,6 +58,39 @@ def main() -> None:
 
     client = Client()
     client.force_login(user)
+    # The big job as an API batch, and a page of finished ones, for the /v1 polls.
+    input_file = File.objects.create(owner=user, filename="big.jsonl", purpose=File.BATCH, path="big.jsonl")
+    batch = Batch.objects.create(job=big, input_file=input_file)
+    for job in Job.objects.filter(name__startswith="history")[:19]:
+        Batch.objects.create(job=job, input_file=input_file)
+    _, token = ApiToken.create_for(user, "bench")
+    api = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    polls = {
+        "GET /healthz (floor: the stack, one query)": ("/healthz", {}),
+        "GET /v1/batches/{id} (running, 50k items)": (f"/v1/batches/{batch.public_id}", api),
+        "GET /v1/batches (20 batches)": ("/v1/batches", api),
+        "progress partial (htmx)": (f"/jobs/{big.pk}/progress", {"HTTP_HX_REQUEST": "true"}),
+    }
+    api_client = Client()
+    print(f"Server CPU per poll, mean of {POLLS} (target <= 2 ms)")
+    for name, (url, headers) in polls.items():
+        c = api_client if url.startswith("/v1/") else client
+        first = c.get(url, **headers)
+        assert first.status_code == 200, (url, first.status_code, first.content[:300])
+        start = time.thread_time()
+        for _ in range(POLLS):
+            c.get(url, **headers)
+        cpu = (time.thread_time() - start) * 1000 / POLLS
+        line = f"  {name:44} {cpu:6.2f} ms CPU"
+        if first.has_header("ETag"):
+            start = time.thread_time()
+            for _ in range(POLLS):
+                again = c.get(url, HTTP_IF_NONE_MATCH=first["ETag"], **headers)
+            assert again.status_code == 304, (url, again.status_code)
+            line += f"   {(time.thread_time() - start) * 1000 / POLLS:6.2f} ms when unchanged (304)"
+        print(line)
+    if "--polls-only" in sys.argv:
+        return
     pages = {
         "login page (baseline, anonymous)": ("/login/", Client()),
         "job list": ("/", client),

@@ -114,7 +114,7 @@ def estimate_request(url: str, body: dict) -> int:
         if isinstance(value, list) and value and isinstance(value[0], int):
             return len(value)  # already tokens
         if isinstance(value, list) and value and isinstance(value[0], list):
-            return sum(len(v) for v in value)
+            return sum(len(v) for v in value if isinstance(v, list))  # token arrays; a stray value counts none
         return count_text(_text_of(value), model)
     if url == "/v1/completions":
         return count_text(_text_of(body.get("prompt")), model)

@@ -1,50 +1,67 @@
 #!/usr/bin/env bash
 # `make run`: web server + qcluster workers in the foreground (and the simulator when there is no
-# OPENAI_API_KEY). Ctrl-C stops everything this script started.
+# OPENAI_API_KEY). Ctrl-C or SIGTERM stops everything this script started.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 PORT="${PORT:-8000}"
-pids=()
+# Loopback unless asked: with DEBUG on, the network must not reach tracebacks and settings.
+HOST="${HOST:-127.0.0.1}"
+BIND="${BIND:-$HOST:$PORT}"
+groups=()
+
+# Each service runs in a process group of its own (setsid), so stopping it reaches every process it
+# forked: the cluster's sentinel, monitor, pusher and workers, gunicorn's workers. Killing a pid and
+# its children left the cluster's grandchildren polling the database for ever.
+start() {
+  setsid "$@" </dev/null &
+  groups+=($!)
+}
+
+alive() {
+  for g in "${groups[@]}"; do kill -0 -- "-$g" 2>/dev/null && return 0; done
+  return 1
+}
+
 stop() {
-  trap - EXIT INT TERM
-  [ ${#pids[@]} -gt 0 ] || return 0
+  trap - EXIT INT TERM HUP
+  [ ${#groups[@]} -gt 0 ] || return 0
   echo "Stopping..."
-  kill -TERM "${pids[@]}" 2>/dev/null
+  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null; done
   for _ in $(seq 1 20); do
-    alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ $alive = 0 ] && break
+    alive || break
     sleep 0.5
   done
   # qcluster waits for running slices to end, which can take a minute. Cutting them short is
   # safe by design: their leases expire and the sweeper hands the items to the next start.
-  for p in "${pids[@]}"; do
-    pkill -KILL -P "$p" 2>/dev/null
-    kill -KILL "$p" 2>/dev/null
-  done
+  for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null; done
   wait 2>/dev/null
 }
-trap stop EXIT INT TERM
+trap stop EXIT
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM HUP
 
 if [ -z "${OPENAI_API_KEY:-}" ]; then
   SIM_PORT="${BATCHSITE_SIMULATOR_PORT:-8100}"
-  "$PY" manage.py simulate_openai --port "$SIM_PORT" --latency-ms 300 &
-  pids+=($!)
+  start "$PY" manage.py simulate_openai --port "$SIM_PORT" --latency-ms 300
   export OPENAI_API_KEY="sk-simulator" OPENAI_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
   echo "No OPENAI_API_KEY set: jobs run against the built-in simulator at $OPENAI_BASE_URL"
 fi
 
-"$PY" manage.py qcluster &
-pids+=($!)
-"$PY" -m gunicorn --config gunicorn.conf.py --bind "0.0.0.0:$PORT" &
-pids+=($!)
+start "$PY" manage.py qcluster
+start "$PY" -m gunicorn --config gunicorn.conf.py --bind "$BIND"
 
 sleep 1
+url_host="${BIND%:*}"
+case "$url_host" in 0.0.0.0 | "[::]" | "") url_host=127.0.0.1 ;; esac
 echo
-echo "  Batchsite is running at http://127.0.0.1:$PORT/"
+echo "  Batchsite is running at http://$url_host:${BIND##*:}/ (listening on $BIND)"
+case "$(echo "${DEBUG:-1}" | tr '[:upper:]' '[:lower:]')" in
+  1 | true | yes | on)
+    echo "  DEBUG is on: error pages show code and settings. Fine on your laptop; set DEBUG=0 (with"
+    echo "  SECRET_KEY and ALLOWED_HOSTS) before anyone else can reach it." ;;
+esac
 "$PY" manage.py ensure_demo_user --quiet-if-disabled
 echo "  Press Ctrl-C to stop."
 echo
 wait -n
-stop

@@ -299,3 +299,27 @@ def test_deleting_the_job_or_the_user_takes_the_batch_along(client, owner, heade
     good_batch(client, headers)
     owner.delete()
     assert not (Batch.objects.exists() or File.objects.exists() or Job.objects.exists())
+
+
+def test_listing_batches_exports_no_job(client, headers, endpoint, monkeypatch):
+    """Batch objects name their output files without exporting the jobs to measure them; the File object does."""
+    for _ in range(5):
+        good_batch(client, headers)
+    for job in Job.objects.all():
+        run_to_the_end(job, failed={"req-1"})
+    exports = []
+    for name in ("results_jsonl", "errors_jsonl"):
+        real = getattr(export, name)
+        monkeypatch.setattr(export, name, lambda job, real=real: exports.append(job.pk) or real(job))
+
+    listed = client.get("/v1/batches?limit=100", headers=headers).json()["data"]
+    assert len(listed) == 5 and all(b["output_file_id"] and b["error_file_id"] for b in listed)
+    assert client.get(f"/v1/batches/{listed[0]['id']}", headers=headers).status_code == 200
+    assert exports == []
+
+    output = client.get(f"/v1/files/{listed[0]['output_file_id']}", headers=headers).json()
+    content = b"".join(client.get(f"/v1/files/{output['id']}/content", headers=headers).streaming_content)
+    assert output["bytes"] == len(content) > 0
+    measured = len(exports)
+    assert client.get(f"/v1/files/{output['id']}", headers=headers).json()["bytes"] == len(content)
+    assert len(exports) == measured  # measured once, then remembered

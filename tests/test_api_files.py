@@ -102,10 +102,10 @@ def test_upload_errors_are_400_with_param(client, owner, data, param, code):
 def test_upload_over_the_size_limit_is_refused(client, owner, settings, data_dir):
     settings.BATCHSITE_MAX_UPLOAD_MB = 1
     response = upload(client, api_headers(owner), b"x" * (1024 * 1024 + 1))
-    assert response.status_code == 400
+    assert response.status_code == 413  # stopped while it streamed in (jobs/middleware.py)
     error = response.json()["error"]
     assert error["code"] == "file_too_large" and "1 MB" in error["message"]
-    assert not File.objects.exists() and not any((data_dir / "uploads").iterdir())
+    assert not File.objects.exists() and not any((data_dir / "uploads").glob("*"))
 
 
 def test_files_are_private_to_their_owner_but_staff_may_read(client, owner, teammate, django_user_model):
@@ -126,3 +126,68 @@ def test_bad_limit_and_cursor(client, owner):
         response = client.get(f"/v1/files?{query}", headers=headers)
         assert response.status_code == 400 and response.json()["error"]["param"] in ("limit", "order")
     assert client.get("/v1/files?after=file-nope", headers=headers).status_code == 404
+
+
+def test_expires_after_sets_expires_at_and_bad_values_are_refused(client, owner, settings):
+    headers = api_headers(owner)
+    content = jsonl([chat_line("a")])
+    form = {"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}
+    obj = client.post("/v1/files", {**form, "file": SimpleUploadedFile("a.jsonl", content)}, headers=headers).json()
+    assert obj["expires_at"] == obj["created_at"] + 3600
+    assert client.get(f"/v1/files/{obj['id']}", headers=headers).json()["expires_at"] == obj["expires_at"]
+
+    default = upload(client, headers).json()  # no expires_after: BATCHSITE_FILE_EXPIRY_DAYS (30)
+    assert default["expires_at"] == default["created_at"] + 30 * 86400
+    settings.BATCHSITE_FILE_EXPIRY_DAYS = 0
+    assert upload(client, headers).json()["expires_at"] is None
+
+    for anchor, seconds, param in [("created_at", "3599", "seconds"), ("created_at", "2592001", "seconds"),
+                                   ("created_at", "soon", "seconds"), ("last_active_at", "3600", "anchor"),
+                                   (None, "3600", "anchor"), ("created_at", None, "seconds")]:  # fmt: skip
+        bad = {"purpose": "batch", "expires_after[anchor]": anchor, "expires_after[seconds]": seconds}
+        bad = {k: v for k, v in bad.items() if v is not None}
+        response = client.post("/v1/files", {**bad, "file": SimpleUploadedFile("a.jsonl", content)}, headers=headers)
+        assert response.status_code == 400, (anchor, seconds)
+        assert response.json()["error"]["param"] == f"expires_after.{param}"
+    assert File.objects.count() == 3
+
+
+def test_sdk_expires_after_reaches_the_file(owner, live_server, settings):
+    """The official SDK's own encoding of expires_after, over HTTP."""
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{live_server.url}/v1", api_key=api_headers(owner)["Authorization"].split()[1], max_retries=0)
+    obj = sdk.files.create(file=("a.jsonl", jsonl([chat_line("a")])), purpose="batch",
+                           expires_after={"anchor": "created_at", "seconds": 7200})  # fmt: skip
+    assert obj.expires_at == obj.created_at + 7200
+
+
+def test_clean_up_removes_expired_files_but_not_one_a_running_batch_came_from(client, owner, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs import tasks
+    from jobs.models import Endpoint, Job
+    from tests.conftest import make_endpoint
+
+    make_endpoint("http://127.0.0.1:9/v1")
+    headers = api_headers(owner)
+    gone, kept, used = (upload(client, headers).json() for _ in range(3))
+    body = {"input_file_id": used["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    assert client.post("/v1/batches", body, content_type="application/json", headers=headers).status_code == 200
+    past = timezone.now() - timedelta(seconds=1)
+    File.objects.filter(public_id__in=[gone["id"], used["id"]]).update(expires_at=past)
+    paths = {f.public_id: f.full_path for f in File.objects.all()}
+
+    tasks.clean_up()
+    assert client.get(f"/v1/files/{gone['id']}", headers=headers).status_code == 404
+    assert not paths[gone["id"]].exists() and paths[kept["id"]].exists()
+    assert client.get(f"/v1/files/{used['id']}", headers=headers).status_code == 200  # its batch is queued
+    assert paths[used["id"]].exists()
+
+    Job.objects.update(status=Job.COMPLETED, finished_at=timezone.now())
+    tasks.clean_up()
+    assert client.get(f"/v1/files/{used['id']}", headers=headers).status_code == 404
+    assert not paths[used["id"]].exists() and paths[kept["id"]].exists()
+    assert Endpoint.objects.exists()

@@ -88,7 +88,7 @@ def test_upload_too_large_is_a_clear_message(client, owner, settings):
     settings.BATCHSITE_MAX_UPLOAD_MB = 0
     client.force_login(owner)
     response = client.post("/jobs/new/", {"file": SimpleUploadedFile("a.jsonl", b"x" * 100)})
-    assert response.status_code == 200 and "larger than the 0 MB limit" in response.content.decode()
+    assert response.status_code == 413 and "larger than the 0 MB limit" in response.content.decode()  # jobs/middleware.py
 
 
 def test_teammate_can_view_and_duplicate_but_not_control(client, owner, teammate, endpoint, write):

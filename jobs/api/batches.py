@@ -15,6 +15,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
+from django.views.decorators.http import conditional_page
 
 from jobs import ingest
 from jobs.api.auth import ApiError, api_view, json_body
@@ -98,12 +99,20 @@ def batch_object(request: HttpRequest, batch: Batch) -> dict:
     }
 
 
+# What a batch object never reads: left in the database, so a poll loads and decodes less.
+UNUSED = ["job__template", "job__columns", "job__source_file", "job__est_input_tokens", "job__cost",
+          "job__heartbeat_at", "job__slice_gen", "job__slice_enqueued_at", "job__slice_picked_at"]  # fmt: skip
+
+
 def _batches() -> QuerySet:
-    return Batch.objects.select_related("job", "input_file").prefetch_related("job__api_files")
+    return Batch.objects.select_related("job", "input_file").defer(*UNUSED)
 
 
 def get_batch(request: HttpRequest, batch_id: str) -> Batch:
-    """A user's own batch, or anyone's for staff; 404 otherwise, as if it did not exist."""
+    """A user's own batch, or anyone's for staff; 404 otherwise, as if it did not exist.
+
+    Its job's output files are looked up only once it is finished (File.of_job): a running batch
+    is polled often, and that is a query less on each poll."""
     batches = _batches()
     if not request.user.is_staff:
         batches = batches.filter(job__owner=request.user)
@@ -117,10 +126,11 @@ def get_batch(request: HttpRequest, batch_id: str) -> Batch:
 def collection(request: HttpRequest) -> JsonResponse:
     if request.method == "POST":
         return _create(request)
-    mine = _batches().filter(job__owner=request.user)
+    mine = _batches().prefetch_related("job__api_files").filter(job__owner=request.user)
     return JsonResponse(cursor_page(request, mine, lambda b: batch_object(request, b), LIST_DEFAULT, LIST_MAX))
 
 
+@conditional_page  # If-None-Match: an unchanged batch answers 304 with no body
 @api_view("GET")
 def detail(request: HttpRequest, batch_id: str) -> JsonResponse:
     return JsonResponse(batch_object(request, get_batch(request, batch_id)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db.models import QuerySet
 from django.http import FileResponse, HttpRequest, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.utils.http import content_disposition_header
 
 from jobs import ingest
@@ -15,18 +17,19 @@ from jobs.api.pagination import cursor_page
 from jobs.models import File
 
 LIST_DEFAULT = LIST_MAX = 10_000  # OpenAI's defaults for GET /v1/files
+EXPIRY_SECONDS = (3600, 2_592_000)  # OpenAI's bounds for expires_after[seconds]: an hour to 30 days
 
 
 def file_object(file: File) -> dict:
     return {
         "id": file.public_id,
         "object": "file",
-        "bytes": file.bytes,
+        "bytes": file.size(),
         "created_at": int(file.created_at.timestamp()),
         "filename": file.filename,
         "purpose": file.purpose,
         "status": "processed",
-        "expires_at": None,
+        "expires_at": int(file.expires_at.timestamp()) if file.expires_at else None,
         "status_details": None,
     }
 
@@ -64,17 +67,41 @@ def _upload(request: HttpRequest) -> JsonResponse:
                        param="purpose", code="invalid_value")  # fmt: skip
     if upload is None:
         raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+    lifetime = _expires_after(request)
     path, error = ingest.store_upload(upload.chunks(), upload.name)
     if error:
         raise ApiError(400, error.message, param="file", code=error.code)
+    now = timezone.now()
     file = File.objects.create(
         owner=request.user,
         filename=Path(upload.name or "upload.jsonl").name[:255],
         purpose=File.BATCH,
         bytes=path.stat().st_size,
         path=str(path.relative_to(settings.DATA_DIR)),
+        created_at=now,
+        expires_at=now + lifetime if lifetime else None,
     )
     return JsonResponse(file_object(file))
+
+
+def _expires_after(request: HttpRequest) -> timedelta | None:
+    """OpenAI's `expires_after` (multipart fields expires_after[anchor], expires_after[seconds]), else the default."""
+    anchor, seconds = request.POST.get("expires_after[anchor]"), request.POST.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        days = settings.BATCHSITE_FILE_EXPIRY_DAYS
+        return timedelta(days=days) if days else None
+    if anchor != "created_at":
+        raise ApiError(400, f"Invalid value for 'expires_after.anchor': {anchor!r}. Supported values are: 'created_at'.",
+                       param="expires_after.anchor", code="invalid_value")  # fmt: skip
+    low, high = EXPIRY_SECONDS
+    try:
+        value = int(seconds or "")
+    except ValueError:
+        value = 0
+    if not low <= value <= high:
+        raise ApiError(400, f"Invalid value for 'expires_after.seconds': {seconds!r}. Expected an integer from {low} to {high}.",
+                       param="expires_after.seconds", code="invalid_value")  # fmt: skip
+    return timedelta(seconds=value)
 
 
 @api_view("GET", "DELETE")
