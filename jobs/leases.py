@@ -6,7 +6,9 @@
 - write(): each result is stored `WHERE id = ? AND lease_token = ? AND status = 'running'`; a
   slice whose lease expired and was handed to another cannot overwrite the newer result, and
   only rows actually updated count toward the job's totals.
-- expire(): the sweeper's half: leases past their time go back to pending.
+- expire(): the sweeper's half: leases past their time go back to pending. A lease lasts
+  BATCHSITE_LEASE_SECONDS from its holder's last heartbeat (a quarter of that apart), so a dead
+  holder's items run again seconds later, and a live one keeps them however long its requests take.
 
 Lock order: a transaction that writes a job's items locks the job's row first (lock_job), then the
 items; Job.cancel() and Job.retry_failed() do the same. With one order, two transactions never wait
@@ -223,13 +225,14 @@ def release(job_id: int, lease: uuid.UUID, items: list[Claimed]) -> None:
 
 def expire(now: datetime | None = None) -> int:
     """Return items whose lease ran out (their worker died) to pending, or cancelled for a cancelling job."""
-    now = now or timezone.now()
     total = 0
-    stale = Item.objects.filter(status=Item.RUNNING, lease_until__lt=now).values_list("job_id", flat=True).distinct()
-    for job_id in list(stale.order_by()):
+    stale = Item.objects.filter(status=Item.RUNNING, lease_until__lt=now or timezone.now())
+    for job_id in list(stale.values_list("job_id", flat=True).distinct().order_by()):
         with transaction.atomic():
             target = Item.CANCELLED if lock_job(job_id) == Job.CANCELLING else Item.PENDING
-            n = Item.objects.filter(job_id=job_id, status=Item.RUNNING, lease_until__lt=now).update(
+            # The clock is read with the lock held: a heartbeat that was waiting for the same lock has landed.
+            until = now or timezone.now()
+            n = Item.objects.filter(job_id=job_id, status=Item.RUNNING, lease_until__lt=until).update(
                 status=target, lease_token=None, lease_until=None, next_attempt_at=None
             )
             if n:

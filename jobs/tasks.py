@@ -7,20 +7,29 @@ bookkeeping here keeps their number bounded:
 - the Job records when its newest slice was enqueued and the enqueue time of the newest one that has
   started, so the sweeper can tell a job whose slices wait in the queue behind other jobs (leave it
   alone) from one whose slices are gone (restart it).
+
+Recovery: every worker process of a cluster sweeps at once when it starts and then every quarter of a
+lease (watch()), so work a killed worker or cluster held runs again about a lease after its last
+heartbeat, without waiting for the once-a-minute schedule. The schedules themselves are registered
+by `manage.py migrate` (apps.py connects ensure_schedules to post_migrate).
 """
 
 import logging
+import random
+import threading
+import time
 from datetime import timedelta
 
+from django.apps import apps as global_apps
 from django.conf import settings
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, router, transaction
 from django.db.models import F, Max, Q
 from django.utils import timezone
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
 from jobs import ingest, leases, runner
-from jobs.models import Job
+from jobs.models import File, Job
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +43,21 @@ def _enqueue(job_id: int, slices: int, gen: int, enqueued_at) -> None:
                group=f"job-{job_id}")  # fmt: skip
 
 
-def start_job(job_id: int) -> None:
-    """Start a new generation of BATCHSITE_SLICES_PER_JOB slices (they split the job's concurrency)."""
+def start_job(job_id: int, replacing: int | None = None) -> bool:
+    """Start a new generation of BATCHSITE_SLICES_PER_JOB slices (they split the job's concurrency).
+
+    `replacing`: only if generation `replacing` is still the job's newest, so that sweeps running side
+    by side restart a job once. True if started."""
     slices = max(1, settings.BATCHSITE_SLICES_PER_JOB)
     now = timezone.now()
+    current = {} if replacing is None else {"slice_gen": replacing}
     with transaction.atomic():
-        if not Job.objects.filter(pk=job_id).update(slice_gen=F("slice_gen") + 1, slice_enqueued_at=now):
-            return
+        if not Job.objects.filter(pk=job_id, **current).update(slice_gen=F("slice_gen") + 1, slice_enqueued_at=now):
+            return False
         gen = Job.objects.filter(pk=job_id).values_list("slice_gen", flat=True).get()
     for _ in range(slices):
         _enqueue(job_id, slices, gen, now)
+    return True
 
 
 def enqueue_slice(job_id: int, slices: int, gen: int) -> bool:
@@ -65,12 +79,11 @@ def run_slice(job_id: int, slices: int | None = None, gen: int | None = None, en
 
 
 def sweep() -> dict:
-    """Every minute: expired leases back to pending, jobs left without a slice restarted, finished jobs finalized."""
+    """Expired leases back to pending, jobs left without a slice restarted, finished jobs finalized.
+
+    Safe to run in several processes at once: each change is a compare-and-set."""
     expired = leases.expire()
-    restarted = []
-    for job_id in _orphans(timezone.now()):
-        start_job(job_id)
-        restarted.append(job_id)
+    restarted = [job_id for job_id, gen in _orphans(timezone.now()) if start_job(job_id, replacing=gen)]
     finished = [
         job_id
         for job_id in Job.objects.filter(status__in=[Job.RUNNING, Job.CANCELLING], n_pending=0, n_running=0).values_list(
@@ -83,7 +96,7 @@ def sweep() -> dict:
     return {"expired": expired, "restarted": restarted, "finalized": finished}
 
 
-def _orphans(now) -> list[int]:
+def _orphans(now) -> list[tuple[int, int]]:
     """Queued or running jobs with pending items and no slice: none has shown life for a lease period,
     and none waits in the queue.
 
@@ -98,32 +111,62 @@ def _orphans(now) -> list[int]:
         Q(heartbeat_at__lt=quiet) | Q(heartbeat_at__isnull=True, created_at__lt=quiet)
     )
     orphans = []
-    for job_id, enqueued, started in stalled.values_list("pk", "slice_enqueued_at", "slice_picked_at"):
+    fields = ("pk", "slice_gen", "slice_enqueued_at", "slice_picked_at")
+    for job_id, gen, enqueued, started in stalled.values_list(*fields):
         if enqueued is not None and (started is None or enqueued > started):
             overtaken = newest_started is not None and newest_started > enqueued + QUEUE_ORDER_SLACK
             forgotten = cluster_idle and enqueued < quiet
             if not (overtaken or forgotten):
                 continue  # its slice waits in the queue: another one would only add a chain
-        orphans.append(job_id)
+        orphans.append((job_id, gen))
     return orphans
 
 
 def clean_up() -> dict:
     """Every hour: uploads nobody launched, or whose job was deleted, leave the disk after a day."""
-    removed = ingest.remove_stale_uploads()
+    removed = ingest.remove_stale_uploads() + File.remove_expired()  # and /v1 files past their expires_at
     if removed:
         log.info("clean-up: removed %s stale uploads", removed)
     return {"uploads_removed": removed}
 
 
-def ensure_schedules() -> None:
-    """Register the sweeper and the clean-up once (idempotent: `manage.py prepare` calls it, and the tests
-    and benches that start a cluster)."""
-    Schedule.objects.update_or_create(
-        name="batchsite-sweeper",
-        defaults={"func": "jobs.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
-    )
-    Schedule.objects.update_or_create(
-        name="batchsite-clean-up",
-        defaults={"func": "jobs.tasks.clean_up", "schedule_type": Schedule.HOURLY, "repeats": -1},
-    )
+def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Register the sweeper and the clean-up once (idempotent). After every `manage.py migrate` (post_migrate,
+    with the migrated state's `apps`), so a deployment needs no extra command; tests and benches call it too.
+    The sweeper's schedule is a backstop: workers sweep every few seconds themselves (watch())."""
+    try:
+        model = apps.get_model("django_q", "Schedule")
+    except LookupError:
+        return  # django_q is not migrated on this database yet (`migrate jobs` alone): its next migrate does it
+    if not router.allow_migrate_model(using, model):
+        return
+    schedules = {
+        "batchsite-sweeper": {"func": "jobs.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1},
+        "batchsite-clean-up": {"func": "jobs.tasks.clean_up", "schedule_type": Schedule.HOURLY},
+    }
+    for name, fields in schedules.items():
+        model.objects.using(using).update_or_create(name=name, defaults={**fields, "repeats": -1})
+
+
+def sweep_seconds() -> float:
+    """How often each worker process sweeps: a quarter of a lease, as often as slices renew theirs."""
+    return max(leases.lease_seconds() / 4, 1.0)
+
+
+def watch() -> None:
+    """django-q's post_spawn, in each new worker process: sweep now, then every sweep_seconds(), on a thread.
+
+    The schedule is too slow for recovery in seconds: django-q's scheduler looks at schedules every 30 s
+    (first 30 s after a cluster starts) and runs one at most once a minute. Sweeps are safe side by side,
+    so every worker of every cluster sweeps and none has to be elected."""
+    threading.Thread(target=_sweep_forever, name="batchsite-sweep", daemon=True).start()
+
+
+def _sweep_forever() -> None:
+    while True:
+        close_old_connections()  # a connection broken by an error, or past its age, is replaced
+        try:
+            sweep()
+        except Exception:  # the database is locked or away: the next sweep tries again
+            log.exception("sweep failed")
+        time.sleep(sweep_seconds() * random.uniform(0.8, 1.2))  # workers spread out, not in step
