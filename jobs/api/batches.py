@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
@@ -111,15 +111,26 @@ def _batches() -> QuerySet:
 def get_batch(request: HttpRequest, batch_id: str) -> Batch:
     """A user's own batch, or anyone's for staff; 404 otherwise, as if it did not exist.
 
-    Its job's output files are looked up only once it is finished (File.of_job): a running batch
-    is polled often, and that is a query less on each poll."""
-    batches = _batches()
-    if not request.user.is_staff:
-        batches = batches.filter(job__owner=request.user)
-    batch = batches.filter(public_id=batch_id).first()
-    if batch is None:
+    Raw queries: clients poll this (the SDK's examples every few seconds, scripts far more often), and
+    compiling the equivalent select_related query costs more CPU than everything else in the answer.
+    Its job's output files are looked up only once it is finished (File.of_job)."""
+    q = connection.ops.quote_name
+    batch = next(iter(Batch.objects.raw(
+        f"SELECT b.*, f.{q('public_id')} AS input_public_id FROM {q(Batch._meta.db_table)} b "
+        f"JOIN {q(File._meta.db_table)} f ON f.{q('id')} = b.{q('input_file_id')} WHERE b.{q('public_id')} = %s",
+        [batch_id],
+    )), None)  # fmt: skip
+    job = batch and next(iter(Job.objects.raw(f"SELECT {_JOB_COLUMNS} FROM {q(Job._meta.db_table)} WHERE id = %s", [batch.job_id])))
+    if batch is None or not (request.user.is_staff or job.owner_id == request.user.pk):
         raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+    batch.job = job
+    batch.input_file = File.from_db(batch._state.db, ["id", "public_id"], [batch.input_file_id, batch.input_public_id])
     return batch
+
+
+_JOB_COLUMNS = ", ".join(
+    connection.ops.quote_name(f.column) for f in Job._meta.concrete_fields if f"job__{f.name}" not in UNUSED
+)
 
 
 @api_view("GET", "POST")
