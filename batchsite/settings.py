@@ -2,7 +2,10 @@
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
+
+from csp.constants import NONE, SELF, UNSAFE_INLINE
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -41,11 +44,9 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
     # A per-installation key kept in the data dir: stable across restarts (endpoint keys are
     # encrypted with it) and never a value that is public in the source code.
-    key_file = DATA_DIR / "secret_key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    SECRET_KEY = key_file.read_text().strip()
+    from jobs.secretfile import read_or_create
+
+    SECRET_KEY = read_or_create(DATA_DIR / "secret_key", lambda: secrets.token_urlsafe(50))
 
 ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h.strip()]
 if DEBUG and not ALLOWED_HOSTS:
@@ -64,6 +65,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "django_q",
+    "axes",
     "jobs",
 ]
 
@@ -75,9 +77,12 @@ MIDDLEWARE = [
     "jobs.middleware.RejectNulBytes",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "jobs.middleware.LimitRequestBody",  # refuses big bodies before CSRF's process_view reads them
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes requires: turns a lockout into its page
 ]
 
 ROOT_URLCONF = "batchsite.urls"
@@ -159,6 +164,20 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Sign-in lockout (django-axes): after BATCHSITE_LOGIN_FAILURE_LIMIT failures for one username, or from one
+# address, sign-in waits BATCHSITE_LOCKOUT_MINUTES after the last failure. Both, not their combination: a
+# guesser spreading over many usernames is stopped by address, one spreading over many addresses by username.
+# Wrong API tokens count against the address too (jobs/lockout.py).
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = envint("BATCHSITE_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=envint("BATCHSITE_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = "jobs.lockout.lockout_parameters"
+AXES_CLIENT_IP_CALLABLE = "jobs.lockout.client_ip"
+AXES_LOCKOUT_CALLABLE = "jobs.lockout.locked_out"
+AXES_RESET_ON_SUCCESS = False  # else signing in to one's own account would clear the address's count
+# gunicorn's FORWARDED_ALLOW_IPS: the proxies whose X-Forwarded-For names the client (and is trusted for lockouts).
+FORWARDED_ALLOW_IPS = [ip.strip() for ip in os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1").split(",") if ip.strip()]
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -177,26 +196,60 @@ MEDIA_ROOT = DATA_DIR / "files"
 BATCHSITE_MAX_UPLOAD_MB = envint("BATCHSITE_MAX_UPLOAD_MB", 512)
 BATCHSITE_MAX_LINES = envint("BATCHSITE_MAX_LINES", 1_000_000)
 BATCHSITE_MAX_LINE_KB = envint("BATCHSITE_MAX_LINE_KB", 10_240)
+# Files uploaded through /v1/files without OpenAI's `expires_after` are removed after this many days (0: never).
+BATCHSITE_FILE_EXPIRY_DAYS = envint("BATCHSITE_FILE_EXPIRY_DAYS", 30)
 # The engine: how long a worker's claim on items lasts without a heartbeat, how long one slice
-# task claims new work before handing over, and the upstream request timeout.
-BATCHSITE_LEASE_SECONDS = envint("BATCHSITE_LEASE_SECONDS", 120)
+# task claims new work before handing over, and the upstream request timeout. Slices renew their
+# leases every quarter of a lease and every worker sweeps as often, so a killed worker's or
+# cluster's items run again about 15-20 s later; a live slice keeps them however long it takes.
+BATCHSITE_LEASE_SECONDS = envint("BATCHSITE_LEASE_SECONDS", 15)
 BATCHSITE_SLICE_SECONDS = envint("BATCHSITE_SLICE_SECONDS", 60)
 BATCHSITE_REQUEST_TIMEOUT = envint("BATCHSITE_REQUEST_TIMEOUT", 600)
+# Server errors, timeouts and lost connections are tried at least this often, whatever a job's max attempts.
+BATCHSITE_TRANSIENT_ATTEMPTS = envint("BATCHSITE_TRANSIENT_ATTEMPTS", 10)
 BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_WORKERS", 2))
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
+FILE_UPLOAD_HANDLERS = [
+    "jobs.middleware.BodyLimitHandler",  # first: stops a file at its limit while it streams in
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 
 # Security headers; HTTPS-only cookies and HSTS when served over TLS (set SECURE_COOKIES=1).
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_REFERRER_POLICY = "same-origin"
 SESSION_COOKIE_HTTPONLY = True
+# Sessions read through the cache: every open job page polls its progress every 2 s, and a session
+# query is a good part of what a poll costs. Writes and logouts still go to the database.
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("SECURE_COOKIES", False)
 if SESSION_COOKIE_SECURE:  # served over TLS only: tell browsers never to try plain HTTP
     SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31_536_000)
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)  # usually the proxy's job
 if os.environ.get("SECURE_PROXY_SSL_HEADER"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Content Security Policy (django-csp): scripts only from our own static files, never inline, so an
+# injected <script> or onclick= would not run. Inline style *attributes* stay allowed (the progress bars'
+# widths); they cannot run script. <style> elements must come from files too.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "style-src-attr": [UNSAFE_INLINE],
+        "img-src": [SELF, "data:"],  # the admin's icons include data: URLs
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
+# Endpoints may not point at link-local or cloud-metadata addresses (169.254.169.254 and friends) unless
+# this says so; loopback and private networks are always allowed (self-hosted servers live there).
+BATCHSITE_ALLOW_PRIVATE_ENDPOINTS = envbool("BATCHSITE_ALLOW_PRIVATE_ENDPOINTS", False)
 
 LOGGING = {
     "version": 1,

@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 
 from jobs.models import Item, Job
@@ -168,14 +169,19 @@ def schema_fields(job: Job) -> list[str]:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+_PLAIN_NUMBER = re.compile(r"-\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
 def _safe_cell(value: str) -> str:
-    """Neutralise text that a spreadsheet would run as a formula (model output is untrusted)."""
-    if value and value.startswith(_FORMULA_START):
-        try:
-            float(value)
-            return value
-        except ValueError:
-            return "'" + value
+    """Neutralise text that a spreadsheet would run as a formula, as OWASP advises: a leading quote.
+
+    Every cell and header that holds someone else's text goes through here (input cells,
+    custom_ids, column names, answers, structured fields, errors). A plain negative number ("-42",
+    "-0.5e3") stays as it is: a spreadsheet reads it as a number, never as a formula, and quoting it
+    would turn every negative figure in an answer into text. "-1+2" is a formula and is quoted.
+    """
+    if value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
     return value
 
 
@@ -193,15 +199,16 @@ def results_csv(job: Job) -> Iterator[str]:
     input_columns = list(job.columns) if job.source_format == Job.CSV else []
     has_id_column = bool(job.template.get("custom_id_column")) if job.template else False
     fields = schema_fields(job)
-    taken = set(input_columns)
+    taken = set()
 
     def name(wanted: str) -> str:
+        wanted = _safe_cell(wanted)
         while wanted in taken:
             wanted = f"{wanted}_result"
         taken.add(wanted)
         return wanted
 
-    header = list(input_columns)
+    header = [name(c) for c in input_columns]
     if not has_id_column:
         header.append(name("custom_id"))
     output_name = "embedding" if job.url == "/v1/embeddings" else "output"
@@ -224,9 +231,9 @@ def results_csv(job: Job) -> Iterator[str]:
             row = []
             if input_columns:
                 cells = json.loads(input_row) if input_row else []
-                row += cells + [""] * (len(input_columns) - len(cells))
+                row += [_safe_cell(cell) for cell in cells] + [""] * (len(input_columns) - len(cells))
             if not has_id_column:
-                row.append(custom_id)
+                row.append(_safe_cell(custom_id))
             text, parsed = "", {}
             if status == Item.SUCCEEDED and body:
                 text = output_text(job.url, json.loads(body))

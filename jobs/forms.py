@@ -3,12 +3,17 @@ import json
 from django import forms
 from django.db import transaction
 
-from jobs.ingest import Template
+from jobs import egress
+from jobs.ingest import MAX_DEPTH, MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, schema_format
 from jobs.models import Endpoint, Job
 
 
 class UploadForm(forms.Form):
     file = forms.FileField(help_text="OpenAI batch JSONL, or a CSV with a header row")
+
+
+def _at_most(limit: int) -> dict:
+    return {"max_length": f"This is too long: at most {limit:,} characters (it has %(show_value)s)."}
 
 
 class JobForm(forms.Form):
@@ -18,7 +23,8 @@ class JobForm(forms.Form):
     name = forms.CharField(label="Job name", max_length=200, required=False)
     endpoint = forms.ModelChoiceField(queryset=Endpoint.objects.all(), required=False, empty_label=None)
     mode = forms.ChoiceField(choices=Job.MODE_CHOICES, initial=Job.LIVE)
-    max_attempts = forms.IntegerField(min_value=1, max_value=20, initial=5)
+    max_attempts = forms.IntegerField(min_value=1, max_value=20, initial=5, help_text="Times a request is sent before it "
+        "fails. A 429 rate limit never counts; server errors, timeouts and lost connections get at least 10 tries.")  # fmt: skip
     # CSV template
     url = forms.ChoiceField(
         choices=[("/v1/chat/completions", "Chat completions"), ("/v1/embeddings", "Embeddings")],
@@ -27,13 +33,16 @@ class JobForm(forms.Form):
         label="Request type",
     )
     model = forms.CharField(max_length=200, required=False)
-    system_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False)
-    user_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 5}), required=False)
+    system_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
+                                    max_length=MAX_PROMPT_CHARS, error_messages=_at_most(MAX_PROMPT_CHARS))  # fmt: skip
+    user_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 5}), required=False,
+                                  max_length=MAX_PROMPT_CHARS, error_messages=_at_most(MAX_PROMPT_CHARS))  # fmt: skip
     input_column = forms.CharField(label="Text to embed", max_length=200, required=False)
     custom_id_column = forms.CharField(label="custom_id from", max_length=200, required=False)
     temperature = forms.FloatField(min_value=0, max_value=2, required=False)
     max_tokens = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
-    json_schema = forms.CharField(label="JSON schema", widget=forms.Textarea(attrs={"rows": 4}), required=False)
+    json_schema = forms.CharField(label="JSON schema", widget=forms.Textarea(attrs={"rows": 4}), required=False,
+                                  max_length=MAX_SCHEMA_CHARS, error_messages=_at_most(MAX_SCHEMA_CHARS))  # fmt: skip
 
     def __init__(self, *args, csv_columns=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,8 +63,14 @@ class JobForm(forms.Form):
                 value = json.loads(text)
             except ValueError as e:
                 raise forms.ValidationError(f"Not valid JSON: {e}.") from None
+            except RecursionError:
+                raise forms.ValidationError(f"The schema nests more than {MAX_DEPTH} levels deep.") from None
             if not isinstance(value, dict):
                 raise forms.ValidationError("The schema must be a JSON object.")
+            try:
+                schema_format(value)  # depth and lone surrogates, as validation will check them
+            except ValueError as e:
+                raise forms.ValidationError(str(e)) from None
         return text
 
     def template(self) -> Template:
@@ -100,6 +115,24 @@ class EndpointForm(forms.ModelForm):
         if self.instance.api_key_encrypted:
             self.fields["api_key"].help_text = "Leave empty to keep the stored key."
         self.order_fields(["name", "base_url", "api_key", "concurrency", "rpm", "tpm", "make_default"])
+
+    def clean_base_url(self):
+        url = self.cleaned_data["base_url"].strip()
+        try:
+            egress.check_base_url(url)
+        except egress.UnsafeURL as e:
+            raise forms.ValidationError(str(e)) from None
+        return url
+
+    def clean(self):
+        data = super().clean()
+        # The stored key goes only to the server it was entered for: else anyone who may edit endpoints
+        # could point one at their own server, press "Test connection" and read the key there.
+        old, new = self.instance.base_url, data.get("base_url")
+        if self.instance.api_key_encrypted and new and egress.origin(new) != egress.origin(old) and not data.get("api_key"):
+            self.add_error("api_key", f"The server changed (it was {egress.origin(old)[1] or old}): enter the API key "
+                                      "again. A stored key is only sent to the server it was entered for.")  # fmt: skip
+        return data
 
     def save(self, commit=True):
         endpoint = super().save(commit=False)

@@ -34,6 +34,21 @@ from jobs.models import SUPPORTED_URLS, Item, Job
 MAX_ERRORS = 100
 PREVIEW_SIZE = 5
 CHUNK = 5000
+SKIP_CHUNK = 1024 * 1024  # the rest of an over-long line is read and dropped this much at a time
+# Deeper JSON than this is refused: json and every recursive walk of a body (token counts, pages,
+# the worker) would otherwise hit Python's recursion limit somewhere down the line. OpenAI's own
+# structured outputs stop at 10 levels of schema, about 25 of JSON.
+MAX_DEPTH = 100
+MAX_COLUMNS = 16_384  # Excel's limit; a header line of commas would otherwise name millions
+# A prompt template is a few pages, not a book: longer ones are refused before they are rendered
+# into every row.
+MAX_PROMPT_CHARS = 200_000
+MAX_SCHEMA_CHARS = 100_000
+TEMPLATE_TEXTS = (
+    ("system_prompt", "The system prompt", MAX_PROMPT_CHARS),
+    ("user_prompt", "The user prompt", MAX_PROMPT_CHARS),
+    ("json_schema", "The JSON schema", MAX_SCHEMA_CHARS),
+)
 
 # Fields each endpoint cannot do without, checked so that a typo fails at upload, not at line 40,000.
 REQUIRED_BODY = {
@@ -94,7 +109,15 @@ class Template:
         return asdict(self)
 
 
-PLACEHOLDER = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+# {{ column }}: the name is everything between the braces, stripped. Written without lazy or
+# overlapping repeats so that matching is linear: `\{\{\s*(.*?)\s*\}\}` took minutes on `{{` and a
+# few thousand spaces.
+PLACEHOLDER = re.compile(r"\{\{([^{}]*)\}\}")
+
+
+def _placeholder_name(match: re.Match) -> str | None:
+    name = match.group(1).strip()
+    return None if "\n" in name else name  # a name never spans lines
 
 
 @dataclass
@@ -122,6 +145,9 @@ class _Errors:
     def add(self, line: int | None, code: str, message: str, param: str | None = None) -> None:
         self.count += 1
         if len(self.items) < MAX_ERRORS:
+            # Messages quote the file; a 10 MB cell must not make a 10 MB message a hundred times over.
+            if len(message) > 1000:
+                message = message[:1000] + "…"
             self.items.append(LineError(line, code, message, param))
 
     def __bool__(self) -> bool:
@@ -309,6 +335,50 @@ def validate(
     return plan
 
 
+# Next to each upload: the last validation of it. '#' never survives store_upload's cleaning of
+# file names, so no upload can be called this.
+CHECKED_NAME = "#checked.json"
+
+
+def checked(path: Path, *, format: str, template: Template | None = None, source_name: str = "") -> Plan:
+    """validate(), remembered next to the upload for the same template: the review page shows the
+    result on every visit, and reading a big file again each time would hold a web worker for a
+    minute. The Plan has no per-request estimates (`est_tokens`): launching validates again."""
+    path = Path(path)
+    limits = Limits.from_settings()
+    key = blake2b(
+        json.dumps([format, template.as_dict() if template else None, source_name, asdict(limits)]).encode()
+    ).hexdigest()
+    cache = path.parent / CHECKED_NAME
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return _restore(path, saved["plan"], template)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or for another template
+    plan = validate(path, format=format, template=template, source_name=source_name, limits=limits)
+    summary = {
+        "format": plan.format, "source_name": plan.source_name, "url": plan.url, "count": plan.count,
+        "models": dict(plan.models), "est_input_tokens": plan.est_input_tokens,
+        "max_output_tokens": plan.max_output_tokens, "errors": [asdict(e) for e in plan.errors],
+        "error_count": plan.error_count, "preview": plan.preview, "columns": plan.columns,
+    }  # fmt: skip
+    tmp = cache.with_name(f"{CHECKED_NAME}.{uuid.uuid4().hex}")
+    try:
+        tmp.write_text(json.dumps({"key": key, "plan": summary}, ensure_ascii=False))
+        tmp.replace(cache)  # atomic: a visit at the same time reads the old result or the new, never half
+    except OSError:  # a full disk costs the next visit a validation, not this one its page
+        tmp.unlink(missing_ok=True)
+    return plan
+
+
+def _restore(path: Path, summary: dict, template: Template | None) -> Plan:
+    plan = Plan(path=path, template=template, **summary)
+    plan.models = Counter(plan.models)
+    plan.errors = [LineError(**e) for e in plan.errors]
+    return plan
+
+
 def _consume(plan: Plan, requests: Iterator[Request]) -> None:
     for request in requests:
         plan.count += 1
@@ -322,9 +392,18 @@ def _consume(plan: Plan, requests: Iterator[Request]) -> None:
 
 
 def _lines(path: Path, limits: Limits, errors: _Errors) -> Iterator[tuple[int, str]]:
-    """(line number, decoded text) for each line, checking encoding, line size and line count."""
+    """(line number, decoded text) for each line, checking encoding, line size and line count.
+
+    A line is read up to the limit and no further: the rest of an over-long one (a 500 MB file
+    without a newline, say) is skipped a chunk at a time, never held in memory.
+    """
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        if f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
+        for number in itertools.count(1):
+            raw = f.readline(limits.max_line_bytes + 1)
+            if not raw:
+                return
             if number > limits.max_lines:
                 errors.add(
                     number,
@@ -332,12 +411,14 @@ def _lines(path: Path, limits: Limits, errors: _Errors) -> Iterator[tuple[int, s
                     f"The file has more than {limits.max_lines:,} lines, the limit of this installation.",
                 )
                 return
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
             if len(raw) > limits.max_line_bytes:
-                errors.add(
-                    number, "line_too_long", f"Line {number} is {len(raw):,} bytes; the limit is {limits.max_line_bytes:,}."
-                )
+                size = len(raw)
+                while not raw.endswith(b"\n") and (raw := f.readline(SKIP_CHUNK)):
+                    size += len(raw)
+                errors.add(number, "line_too_long", f"Line {number} is {size:,} bytes; the limit is {limits.max_line_bytes:,}.")
+                continue
+            if b"\x00" in raw:  # binary, not text; and Postgres stores no NUL (a CSV header becomes Job.columns)
+                errors.add(number, "invalid_encoding", f"Line {number} holds a NUL byte: this is not a text file.")
                 continue
             try:
                 yield number, raw.decode("utf-8")
@@ -360,8 +441,17 @@ def _jsonl_requests(
             continue  # blank lines (a trailing one above all) carry no request
         try:
             obj = json.loads(text)
-        except ValueError as e:
+            too_deep = _too_deep(text, obj)
+        except json.JSONDecodeError as e:
             errors.add(number, "invalid_json_line", f"Line {number} is not valid JSON: {e.msg} (column {e.colno}).")
+            continue
+        except ValueError as e:  # a number of over 4,300 digits
+            errors.add(number, "invalid_json_line", f"Line {number} is not valid JSON: {e}.")
+            continue
+        except RecursionError:
+            too_deep = True
+        if too_deep:
+            errors.add(number, "invalid_json_line", f"Line {number} nests JSON more than {MAX_DEPTH} levels deep.")
             continue
         if not isinstance(obj, dict):
             errors.add(number, "invalid_json_line", f"Line {number} must be a JSON object, not {_kind(obj)}.")
@@ -385,13 +475,16 @@ def _jsonl_requests(
             continue
         custom_id, line_url, body = obj["custom_id"], obj["url"], obj["body"]
         if obj["method"].upper() != "POST":
-            errors.add(number, "invalid_method", f"Line {number}: method must be POST, not {obj['method']!r}.", "method")
+            errors.add(number, "invalid_method", f"Line {number}: method must be POST, not {_short(obj['method'])}.", "method")
             ok = False
         if not custom_id:
             errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' is empty.", "custom_id")
             ok = False
         elif len(custom_id.encode()) > 1024:
             errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' is longer than 1,024 bytes.", "custom_id")
+            ok = False
+        elif "\x00" in custom_id:  # stored as it is, and Postgres takes no NUL in text
+            errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' holds a NUL character.", "custom_id")
             ok = False
         elif earlier := seen.first_line(custom_id, number):
             errors.add(
@@ -405,7 +498,7 @@ def _jsonl_requests(
             errors.add(
                 number,
                 "invalid_url",
-                f"Line {number}: url {line_url!r} is not supported; use one of {', '.join(SUPPORTED_URLS)}.",
+                f"Line {number}: url {_short(line_url)} is not supported; use one of {', '.join(SUPPORTED_URLS)}.",
                 "url",
             )
             continue
@@ -427,6 +520,20 @@ def _jsonl_requests(
         yield Request(number, custom_id, body)
 
 
+def _too_deep(text: str | None, value) -> bool:
+    """Whether the JSON `value` (parsed from `text`) nests arrays and objects deeper than MAX_DEPTH."""
+    if text is not None and text.count("[") + text.count("{") <= MAX_DEPTH:  # the cheap test: too few brackets
+        return False
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:  # a loop, not recursion: recursion is what the limit protects
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def _has_lone_surrogate(text: str, obj) -> bool:
     """JSON may spell half of a UTF-16 pair ("\\ud800"); no database or UTF-8 file can store it."""
     if "\\ud" not in text and "\\uD" not in text:  # the cheap test: only such an escape can make one
@@ -444,6 +551,9 @@ def _check_body(number: int, url: str, body: dict, errors: _Errors) -> bool:
     if not isinstance(model, str) or not model.strip():
         errors.add(number, "missing_model", f"Line {number}: body has no 'model'.", "body.model")
         ok = False
+    elif "\x00" in model:  # the job's model column holds it as it is
+        errors.add(number, "invalid_value", f"Line {number}: body.model holds a NUL character.", "body.model")
+        ok = False
     name, kind = REQUIRED_BODY[url]
     value = body.get(name)
     if value is None:
@@ -456,6 +566,11 @@ def _check_body(number: int, url: str, body: dict, errors: _Errors) -> bool:
         errors.add(number, "invalid_value", f"Line {number}: streaming is not supported in a batch.", "body.stream")
         ok = False
     return ok
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """A value quoted in a message, cut to a length a person reads."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _kind(value) -> str:
@@ -482,9 +597,13 @@ class _RowStarts:
     line that _lines() skipped (bad UTF-8, too long); the numbers have to come from _lines().
     """
 
-    def __init__(self, numbered: Iterator[tuple[int, str]]):
+    def __init__(self, numbered: Iterator[tuple[int, str]], limit: int):
         self._numbered = numbered
         self.start: int | None = None  # set by the first line of the next row
+        # A row may be as long as a line: csv limits each cell, not how many quoted cells spread
+        # over lines one row holds.
+        self._limit = limit
+        self._size = 0
 
     def __iter__(self):
         return self
@@ -492,7 +611,10 @@ class _RowStarts:
     def __next__(self) -> str:
         number, text = next(self._numbered)
         if self.start is None:
-            self.start = number
+            self.start, self._size = number, 0
+        self._size += len(text)
+        if self._size > self._limit:
+            raise csv.Error(f"the row is longer than {self._limit:,} characters, the line limit")
         return text
 
     def read_row(self, reader) -> tuple[int, list[str]] | None:
@@ -512,16 +634,20 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
     if first is None:
         return
     delimiter = template.delimiter or _sniff_delimiter(first[1])
-    source = _RowStarts(itertools.chain([first], numbered))
+    source = _RowStarts(itertools.chain([first], numbered), limits.max_line_bytes)
     reader = csv.reader(source, delimiter=delimiter)
     try:
         header_line, header = source.read_row(reader) or (first[0], [])
     except csv.Error as e:
         errors.add(source.start, "invalid_csv", f"Line {source.start}: {e}.")
         return
+    if len(header) > MAX_COLUMNS:
+        message = f"Line {header_line} has {len(header):,} columns; the limit is {MAX_COLUMNS:,}."
+        errors.add(header_line, "too_many_columns", message)
+        return
     columns = [h.strip() or f"column_{i + 1}" for i, h in enumerate(header)]
     columns_out[:] = columns
-    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    dupes = sorted(c for c, n in Counter(columns).items() if n > 1)
     if dupes:
         errors.add(
             header_line,
@@ -559,6 +685,9 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
             if not custom_id:
                 errors.add(number, "invalid_custom_id", f"Line {number}: column {template.custom_id_column!r} is empty.")
                 continue
+            if len(custom_id.encode()) > 1024:
+                errors.add(number, "invalid_custom_id", f"Line {number}: the custom_id is longer than 1,024 bytes.")
+                continue
         else:
             custom_id = f"row-{row_number}"
         if earlier := seen.first_line(custom_id, number):
@@ -592,11 +721,12 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
 
 
 def _render(text: str, cells: dict[str, str]) -> str:
-    return PLACEHOLDER.sub(lambda m: cells.get(m.group(1), m.group(0)), text)
+    return PLACEHOLDER.sub(lambda m: cells.get(_placeholder_name(m), m.group(0)), text)
 
 
 def template_columns(text: str) -> list[str]:
-    return PLACEHOLDER.findall(text or "")
+    names = (_placeholder_name(m) for m in PLACEHOLDER.finditer(text or ""))
+    return [name for name in names if name is not None]
 
 
 def _check_template(template: Template, columns: list[str], errors: _Errors) -> bool:
@@ -612,24 +742,35 @@ def _check_template(template: Template, columns: list[str], errors: _Errors) -> 
         return False
     if not template.model.strip():
         fail("missing_model", "Choose a model.", "model")
+    too_long = False
+    for param, label, limit in TEMPLATE_TEXTS:
+        if isinstance(value := getattr(template, param), str) and len(value) > limit:
+            fail("invalid_value", f"{label} is longer than {limit:,} characters.", param)
+            too_long = True
+    if too_long:
+        return False  # not worth scanning for placeholders
+    for param in ("model", "system_prompt", "user_prompt", "custom_id_column", "input_column"):
+        if "\x00" in getattr(template, param):  # the job stores its template, and Postgres no NUL
+            fail("invalid_value", "The template holds a NUL character.", param)
     known = ", ".join(columns)
+    column_set = set(columns)
     if template.url == "/v1/embeddings":
         if not template.input_column:
             fail("missing_required_parameter", "Choose the column to embed.", "input_column")
-        elif template.input_column not in columns:
+        elif template.input_column not in column_set:
             fail("unknown_column", f"There is no column {template.input_column!r}. Columns: {known}.", "input_column")
     else:
         if not template.user_prompt.strip():
             fail("missing_required_parameter", "Write a user prompt.", "user_prompt")
         for param in ("system_prompt", "user_prompt"):
             for name in dict.fromkeys(template_columns(getattr(template, param))):
-                if name not in columns:
+                if name not in column_set:
                     fail(
                         "unknown_column",
-                        f"The template uses {{{{ {name} }}}}, but the file has no column {name!r}. Columns: {known}.",
+                        f"The template uses {{{{ {name[:100]} }}}}, but the file has no column {_short(name)}. Columns: {known}.",
                         param,
                     )
-    if template.custom_id_column and template.custom_id_column not in columns:
+    if template.custom_id_column and template.custom_id_column not in column_set:
         fail("unknown_column", f"There is no column {template.custom_id_column!r}. Columns: {known}.", "custom_id_column")
     if template.temperature is not None and not (0 <= template.temperature <= 2):
         fail("invalid_value", "Temperature must be between 0 and 2.", "temperature")
@@ -647,15 +788,23 @@ def _check_template(template: Template, columns: list[str], errors: _Errors) -> 
 
 def schema_format(schema: dict | str) -> dict:
     """A JSON schema (or a full json_schema block) -> the chat response_format that asks for it."""
+    too_deep = ValueError(f"The JSON schema nests more than {MAX_DEPTH} levels deep.")
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except ValueError as e:
             raise ValueError(f"The JSON schema is not valid JSON: {e}.") from None
+        except RecursionError:
+            raise too_deep from None
+    if _too_deep(None, schema):
+        raise too_deep
     if not isinstance(schema, dict):
         raise ValueError("The JSON schema must be a JSON object.")
-    if _has_lone_surrogate(json.dumps(schema), schema):
+    text = json.dumps(schema)
+    if _has_lone_surrogate(text, schema):
         raise ValueError("The JSON schema has a \\u escape of half a character (a lone UTF-16 surrogate).")
+    if "\\u0000" in text:  # the job keeps its template as JSON, and Postgres's jsonb takes no NUL
+        raise ValueError("The JSON schema holds a NUL character (\\u0000).")
     if "schema" in schema and isinstance(schema["schema"], dict):
         block = {"name": "output", **schema}
     else:

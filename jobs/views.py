@@ -16,10 +16,12 @@ from django.db.models.functions import TruncDate, TruncMonth
 from django.utils import timezone
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
-from jobs import export, ingest, presets, timeline
+from jobs import egress, export, ingest, presets, timeline
 from jobs.forms import EndpointForm, JobForm, UploadForm
 from jobs.models import Endpoint, InvalidTransition, Item, Job
 from jobs.pricing import estimate
@@ -165,14 +167,21 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
         request.session.modified = True
         messages.error(request, f"The upload of {upload['name']} is no longer on the server. Please upload it again.")
         return redirect("job_new")
-    columns = _csv_header(path) if fmt == Job.CSV else []
+    if fmt == Job.CSV and "columns" not in upload:  # read once: the file may be huge
+        upload["columns"] = _csv_header(path)
+        request.session.modified = True
+    columns = upload.get("columns", [])
     initial = {"name": Path(upload["name"]).stem, "endpoint": Endpoint.default()}
     form = JobForm(request.POST or None, initial=initial, csv_columns=columns)
     plan = None
     if request.method == "POST" and form.is_valid():
         template = form.template() if fmt == Job.CSV else None
-        plan = ingest.validate(path, format=fmt, template=template, source_name=upload["name"])
-        if plan.ok and request.POST.get("action") == "launch":
+        launch = request.POST.get("action") == "launch"
+        # Checking shows the remembered result when file and template are unchanged; launching
+        # validates afresh, as creating the job needs every request's estimate.
+        check = ingest.validate if launch else ingest.checked
+        plan = check(path, format=fmt, template=template, source_name=upload["name"])
+        if plan.ok and launch:
             endpoint = form.cleaned_data["endpoint"] or Endpoint.default()
             job = ingest.create_job(
                 plan,
@@ -189,7 +198,7 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
                 return HttpResponseClientRedirect(job.get_absolute_url())
             return redirect(job)
     elif request.method == "GET" and fmt == Job.JSONL:
-        plan = ingest.validate(path, format=fmt, source_name=upload["name"])
+        plan = ingest.checked(path, format=fmt, source_name=upload["name"])
     endpoint = (form.cleaned_data.get("endpoint") if form.is_bound and form.is_valid() else None) or Endpoint.default()
     context = {
         "form": form,
@@ -223,8 +232,51 @@ def _error_groups(job: Job) -> list[dict]:
     ]
 
 
+# Every open job page polls the progress partial every 2 s, and a day-long run's chart costs far more
+# than the rest of it. So each process keeps the chart (drawn) and the errors by kind for a few seconds
+# (the chart's bars are 10-second ticks); a status change or a new failure draws them again at once, and
+# the counts above them are always fresh.
+CHART_REUSE_SECONDS = 5
+POLL_UNUSED = ["template", "columns", "metadata", "source_file", "source_name", "slice_gen", "slice_enqueued_at",
+               "slice_picked_at", "owner__password", "owner__email", "owner__first_name", "owner__last_name"]  # fmt: skip
+_reused: dict = {}
+
+
+def _poll_job(pk: int) -> Job:
+    """The job with only the columns the progress partial shows, and its owner's name, in one raw query:
+    compiling the ORM's select_related query would cost this poll more CPU than the rest of it."""
+    q = connection.ops.quote_name
+    user_model = Job._meta.get_field("owner").related_model
+    columns = ", ".join(f"j.{q(f.column)}" for f in Job._meta.concrete_fields if f.name not in POLL_UNUSED)
+    sql = (f"SELECT {columns}, u.{q(user_model.USERNAME_FIELD)} AS owner_name FROM {q(Job._meta.db_table)} j "
+           f"JOIN {q(user_model._meta.db_table)} u ON u.{q(user_model._meta.pk.column)} = j.{q('owner_id')} WHERE j.id = %s")  # fmt: skip
+    job = next(iter(Job.objects.raw(sql, [pk])), None)
+    if job is None:
+        raise Http404("No such job.")
+    known = {user_model._meta.pk.attname: job.owner_id, user_model.USERNAME_FIELD: job.owner_name}
+    names = [f.attname for f in user_model._meta.concrete_fields if f.attname in known]  # from_db's order
+    job.owner = user_model.from_db(job._state.db, names, [known[n] for n in names])
+    return job
+
+
+def _reuse(key, compute):
+    now = time.monotonic()
+    hit = _reused.get(key)
+    if hit is None or hit[0] < now:
+        if len(_reused) > 1000:
+            _reused.clear()
+        hit = _reused[key] = (now + CHART_REUSE_SECONDS, compute())
+    return hit[1]
+
+
 def _progress_context(job: Job) -> dict:
-    return {"job": job, "timeline": timeline.for_job(job), "error_groups": _error_groups(job)}
+    def chart():
+        line = timeline.for_job(job)
+        return line, render_to_string("jobs/_chart.html", {"timeline": line})
+
+    line, drawn = _reuse(("chart", job.pk, job.created_at, job.status), chart)
+    groups = _reuse(("errors", job.pk, job.created_at, job.n_failed, job.n_expired), lambda: _error_groups(job))
+    return {"job": job, "timeline": line, "chart": drawn, "error_groups": groups}
 
 
 @require_GET
@@ -238,7 +290,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @require_GET
 @login_required
 def job_progress(request: HttpRequest, pk: int) -> HttpResponse:
-    job = _get_job(request, pk)
+    # Polled every 2 s by every open job page: only the columns the partial shows.
+    job = _poll_job(pk)
     context = {**_progress_context(job), "can_control": _can_control(request, job)}
     response = render(request, "jobs/_progress.html", context)
     if job.is_finished and request.htmx:
@@ -358,9 +411,15 @@ def endpoint_list(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 @login_required
 @staff_required
+@sensitive_post_parameters("api_key")
 def endpoint_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
     endpoint = get_object_or_404(Endpoint, pk=pk) if pk else None
     form = EndpointForm(request.POST or None, instance=endpoint)
+    if endpoint and endpoint.from_env:  # the environment owns it: shown, not edited
+        if request.method == "POST":
+            raise PermissionDenied("This endpoint is set by the OPENAI_* environment variables; change them instead.")
+        for field in form.fields.values():
+            field.disabled = True
     if request.method == "POST" and form.is_valid():
         saved = form.save()
         messages.success(request, f"Saved endpoint “{saved.name}”.")
@@ -372,29 +431,40 @@ def endpoint_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
 @login_required
 @staff_required
 def endpoint_test(request: HttpRequest, pk: int) -> HttpResponse:
-    """Ask the server for its model list: proves the URL, the key and the network in one request."""
+    """Ask the server for its model list: proves the URL, the key and the network in one request.
+
+    The answer shown is a status and model names, never the body: the URL could be any server's.
+    """
     endpoint = get_object_or_404(Endpoint, pk=pk)
     started = time.perf_counter()
     try:
-        response = httpx2.get(
-            endpoint.base_url.rstrip("/") + "/models",
-            headers={"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key_encrypted else {},
-            timeout=10,
-        )
-        ms = int((time.perf_counter() - started) * 1000)
+        egress.check_base_url(endpoint.base_url)  # again now: the name may resolve elsewhere than when saved
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key_encrypted else {}
+        with httpx2.Client(timeout=10, follow_redirects=False) as client:
+            with client.stream("GET", endpoint.base_url.rstrip("/") + "/models", headers=headers) as response:
+                egress.check_peer(response)  # and where the connection really went (DNS rebinding)
+                ms = int((time.perf_counter() - started) * 1000)
+                body = bytearray()
+                if response.status_code == 200:
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) > 1_000_000:
+                            break
         if response.status_code == 200:
             try:
-                models = [m.get("id") for m in response.json().get("data", [])][:8]
-            except (ValueError, AttributeError):
+                models = [str(m.get("id"))[:80] for m in json.loads(body).get("data", [])][:8]
+            except (ValueError, AttributeError, TypeError):
                 models = []
-            ok, text = True, f"Connected in {ms} ms." + (f" Models include: {', '.join(map(str, models))}." if models else "")
+            ok, text = True, f"Connected in {ms} ms." + (f" Models include: {', '.join(models)}." if models else "")
         elif response.status_code in (401, 403):
             ok, text = False, f"The server refused the API key (HTTP {response.status_code})."
         else:
             ok, text = False, f"The server answered HTTP {response.status_code}."
+    except egress.UnsafeURL as e:
+        ok, text = False, str(e)
     except ValueError as e:  # the stored key cannot be decrypted
         ok, text = False, str(e)
-    except httpx2.HTTPError as e:
+    except (httpx2.HTTPError, httpx2.InvalidURL) as e:
         ok, text = False, f"Could not reach {endpoint.base_url}: {type(e).__name__}."
     return render(request, "jobs/_endpoint_test.html", {"ok": ok, "text": text})
 

@@ -204,7 +204,7 @@ def test_csv_for_jsonl_job(job):
     assert list(rows[0]) == ["custom_id", "output", "status", "error", "prompt_tokens", "completion_tokens", "latency_ms"]
     assert len(rows) == 6
     assert rows[0]["output"] == "'=HYPERLINK(\"http://evil\")"  # no formula runs in a spreadsheet
-    assert rows[1]["output"] == "-42"  # numbers stay numbers
+    assert rows[1]["output"] == "-42"  # a plain negative number is a number in a spreadsheet, not a formula
     assert (rows[0]["prompt_tokens"], rows[0]["latency_ms"]) == ("9", "120")
     assert rows[2]["status"] == "failed" and rows[2]["error"] == "HTTP 400: Bad request"
     assert rows[5]["status"] == "pending" and rows[5]["output"] == ""
@@ -251,3 +251,9 @@ def test_output_text_of_each_endpoint():
     tool = {"choices": [{"message": {"content": None, "tool_calls": [{"id": "t"}]}}]}
     assert json.loads(export.output_text("/v1/chat/completions", tool)) == [{"id": "t"}]
     assert export.output_text("/v1/chat/completions", {"weird": True}) == ""
+
+
+def test_safe_cell_quotes_formulas_but_not_plain_negative_numbers():
+    assert [export._safe_cell(v) for v in ["-42", "-0.5", "-1e3", "-1+2", "-A1", "=1", "@x", "+1", "\tx", "- 3", "ok"]] == [
+        "-42", "-0.5", "-1e3", "'-1+2", "'-A1", "'=1", "'@x", "'+1", "'\tx", "'- 3", "ok"
+    ]

@@ -160,7 +160,7 @@ def test_a_cell_longer_than_the_line_limit_is_refused(write):
     template = Template(model="gpt-4o-mini", user_prompt="{{ review }}")
     plan = ingest.validate(write("rows.csv", f'review\n"{cell}"\nok\n'), format=Job.CSV, template=template, limits=limits)
     assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_csv")]
-    assert "field limit (100)" in plan.errors[0].message
+    assert "the row is longer than 100 characters" in plan.errors[0].message
 
 
 def test_empty_prompt(write):
