@@ -12,3 +12,17 @@ accesslog = None  # progress polling would drown the log; LOG_LEVEL governs Batc
 errorlog = "-"
 loglevel = "warning"
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+def post_worker_init(worker):
+    """Load the tokenizers in the background as a worker starts: the first upload or batches.create
+    would otherwise spend half a second loading them before it could answer."""
+    import threading
+
+    def warm():
+        from jobs import tokens
+
+        for model in ("gpt-4o-mini", "gpt-3.5-turbo"):  # o200k_base and cl100k_base
+            tokens.encoding_for_model(model)
+
+    threading.Thread(target=warm, name="warm-tokenizers", daemon=True).start()

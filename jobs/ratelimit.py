@@ -9,7 +9,11 @@ store, so N processes together keep to the limit without talking to each other:
   one machine; the default);
 - RedisStore: the same arithmetic in a Lua script (many machines; when REDIS_URL is set).
 
-A 429 sets a cool-down in the same store, so one rate-limited answer pauses every sender.
+A 429 that shows the budget is spent sets a cool-down in the same store, so it pauses every sender.
+A one-off 429 (budget left) costs only its own request's wait; when they come thick and fast, the
+send rate is cut in half (multiplicative decrease, at most once a second) and climbs back by a
+twentieth of the full rate a second (additive increase): AIMD, kept in the same store so every
+process sends at the same reduced rate.
 """
 
 from __future__ import annotations
@@ -27,7 +31,22 @@ from pathlib import Path
 # a server whose budget was just spent (by another client, or by us before an idle spell it did not
 # see) answers every request of a burst above its refill rate with a 429.
 BURST_SECONDS = 0.2
-_STATE = struct.Struct("ddd")  # request TAT, token TAT, cool-down until (unix seconds)
+# AIMD of the send rate after one-off 429s: a cut halves it (not more often than once a second), and it
+# climbs back by this share of the full rate per second; never below a twentieth of it.
+DECREASE_FACTOR, DECREASE_INTERVAL, INCREASE_PER_SECOND, MIN_FACTOR = 0.5, 1.0, 0.05, 0.05
+# request TAT, token TAT, cool-down until, rate cut, when it was cut (unix seconds)
+_STATE = struct.Struct("ddddd")
+
+
+def _factor(state, now: float) -> float:
+    """The share of the full send rate allowed now: 1 minus the last cut, less what it has climbed back since."""
+    return 1.0 - max(0.0, state[3] - INCREASE_PER_SECOND * (now - state[4]))
+
+
+def _slow_down(state, now: float) -> None:
+    if now - state[4] >= DECREASE_INTERVAL:
+        state[3] = 1.0 - max(MIN_FACTOR, _factor(state, now) * DECREASE_FACTOR)
+        state[4] = now
 
 
 class FileStore:
@@ -45,8 +64,8 @@ class FileStore:
         fd = self._fd(key)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            raw = os.pread(fd, _STATE.size, 0)
-            state = list(_STATE.unpack(raw)) if len(raw) == _STATE.size else [0.0, 0.0, 0.0]
+            raw = os.pread(fd, _STATE.size, 0)  # a shorter file (an older layout) reads as zeros after its end
+            state = list(_STATE.unpack(raw.ljust(_STATE.size, b"\0")))
             result = change(state, time.time())
             os.pwrite(fd, _STATE.pack(*state), 0)
             return result
@@ -65,11 +84,21 @@ class FileStore:
     def cooldown_until(self, key: str) -> float:
         return self._update(key, lambda s, now: s[2])
 
+    def peek(self, key: str) -> tuple[float, float, float, float]:
+        """(latest reserved slot of requests or tokens, cool-down until, rate factor, now)."""
+        return self._update(key, lambda s, now: (max(s[0], s[1]), s[2], _factor(s, now), now))
+
+    def slow_down(self, key: str) -> None:
+        self._update(key, _slow_down)
+
 
 def _reserve(state: list, now: float, request_interval: float, token_interval: float, tokens: int,
              latest: float) -> float:
-    """Take the next free slot; return how long to wait for it (inf, taking nothing, if it comes after `latest`)."""
-    request_tat, token_tat, cooldown = state
+    """Take the next free slot; return how long to wait for it (inf, taking nothing, if it comes after `latest`).
+    The intervals stretch by the AIMD factor: a cut rate spaces the slots out."""
+    request_tat, token_tat, cooldown = state[:3]
+    factor = _factor(state, now)
+    request_interval, token_interval = request_interval / factor, token_interval / factor
     send_at = max(now, cooldown, request_tat - BURST_SECONDS, token_tat - BURST_SECONDS)
     if send_at > latest:
         return math.inf
@@ -84,12 +113,16 @@ class RedisStore:
     _SCRIPT = """
     local t = redis.call('TIME')
     local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-    local s = redis.call('HMGET', KEYS[1], 'r', 't', 'c')
+    local s = redis.call('HMGET', KEYS[1], 'r', 't', 'c', 'x', 'y')
     local r, k, c = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
+    local x, y = tonumber(s[4]) or 0, tonumber(s[5]) or 0
     local op, a, b, n, burst, latest = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
                                        tonumber(ARGV[5]), tonumber(ARGV[6])
+    local md, interval, ai, floor = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+    local f = 1 - math.max(0, x - ai * (now - y))
     local out = 0
     if op == 'reserve' then
+      a, b = a / f, b / f
       local send_at = math.max(now, c, r - burst, k - burst)
       if send_at > latest then return 'inf' end
       if a > 0 then r = math.max(r, send_at) + a end
@@ -97,10 +130,15 @@ class RedisStore:
       out = send_at - now
     elseif op == 'cool_down' then
       c = math.max(c, a)
+    elseif op == 'slow_down' then
+      if now - y >= interval then
+        x, y = 1 - math.max(floor, f * md), now
+      end
     end
-    redis.call('HSET', KEYS[1], 'r', r, 't', k, 'c', c)
+    redis.call('HSET', KEYS[1], 'r', r, 't', k, 'c', c, 'x', x, 'y', y)
     redis.call('EXPIRE', KEYS[1], 86400)
     if op == 'cooldown_until' then return tostring(c) end
+    if op == 'peek' then return tostring(math.max(r, k)) .. ' ' .. tostring(c) .. ' ' .. tostring(f) .. ' ' .. tostring(now) end
     return tostring(out)
     """
 
@@ -110,9 +148,11 @@ class RedisStore:
         self.redis = redis.Redis.from_url(url)
         self.script = self.redis.register_script(self._SCRIPT)
 
-    def _call(self, key, op, a=0.0, b=0.0, n=0, latest=math.inf) -> float:
-        args = [op, a, b, n, BURST_SECONDS, min(latest, 1e18)]  # Lua's tonumber() may not read "inf"
-        return float(self.script(keys=[f"batchsite:ratelimit:{key}"], args=args))
+    def _call(self, key, op, a=0.0, b=0.0, n=0, latest=math.inf):
+        args = [op, a, b, n, BURST_SECONDS, min(latest, 1e18),  # Lua's tonumber() may not read "inf"
+                DECREASE_FACTOR, DECREASE_INTERVAL, INCREASE_PER_SECOND, MIN_FACTOR]  # fmt: skip
+        out = self.script(keys=[f"batchsite:ratelimit:{key}"], args=args)
+        return tuple(float(v) for v in out.split()) if op == "peek" else float(out)
 
     def reserve(self, key, request_interval, token_interval, tokens, latest):
         return self._call(key, "reserve", request_interval, token_interval, tokens, latest)
@@ -122,6 +162,12 @@ class RedisStore:
 
     def cooldown_until(self, key):
         return self._call(key, "cooldown_until")
+
+    def peek(self, key):
+        return self._call(key, "peek")
+
+    def slow_down(self, key):
+        self._call(key, "slow_down")
 
 
 def default_store():
@@ -145,6 +191,8 @@ def parse_duration(text: str | None) -> float | None:
         return float(text)  # some servers send plain seconds
     except ValueError:
         pass
+    if len(text) > 64:  # no real duration is this long, and findall is quadratic on a run of digits
+        return None
     parts = _DURATION.findall(text)
     if not parts:
         return None
@@ -174,6 +222,7 @@ class Limiter:
         self.configured_rpm, self.configured_tpm = rpm, tpm
         self.rpm, self.tpm = rpm or learned_rpm, tpm or learned_tpm
         self.learned = Learned()
+        self._factor, self._factor_read = 1.0, -math.inf
 
     @property
     def request_interval(self) -> float:
@@ -202,11 +251,49 @@ class Limiter:
         """
         if self.paced:
             return self.store.reserve(self.key, self.request_interval, self.token_interval, tokens, latest)
-        wait = max(0.0, self.store.cooldown_until(self.key) - time.time())
-        return math.inf if time.time() + wait > latest else wait
+        _, cooldown, self._factor, now = self.store.peek(self.key)
+        self._factor_read = time.monotonic()
+        wait = max(0.0, cooldown - now)
+        return math.inf if now + wait > latest else wait
 
     def cool_down(self, seconds: float) -> None:
         self.store.cool_down(self.key, time.time() + seconds)
+
+    def factor(self) -> float:
+        """The share of the full send rate that AIMD allows now (read from the store at most every 0.25 s:
+        senders ask on every free slot). Paced senders get it applied to their slots; unpaced ones apply
+        it to their concurrency."""
+        if time.monotonic() - self._factor_read > 0.25:
+            self._factor = self.store.peek(self.key)[2]
+            self._factor_read = time.monotonic()
+        return self._factor
+
+    def slow_down(self) -> None:
+        """Multiplicative decrease after one-off 429s came thick and fast (once a second at most, for every sender)."""
+        self.store.slow_down(self.key)
+        self._factor_read = -math.inf
+
+    def spent(self, headers, cost: int) -> bool:
+        """Whether a 429 means the endpoint's budget is spent (every sender must wait), not a one-off.
+
+        Spent: the rate headers say no request (or not this request's tokens) is left; or, with no
+        such headers, our own sending is at the limit we know (the schedule is booked up to now).
+        A one-off: budget left, or no headers while we send below the known limit (or know none)."""
+        told = False
+        for kind, need in (("requests", 1), ("tokens", cost)):
+            try:
+                remaining = float(headers.get(f"x-ratelimit-remaining-{kind}", ""))
+            except ValueError:
+                continue
+            if remaining < 0:  # "-1": not limited, on some servers
+                continue
+            told = True
+            if remaining < need:
+                return True
+        if told or not self.paced:
+            return False
+        booked_until, _, _, now = self.store.peek(self.key)
+        return booked_until >= now
 
     def observe(self, headers) -> None:
         """Learn limits from x-ratelimit-* headers, and stop early when the server says we are at zero."""

@@ -7,6 +7,8 @@ has a slice or is finalized (settle()). Inside, asyncio
 keeps up to `concurrency` requests going through one AsyncOpenAI client with max_retries=0:
 retries, backoff and the classification of failures are ours, because the SDK's rules (give up
 on a Retry-After over 120 s, retry every 429 including insufficient_quota) are wrong for a batch.
+A rate-limit 429 is back-pressure, not an attempt; server errors, timeouts and lost connections have
+a budget of their own (BATCHSITE_TRANSIENT_ATTEMPTS); see the README's "Failures and retries".
 
 Every database call runs on one worker thread (Django's ORM is synchronous); results are
 written in batches of up to a few hundred, a fraction of a second apart.
@@ -15,6 +17,7 @@ written in batches of up to a few hundred, a fraction of a second apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import hashlib
@@ -22,6 +25,7 @@ import json
 import logging
 import math
 import random
+import ssl
 import time
 import uuid
 from collections import deque
@@ -29,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import httpx2
 import openai
 from django.conf import settings
@@ -36,7 +41,7 @@ from django.db import connection, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from jobs import leases, tokens
+from jobs import egress, leases, tokens
 from jobs.leases import TRANSIENT_DB_ERRORS, Claimed, Outcome
 from jobs.models import Endpoint, InvalidTransition, Item, Job
 from jobs.pricing import PriceBook
@@ -44,8 +49,14 @@ from jobs.ratelimit import Limiter
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE = 1.0
+BACKOFF_BASE = 0.25
 BACKOFF_CAP = 60.0
+# Over each window, a slice whose answers were more than a third 429s (of at least AIMD_MIN_ANSWERS)
+# cuts the endpoint's shared send rate (ratelimit.py).
+AIMD_WINDOW_SECONDS = 1.0
+AIMD_MIN_ANSWERS = 20
+FIRST_REQUEST_HEAD_START = 0.005
+HELD_PER_SLOT = 4  # requests a slice holds (sent or waiting for a retry) per concurrency slot, at most
 FLUSH_SECONDS = 0.25
 FLUSH_SIZE = 250
 STATUS_CHECK_SECONDS = 1.0
@@ -159,7 +170,7 @@ def classify(status: int, text: str, headers) -> UpstreamError:
 
 
 def backoff(attempt: int) -> float:
-    """Exponential with jitter: 1, 2, 4 ... 60 s, each shortened by up to half at random."""
+    """Exponential with jitter: 0.25, 0.5, 1 ... 60 s, each shortened by up to half at random."""
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(attempt - 1, 0)) * random.uniform(0.5, 1.0)
 
 
@@ -209,10 +220,18 @@ class Slice:
         self.handed_over = False
         self.outcomes: list[Outcome] = []
         self.flushing = asyncio.Lock()  # one write at a time, in the order the outcomes came
-        self.closing = False
+        self.closing = asyncio.Event()  # set: the slice is done; the flusher stores what is left and stops
         self.more_to_claim = True
         self.cooldown_shown = 0.0
         self.sent = 0
+        self.window_start, self.window_answers, self.window_limited = time.monotonic(), 0, 0
+        self.waiting = 0  # requests in flight that wait for a retry: they hold no concurrency slot
+        self.in_flight: set[asyncio.Task] = set()  # the slice's requests: being sent, or waiting for a retry
+        self.slot_opened = asyncio.Event()  # replaced by a new one each time it is set (see _open_slot)
+        # Until when the slice's leases certainly hold: a claim or a heartbeat that started at t renews them to
+        # t + lease. Past it (heartbeats failing: a database stalled for longer than a lease) the sweeper may
+        # have handed the items to another slice, which may be sending them: send nothing more (_lease_lapsing).
+        self.leased_until = self.started + leases.lease_seconds()
 
     async def db(self, fn, *args, patience: float = DB_PATIENCE):
         """Run `fn` on the slice's database thread, patiently (see _patiently)."""
@@ -225,11 +244,18 @@ class Slice:
             api_key=self.endpoint.api_key or "none",
             base_url=self.endpoint.base_url,
             max_retries=0,
-            timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0),
+            # aiohttp's transport: httpcore's pool probes every idle connection's socket on each request,
+            # which at a concurrency of 100 cost more CPU than the rest of the request (bench/throughput.py).
+            http_client=openai.DefaultAioHttpClient(
+                verify=_tls_context(), timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0)
+            ),
         )
         flusher = asyncio.create_task(self._flush_loop())
-        heart = asyncio.create_task(self._heartbeat_loop())
-        in_flight: set[asyncio.Task] = set()
+        # Heartbeats on a thread and connection of their own: behind a slow flush on the slice's database
+        # thread they would come late, and a lease that runs out makes another slice send the same items.
+        beats = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slice-beat-{self.job_id}")
+        heart = asyncio.create_task(self._heartbeat_loop(beats))
+        in_flight = self.in_flight
         queue: deque[Claimed] = deque()
         last_check = 0.0
         try:
@@ -246,7 +272,7 @@ class Slice:
                 if self.booked:  # no rate-limit slot left before the deadline (_wait_for_slot): claim no more
                     await self._wait(in_flight, self.deadline - now)
                     continue
-                if len(in_flight) >= self.concurrency:
+                if self._full(in_flight):
                     if len(queue) < self.concurrency // 2 and self.more_to_claim:
                         # Claim the next batch while every slot is busy, so that freed slots are
                         # refilled at once instead of waiting on the database.
@@ -261,10 +287,15 @@ class Slice:
                     self.more_to_claim = bool(claimed)
                     queue.extend(claimed)
                 if queue:
-                    while queue and len(in_flight) < self.concurrency:
+                    while queue and not self._full(in_flight):
                         task = asyncio.create_task(self._process_safely(queue.popleft()))
                         in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
+                        task.add_done_callback(self._finished)
+                        if not self.sent and len(in_flight) == 1:
+                            # The slice's first request goes out on its own: started together, the
+                            # concurrency's worth of requests would each be built (a few ms of CPU apiece)
+                            # before the first of them reached the wire.
+                            await asyncio.sleep(FIRST_REQUEST_HEAD_START)
                     continue
                 if in_flight:
                     await self._wait(in_flight, STATUS_CHECK_SECONDS)
@@ -298,9 +329,13 @@ class Slice:
                             self.draining.set()
                     except TRANSIENT_DB_ERRORS:
                         pass  # asked again in a second
-            self.closing = True
+            self.closing.set()
             await flusher  # never cancel it mid-write: the batch it holds would be lost
             heart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heart
+            await asyncio.get_running_loop().run_in_executor(beats, connections.close_all)  # its own connection
+            beats.shutdown()
             try:
                 # Past the leases' end another slice may own the items: writing would change nothing.
                 await self._flush(patience=leases.lease_seconds())
@@ -309,11 +344,47 @@ class Slice:
                               len(self.outcomes))  # fmt: skip
             await self.client.close()
 
+    def _full(self, in_flight: set[asyncio.Task]) -> bool:
+        """No room for another request: as many are being sent as the concurrency allows, or so many more
+        wait for a retry that claiming further would take the job's work away from other slices."""
+        return (len(in_flight) - self.waiting >= self._concurrency_now()
+                or len(in_flight) >= HELD_PER_SLOT * self.concurrency)  # fmt: skip
+
+    def _open_slot(self) -> None:
+        """Wake everyone waiting for a free slot (the run loop, requests back from a retry wait)."""
+        self.slot_opened.set()
+        self.slot_opened = asyncio.Event()
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.in_flight.discard(task)
+        self._open_slot()
+
+    async def _wait_for_retry(self, due: float) -> bool:
+        """Sleep until `due` (monotonic) holding no concurrency slot, then wait for a free one. False if the
+        slice started draining meanwhile."""
+        self.waiting += 1
+        self._open_slot()
+        try:
+            if not await self._sleep(due - time.monotonic()):
+                return False
+            while len(self.in_flight) - self.waiting >= self._concurrency_now():
+                opened = self.slot_opened
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(opened.wait(), STATUS_CHECK_SECONDS)
+                if self.draining.is_set():
+                    return False
+            return True
+        finally:
+            self.waiting -= 1
+
     async def _wait(self, in_flight: set[asyncio.Task], seconds: float) -> None:
-        """Until a request finishes, or `seconds` (at most a status check's interval) have passed."""
+        """Until a request finishes or starts waiting for a retry, or `seconds` (at most a status check's
+        interval) have passed."""
         seconds = min(max(seconds, 0.0), STATUS_CHECK_SECONDS)
         if in_flight:
-            await asyncio.wait(in_flight, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            opened = asyncio.ensure_future(self.slot_opened.wait())
+            await asyncio.wait({*in_flight, opened}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            opened.cancel()
         else:
             await self._sleep(seconds)
 
@@ -354,29 +425,34 @@ class Slice:
         model = body.get("model", "")
         # What the endpoint charges against its token budget when the request arrives.
         cost = item.est_tokens + tokens.max_output_tokens(body)
-        attempts, retries = item.attempts, 0
+        # `attempts` counts the sends that were answered (or timed out, or lost their connection) other
+        # than with a rate-limit 429: what a job's max_attempts limits, and what the item shows.
+        attempts, retries, limited = item.attempts, 0, 0
         last: UpstreamError | None = None
         while True:
             probe = self._probe()
-            if not await self._wait_for_slot(cost, probe):
+            if not await self._wait_for_slot(cost, probe) or self._lease_lapsing():
                 if probe:
                     self.limits_known.set()
                 return self._release(item, attempts, retries, last)
-            attempts += 1
             self.sent += 1
             started = time.perf_counter()
             answered = False
+            last_headers = {}
             try:
                 response = await self.client.post(self.path, body=body, cast_to=httpx2.Response)
                 answered = True
                 latency = int((time.perf_counter() - started) * 1000)
-                return self._succeeded(item, model, response, attempts, retries, latency)
+                self._count_answer(False)
+                return self._succeeded(item, model, response, attempts + 1, retries, latency)
             except openai.APIStatusError as e:
                 answered = True
-                last = classify(e.status_code, e.response.text, e.response.headers)
-                self.limiter.observe(e.response.headers)
-            except openai.APITimeoutError:
-                last = UpstreamError(RETRY, "The request timed out.", code="timeout")
+                last_headers = e.response.headers
+                last = classify(e.status_code, e.response.text, last_headers)
+                self.limiter.observe(last_headers)
+                self._count_answer(last.http_status == 429)
+            except openai.APITimeoutError as e:
+                last = _timeout_or_refused(e)
             except openai.APIConnectionError as e:
                 last = UpstreamError(RETRY, f"Could not connect: {e.__cause__ or e}", code="connection_error")
             except _InvalidResponse as e:
@@ -384,27 +460,58 @@ class Slice:
             finally:
                 if probe:
                     self._limits_found(answered)
+            answered_at = time.monotonic()
             latency = int((time.perf_counter() - started) * 1000)
 
             if last.kind == PERMANENT:
-                return self._failed(item, attempts, retries, last, latency)
+                return self._failed(item, attempts + 1, retries, last, latency)
             if last.kind == STOP:
-                # Not the item's fault: give the attempt back and pause the job.
+                # Not the item's fault: no attempt counted; the job pauses.
                 await self._stop_job(last.message)
-                return self._release(item, attempts - 1, retries, last)
-            # One draw of the jitter: the endpoint's cool-down and this item's wait are the same pause.
-            delay = last.retry_after if last.retry_after is not None else backoff(attempts)
-            if last.http_status == 429:
-                self.limiter.cool_down(delay)
-                await self._show_cooldown(delay)
-            if attempts >= self.max_attempts:
-                return self._failed(item, attempts, retries, last, latency)
-            retries += 1  # counted once, here, whether the retry happens in this slice or a later one
-            if time.monotonic() + delay > self.deadline:
-                # Too long to hold the item here: back to pending, due after the wait.
-                return self._release(item, attempts, retries, last, delay)
-            if not await self._sleep(delay):
                 return self._release(item, attempts, retries, last)
+            if last.http_status == 429:
+                # Back-pressure, not the request's failure: it costs no attempt, and the request is tried
+                # again for as long as the job runs. Only a spent budget holds back every sender.
+                limited += 1
+                delay = last.retry_after if last.retry_after is not None else backoff(limited)
+                if self.limiter.spent(last_headers, cost):
+                    self.limiter.cool_down(delay)
+                    await self._show_cooldown(delay)
+            else:
+                attempts += 1
+                delay = last.retry_after if last.retry_after is not None else backoff(attempts)
+                if attempts >= max(self.max_attempts, settings.BATCHSITE_TRANSIENT_ATTEMPTS):
+                    return self._failed(item, attempts, retries, last, latency)
+            retries += 1  # counted once, here, whether the retry happens in this slice or a later one
+            # Measured from the answer: the server asked for `delay` from then on, however long the
+            # bookkeeping above took.
+            due = answered_at + delay
+            if due > self.deadline:
+                # Too long to hold the item here: back to pending, due after the wait.
+                return self._release(item, attempts, retries, last, due - time.monotonic())
+            # While it waits, the request holds no concurrency slot: another one is sent in its place.
+            if not await self._wait_for_retry(due):
+                # Draining (pause, stop, a newer generation): whoever takes the item up next still owes
+                # the server the rest of the wait.
+                return self._release(item, attempts, retries, last, due - time.monotonic())
+
+    def _count_answer(self, limited: bool) -> None:
+        """AIMD's decrease: when over a second more than a third of this slice's answers were 429s (and
+        they were enough to tell), the endpoint's send rate is cut for every sender. A few one-off 429s
+        (a fifth of the answers, at random) leave it alone: they cost only their own requests' waits."""
+        now = time.monotonic()
+        if now - self.window_start >= AIMD_WINDOW_SECONDS:
+            if self.window_answers >= AIMD_MIN_ANSWERS and self.window_limited * 3 > self.window_answers:
+                self.limiter.slow_down()
+            self.window_start, self.window_answers, self.window_limited = now, 0, 0
+        self.window_answers += 1
+        self.window_limited += limited
+
+    def _concurrency_now(self) -> int:
+        """The slice's concurrency, cut by AIMD when the endpoint has no known rate to slow down instead."""
+        if self.limiter.paced:
+            return self.concurrency  # the factor stretches the rate limiter's slots instead
+        return max(1, int(self.concurrency * self.limiter.factor()))
 
     def _probe(self) -> bool:
         """True for the one request that goes first, alone, while the endpoint's limits are unknown."""
@@ -507,7 +614,7 @@ class Slice:
                 http_status=error.http_status if error else None,
                 error_code=error.code if error else "",
                 error_message=error.message if error else "",
-                next_attempt_at=timezone.now() + timedelta(seconds=delay) if delay else None,
+                next_attempt_at=timezone.now() + timedelta(seconds=delay) if delay > 0 else None,
                 retries=retries,
             )
         )
@@ -537,20 +644,42 @@ class Slice:
                 raise
 
     async def _flush_loop(self) -> None:
-        while not self.closing:
-            await asyncio.sleep(FLUSH_SECONDS)
+        while not self.closing.is_set():
+            with contextlib.suppress(TimeoutError):  # woken early at the end: the job's last results go at once
+                await asyncio.wait_for(self.closing.wait(), FLUSH_SECONDS)
             try:
                 await self._flush()
             except TRANSIENT_DB_ERRORS:
                 log.exception("Job %s: results not stored yet; trying again", self.job_id)
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, beats: ThreadPoolExecutor) -> None:
+        interval = max(leases.lease_seconds() / 4, 1)
         while True:
-            await asyncio.sleep(max(leases.lease_seconds() / 4, 1))
+            await asyncio.sleep(interval)
+            started = time.monotonic()
+            call = functools.partial(_patiently, _heartbeat, self.job_id, self.lease, patience=interval)
             try:
-                await self.db(_heartbeat, self.job_id, self.lease)
+                await asyncio.get_running_loop().run_in_executor(beats, call)
+                self.leased_until = started + leases.lease_seconds()
             except TRANSIENT_DB_ERRORS:
                 log.exception("Job %s: heartbeat missed; trying again at the next beat", self.job_id)
+
+    def _lease_lapsing(self) -> bool:
+        """True once the leases may run out before a request now sent is answered: heartbeats have failed
+        for most of a lease. The slice then sends nothing more and finishes; its successor claims afresh."""
+        if time.monotonic() < self.leased_until - leases.lease_seconds() / 4:
+            return False
+        if not self.draining.is_set():
+            log.warning("Job %s: heartbeats failing, the slice's leases may run out; it stops sending", self.job_id)
+            self.draining.set()
+        return True
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process: loading the CA bundle takes 50-150 ms, which every slice's new HTTP
+    client would otherwise spend before its first request."""
+    return httpx2.create_ssl_context()
 
 
 async def _first_of(*events: asyncio.Event) -> None:
@@ -560,6 +689,16 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
+
+
+def _timeout_or_refused(error: openai.APITimeoutError) -> UpstreamError:
+    """The aiohttp transport reports a refused connection as a connect timeout: say which it was."""
+    cause = error.__cause__
+    while cause is not None and not isinstance(cause, aiohttp.ClientConnectorError):
+        cause = cause.__cause__
+    if cause is not None:
+        return UpstreamError(RETRY, f"Could not connect: {cause}", code="connection_error")
+    return UpstreamError(RETRY, "The request timed out.", code="timeout")
 
 
 class _InvalidResponse(Exception):
@@ -628,6 +767,11 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
     except ValueError as e:
         _pause_job(job_id, str(e))
         return {"job": job_id, "skipped": "bad key"}
+    try:  # checked again at each slice: the name may resolve elsewhere now than when the endpoint was saved
+        egress.check_base_url(endpoint.base_url)
+    except egress.UnsafeURL as e:
+        _pause_job(job_id, f"The endpoint's base URL is refused: {e} Fix it on the Endpoints page, then resume.")
+        return {"job": job_id, "skipped": "unsafe endpoint"}
 
     Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
     budget = settings.BATCHSITE_SLICE_SECONDS if budget is None else budget

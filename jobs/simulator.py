@@ -8,7 +8,11 @@ exhaustion, latency and the Files/Batches API behave like OpenAI's, closely enou
 For tests:
 - a model named "bad-model" gets 404 model_not_found; a prompt containing SIMULATE_400 or
   SIMULATE_500 gets that status (live and in batches), so single items can fail on purpose;
-- GET /_sim/stats, GET /_sim/log (?limit=N), GET|POST /_sim/config, POST /_sim/reset.
+- GET /_sim/stats, GET /_sim/log (?limit=N), GET|POST /_sim/config, POST /_sim/reset;
+- every retry of a request answered 429 is audited: /_sim/stats counts `retries_checked` and lists
+  `retry_after_violations` (a retry that arrived before the Retry-After it was given had passed,
+  measured from the 429's answer to the retry's arrival; requests are told apart by a hash of
+  their body, so identical bodies count as one request).
 
 No Django here: the module runs standalone, in a thread for tests (`serve_in_thread`) or from the
 `simulate_openai` management command.
@@ -461,10 +465,16 @@ class Simulator:
         self._jitter_rng = random.Random(f"{cfg.seed}:jitter")
         self._batch_rng = random.Random(f"{cfg.seed}:batch")
         self.total = self.rate_limited = 0
+        self.first_arrival: float | None = None  # unix time the first inference request arrived (start-up benches)
         self.max_in_flight = self.in_flight
         self.by_path: collections.Counter = collections.Counter()
         self.by_status: collections.Counter = collections.Counter()
         self.log: collections.deque = collections.deque(maxlen=LOG_ENTRIES)
+        # Retry-After audit, per request fingerprint (a hash of the body: a retry sends the same bytes):
+        # when its last 429 was answered and the wait that 429 asked for.
+        self._asked_to_wait: dict[str, tuple[float, float]] = {}
+        self.retries_checked = 0
+        self.retry_after_violations: list[dict] = []
 
     async def close(self) -> None:
         """Stop batches still running and close the log file."""
@@ -480,6 +490,9 @@ class Simulator:
         """Auth, stats, the request log and x-request-id for every /v1 route."""
         if request.path.startswith("/_sim/"):
             return await handler(request)
+        arrived = time.monotonic()
+        if self.first_arrival is None and request.path in INFERENCE_ROUTES:
+            self.first_arrival = time.time()
         self.in_flight += 1
         if self.in_flight > self.max_in_flight:
             self.max_in_flight = self.in_flight
@@ -502,6 +515,8 @@ class Simulator:
         self.by_status[status] += 1
         if status == 429:
             self.rate_limited += 1
+        if request.path in INFERENCE_ROUTES:
+            self._audit_retry(hashlib.sha1(await request.read()).hexdigest(), arrived, request, status)
         entry = {"t": time.time(), "path": path, "status": status,
                  "marker": request.get(MARKER), "retry_after_ms": request.get(RETRY_AFTER_MS)}
         self.log.append(entry)
@@ -509,6 +524,20 @@ class Simulator:
             self._log_file.write(json.dumps(entry) + "\n")
         response.headers["x-request-id"] = _new_id("req_")
         return response
+
+    def _audit_retry(self, fingerprint: str, arrived: float, request: web.Request, status: int) -> None:
+        """Check that a request answered 429 came back no sooner than its Retry-After, measured from
+        when the 429 was answered to when the retry arrived (violations in /_sim/stats)."""
+        asked = self._asked_to_wait.pop(fingerprint, None)
+        if asked is not None:
+            answered_at, wait = asked
+            self.retries_checked += 1
+            if arrived - answered_at < wait and len(self.retry_after_violations) < 1000:
+                self.retry_after_violations.append({
+                    "fingerprint": fingerprint, "marker": request.get(MARKER), "gap_ms": round((arrived - answered_at) * 1000, 1),
+                    "retry_after_ms": round(wait * 1000), "at": time.time()})  # fmt: skip
+        if status == 429 and request.get(RETRY_AFTER_MS) is not None:
+            self._asked_to_wait[fingerprint] = (time.monotonic(), request[RETRY_AFTER_MS] / 1000)
 
     def _draw_error(self) -> int | None:
         hit = None
@@ -762,6 +791,8 @@ class Simulator:
             "total": self.total, "by_path": dict(self.by_path),
             "by_status": {str(k): v for k, v in self.by_status.items()}, "rate_limited": self.rate_limited,
             "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+            "first_arrival": self.first_arrival, "retries_checked": self.retries_checked, "retry_after_violations": len(self.retry_after_violations),
+            "retry_after_violation_details": self.retry_after_violations[:20],
         })
 
     async def log_route(self, request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing as mp
 import re
+import struct
 import time
 import urllib.request
 import uuid
@@ -69,7 +70,7 @@ def test_retry_after_header_forms():
 
 
 def test_backoff_grows_with_jitter_and_a_cap():
-    for attempt, (low, high) in {1: (0.5, 1), 2: (1, 2), 3: (2, 4), 10: (30, 60)}.items():
+    for attempt, (low, high) in {1: (0.125, 0.25), 2: (0.25, 0.5), 3: (0.5, 1), 10: (30, 60)}.items():
         values = [runner.backoff(attempt) for _ in range(50)]
         assert all(low <= v <= high for v in values)
         assert len(set(values)) > 1
@@ -327,7 +328,7 @@ def test_a_retry_released_past_the_deadline_keeps_the_chain_going(sim, enqueued,
     assert summary["sent"] == 1 and summary["handed_over"] and len(enqueued) == 1
     assert elapsed >= 1.4
     item = job.items.get()
-    assert (job.status, item.status, item.attempts) == (Job.RUNNING, Item.PENDING, 1)
+    assert (job.status, item.status, item.attempts) == (Job.RUNNING, Item.PENDING, 0)  # a 429 is no attempt
     assert item.error_code == "rate_limit_exceeded"
     assert item.next_attempt_at > timezone.now() + timedelta(seconds=55)
 
@@ -345,8 +346,8 @@ def test_waiting_for_a_retry_costs_one_slice_per_budget(sim, enqueued, write, ow
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_429_shows_its_cool_down_on_the_endpoint(sim, enqueued, write, owner):
-    url = sim(error_rates={429: 1.0}, retry_after_ms=30_000)
+def test_a_429_of_a_spent_budget_shows_its_cool_down_on_the_endpoint(sim, enqueued, write, owner):
+    url = sim(rpm=2, start_empty=True)  # the first request finds the bucket empty: "remaining 0", 30 s to wait
     job = make_job(write, owner, make_endpoint(url), 2, start=False)
     before = timezone.now()
     slice_run(job, budget=1.0)
@@ -385,7 +386,7 @@ def test_the_timeline_counts_retries_in_and_after_the_slice(sim, enqueued, write
     Job.objects.filter(pk=job.pk).update(max_attempts=50)
     slice_run(job, budget=1.2)  # 429 ... 429 while the slice lasts, then one released past the deadline
     sent = sim_get(url, "/_sim/stats")["total"]
-    assert sent >= 2 and job.items.get().attempts == sent
+    assert sent >= 2 and job.items.get().attempts == 0  # 429s are not attempts
     assert sum(t.retried for t in job.ticks.all()) == sent
 
 
@@ -622,3 +623,174 @@ def test_a_slice_that_fails_before_sending_pauses_the_job_instead_of_looping(sim
     job.refresh_from_db()
     assert job.status == Job.PAUSED and "price table unreadable" in job.status_reason
     assert not enqueued  # no successor that would fail the same way at once
+
+
+def test_a_429_with_budget_left_is_one_off_and_an_empty_budget_is_spent(tmp_path):
+    limiter = ratelimit.Limiter("ep", None, None, store=ratelimit.FileStore(tmp_path))
+    assert not limiter.spent({}, 100)  # no headers, no known limit: a one-off
+    assert limiter.spent({"x-ratelimit-remaining-requests": "0"}, 100)
+    assert limiter.spent({"x-ratelimit-remaining-requests": "5", "x-ratelimit-remaining-tokens": "99"}, 100)
+    assert not limiter.spent({"x-ratelimit-remaining-requests": "5", "x-ratelimit-remaining-tokens": "500"}, 100)
+    assert not limiter.spent({"x-ratelimit-remaining-requests": "-1"}, 100)  # "not limited"
+    # No headers on the 429, but a known limit: spent when our own sending is at that pace.
+    paced = ratelimit.Limiter("ep2", 600, None, store=ratelimit.FileStore(tmp_path))
+    assert not paced.spent({}, 1)  # nothing sent yet: far below the pace
+    for _ in range(10):
+        paced.reserve(1)  # a second's worth at once: the schedule is booked ahead of now
+    assert paced.spent({}, 1)
+
+
+def test_aimd_halves_the_rate_at_most_once_a_second_and_climbs_back(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
+    store = ratelimit.FileStore(tmp_path)
+    a = ratelimit.Limiter("ep", 600, None, store=store)
+    b = ratelimit.Limiter("ep", 600, None, store=ratelimit.FileStore(tmp_path))  # another process
+    assert store.peek("ep")[2] == 1.0
+    a.slow_down()
+    a.slow_down()  # the same second: one cut
+    assert store.peek("ep")[2] == pytest.approx(0.5)
+    clock[0] += 1.0
+    b.slow_down()  # 0.5 + 0.05 climbed back in that second, then halved
+    assert store.peek("ep")[2] == pytest.approx(0.275)
+    clock[0] += 4.5  # + 0.05 a second
+    assert store.peek("ep")[2] == pytest.approx(0.5)
+    # A cut rate spaces the slots out for every sender: 0.1 s apart at the full rate, 0.2 s at half.
+    assert b.reserve(1) == 0.0
+    assert b.reserve(1) == 0.0  # the burst allowance
+    assert b.reserve(1) == pytest.approx(0.4 - ratelimit.BURST_SECONDS)
+    clock[0] += 100
+    assert store.peek("ep")[2] == 1.0  # all the way back, and no further
+    for _ in range(20):
+        clock[0] += 1
+        a.slow_down()
+    assert store.peek("ep")[2] == pytest.approx(ratelimit.MIN_FACTOR, abs=1e-4)
+
+
+def test_a_state_file_of_the_older_layout_is_read(tmp_path):
+    (tmp_path / "ep.bin").write_bytes(struct.pack("ddd", 0.0, 0.0, time.time() + 30))
+    limiter = ratelimit.Limiter("ep", None, None, store=ratelimit.FileStore(tmp_path))
+    assert 29 < limiter.reserve(1) <= 30 and limiter.factor() == 1.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_off_429s_delay_only_their_own_requests(sim, enqueued, write, owner):
+    """A tenth of the answers are 429s asking for 3 s, with no rate headers and no known limit: one-offs.
+    Only those requests wait; the others are all done long before (the old engine froze the endpoint)."""
+    url = sim(latency_ms=20, error_rates={429: 0.1}, retry_after_ms=3000, seed=2)
+    job = make_job(write, owner, make_endpoint(url, concurrency=5), 60, start=False)
+    slice_run(job, budget=15.0)
+    assert job.n_succeeded == 60
+    log = sim_get(url, "/_sim/log")
+    start = min(e["t"] for e in log)
+    first_answers = {}
+    for e in log:
+        first_answers.setdefault(e["marker"], e)
+    lucky = [e for e in first_answers.values() if e["status"] == 200]
+    assert 40 <= len(lucky) < 60
+    assert max(e["t"] for e in lucky) < start + 2.0  # 60 requests at 5 x 20 ms: ~0.3 s unfaulted
+    stats = sim_get(url, "/_sim/stats")
+    assert stats["retries_checked"] == stats["by_status"]["429"] and stats["retry_after_violations"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_500_every_time_fails_after_the_transient_budget_and_no_429_counts(sim, enqueued, write, owner, settings,
+                                                                            monkeypatch):  # fmt: skip
+    monkeypatch.setattr(runner, "BACKOFF_BASE", 0.02)
+    settings.BATCHSITE_TRANSIENT_ATTEMPTS = 4
+    url = sim(latency_ms=5)
+    job = make_job(write, owner, make_endpoint(url), 2, text=lambda i: f"Q{i} SIMULATE_500" if i else "Q0",
+                   start=False)  # fmt: skip
+    Job.objects.filter(pk=job.pk).update(max_attempts=1)
+    slice_run(job, budget=10.0)
+    poison = job.items.get(custom_id="req-1")
+    assert (poison.status, poison.attempts, poison.http_status) == (Item.FAILED, 4, 500)
+    assert job.items.get(custom_id="req-0").status == Item.SUCCEEDED
+    Job.objects.filter(pk=job.pk).update(max_attempts=6)  # a job's own max attempts above the floor wins
+    job.retry_failed()
+    slice_run(job, budget=10.0)
+    assert job.items.get(custom_id="req-1").attempts == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_fifth_of_answers_503_loses_nothing_with_max_attempts_1(sim, enqueued, write, owner, monkeypatch):
+    """Server errors have their own budget (BATCHSITE_TRANSIENT_ATTEMPTS, 10): at a 20% error rate a
+    request is lost once in ten million, whatever the job's max attempts (the old engine lost a fifth)."""
+    monkeypatch.setattr(runner, "BACKOFF_BASE", 0.005)
+    url = sim(error_rates={503: 0.2}, seed=8)
+    job = make_job(write, owner, make_endpoint(url, concurrency=50), 1000, start=False)
+    Job.objects.filter(pk=job.pk).update(max_attempts=1)
+    slice_run(job, budget=60.0)
+    assert (job.n_succeeded, job.n_failed) == (1000, 0)
+    assert sim_get(url, "/_sim/stats")["by_status"]["503"] >= 150
+
+
+def _rate_factor(endpoint) -> float:
+    import hashlib
+
+    from django.conf import settings
+
+    key = f"endpoint-{endpoint.pk}-{hashlib.sha1(endpoint.base_url.encode()).hexdigest()[:8]}"
+    return ratelimit.FileStore(settings.DATA_DIR / "ratelimit").peek(key)[2]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("share,cut", [(0.2, False), (0.7, True)])
+def test_only_429s_thick_and_fast_cut_the_shared_send_rate(sim, enqueued, write, owner, share, cut):
+    url = sim(latency_ms=20, error_rates={429: share}, retry_after_ms=50, seed=3)
+    job = make_job(write, owner, make_endpoint(url, concurrency=20), 300, start=False)
+    slice_run(job, budget=30.0)
+    assert job.n_succeeded == 300
+    assert (_rate_factor(job.endpoint) < 0.9) is cut
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_connection_is_retried_and_named(enqueued, write, owner, settings, monkeypatch):
+    monkeypatch.setattr(runner, "BACKOFF_BASE", 0.01)
+    settings.BATCHSITE_TRANSIENT_ATTEMPTS = 3
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)  # nothing listens
+    Job.objects.filter(pk=job.pk).update(max_attempts=1)
+    slice_run(job, budget=10.0)
+    item = job.items.get()
+    assert (item.status, item.attempts, item.error_code) == (Item.FAILED, 3, "connection_error")
+    assert item.error_message.startswith("Could not connect")
+
+
+def test_a_job_pauses_instead_of_sending_to_a_metadata_address(db, owner, write):
+    """An endpoint saved (or changed in the database) to point at a cloud metadata service sends nothing:
+    the slice checks the URL again and pauses the job with the reason."""
+    from jobs.models import Endpoint, Job
+    from jobs.runner import run_slice
+    from tests.conftest import make_job
+
+    endpoint = Endpoint(name="metadata", base_url="http://169.254.169.254/v1", is_default=True)
+    endpoint.set_api_key("sk-test")
+    endpoint.save()
+    job = make_job(write, owner, endpoint, 3, start=False)
+    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    assert run_slice(job.pk)["skipped"] == "unsafe endpoint"
+    job.refresh_from_db()
+    assert job.status == Job.PAUSED and "metadata" in job.status_reason and job.n_pending == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slice_whose_heartbeats_fail_stops_sending_before_its_leases_can_run_out(sim, enqueued, write, owner,
+                                                                                  monkeypatch, settings):
+    """Its items may go to another slice once the leases run out; sending them too would send them twice.
+    With every heartbeat failing (a stalled database), nothing is sent past three quarters of a lease."""
+    from django.db import OperationalError
+
+    def stalled(*args):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(runner, "_heartbeat", stalled)
+    settings.BATCHSITE_LEASE_SECONDS = 4
+    url = sim(latency_ms=200)
+    job = make_job(write, owner, make_endpoint(url, concurrency=2), 200, start=False)
+    started = time.time()
+    summary, elapsed = slice_run(job, budget=20.0)
+    log = sim_get(url, "/_sim/log?limit=1000")
+    entries = log if isinstance(log, list) else log.get("data", log.get("entries", []))
+    assert entries and max(e["t"] for e in entries) < started + 3.2
+    assert 0 < summary["sent"] < 200 and elapsed < 6
+    assert job.n_running == 0 and job.n_succeeded + job.n_pending == 200  # the rest given back unsent

@@ -501,3 +501,32 @@ def test_expired_batch_returns_the_rest_as_batch_expired(start):
     assert {o["custom_id"] for o in done} | {e["custom_id"] for e in expired} == {f"i{i}" for i in range(10)}
     assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in expired)
     assert (batch.request_counts.completed, batch.request_counts.failed) == (5, 5)
+
+
+def test_retries_that_come_before_their_retry_after_are_reported(start):
+    """Per request (a hash of its body), the time from a 429's answer to the next arrival is checked
+    against the retry-after-ms the 429 gave; /_sim/stats counts and lists the retries that were early."""
+    url = start(error_rates={429: 1.0}, retry_after_ms=300)
+    c = client(url)
+    for text in ("early", "patient", "other"):
+        with pytest.raises(openai.RateLimitError):
+            ask(c, text)
+    with pytest.raises(openai.RateLimitError):
+        ask(c, "early")  # at once: too soon
+    time.sleep(0.35)
+    with pytest.raises(openai.RateLimitError):
+        ask(c, "patient")  # after the wait
+    stats = admin(url, "/_sim/stats")
+    assert (stats["retries_checked"], stats["retry_after_violations"]) == (2, 1)
+    (early,) = stats["retry_after_violation_details"]
+    assert early["marker"] == "early" and early["retry_after_ms"] == 300 and early["gap_ms"] < 300
+    admin(url, "/_sim/reset", {})
+    assert admin(url, "/_sim/stats")["retry_after_violations"] == 0
+
+
+def test_first_arrival_is_reported_for_start_up_benches(start):
+    url = start()
+    assert admin(url, "/_sim/stats")["first_arrival"] is None
+    before = time.time()
+    ask(client(url), "hello")
+    assert before <= admin(url, "/_sim/stats")["first_arrival"] <= time.time()
