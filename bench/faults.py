@@ -31,24 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import django_in_tempdir
 from throughput import (
-    USER_PROMPT, CpuMeter, Server, Simulator, WebServer, _terminate, body, cluster_env, loadavg, make_file, print_cpu,
-    run_api_job, start, stop_all,
+    CpuMeter, Server, Simulator, WebServer, _terminate, body, cluster_env, loadavg, make_file, print_cpu,
+    run_api_job, start, stop_all, _baseline,
 )  # fmt: skip
-
-
-async def _gather(base_url: str, bodies: list[dict], concurrency: int, retries: int) -> int:
-    import openai
-
-    semaphore = asyncio.Semaphore(concurrency)
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=retries) as client:
-
-        async def one(i: int, request: dict) -> bool:
-            async with semaphore:
-                answer = await client.chat.completions.create(**request)
-            return answer.choices[0].message.content.endswith(USER_PROMPT.format(i=i))
-
-        results = await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)), return_exceptions=True)
-    return sum(1 for r in results if r is not True)
 
 
 def tail(log: Path, since: float) -> str:
@@ -97,11 +82,11 @@ def main() -> None:
         bodies = [body(i) for i in range(args.items)]
 
         # 1. The gather, with no cluster on the machine yet.
-        asyncio.run(_gather(sim.base_url, bodies[: 2 * args.concurrency], args.concurrency, args.sdk_retries))  # warm-up
+        asyncio.run(_baseline(sim.base_url, bodies[: 2 * args.concurrency], args.concurrency, args.sdk_retries))  # warm-up
         sim.reset()
         with CpuMeter(sim, None) as meter:
             started, since = time.perf_counter(), time.time()
-            gather_lost = asyncio.run(_gather(sim.base_url, bodies, args.concurrency, args.sdk_retries))
+            gather_lost = asyncio.run(_baseline(sim.base_url, bodies, args.concurrency, args.sdk_retries))
             gather_s = time.perf_counter() - started
         stats = sim.stats()
         print(f"  gather, AsyncOpenAI(max_retries={args.sdk_retries}): {gather_lost} lost, {gather_s:.2f} s; "

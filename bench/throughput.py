@@ -295,11 +295,12 @@ def _terminate(signum, frame):
 # --- the runs ---------------------------------------------------------------------------------
 
 
-async def _baseline(base_url: str, bodies: list[dict], concurrency: int) -> int:
+async def _baseline(base_url: str, bodies: list[dict], concurrency: int, retries: int = 0) -> int:
+    """A plain asyncio.gather over AsyncOpenAI with the SDK's own retries; returns the requests lost."""
     import openai
 
     semaphore = asyncio.Semaphore(concurrency)
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=retries) as client:
 
         async def one(i: int, request: dict) -> bool:
             async with semaphore:

@@ -1,7 +1,17 @@
+import csv
 import json
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def csv_field_limit():
+    """ingest sets csv's process-wide field limit from the limits it is given: a test's small limits must
+    not outlive it (another test may read big CSV cells)."""
+    previous = csv.field_size_limit()
+    yield
+    csv.field_size_limit(previous)
 
 
 @pytest.fixture
@@ -95,6 +105,18 @@ def make_job(write, owner, endpoint, n: int, text=lambda i: f"Question {i}", sta
     if start:
         job.start()
     return job
+
+
+def answers(job) -> dict[str, str]:
+    """custom_id -> the answer's text, from the job's exported results; a custom_id twice fails the test."""
+    from jobs import export
+
+    out = {}
+    for line in "".join(export.results_jsonl(job)).splitlines():
+        record = json.loads(line)
+        assert record["custom_id"] not in out, "a custom_id appears twice in the output"
+        out[record["custom_id"]] = record["response"]["body"]["choices"][0]["message"]["content"]
+    return out
 
 
 def seed_prices():

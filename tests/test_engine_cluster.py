@@ -8,7 +8,7 @@ import pytest
 
 from jobs import export
 from jobs.models import Item, Job
-from tests.conftest import make_endpoint, make_job
+from tests.conftest import answers, make_endpoint, make_job
 from tests.servers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -23,15 +23,6 @@ def wait_status(job, statuses, timeout=120):
 
     wait_until(reached, timeout, 0.3, f"job to become {statuses} (it is {job.status}, {job.counts()})")
     return job
-
-
-def answers(job) -> dict[str, str]:
-    out = {}
-    for line in "".join(export.results_jsonl(job)).splitlines():
-        record = json.loads(line)
-        assert record["custom_id"] not in out, "a custom_id appears twice in the output"
-        out[record["custom_id"]] = record["response"]["body"]["choices"][0]["message"]["content"]
-    return out
 
 
 def test_job_completes_with_every_right_answer(cluster, simulator, write, owner):

@@ -25,13 +25,6 @@ FUZZ = settings(
 )
 
 
-@pytest.fixture(autouse=True)
-def csv_field_limit():
-    """ingest sets csv's process-wide field limit from the limits it is given: the small ones here
-    must not outlive the test (test_export reads big CSV cells)."""
-    previous = csv.field_size_limit()
-    yield
-    csv.field_size_limit(previous)
 
 # Small limits so that the limit paths (long lines, many lines, big files) are reached too.
 LIMITS = st.sampled_from(

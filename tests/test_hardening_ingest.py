@@ -35,13 +35,6 @@ def data_dir(settings, tmp_path):
     return tmp_path
 
 
-@pytest.fixture(autouse=True)
-def csv_field_limit():
-    """ingest sets csv's process-wide field limit from the limits it is given: the small ones here
-    must not outlive the test (test_export reads big CSV cells)."""
-    previous = csv.field_size_limit()
-    yield
-    csv.field_size_limit(previous)
 
 
 @pytest.fixture

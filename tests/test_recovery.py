@@ -5,7 +5,6 @@ The clusters here run with the production lease (the default BATCHSITE_LEASE_SEC
 short one.
 """
 
-import json
 import os
 import sqlite3
 import subprocess
@@ -19,9 +18,9 @@ from django.conf import settings
 from django.utils import timezone
 from django_q.models import Schedule
 
-from jobs import export, tasks
+from jobs import tasks
 from jobs.models import Item, Job
-from tests.conftest import make_endpoint, make_job, seed_prices
+from tests.conftest import answers, make_endpoint, make_job, seed_prices
 from tests.servers import ROOT, Cluster, wait_until
 
 SCHEDULES = [("batchsite-clean-up", "jobs.tasks.clean_up"), ("batchsite-sweeper", "jobs.tasks.sweep")]
@@ -78,15 +77,6 @@ def production_cluster(transactional_db, tmp_path):
         c.stop()
 
 
-def results(job) -> dict[str, str]:
-    out = {}
-    for line in "".join(export.results_jsonl(job)).splitlines():
-        record = json.loads(line)
-        assert record["custom_id"] not in out, "a custom_id appears twice in the output"
-        out[record["custom_id"]] = record["response"]["body"]["choices"][0]["message"]["content"]
-    return out
-
-
 def sends(sim) -> dict[str, list[float]]:
     """custom_id -> when each request for it was answered (the simulator's log of every request)."""
     by_item = defaultdict(list)
@@ -123,7 +113,7 @@ def test_killed_cluster_resumes_within_30_s_without_prepare(production_cluster, 
     wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.COMPLETED, 90, message="the job to complete")
     job.refresh_from_db()
     assert (job.n_succeeded, job.n_failed, job.items.count()) == (n, 0, n)
-    assert results(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(n)}  # one result per item
+    assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(n)}  # one result per item
 
     sent = sends(sim)
     assert set(sent) == {f"req-{i}" for i in range(n)}
@@ -155,7 +145,7 @@ def test_two_live_clusters_never_send_an_item_twice(production_cluster, simulato
     # Answer times alone cannot show the overlap here, as the slow requests were in flight for longer.
     assert {c: len(times) for c, times in sent.items() if len(times) != 1} == {}
     assert len(sent) == n
-    assert len(results(job)) == n
+    assert len(answers(job)) == n
     # The slow ones were there, and kept their leases to the end (else their results were another send's).
     assert job.items.filter(latency_ms__gte=settings.BATCHSITE_LEASE_SECONDS * 1000).count() >= 5
 
