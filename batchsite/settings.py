@@ -168,7 +168,10 @@ AUTH_PASSWORD_VALIDATORS = [
 # address, sign-in waits BATCHSITE_LOCKOUT_MINUTES after the last failure. Both, not their combination: a
 # guesser spreading over many usernames is stopped by address, one spreading over many addresses by username.
 # Wrong API tokens count against the address too (jobs/lockout.py).
-AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+# jobs.auth_backend: ModelBackend with a raw look-up of the session's user (cheaper polls); ModelBackend
+# stays listed so that sessions made before it keep working.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "jobs.auth_backend.Backend",
+                           "django.contrib.auth.backends.ModelBackend"]  # fmt: skip
 AXES_FAILURE_LIMIT = envint("BATCHSITE_LOGIN_FAILURE_LIMIT", 10)
 AXES_COOLOFF_TIME = timedelta(minutes=envint("BATCHSITE_LOCKOUT_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = "jobs.lockout.lockout_parameters"
