@@ -22,8 +22,11 @@ def limit_param(request: HttpRequest, default: int, maximum: int) -> int:
     return limit
 
 
-def cursor_page(request: HttpRequest, objects: QuerySet, serialize, default: int, maximum: int) -> dict:
-    """One page of `objects` (a queryset with a unique `public_id`), ordered by id, newest first unless order=asc."""
+def cursor_page(request: HttpRequest, objects: QuerySet, serialize, default: int, maximum: int, load=None) -> dict:
+    """One page of `objects` (a queryset with a unique `public_id`), ordered by id, newest first unless order=asc.
+
+    `load`, if given, turns the page's rows into the objects `serialize` takes, all at once (a page of
+    ids into full objects in a few queries)."""
     limit = limit_param(request, default, maximum)
     order = request.GET.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -36,7 +39,7 @@ def cursor_page(request: HttpRequest, objects: QuerySet, serialize, default: int
             raise ApiError(404, f"No object found with id {after!r} (the 'after' cursor).", param="after")
         objects = objects.filter(pk__gt=cursor) if order == "asc" else objects.filter(pk__lt=cursor)
     rows = list(objects.order_by("pk" if order == "asc" else "-pk")[: limit + 1])
-    page = [serialize(row) for row in rows[:limit]]
+    page = [serialize(row) for row in (load(rows[:limit]) if load else rows[:limit])]
     return {
         "object": "list",
         "data": page,
