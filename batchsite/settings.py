@@ -6,7 +6,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from csp.constants import NONE, SELF, UNSAFE_INLINE
-
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -170,8 +169,11 @@ AUTH_PASSWORD_VALIDATORS = [
 # Wrong API tokens count against the address too (jobs/lockout.py).
 # jobs.auth_backend: ModelBackend with a raw look-up of the session's user (cheaper polls); ModelBackend
 # stays listed so that sessions made before it keep working.
-AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "jobs.auth_backend.Backend",
-                           "django.contrib.auth.backends.ModelBackend"]  # fmt: skip
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "jobs.auth_backend.Backend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 AXES_FAILURE_LIMIT = envint("BATCHSITE_LOGIN_FAILURE_LIMIT", 10)
 AXES_COOLOFF_TIME = timedelta(minutes=envint("BATCHSITE_LOCKOUT_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = "jobs.lockout.lockout_parameters"

@@ -31,9 +31,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import django_in_tempdir
 from throughput import (
-    CpuMeter, Server, Simulator, WebServer, _terminate, body, cluster_env, loadavg, make_file, print_cpu,
-    run_api_job, start, stop_all, _baseline,
-)  # fmt: skip
+    CpuMeter,
+    Server,
+    Simulator,
+    WebServer,
+    _baseline,
+    _terminate,
+    body,
+    cluster_env,
+    loadavg,
+    make_file,
+    print_cpu,
+    run_api_job,
+    start,
+    stop_all,
+)
 
 
 def tail(log: Path, since: float) -> str:
@@ -51,8 +63,10 @@ def tail(log: Path, since: float) -> str:
 
 def audit(stats: dict) -> str:
     worst = min((v["gap_ms"] / v["retry_after_ms"] for v in stats["retry_after_violation_details"]), default=None)
-    return (f"{stats['retries_checked']:,} retries after a 429 checked, {stats['retry_after_violations']} came back "
-            f"before their Retry-After" + (f" (shortest gap {worst:.0%} of the wait asked)" if worst is not None else ""))
+    return (
+        f"{stats['retries_checked']:,} retries after a 429 checked, {stats['retry_after_violations']} came back "
+        f"before their Retry-After" + (f" (shortest gap {worst:.0%} of the wait asked)" if worst is not None else "")
+    )
 
 
 def main() -> None:
@@ -71,9 +85,20 @@ def main() -> None:
     data_dir = django_in_tempdir("batchsite-faults-")
     logging.getLogger("django-q").setLevel(logging.WARNING)
     db_path = Path(os.environ.get("BATCHSITE_SQLITE_PATH") or data_dir / "batchsite.sqlite3")
-    faults = ["--error-rate", "429=0.2", "--error-rate", "503=0.1", "--retry-after-ms", "1000", "--seed", str(args.seed)]
-    print(f"Faults: {args.items:,} chat requests, concurrency {args.concurrency}, simulator latency "
-          f"{args.latency_ms:.0f} ms, 20% 429 (Retry-After 1 s) + 10% 503; data dir {data_dir}")
+    faults = [
+        "--error-rate",
+        "429=0.2",
+        "--error-rate",
+        "503=0.1",
+        "--retry-after-ms",
+        "1000",
+        "--seed",
+        str(args.seed),
+    ]
+    print(
+        f"Faults: {args.items:,} chat requests, concurrency {args.concurrency}, simulator latency "
+        f"{args.latency_ms:.0f} ms, 20% 429 (Retry-After 1 s) + 10% 503; data dir {data_dir}"
+    )
     print(f"  load average at start: {loadavg()}")
     ok = False
     try:
@@ -82,15 +107,19 @@ def main() -> None:
         bodies = [body(i) for i in range(args.items)]
 
         # 1. The gather, with no cluster on the machine yet.
-        asyncio.run(_baseline(sim.base_url, bodies[: 2 * args.concurrency], args.concurrency, args.sdk_retries))  # warm-up
+        asyncio.run(
+            _baseline(sim.base_url, bodies[: 2 * args.concurrency], args.concurrency, args.sdk_retries)
+        )  # warm-up
         sim.reset()
         with CpuMeter(sim, None) as meter:
             started, since = time.perf_counter(), time.time()
             gather_lost = asyncio.run(_baseline(sim.base_url, bodies, args.concurrency, args.sdk_retries))
             gather_s = time.perf_counter() - started
         stats = sim.stats()
-        print(f"  gather, AsyncOpenAI(max_retries={args.sdk_retries}): {gather_lost} lost, {gather_s:.2f} s; "
-              f"simulator saw {stats['total']:,} requests ({stats['by_status']})")
+        print(
+            f"  gather, AsyncOpenAI(max_retries={args.sdk_retries}): {gather_lost} lost, {gather_s:.2f} s; "
+            f"simulator saw {stats['total']:,} requests ({stats['by_status']})"
+        )
         print(f"    {audit(stats)}")
         print(f"    {tail(sim_log, since)}")
         print_cpu(meter, args.items)
@@ -121,16 +150,20 @@ def main() -> None:
             r = run_api_job(path, web, token, sim, cluster, 600)
         job, stats = r["job"], sim.stats()
         lost = args.items - job.n_succeeded
-        print(f"  Batchsite through /v1: {lost} lost ({job.n_failed} failed), {r['total_s']:.2f} s "
-              f"(batches.create {r['create_s']:.2f} s, from its call to the first request upstream "
-              f"{r['first_request_s'] * 1000:.0f} ms); simulator saw "
-              f"{stats['total']:,} requests ({stats['by_status']})")
+        print(
+            f"  Batchsite through /v1: {lost} lost ({job.n_failed} failed), {r['total_s']:.2f} s "
+            f"(batches.create {r['create_s']:.2f} s, from its call to the first request upstream "
+            f"{r['first_request_s'] * 1000:.0f} ms); simulator saw "
+            f"{stats['total']:,} requests ({stats['by_status']})"
+        )
         print(f"    {audit(stats)}")
         print(f"    {tail(sim_log, since)}")
         print_cpu(meter, args.items)
         print(f"  lost:    Batchsite {lost}, gather {gather_lost}   target: Batchsite 0")
-        print(f"  seconds: Batchsite {r['total_s']:.2f}, gather {gather_s:.2f}  (Batchsite {gather_s / r['total_s']:.2f}x "
-              f"as fast)   target: <= 8 s and faster than the gather")
+        print(
+            f"  seconds: Batchsite {r['total_s']:.2f}, gather {gather_s:.2f}  (Batchsite {gather_s / r['total_s']:.2f}x "
+            f"as fast)   target: <= 8 s and faster than the gather"
+        )
         print(f"  load average after: {loadavg()}")
         ok = True
     finally:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import django_in_tempdir  # noqa: E402
+from _setup import django_in_tempdir
 
 LINES = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
 
@@ -28,13 +28,19 @@ def make_file(path: Path, n: int) -> None:
                 "model": "gpt-4o-mini",
                 "messages": [
                     {"role": "system", "content": "You are a careful analyst. Answer in one short paragraph."},
-                    {"role": "user", "content": f"Review #{i}: The blender arrived two days late and the lid cracked, "
-                     "but support replaced it quickly. Is this customer happy? Explain briefly."},
+                    {
+                        "role": "user",
+                        "content": f"Review #{i}: The blender arrived two days late and the lid cracked, "
+                        "but support replaced it quickly. Is this customer happy? Explain briefly.",
+                    },
                 ],
                 "max_tokens": 200,
                 "temperature": 0.2,
             }
-            f.write(json.dumps({"custom_id": f"review-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+            f.write(
+                json.dumps({"custom_id": f"review-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+                + "\n"
+            )
 
 
 def peak_mb() -> float:
@@ -84,11 +90,23 @@ def phase(name: str, path: str, queue) -> None:
     elif name == "complete":
         # Stand-in for the runner: give every item a realistic stored response.
         job = Job.objects.filter(name=Path(path).stem).latest("pk")
-        answer = json.dumps({
-            "id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "The customer is mostly happy: " * 4}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 60, "completion_tokens": 40, "total_tokens": 100},
-        }, separators=(",", ":"))
+        answer = json.dumps(
+            {
+                "id": "chatcmpl-x",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "The customer is mostly happy: " * 4},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 60, "completion_tokens": 40, "total_tokens": 100},
+            },
+            separators=(",", ":"),
+        )
         Item.objects.filter(job=job).update(status=Item.SUCCEEDED, http_status=200, response=answer)
     queue.put((f"{name}_s", time.perf_counter() - start))
     queue.put((f"{name}_rss_mb", peak_mb()))
@@ -117,11 +135,15 @@ def main() -> None:
         r.update(run(name, path))
     print(f"{LINES:,} chat requests, {mb:.1f} MB JSONL, SQLite in {data_dir}")
     print(f"  json.loads floor        {r['parse_s']:6.2f} s")
-    print(f"  ingest (validate+save)  {r['ingest_s']:6.2f} s  (validate {r['validate_s']:.2f} s)  peak RSS {r['ingest_rss_mb']:.0f} MB"
-          f"   target <= 5 s, <= 200 MB")
+    print(
+        f"  ingest (validate+save)  {r['ingest_s']:6.2f} s  (validate {r['validate_s']:.2f} s)  peak RSS {r['ingest_rss_mb']:.0f} MB"
+        f"   target <= 5 s, <= 200 MB"
+    )
     print(f"  baseline bulk_create    {r['bulk_create_s']:6.2f} s  (no validation, no token estimate)")
-    print(f"  export results JSONL    {r['export_s']:6.2f} s  ({r['export_bytes'] / 1e6:.0f} MB)  peak RSS {r['export_rss_mb']:.0f} MB"
-          f"   target <= 3 s")
+    print(
+        f"  export results JSONL    {r['export_s']:6.2f} s  ({r['export_bytes'] / 1e6:.0f} MB)  peak RSS {r['export_rss_mb']:.0f} MB"
+        f"   target <= 3 s"
+    )
     print(f"  export CSV              {r['csv_s']:6.2f} s")
     print(f"  ratio ingest / json.loads floor:   {r['ingest_s'] / r['parse_s']:.1f}x")
     print(f"  ratio ingest / plain bulk_create:  {r['ingest_s'] / r['bulk_create_s']:.2f}x  (lower is better)")

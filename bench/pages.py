@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import django_in_tempdir  # noqa: E402
+from _setup import django_in_tempdir
 
 REPEAT = 7
 POLLS = 300
@@ -29,10 +29,9 @@ def main() -> None:
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
-
-    from jobs import ingest
     from django.utils import timezone
 
+    from jobs import ingest
     from jobs.models import ApiToken, Batch, File, Item, Job, JobTick
 
     user = User.objects.create_user("bench", password="bench-pass-123", is_staff=True)
@@ -40,21 +39,45 @@ def main() -> None:
     with open(path, "w") as f:
         for i in range(50_000):
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Question {i}"}]}
-            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+            f.write(
+                json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+                + "\n"
+            )
     big = ingest.create_job(ingest.validate(path), owner=user, name="big")
-    answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": "An answer."}}], "usage": {"prompt_tokens": 9, "completion_tokens": 3}})
-    Item.objects.filter(job=big, line__lte=30_000).update(status=Item.SUCCEEDED, http_status=200, response=answer, prompt_tokens=9, completion_tokens=3)
-    Item.objects.filter(job=big, line__gt=30_000, line__lte=31_000).update(status=Item.FAILED, http_status=500, error_code="http_500", error_message="Server error")
+    answer = json.dumps(
+        {
+            "choices": [{"message": {"role": "assistant", "content": "An answer."}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+        }
+    )
+    Item.objects.filter(job=big, line__lte=30_000).update(
+        status=Item.SUCCEEDED, http_status=200, response=answer, prompt_tokens=9, completion_tokens=3
+    )
+    Item.objects.filter(job=big, line__gt=30_000, line__lte=31_000).update(
+        status=Item.FAILED, http_status=500, error_code="http_500", error_message="Server error"
+    )
     big.recount()
     Job.objects.filter(pk=big.pk).update(status=Job.RUNNING)
     Job.objects.bulk_create(
-        [Job(owner=user, name=f"history {i}", url="/v1/chat/completions", model="gpt-4o-mini", status=Job.COMPLETED, total=100, n_succeeded=100)
-         for i in range(1000)]
-    )  # fmt: skip
+        [
+            Job(
+                owner=user,
+                name=f"history {i}",
+                url="/v1/chat/completions",
+                model="gpt-4o-mini",
+                status=Job.COMPLETED,
+                total=100,
+                n_succeeded=100,
+            )
+            for i in range(1000)
+        ]
+    )
     item = big.items.filter(status=Item.SUCCEEDED).first()
     # A day-long run's timeline: the chart buckets all 8,640 ten-second ticks on every poll.
     start = timezone.now() - timedelta(days=1)
-    JobTick.objects.bulk_create([JobTick(job=big, at=start + timedelta(seconds=10 * i), succeeded=3, failed=1) for i in range(8640)])
+    JobTick.objects.bulk_create(
+        [JobTick(job=big, at=start + timedelta(seconds=10 * i), succeeded=3, failed=1) for i in range(8640)]
+    )
 
     client = Client()
     client.force_login(user)

@@ -24,8 +24,21 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (ROOT, Server, Simulator, django_in_tempdir, free_port, group_pids, loadavg, make_file,
-                        proc_stat, run_job, start, stop_all, wait_job)  # fmt: skip
+from throughput import (
+    ROOT,
+    Server,
+    Simulator,
+    django_in_tempdir,
+    free_port,
+    group_pids,
+    loadavg,
+    make_file,
+    proc_stat,
+    run_job,
+    start,
+    stop_all,
+    wait_job,
+)
 
 
 def group_cpu(pgid: int) -> float:
@@ -36,12 +49,16 @@ class Gunicorn(Server):
     def __init__(self, data_dir: Path, env: dict):
         self.port = free_port()
         self.log_path = data_dir / "gunicorn.out"
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.pid = self.proc.pid
         deadline = time.monotonic() + 30
         while True:
@@ -110,8 +127,10 @@ def main() -> None:
     data_dir = django_in_tempdir("batchsite-polling-")
     db_path = Path(os.environ.get("BATCHSITE_SQLITE_PATH") or data_dir / "batchsite.sqlite3")
     env = {"BATCHSITE_SQLITE_PATH": str(db_path), "BATCHSITE_DATA_DIR": str(data_dir)}
-    print(f"Polling: a {args.items:,}-request job (simulator latency {args.latency_ms:.0f} ms, concurrency 100), "
-          f"{args.clients} clients x {args.rate:g} polls/s on GET /v1/batches/{{id}}; data dir {data_dir}")
+    print(
+        f"Polling: a {args.items:,}-request job (simulator latency {args.latency_ms:.0f} ms, concurrency 100), "
+        f"{args.clients} clients x {args.rate:g} polls/s on GET /v1/batches/{{id}}; data dir {data_dir}"
+    )
     print(f"  load average at start: {loadavg()}")
     try:
         from django.contrib.auth.models import User
@@ -132,12 +151,14 @@ def main() -> None:
         run_job(make_file(data_dir / "warmup.jsonl", 400), owner, endpoint, cluster, 120)
         time.sleep(1.5)
 
-        def timed_job(pollers_for=None) -> tuple[float, "Pollers | None"]:
+        def timed_job(pollers_for=None) -> tuple[float, Pollers | None]:
             """Job created -> completed, in seconds; with pollers on its batch from a second before it starts."""
             job = ingest.create_job(ingest.validate(path), owner=owner, endpoint=endpoint)
             pollers = None
             if pollers_for:
-                input_file = File.objects.create(owner=owner, filename="job.jsonl", purpose=File.BATCH, path="job.jsonl")
+                input_file = File.objects.create(
+                    owner=owner, filename="job.jsonl", purpose=File.BATCH, path="job.jsonl"
+                )
                 batch = Batch.objects.create(job=job, input_file=input_file)
                 pollers = Pollers(f"http://127.0.0.1:{web.port}/v1/batches/{batch.public_id}", token, *pollers_for)
                 pollers.start()
@@ -161,15 +182,21 @@ def main() -> None:
             polled.append(seconds)
             latencies += pollers.latencies
             errors += pollers.errors
-            print(f"  round {round_ + 1}: without polling {plain[-1]:.2f} s, with polling {polled[-1]:.2f} s "
-                  f"({len(pollers.latencies):,} polls)")
+            print(
+                f"  round {round_ + 1}: without polling {plain[-1]:.2f} s, with polling {polled[-1]:.2f} s "
+                f"({len(pollers.latencies):,} polls)"
+            )
         latencies.sort()
         p50, p95, p99 = (latencies[int(len(latencies) * q) - 1] for q in (0.5, 0.95, 0.99))
         ratio = statistics.median(polled) / statistics.median(plain)
-        print(f"  job duration, median of {args.rounds}: without polling {statistics.median(plain):.2f} s, "
-              f"with polling {statistics.median(polled):.2f} s = {ratio:.2f}x (target <= 1.15x)")
-        print(f"  {len(latencies):,} polls, {errors} errors: p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms "
-              f"(target p95 < 100 ms); load average {loadavg()}")
+        print(
+            f"  job duration, median of {args.rounds}: without polling {statistics.median(plain):.2f} s, "
+            f"with polling {statistics.median(polled):.2f} s = {ratio:.2f}x (target <= 1.15x)"
+        )
+        print(
+            f"  {len(latencies):,} polls, {errors} errors: p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms "
+            f"(target p95 < 100 ms); load average {loadavg()}"
+        )
         print(f"  gunicorn CPU per poll (its processes, from /proc): {statistics.median(web_cpu):.2f} ms")
     finally:
         stop_all()

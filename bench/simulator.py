@@ -38,8 +38,7 @@ def free_port() -> int:
 
 
 def start_server(port: int) -> subprocess.Popen:
-    code = ("from jobs.simulator import SimConfig, run; "
-            f"run(SimConfig(), '127.0.0.1', {port})")
+    code = f"from jobs.simulator import SimConfig, run; run(SimConfig(), '127.0.0.1', {port})"
     server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     deadline = time.monotonic() + 15
     while True:
@@ -87,6 +86,7 @@ async def drive(send, total: int, concurrency: int) -> int:
 async def raw_client(base: str, total: int, concurrency: int) -> int:
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
+
         async def send(i):
             body = {"model": MODEL, "messages": [{"role": "user", "content": f"benchmark item {i}"}]}
             async with session.post(base + "/chat/completions", json=body) as response:
@@ -98,6 +98,7 @@ async def raw_client(base: str, total: int, concurrency: int) -> int:
 
 async def sdk_client(base: str, total: int, concurrency: int) -> int:
     async with openai.AsyncOpenAI(base_url=base, api_key="sk-bench", max_retries=0) as client:
+
         async def send(i):
             answer = await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": f"benchmark item {i}"}]
@@ -115,9 +116,11 @@ def measure(name, client, port, server, total, concurrency, latency_ms=0):
     elapsed = time.perf_counter() - started
     server_ms = (cpu_seconds(server.pid) - server_cpu) * 1000 / total
     client_ms = (own_cpu_seconds() - own_cpu) * 1000 / total
-    print(f"{name:<44} {total:>6} req  C={concurrency:<4} latency {latency_ms:>3} ms  "
-          f"{total / elapsed:>7.0f} req/s  server {server_ms:.3f} ms CPU/req  client {client_ms:.3f} ms CPU/req"
-          + (f"  FAILED {failures}" if failures else ""))
+    print(
+        f"{name:<44} {total:>6} req  C={concurrency:<4} latency {latency_ms:>3} ms  "
+        f"{total / elapsed:>7.0f} req/s  server {server_ms:.3f} ms CPU/req  client {client_ms:.3f} ms CPU/req"
+        + (f"  FAILED {failures}" if failures else "")
+    )
     return total / elapsed
 
 
@@ -132,15 +135,19 @@ def main():
     server = start_server(port)
     try:
         raw = measure("raw aiohttp client", raw_client, port, server, args.requests, args.concurrency)
-        sdk = measure("AsyncOpenAI chat.completions.create", sdk_client, port, server, args.sdk_requests,
-                      args.concurrency)
-        shaped = measure("raw client, Batchsite's benchmark shape", raw_client, port, server, 3_000, 100,
-                         latency_ms=200)
+        sdk = measure(
+            "AsyncOpenAI chat.completions.create", sdk_client, port, server, args.sdk_requests, args.concurrency
+        )
+        shaped = measure(
+            "raw client, Batchsite's benchmark shape", raw_client, port, server, 3_000, 100, latency_ms=200
+        )
     finally:
         server.terminate()
         server.wait(10)
-    print(f"AsyncOpenAI gets {sdk / raw:.0%} of the simulator's ceiling; "
-          f"at 200 ms latency and C=100 it delivers {shaped / 500:.0%} of the ideal 500 req/s.")
+    print(
+        f"AsyncOpenAI gets {sdk / raw:.0%} of the simulator's ceiling; "
+        f"at 200 ms latency and C=100 it delivers {shaped / 500:.0%} of the ideal 500 req/s."
+    )
 
 
 if __name__ == "__main__":

@@ -142,8 +142,13 @@ class CpuMeter:
                 stat = proc_stat(pid)
                 if stat:
                     cluster[pid] = stat[1]
-        return {"sim": (proc_stat(self.sim.pid) or (0, 0.0))[1], "cluster": cluster, "self": own_cpu(),
-                "system": system_cpu_seconds(), "wall": time.perf_counter()}
+        return {
+            "sim": (proc_stat(self.sim.pid) or (0, 0.0))[1],
+            "cluster": cluster,
+            "self": own_cpu(),
+            "system": system_cpu_seconds(),
+            "wall": time.perf_counter(),
+        }
 
     def __enter__(self):
         self.start = self._read()
@@ -155,8 +160,13 @@ class CpuMeter:
     def split(self) -> dict:
         a, b = self.start, self.end
         cluster = {pid: cpu - a["cluster"].get(pid, 0.0) for pid, cpu in b["cluster"].items()}
-        out = {"sim": b["sim"] - a["sim"], "cluster": sum(cluster.values()), "self": b["self"] - a["self"],
-               "wall": b["wall"] - a["wall"], "per_pid": cluster}
+        out = {
+            "sim": b["sim"] - a["sim"],
+            "cluster": sum(cluster.values()),
+            "self": b["self"] - a["self"],
+            "wall": b["wall"] - a["wall"],
+            "per_pid": cluster,
+        }
         out["other"] = max(0.0, (b["system"][0] - a["system"][0]) - out["sim"] - out["cluster"] - out["self"])
         out["steal"] = b["system"][1] - a["system"][1]
         return out
@@ -169,10 +179,12 @@ def print_cpu(meter: CpuMeter, requests: int, indent: str = "    ") -> None:
         parts.append(f"qcluster {s['cluster'] * 1000 / requests:.2f}")
     parts.append(f"bench process {s['self'] * 1000 / requests:.2f}")
     total = s["sim"] + s["cluster"] + s["self"]
-    print(f"{indent}CPU ms/request: {', '.join(parts)}  (sum {total * 1000 / requests:.2f});  "
-          f"machine {100 * (total + s['other']) / s['wall']:.0f}% of 200%, "
-          f"other processes {100 * s['other'] / s['wall']:.0f}%, hypervisor steal {100 * s['steal'] / s['wall']:.0f}%"
-          + ("   <- DISTURBED: re-run on a quiet machine" if s["other"] + s["steal"] > 0.15 * s["wall"] else ""))
+    print(
+        f"{indent}CPU ms/request: {', '.join(parts)}  (sum {total * 1000 / requests:.2f});  "
+        f"machine {100 * (total + s['other']) / s['wall']:.0f}% of 200%, "
+        f"other processes {100 * s['other'] / s['wall']:.0f}%, hypervisor steal {100 * s['steal'] / s['wall']:.0f}%"
+        + ("   <- DISTURBED: re-run on a quiet machine" if s["other"] + s["steal"] > 0.15 * s["wall"] else "")
+    )
     if meter.cluster:
         busy = sorted(((cpu, pid) for pid, cpu in s["per_pid"].items()), reverse=True)
         print(f"{indent}qcluster CPU s by pid: " + ", ".join(f"{pid}: {cpu:.2f}" for cpu, pid in busy if cpu >= 0.01))
@@ -186,11 +198,16 @@ class Server:
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None, program: tuple = ("manage.py",)):
         self.log_path = log
-        self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, *program, *args], cwd=ROOT, env={**os.environ, **(env or {})},
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, *program, *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -220,8 +237,10 @@ class Server:
 class Simulator(Server):
     def __init__(self, data_dir: Path, latency_ms: float, *extra: str):
         self.port = free_port()
-        super().__init__(["simulate_openai", "--port", str(self.port), "--latency-ms", str(latency_ms), *extra],
-                         data_dir / "simulator.out")
+        super().__init__(
+            ["simulate_openai", "--port", str(self.port), "--latency-ms", str(latency_ms), *extra],
+            data_dir / "simulator.out",
+        )
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.monotonic() + 30
         while True:
@@ -235,8 +254,12 @@ class Simulator(Server):
 
     def _call(self, path: str, payload=None):
         data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         method="POST" if data else "GET", headers={"content-type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method="POST" if data else "GET",
+            headers={"content-type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
@@ -255,8 +278,12 @@ class WebServer(Server):
 
     def __init__(self, data_dir: Path, env: dict):
         self.port = free_port()
-        super().__init__(["--config", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}"],
-                         data_dir / "web.out", env, program=("-m", "gunicorn"))
+        super().__init__(
+            ["--config", str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}"],
+            data_dir / "web.out",
+            env,
+            program=("-m", "gunicorn"),
+        )
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.monotonic() + 30
         while True:
@@ -270,8 +297,14 @@ class WebServer(Server):
 
 
 def cluster_env(data_dir: Path, db_path: Path, workers: int) -> dict:
-    return {"BATCHSITE_SQLITE_PATH": str(db_path), "BATCHSITE_DATA_DIR": str(data_dir), "BATCHSITE_WORKERS": str(workers),
-            "OPENAI_API_KEY": "", "OPENAI_BASE_URL": "", "LOG_LEVEL": "WARNING"}  # fmt: skip
+    return {
+        "BATCHSITE_SQLITE_PATH": str(db_path),
+        "BATCHSITE_DATA_DIR": str(data_dir),
+        "BATCHSITE_WORKERS": str(workers),
+        "OPENAI_API_KEY": "",
+        "OPENAI_BASE_URL": "",
+        "LOG_LEVEL": "WARNING",
+    }
 
 
 STARTED: list[Server] = []
@@ -337,8 +370,10 @@ def run_raw(sim: Simulator, n: int, concurrency: int) -> float:
         failures = asyncio.run(_raw(sim.base_url, bodies, concurrency))
         elapsed = time.perf_counter() - started
     rate = n / elapsed
-    print(f"  raw aiohttp client, {concurrency} connections: {n:,} requests in {elapsed:.2f} s = {rate:.0f} req/s"
-          + (f"  FAILED {failures}" if failures else ""))
+    print(
+        f"  raw aiohttp client, {concurrency} connections: {n:,} requests in {elapsed:.2f} s = {rate:.0f} req/s"
+        + (f"  FAILED {failures}" if failures else "")
+    )
     print_cpu(meter, n)
     return rate
 
@@ -364,8 +399,15 @@ def run_api_job(path: Path, web: WebServer, token: str, sim: Simulator, cluster:
     assert status == Job.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
     first = sim.stats()["first_arrival"]
     client.close()
-    return {"job": job, "upload_s": t_uploaded - t0, "create_s": t_created - t_uploaded, "total_s": t_done - t0,
-            "first_request_s": (first - wall_create) if first else math.nan, "started_at": t0, "done_at": t_done}
+    return {
+        "job": job,
+        "upload_s": t_uploaded - t0,
+        "create_s": t_created - t_uploaded,
+        "total_s": t_done - t0,
+        "first_request_s": (first - wall_create) if first else math.nan,
+        "started_at": t0,
+        "done_at": t_done,
+    }
 
 
 def run_baseline(sim: Simulator, n: int, concurrency: int) -> float:
@@ -379,9 +421,11 @@ def run_baseline(sim: Simulator, n: int, concurrency: int) -> float:
         elapsed = time.perf_counter() - started
     stats = sim.stats()
     rate = n / elapsed
-    print(f"  baseline AsyncOpenAI gather+Semaphore({concurrency}): {n:,} requests in {elapsed:.2f} s = "
-          f"{rate:.0f} req/s  (simulator saw {stats['total']:,}, max in flight {stats['max_in_flight']})"
-          + (f"  FAILED {failures}" if failures else ""))
+    print(
+        f"  baseline AsyncOpenAI gather+Semaphore({concurrency}): {n:,} requests in {elapsed:.2f} s = "
+        f"{rate:.0f} req/s  (simulator saw {stats['total']:,}, max in flight {stats['max_in_flight']})"
+        + (f"  FAILED {failures}" if failures else "")
+    )
     print_cpu(meter, n)
     return rate
 
@@ -415,8 +459,14 @@ def run_job(path: Path, owner, endpoint, cluster: Server, timeout: float) -> dic
     t_done = time.perf_counter()
     job = Job.objects.get(pk=job.pk)
     assert status == Job.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
-    return {"job": job, "ingest_s": t_created - t0, "run_s": t_done - t_created, "total_s": t_done - t0,
-            "started_at": t_created, "done_at": t_done}
+    return {
+        "job": job,
+        "ingest_s": t_created - t0,
+        "run_s": t_done - t_created,
+        "total_s": t_done - t0,
+        "started_at": t_created,
+        "done_at": t_done,
+    }
 
 
 class RssSampler(threading.Thread):
@@ -475,9 +525,11 @@ class SimSampler(threading.Thread):
         steady = [f for t, f, total in busy if first + 0.5 <= t <= last - 0.5]
         mean = sum(steady) / len(steady) if steady else 0.0
         low = sum(1 for f in steady if f < 0.9 * max(f for _, f, _ in busy)) if steady else 0
-        return (f"first request ~{first - t_start:.2f} s after start(), last answer ~{t_end - last:.2f} s before "
-                f"'completed' was seen; in flight between: mean {mean:.0f}, "
-                f"{100 * low / max(1, len(steady)):.0f}% of samples under 90% of the peak")
+        return (
+            f"first request ~{first - t_start:.2f} s after start(), last answer ~{t_end - last:.2f} s before "
+            f"'completed' was seen; in flight between: mean {mean:.0f}, "
+            f"{100 * low / max(1, len(steady)):.0f}% of samples under 90% of the peak"
+        )
 
 
 def main() -> None:
@@ -489,9 +541,13 @@ def main() -> None:
     parser.add_argument("--memory-latency-ms", type=float, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the data dir (DB, logs) after a successful run")
-    parser.add_argument("--py-spy", metavar="FILE", help="py-spy record the cluster (with --subprocesses, "
-                        "--threads) during the timed run into FILE: .json speedscope, .svg flamegraph, else "
-                        "collapsed stacks; costs some CPU")
+    parser.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="py-spy record the cluster (with --subprocesses, "
+        "--threads) during the timed run into FILE: .json speedscope, .svg flamegraph, else "
+        "collapsed stacks; costs some CPU",
+    )
     args = parser.parse_args()
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -504,8 +560,10 @@ def main() -> None:
     logging.getLogger("django-q").setLevel(logging.WARNING)  # no "Enqueued" line per slice task
     db_path = Path(os.environ.get("BATCHSITE_SQLITE_PATH") or data_dir / "batchsite.sqlite3")
     ideal = args.concurrency / (args.latency_ms / 1000)
-    print(f"Throughput: {args.items:,} chat requests, concurrency {args.concurrency}, simulator latency "
-          f"{args.latency_ms:.0f} ms (ideal {ideal:.0f} req/s); data dir {data_dir}")
+    print(
+        f"Throughput: {args.items:,} chat requests, concurrency {args.concurrency}, simulator latency "
+        f"{args.latency_ms:.0f} ms (ideal {ideal:.0f} req/s); data dir {data_dir}"
+    )
     print(f"  load average at start: {loadavg()}")
     try:
         sim = start(Simulator, data_dir, args.latency_ms)
@@ -533,18 +591,36 @@ def main() -> None:
         for _ in range(2):  # each round runs a slice per worker: imports, connections, first queries done
             run_api_job(warm, web, token, sim, cluster, 120)
         time.sleep(1.5)  # let the slices' successors / finalization settle: the cluster is idle
-        print(f"  cluster warm: {len(group_pids(cluster.pid))} qcluster processes "
-              f"(BATCHSITE_WORKERS={args.workers}), gunicorn up; load average {loadavg()}")
+        print(
+            f"  cluster warm: {len(group_pids(cluster.pid))} qcluster processes "
+            f"(BATCHSITE_WORKERS={args.workers}), gunicorn up; load average {loadavg()}"
+        )
 
         path = make_file(data_dir / "throughput.jsonl", args.items)
         sim.reset()
         spy = None
         if args.py_spy:
             fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(Path(args.py_spy).suffix, "raw")
-            spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid", str(cluster.pid),
-                                    "--subprocesses", "--threads", "--format", fmt, "--output", args.py_spy,
-                                    "--rate", "100", "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            spy = subprocess.Popen(
+                [
+                    str(ROOT / ".venv/bin/py-spy"),
+                    "record",
+                    "--pid",
+                    str(cluster.pid),
+                    "--subprocesses",
+                    "--threads",
+                    "--format",
+                    fmt,
+                    "--output",
+                    args.py_spy,
+                    "--rate",
+                    "100",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             time.sleep(1.0)
         flight = SimSampler(sim)
         flight.start()
@@ -556,11 +632,15 @@ def main() -> None:
             spy.wait(30)
         job, stats = r["job"], sim.stats()
         rate = args.items / r["total_s"]
-        print(f"  Batchsite through /v1: {args.items:,} requests in {r['total_s']:.2f} s = {rate:.0f} req/s  "
-              f"(files.create {r['upload_s']:.2f} s, batches.create {r['create_s']:.2f} s; batches.create -> "
-              f"first request upstream {r['first_request_s'] * 1000:.0f} ms)")
-        print(f"    job: {job.n_succeeded:,} succeeded, {job.n_failed} failed; simulator saw {stats['total']:,}, "
-              f"max in flight {stats['max_in_flight']}")
+        print(
+            f"  Batchsite through /v1: {args.items:,} requests in {r['total_s']:.2f} s = {rate:.0f} req/s  "
+            f"(files.create {r['upload_s']:.2f} s, batches.create {r['create_s']:.2f} s; batches.create -> "
+            f"first request upstream {r['first_request_s'] * 1000:.0f} ms)"
+        )
+        print(
+            f"    job: {job.n_succeeded:,} succeeded, {job.n_failed} failed; simulator saw {stats['total']:,}, "
+            f"max in flight {stats['max_in_flight']}"
+        )
         print("    " + flight.summary(r["started_at"], r["done_at"], args.items))
         print_cpu(meter, args.items)
         print(f"  ideal (concurrency / latency):        {ideal:.0f} req/s")
@@ -586,17 +666,21 @@ def main() -> None:
             job, stats = r["job"], sim.stats()
             cpu = meter.split()["per_pid"]
             workers = {pid for pid, seconds in cpu.items() if seconds > 1.0}
-            print(f"Memory: {args.memory_items:,} requests, simulator latency {args.memory_latency_ms:.0f} ms: "
-                  f"{r['total_s']:.1f} s total (ingest {r['ingest_s']:.1f} s, run {r['run_s']:.1f} s = "
-                  f"{args.memory_items / r['run_s']:.0f} req/s), {job.n_succeeded:,} succeeded, "
-                  f"{job.n_failed} failed; simulator saw {stats['total']:,}, max in flight {stats['max_in_flight']} "
-                  f"(endpoint concurrency {args.concurrency}); {sampler.samples} RSS samples")
+            print(
+                f"Memory: {args.memory_items:,} requests, simulator latency {args.memory_latency_ms:.0f} ms: "
+                f"{r['total_s']:.1f} s total (ingest {r['ingest_s']:.1f} s, run {r['run_s']:.1f} s = "
+                f"{args.memory_items / r['run_s']:.0f} req/s), {job.n_succeeded:,} succeeded, "
+                f"{job.n_failed} failed; simulator saw {stats['total']:,}, max in flight {stats['max_in_flight']} "
+                f"(endpoint concurrency {args.concurrency}); {sampler.samples} RSS samples"
+            )
             for pid, mb in sorted(sampler.peak.items(), key=lambda kv: -kv[1]):
                 role = "parent" if pid == cluster.pid else ("worker" if pid in workers else "")
                 print(f"    pid {pid:>7} {role:<7} peak RSS {mb:6.1f} MB  CPU {cpu.get(pid, 0.0):6.1f} s")
             worker_peak = max((mb for pid, mb in sampler.peak.items() if pid in workers), default=0.0)
-            print(f"  largest worker peak RSS: {worker_peak:.0f} MB   target <= 250 MB"
-                  f"   (largest of any qcluster process {max(sampler.peak.values()):.0f} MB)")
+            print(
+                f"  largest worker peak RSS: {worker_peak:.0f} MB   target <= 250 MB"
+                f"   (largest of any qcluster process {max(sampler.peak.values()):.0f} MB)"
+            )
             print_cpu(meter, args.memory_items)
             print(f"  load average after: {loadavg()}")
     finally:

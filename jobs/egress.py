@@ -12,7 +12,13 @@ from urllib.parse import urlsplit
 import httpx2
 from django.conf import settings
 
-METADATA_HOSTS = {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
+METADATA_HOSTS = {
+    "metadata",
+    "metadata.google.internal",
+    "metadata.goog",
+    "instance-data",
+    "instance-data.ec2.internal",
+}
 METADATA_ADDRESSES = {
     ipaddress.ip_address(a)
     for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16", "192.0.0.192")
@@ -42,8 +48,10 @@ def check_address(address: str) -> None:
     if getattr(ip, "ipv4_mapped", None):
         ip = ip.ipv4_mapped
     if ip.is_link_local or ip in METADATA_ADDRESSES:
-        raise UnsafeURL(f"{address} is a link-local or cloud metadata address; endpoints may not point there "
-                        "(BATCHSITE_ALLOW_PRIVATE_ENDPOINTS=1 allows it).")  # fmt: skip
+        raise UnsafeURL(
+            f"{address} is a link-local or cloud metadata address; endpoints may not point there "
+            "(BATCHSITE_ALLOW_PRIVATE_ENDPOINTS=1 allows it)."
+        )
 
 
 def check_base_url(url: str, resolve: bool = True) -> None:
@@ -60,7 +68,7 @@ def check_base_url(url: str, resolve: bool = True) -> None:
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise UnsafeURL("The base URL may not contain ? or #: paths such as /models are appended to it.")
     try:
-        parts.port
+        _ = parts.port  # a bad port raises ValueError here
         httpx2.URL(url.strip())
     except (ValueError, httpx2.InvalidURL) as e:
         raise UnsafeURL(f"This is not a valid URL: {e}.") from None

@@ -222,9 +222,17 @@ def results_csv(job: Job) -> Iterator[str]:
     def rows():
         writer.writerow(header)
         item_fields = (
-            "custom_id", "input_row", "status", "response", "error_code", "error_message",
-            "http_status", "prompt_tokens", "completion_tokens", "latency_ms",
-        )  # fmt: skip
+            "custom_id",
+            "input_row",
+            "status",
+            "response",
+            "error_code",
+            "error_message",
+            "http_status",
+            "prompt_tokens",
+            "completion_tokens",
+            "latency_ms",
+        )
         for custom_id, input_row, status, body, code, message, http_status, p, c, latency in _items(
             job, None, item_fields
         ):

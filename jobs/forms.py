@@ -23,8 +23,13 @@ class JobForm(forms.Form):
     name = forms.CharField(label="Job name", max_length=200, required=False)
     endpoint = forms.ModelChoiceField(queryset=Endpoint.objects.all(), required=False, empty_label=None)
     mode = forms.ChoiceField(choices=Job.MODE_CHOICES, initial=Job.LIVE)
-    max_attempts = forms.IntegerField(min_value=1, max_value=20, initial=5, help_text="Times a request is sent before it "
-        "fails. A 429 rate limit never counts; server errors, timeouts and lost connections get at least 10 tries.")  # fmt: skip
+    max_attempts = forms.IntegerField(
+        min_value=1,
+        max_value=20,
+        initial=5,
+        help_text="Times a request is sent before it "
+        "fails. A 429 rate limit never counts; server errors, timeouts and lost connections get at least 10 tries.",
+    )
     # CSV template
     url = forms.ChoiceField(
         choices=[("/v1/chat/completions", "Chat completions"), ("/v1/embeddings", "Embeddings")],
@@ -33,16 +38,29 @@ class JobForm(forms.Form):
         label="Request type",
     )
     model = forms.CharField(max_length=200, required=False)
-    system_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
-                                    max_length=MAX_PROMPT_CHARS, error_messages=_at_most(MAX_PROMPT_CHARS))  # fmt: skip
-    user_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 5}), required=False,
-                                  max_length=MAX_PROMPT_CHARS, error_messages=_at_most(MAX_PROMPT_CHARS))  # fmt: skip
+    system_prompt = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        required=False,
+        max_length=MAX_PROMPT_CHARS,
+        error_messages=_at_most(MAX_PROMPT_CHARS),
+    )
+    user_prompt = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 5}),
+        required=False,
+        max_length=MAX_PROMPT_CHARS,
+        error_messages=_at_most(MAX_PROMPT_CHARS),
+    )
     input_column = forms.CharField(label="Text to embed", max_length=200, required=False)
     custom_id_column = forms.CharField(label="custom_id from", max_length=200, required=False)
     temperature = forms.FloatField(min_value=0, max_value=2, required=False)
     max_tokens = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
-    json_schema = forms.CharField(label="JSON schema", widget=forms.Textarea(attrs={"rows": 4}), required=False,
-                                  max_length=MAX_SCHEMA_CHARS, error_messages=_at_most(MAX_SCHEMA_CHARS))  # fmt: skip
+    json_schema = forms.CharField(
+        label="JSON schema",
+        widget=forms.Textarea(attrs={"rows": 4}),
+        required=False,
+        max_length=MAX_SCHEMA_CHARS,
+        error_messages=_at_most(MAX_SCHEMA_CHARS),
+    )
 
     def __init__(self, *args, csv_columns=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -97,8 +115,11 @@ class EndpointForm(forms.ModelForm):
     )
     # Not the model field: its one-default constraint would reject the form before save() could
     # hand the role over from the current default.
-    make_default = forms.BooleanField(label="Default endpoint", required=False,
-                                      help_text="New jobs and /v1 batches run here unless they pick another.")  # fmt: skip
+    make_default = forms.BooleanField(
+        label="Default endpoint",
+        required=False,
+        help_text="New jobs and /v1 batches run here unless they pick another.",
+    )
 
     class Meta:
         model = Endpoint
@@ -129,9 +150,17 @@ class EndpointForm(forms.ModelForm):
         # The stored key goes only to the server it was entered for: else anyone who may edit endpoints
         # could point one at their own server, press "Test connection" and read the key there.
         old, new = self.instance.base_url, data.get("base_url")
-        if self.instance.api_key_encrypted and new and egress.origin(new) != egress.origin(old) and not data.get("api_key"):
-            self.add_error("api_key", f"The server changed (it was {egress.origin(old)[1] or old}): enter the API key "
-                                      "again. A stored key is only sent to the server it was entered for.")  # fmt: skip
+        if (
+            self.instance.api_key_encrypted
+            and new
+            and egress.origin(new) != egress.origin(old)
+            and not data.get("api_key")
+        ):
+            self.add_error(
+                "api_key",
+                f"The server changed (it was {egress.origin(old)[1] or old}): enter the API key "
+                "again. A stored key is only sent to the server it was entered for.",
+            )
         return data
 
     def save(self, commit=True):

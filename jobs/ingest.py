@@ -270,8 +270,14 @@ def remove_stale_uploads(max_age_hours: float = 24) -> int:
     old = [folder for folder in root.iterdir() if folder.is_dir() and folder.stat().st_mtime < cutoff]
     if not old:
         return 0
-    kept = {Path(p).parts[1] for p in Job.objects.filter(source_file__startswith="uploads/").values_list("source_file", flat=True)}
-    kept |= {Path(p).parts[1] for p in File.objects.filter(path__startswith="uploads/", deleted_at=None).values_list("path", flat=True)}
+    kept = {
+        Path(p).parts[1]
+        for p in Job.objects.filter(source_file__startswith="uploads/").values_list("source_file", flat=True)
+    }
+    kept |= {
+        Path(p).parts[1]
+        for p in File.objects.filter(path__startswith="uploads/", deleted_at=None).values_list("path", flat=True)
+    }
     removed = 0
     for folder in old:
         if folder.name not in kept:
@@ -358,11 +364,18 @@ def checked(path: Path, *, format: str, template: Template | None = None, source
         pass  # none yet, or for another template
     plan = validate(path, format=format, template=template, source_name=source_name, limits=limits)
     summary = {
-        "format": plan.format, "source_name": plan.source_name, "url": plan.url, "count": plan.count,
-        "models": dict(plan.models), "est_input_tokens": plan.est_input_tokens,
-        "max_output_tokens": plan.max_output_tokens, "errors": [asdict(e) for e in plan.errors],
-        "error_count": plan.error_count, "preview": plan.preview, "columns": plan.columns,
-    }  # fmt: skip
+        "format": plan.format,
+        "source_name": plan.source_name,
+        "url": plan.url,
+        "count": plan.count,
+        "models": dict(plan.models),
+        "est_input_tokens": plan.est_input_tokens,
+        "max_output_tokens": plan.max_output_tokens,
+        "errors": [asdict(e) for e in plan.errors],
+        "error_count": plan.error_count,
+        "preview": plan.preview,
+        "columns": plan.columns,
+    }
     tmp = cache.with_name(f"{CHECKED_NAME}.{uuid.uuid4().hex}")
     try:
         tmp.write_text(json.dumps({"key": key, "plan": summary}, ensure_ascii=False))
@@ -415,7 +428,9 @@ def _lines(path: Path, limits: Limits, errors: _Errors) -> Iterator[tuple[int, s
                 size = len(raw)
                 while not raw.endswith(b"\n") and (raw := f.readline(SKIP_CHUNK)):
                     size += len(raw)
-                errors.add(number, "line_too_long", f"Line {number} is {size:,} bytes; the limit is {limits.max_line_bytes:,}.")
+                errors.add(
+                    number, "line_too_long", f"Line {number} is {size:,} bytes; the limit is {limits.max_line_bytes:,}."
+                )
                 continue
             if b"\x00" in raw:  # binary, not text; and Postgres stores no NUL (a CSV header becomes Job.columns)
                 errors.add(number, "invalid_encoding", f"Line {number} holds a NUL byte: this is not a text file.")
@@ -457,8 +472,11 @@ def _jsonl_requests(
             errors.add(number, "invalid_json_line", f"Line {number} must be a JSON object, not {_kind(obj)}.")
             continue
         if _has_lone_surrogate(text, obj):
-            errors.add(number, "invalid_json_line", f"Line {number} has a \\u escape of half a character "
-                                                    "(a lone UTF-16 surrogate), which is not text.")  # fmt: skip
+            errors.add(
+                number,
+                "invalid_json_line",
+                f"Line {number} has a \\u escape of half a character (a lone UTF-16 surrogate), which is not text.",
+            )
             continue
         ok = True
         for name, kind in (("custom_id", str), ("method", str), ("url", str), ("body", dict)):
@@ -475,13 +493,17 @@ def _jsonl_requests(
             continue
         custom_id, line_url, body = obj["custom_id"], obj["url"], obj["body"]
         if obj["method"].upper() != "POST":
-            errors.add(number, "invalid_method", f"Line {number}: method must be POST, not {_short(obj['method'])}.", "method")
+            errors.add(
+                number, "invalid_method", f"Line {number}: method must be POST, not {_short(obj['method'])}.", "method"
+            )
             ok = False
         if not custom_id:
             errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' is empty.", "custom_id")
             ok = False
         elif len(custom_id.encode()) > 1024:
-            errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' is longer than 1,024 bytes.", "custom_id")
+            errors.add(
+                number, "invalid_custom_id", f"Line {number}: 'custom_id' is longer than 1,024 bytes.", "custom_id"
+            )
             ok = False
         elif "\x00" in custom_id:  # stored as it is, and Postgres takes no NUL in text
             errors.add(number, "invalid_custom_id", f"Line {number}: 'custom_id' holds a NUL character.", "custom_id")
@@ -560,7 +582,9 @@ def _check_body(number: int, url: str, body: dict, errors: _Errors) -> bool:
         errors.add(number, "missing_required_parameter", f"Line {number}: body has no '{name}'.", f"body.{name}")
         ok = False
     elif not isinstance(value, kind) or (isinstance(value, (list, str)) and not value):
-        errors.add(number, "invalid_type", f"Line {number}: body.{name} must be a non-empty {_kinds(kind)}.", f"body.{name}")
+        errors.add(
+            number, "invalid_type", f"Line {number}: body.{name} must be a non-empty {_kinds(kind)}.", f"body.{name}"
+        )
         ok = False
     if body.get("stream"):
         errors.add(number, "invalid_value", f"Line {number}: streaming is not supported in a batch.", "body.stream")
@@ -624,7 +648,9 @@ class _RowStarts:
         return None if row is None else (self.start, row)
 
 
-def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Errors, columns_out: list) -> Iterator[Request]:
+def _csv_requests(
+    path: Path, template: Template, limits: Limits, errors: _Errors, columns_out: list
+) -> Iterator[Request]:
     # A cell may be as long as a line may be, where csv's default stops it at 128 KB. The limit is
     # process-wide, but every caller sets it from the same settings; it still stops a stray quote
     # from reading the rest of the file into one cell.
@@ -683,7 +709,9 @@ def _csv_requests(path: Path, template: Template, limits: Limits, errors: _Error
         if template.custom_id_column:
             custom_id = cells[template.custom_id_column].strip()
             if not custom_id:
-                errors.add(number, "invalid_custom_id", f"Line {number}: column {template.custom_id_column!r} is empty.")
+                errors.add(
+                    number, "invalid_custom_id", f"Line {number}: column {template.custom_id_column!r} is empty."
+                )
                 continue
             if len(custom_id.encode()) > 1024:
                 errors.add(number, "invalid_custom_id", f"Line {number}: the custom_id is longer than 1,024 bytes.")
@@ -771,7 +799,9 @@ def _check_template(template: Template, columns: list[str], errors: _Errors) -> 
                         param,
                     )
     if template.custom_id_column and template.custom_id_column not in column_set:
-        fail("unknown_column", f"There is no column {template.custom_id_column!r}. Columns: {known}.", "custom_id_column")
+        fail(
+            "unknown_column", f"There is no column {template.custom_id_column!r}. Columns: {known}.", "custom_id_column"
+        )
     if template.temperature is not None and not (0 <= template.temperature <= 2):
         fail("invalid_value", "Temperature must be between 0 and 2.", "temperature")
     if template.max_tokens is not None and template.max_tokens < 1:

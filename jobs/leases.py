@@ -163,9 +163,17 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
                 if o.status == Item.PENDING:
                     cursor.execute(
                         _RELEASE_SQL,
-                        [release_to, o.attempts, _dt(o.next_attempt_at), _text(o.error_code[:100]),
-                         _text(o.error_message[:2000]), o.http_status, o.item_id, token],
-                    )  # fmt: skip
+                        [
+                            release_to,
+                            o.attempts,
+                            _dt(o.next_attempt_at),
+                            _text(o.error_code[:100]),
+                            _text(o.error_message[:2000]),
+                            o.http_status,
+                            o.item_id,
+                            token,
+                        ],
+                    )
                     if cursor.rowcount == 1:
                         deltas["n_running"] -= 1
                         deltas[f"n_{release_to}"] += 1
@@ -173,10 +181,24 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
                     continue
                 cursor.execute(
                     _FINAL_SQL,
-                    [o.status, o.attempts, o.http_status, _text(o.response), _text(o.request_id[:200]),
-                     _text(o.error_code[:100]), _text(o.error_message[:2000]), o.prompt_tokens, o.completion_tokens, o.cached_tokens,
-                     adapt_decimal(o.cost, 12, 8), o.latency_ms, _dt(now), o.item_id, token],
-                )  # fmt: skip
+                    [
+                        o.status,
+                        o.attempts,
+                        o.http_status,
+                        _text(o.response),
+                        _text(o.request_id[:200]),
+                        _text(o.error_code[:100]),
+                        _text(o.error_message[:2000]),
+                        o.prompt_tokens,
+                        o.completion_tokens,
+                        o.cached_tokens,
+                        adapt_decimal(o.cost, 12, 8),
+                        o.latency_ms,
+                        _dt(now),
+                        o.item_id,
+                        token,
+                    ],
+                )
                 if cursor.rowcount != 1:
                     continue  # the lease was lost: another slice owns this item now
                 deltas["n_running"] -= 1
@@ -206,10 +228,24 @@ def write_each(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counte
             deltas.update(write(job_id, lease, [o]))  # update(), not +=: it keeps the negative counts
         except TRANSIENT_DB_ERRORS:
             raise  # transient: the caller tries the whole batch again (stored ones no longer match the lease)
-        except Exception as e:  # noqa: BLE001 - any refusal of this one row
+        except Exception as e:
             message = f"The result could not be stored: {type(e).__name__}: {e}"
-            deltas.update(write(job_id, lease, [Outcome(o.item_id, Item.FAILED, o.attempts, http_status=o.http_status,
-                                                           error_code="internal_error", error_message=message)]))  # fmt: skip
+            deltas.update(
+                write(
+                    job_id,
+                    lease,
+                    [
+                        Outcome(
+                            o.item_id,
+                            Item.FAILED,
+                            o.attempts,
+                            http_status=o.http_status,
+                            error_code="internal_error",
+                            error_message=message,
+                        )
+                    ],
+                )
+            )
     return deltas
 
 

@@ -271,7 +271,9 @@ class Job(models.Model):
 
     def bump(self, **deltas) -> None:
         """Add to counters with F() so concurrent writers never lose an update."""
-        Job.objects.filter(pk=self.pk).update(**{k: F(k) + v for k, v in deltas.items() if v}, updated_at=timezone.now())
+        Job.objects.filter(pk=self.pk).update(
+            **{k: F(k) + v for k, v in deltas.items() if v}, updated_at=timezone.now()
+        )
 
     # Control. Each is safe to call twice and from any state: an action the state does not allow
     # raises InvalidTransition with a message for the person who clicked.
@@ -323,9 +325,17 @@ class Job(models.Model):
         from jobs.leases import lock_job
 
         reset = dict(
-            status=Item.PENDING, attempts=0, http_status=None, response="", request_id="", error_code="",
-            error_message="", next_attempt_at=None, finished_at=None, latency_ms=None,
-        )  # fmt: skip
+            status=Item.PENDING,
+            attempts=0,
+            http_status=None,
+            response="",
+            request_id="",
+            error_code="",
+            error_message="",
+            next_attempt_at=None,
+            finished_at=None,
+            latency_ms=None,
+        )
         with transaction.atomic():
             # The job's row first, then its items (the order of jobs/leases.py), and its status as of
             # now: a slice may have just completed the job.
@@ -356,8 +366,21 @@ class Job(models.Model):
 
     def duplicate(self, owner) -> "Job":
         """A new queued job with the same requests, owned by `owner`, started."""
-        fields = ["url", "model", "mode", "endpoint", "source_name", "source_format", "source_file", "columns",
-                  "template", "metadata", "max_attempts", "total", "est_input_tokens"]  # fmt: skip
+        fields = [
+            "url",
+            "model",
+            "mode",
+            "endpoint",
+            "source_name",
+            "source_format",
+            "source_file",
+            "columns",
+            "template",
+            "metadata",
+            "max_attempts",
+            "total",
+            "est_input_tokens",
+        ]
         with transaction.atomic():
             copy = Job.objects.create(
                 owner=owner,
@@ -478,6 +501,9 @@ class JobTick(models.Model):
         ordering = ["job", "at"]
         constraints = [models.UniqueConstraint(fields=["job", "at"], name="jobtick_job_at")]
 
+    def __str__(self) -> str:
+        return f"job {self.job_id} at {self.at:%H:%M:%S}"
+
     @classmethod
     def add(cls, job_id: int, when, counts) -> None:
         """Add counts to the bucket holding `when` (call inside the transaction that wrote the items)."""
@@ -542,7 +568,10 @@ class ApiToken(models.Model):
         """A new token for `user`; the plaintext is returned once and never stored."""
         plaintext = cls.PREFIX + secrets.token_urlsafe(32)
         token = cls.objects.create(
-            user=user, name=name.strip()[:100] or "API token", prefix=plaintext[: cls.SHOWN], token_hash=cls.digest(plaintext)
+            user=user,
+            name=name.strip()[:100] or "API token",
+            prefix=plaintext[: cls.SHOWN],
+            token_hash=cls.digest(plaintext),
         )
         return token, plaintext
 
@@ -575,8 +604,12 @@ class ApiToken(models.Model):
         )
         token = next(iter(cls.objects.raw(sql, [digest])), None)
         if token is not None:
-            known = {user_model._meta.pk.attname: token.user_id, "is_active": bool(token.u_active),
-                     "is_staff": bool(token.u_staff), "is_superuser": bool(token.u_super)}  # fmt: skip
+            known = {
+                user_model._meta.pk.attname: token.user_id,
+                "is_active": bool(token.u_active),
+                "is_staff": bool(token.u_staff),
+                "is_superuser": bool(token.u_super),
+            }
             names = [f.attname for f in user_model._meta.concrete_fields if f.attname in known]  # from_db's order
             token.user = user_model.from_db(token._state.db, names, [known[n] for n in names])
         return token
@@ -622,7 +655,9 @@ class File(models.Model):
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="api_files")
     kind = models.CharField(max_length=10, blank=True, choices=KIND_CHOICES)
     created_at = models.DateTimeField(default=timezone.now)
-    expires_at = models.DateTimeField(null=True, blank=True, help_text="Uploads: removed by the hourly clean-up after this")
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Uploads: removed by the hourly clean-up after this"
+    )
     deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -664,9 +699,13 @@ class File(models.Model):
         file, created = cls.objects.get_or_create(
             job=job,
             kind=kind,
-            defaults={"owner_id": job.owner_id, "filename": f"{stem}_{suffix}.jsonl", "purpose": cls.BATCH_OUTPUT,
-                      "bytes": None},
-        )  # fmt: skip
+            defaults={
+                "owner_id": job.owner_id,
+                "filename": f"{stem}_{suffix}.jsonl",
+                "purpose": cls.BATCH_OUTPUT,
+                "bytes": None,
+            },
+        )
         if not created:
             File.objects.filter(pk=file.pk).update(bytes=None, created_at=timezone.now(), deleted_at=None)
             file.refresh_from_db()
@@ -685,9 +724,10 @@ class File(models.Model):
         now = now or timezone.now()
         expired = cls.objects.filter(job=None, deleted_at=None, expires_at__lte=now)
         busy = set(
-            Job.objects.exclude(status__in=Job.FINISHED).filter(source_file__in=expired.values("path"))
+            Job.objects.exclude(status__in=Job.FINISHED)
+            .filter(source_file__in=expired.values("path"))
             .values_list("source_file", flat=True)
-        )  # fmt: skip
+        )
         removed = 0
         for file in expired.exclude(path__in=busy):
             File.objects.filter(pk=file.pk).update(deleted_at=now)

@@ -23,7 +23,9 @@ class PriceBook:
             self._by_model[model] = next((p for p in self.prices if name.startswith(p.model.lower())), None)
         return self._by_model[model]
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, discount: Decimal = ZERO) -> Decimal:
+    def cost(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, discount: Decimal = ZERO
+    ) -> Decimal:
         price = self.price(model)
         if price is None:
             return ZERO

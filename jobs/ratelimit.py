@@ -92,8 +92,9 @@ class FileStore:
         self._update(key, _slow_down)
 
 
-def _reserve(state: list, now: float, request_interval: float, token_interval: float, tokens: int,
-             latest: float) -> float:
+def _reserve(
+    state: list, now: float, request_interval: float, token_interval: float, tokens: int, latest: float
+) -> float:
     """Take the next free slot; return how long to wait for it (inf, taking nothing, if it comes after `latest`).
     The intervals stretch by the AIMD factor: a cut rate spaces the slots out."""
     request_tat, token_tat, cooldown = state[:3]
@@ -149,8 +150,18 @@ class RedisStore:
         self.script = self.redis.register_script(self._SCRIPT)
 
     def _call(self, key, op, a=0.0, b=0.0, n=0, latest=math.inf):
-        args = [op, a, b, n, BURST_SECONDS, min(latest, 1e18),  # Lua's tonumber() may not read "inf"
-                DECREASE_FACTOR, DECREASE_INTERVAL, INCREASE_PER_SECOND, MIN_FACTOR]  # fmt: skip
+        args = [
+            op,
+            a,
+            b,
+            n,
+            BURST_SECONDS,
+            min(latest, 1e18),  # Lua's tonumber() may not read "inf"
+            DECREASE_FACTOR,
+            DECREASE_INTERVAL,
+            INCREASE_PER_SECOND,
+            MIN_FACTOR,
+        ]
         out = self.script(keys=[f"batchsite:ratelimit:{key}"], args=args)
         return tuple(float(v) for v in out.split()) if op == "peek" else float(out)
 

@@ -164,7 +164,11 @@ def classify(status: int, text: str, headers) -> UpstreamError:
         )
     if status in (408, 409, 429) or status >= 500:
         return UpstreamError(
-            RETRY, message or f"HTTP {status}", code=code or f"http_{status}", retry_after=retry_after_seconds(headers), **common
+            RETRY,
+            message or f"HTTP {status}",
+            code=code or f"http_{status}",
+            retry_after=retry_after_seconds(headers),
+            **common,
         )
     return UpstreamError(PERMANENT, message or f"HTTP {status}", code=code or f"http_{status}", **common)
 
@@ -186,7 +190,13 @@ def usage_of(url: str, body: dict) -> tuple[int, int, int]:
 
 class Slice:
     def __init__(
-        self, job: Job, endpoint: Endpoint, lease: uuid.UUID, budget: float, db: ThreadPoolExecutor, slices: int,
+        self,
+        job: Job,
+        endpoint: Endpoint,
+        lease: uuid.UUID,
+        budget: float,
+        db: ThreadPoolExecutor,
+        slices: int,
         gen: int,
     ):
         self.job_id = job.pk
@@ -319,8 +329,9 @@ class Slice:
                 try:
                     await self.db(leases.release, self.job_id, self.lease, list(queue))
                 except TRANSIENT_DB_ERRORS:
-                    log.exception("Job %s: could not release %d unsent items; their leases will run out", self.job_id,
-                                  len(queue))  # fmt: skip
+                    log.exception(
+                        "Job %s: could not release %d unsent items; their leases will run out", self.job_id, len(queue)
+                    )
             while in_flight:  # finish what was claimed; a pause still stops what has not been sent
                 await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS)
                 if in_flight and not self.draining.is_set():
@@ -340,15 +351,20 @@ class Slice:
                 # Past the leases' end another slice may own the items: writing would change nothing.
                 await self._flush(patience=leases.lease_seconds())
             except TRANSIENT_DB_ERRORS:
-                log.exception("Job %s: %d results could not be stored; their items will run again", self.job_id,
-                              len(self.outcomes))  # fmt: skip
+                log.exception(
+                    "Job %s: %d results could not be stored; their items will run again",
+                    self.job_id,
+                    len(self.outcomes),
+                )
             await self.client.close()
 
     def _full(self, in_flight: set[asyncio.Task]) -> bool:
         """No room for another request: as many are being sent as the concurrency allows, or so many more
         wait for a retry that claiming further would take the job's work away from other slices."""
-        return (len(in_flight) - self.waiting >= self._concurrency_now()
-                or len(in_flight) >= HELD_PER_SLOT * self.concurrency)  # fmt: skip
+        return (
+            len(in_flight) - self.waiting >= self._concurrency_now()
+            or len(in_flight) >= HELD_PER_SLOT * self.concurrency
+        )
 
     def _open_slot(self) -> None:
         """Wake everyone waiting for a free slot (the run loop, requests back from a retry wait)."""
@@ -413,8 +429,9 @@ class Slice:
             log.exception("Job %s: item %s crashed the runner", self.job_id, item.id)
             self.limits_known.set()  # in case it was the request finding out the limits: nobody waits forever
             attempts = item.attempts + 1
-            error = UpstreamError(PERMANENT, f"Batchsite could not process this request ({type(e).__name__}: {e}).",
-                                  code="internal_error")  # fmt: skip
+            error = UpstreamError(
+                PERMANENT, f"Batchsite could not process this request ({type(e).__name__}: {e}).", code="internal_error"
+            )
             if attempts >= self.max_attempts:
                 self._failed(item, attempts, 0, error, None)
             else:
@@ -636,8 +653,9 @@ class Slice:
                 except TRANSIENT_DB_ERRORS:
                     raise
                 except Exception:  # one row the database refuses must not cost the batch (nor kill the flusher)
-                    log.exception("Job %s: a batch of %d results was refused; storing them one by one", self.job_id,
-                                  len(batch))  # fmt: skip
+                    log.exception(
+                        "Job %s: a batch of %d results was refused; storing them one by one", self.job_id, len(batch)
+                    )
                     await self.db(leases.write_each, self.job_id, self.lease, batch, patience=patience)
             except TRANSIENT_DB_ERRORS:
                 self.outcomes[:0] = batch  # kept, ahead of newer ones, for the next try
@@ -760,7 +778,9 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
         return {"job": job_id, "skipped": job.status}
     endpoint = job.endpoint or Endpoint.default()
     if endpoint is None:
-        _pause_job(job_id, "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume.")
+        _pause_job(
+            job_id, "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume."
+        )
         return {"job": job_id, "skipped": "no endpoint"}
     try:
         endpoint.api_key  # noqa: B018 - decrypting now turns a changed SECRET_KEY into a clear pause
@@ -783,7 +803,9 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
         if not work.sent and not isinstance(crash, TRANSIENT_DB_ERRORS):
             # It failed before sending anything: it would fail the same way again at once, slice after
             # slice. Say so on the job instead; resuming tries again.
-            _pause_job(job_id, f"Batchsite could not run this job: {type(crash).__name__}: {crash}. Resume to try again.")
+            _pause_job(
+                job_id, f"Batchsite could not run this job: {type(crash).__name__}: {crash}. Resume to try again."
+            )
         raise
     finally:
         db.submit(connections.close_all).result()  # the slice thread's own connection
@@ -794,8 +816,13 @@ def run_slice(job_id: int, budget: float | None = None, slices: int | None = Non
             _remember_learned_limits(endpoint, work.limiter)
         except Exception:  # a nicety: the next slice learns them again
             log.exception("Job %s: could not store the learned limits", job_id)
-    return {"job": job_id, "sent": work.sent, "handed_over": work.handed_over, "finished": finished,
-            "stopped": work.stop_reason}  # fmt: skip
+    return {
+        "job": job_id,
+        "sent": work.sent,
+        "handed_over": work.handed_over,
+        "finished": finished,
+        "stopped": work.stop_reason,
+    }
 
 
 def _patiently(fn, *args, patience: float = DB_PATIENCE):

@@ -109,11 +109,15 @@ class ApiError(Exception):
 
 def _injected_error(status: int) -> ApiError:
     if status == 429:
-        return ApiError(429, "Rate limit reached (simulated). Please try again later.", "requests", "rate_limit_exceeded")
+        return ApiError(
+            429, "Rate limit reached (simulated). Please try again later.", "requests", "rate_limit_exceeded"
+        )
     if status == 503:
         return ApiError(503, "The engine is currently overloaded, please try again later.", "server_error")
     if status >= 500:
-        return ApiError(status, "The server had an error while processing your request. Sorry about that!", "server_error")
+        return ApiError(
+            status, "The server had an error while processing your request. Sorry about that!", "server_error"
+        )
     return ApiError(status, f"Simulated error {status}.")
 
 
@@ -174,7 +178,9 @@ def _messages_text(messages, param: str) -> tuple[str, str]:
     texts, last_user = [], None
     for message in messages:
         if not isinstance(message, dict):
-            raise ApiError(400, f"Invalid type for '{param}': expected a list of objects.", code="invalid_type", param=param)
+            raise ApiError(
+                400, f"Invalid type for '{param}': expected a list of objects.", code="invalid_type", param=param
+            )
         text = _content_text(message.get("content"))
         texts.append(text)
         if message.get("role") == "user":
@@ -199,7 +205,9 @@ def prepare(kind: str, body: dict) -> Prepared:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter")
     if model == BAD_MODEL:
-        raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found")
+        raise ApiError(
+            404, f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found"
+        )
     if body.get("stream"):
         raise ApiError(400, "The simulator does not support streaming.", code="unsupported_value", param="stream")
     inputs: list[str] = []
@@ -219,8 +227,12 @@ def prepare(kind: str, body: dict) -> Prepared:
         max_tokens = body.get("max_tokens") if kind == "completions" else 0
         dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
         if kind == "embeddings" and not (isinstance(dimensions, int) and 0 < dimensions <= 4096):
-            raise ApiError(400, "Invalid value for 'dimensions': expected an integer from 1 to 4096.",
-                           code="invalid_value", param="dimensions")
+            raise ApiError(
+                400,
+                "Invalid value for 'dimensions': expected an integer from 1 to 4096.",
+                code="invalid_value",
+                param="dimensions",
+            )
     return Prepared(echo, inputs, _tokens(prompt), max_tokens if isinstance(max_tokens, int) else 0, echo[:100])
 
 
@@ -314,45 +326,99 @@ def respond(kind: str, body: dict, prep: Prepared) -> tuple[int, dict]:
     if kind == "embeddings":
         dims = body.get("dimensions", EMBEDDING_DIMENSIONS)
         as_base64 = body.get("encoding_format") == "base64"
-        data = [{"object": "embedding", "index": i, "embedding": _embedding(text, dims, as_base64)}
-                for i, text in enumerate(prep.inputs)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": _embedding(text, dims, as_base64)}
+            for i, text in enumerate(prep.inputs)
+        ]
         usage = {"prompt_tokens": prep.prompt_tokens, "total_tokens": prep.prompt_tokens}
         return 200, {"object": "list", "data": data, "model": model, "usage": usage}
     if kind == "completions":
-        choices = [{"text": "Echo: " + prompt, "index": i, "logprobs": None, "finish_reason": "stop"}
-                   for i, prompt in enumerate(prep.inputs)]
+        choices = [
+            {"text": "Echo: " + prompt, "index": i, "logprobs": None, "finish_reason": "stop"}
+            for i, prompt in enumerate(prep.inputs)
+        ]
         out = sum(_tokens(c["text"]) for c in choices)
-        usage = {"prompt_tokens": prep.prompt_tokens, "completion_tokens": out, "total_tokens": prep.prompt_tokens + out}
-        return 200, {"id": _new_id("cmpl-"), "object": "text_completion", "created": now, "model": model,
-                     "choices": choices, "usage": usage, "system_fingerprint": "fp_simulator"}
+        usage = {
+            "prompt_tokens": prep.prompt_tokens,
+            "completion_tokens": out,
+            "total_tokens": prep.prompt_tokens + out,
+        }
+        return 200, {
+            "id": _new_id("cmpl-"),
+            "object": "text_completion",
+            "created": now,
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": "fp_simulator",
+        }
     if kind == "chat":
         content = _structured_text(body.get("response_format"), echo)
         out = _tokens(content)
         usage = {
-            "prompt_tokens": prep.prompt_tokens, "completion_tokens": out, "total_tokens": prep.prompt_tokens + out,
+            "prompt_tokens": prep.prompt_tokens,
+            "completion_tokens": out,
+            "total_tokens": prep.prompt_tokens + out,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
         }
         message = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
-        return 200, {"id": _new_id("chatcmpl-"), "object": "chat.completion", "created": now, "model": model,
-                     "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-                     "usage": usage, "service_tier": "default", "system_fingerprint": "fp_simulator"}
+        return 200, {
+            "id": _new_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": now,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage,
+            "service_tier": "default",
+            "system_fingerprint": "fp_simulator",
+        }
     text_config = body.get("text") if isinstance(body.get("text"), dict) else {}
     content = _structured_text(text_config.get("format"), echo)
     out = _tokens(content)
-    output = [{"id": _new_id("msg_"), "type": "message", "status": "completed", "role": "assistant",
-               "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": []}]}]
-    usage = {"input_tokens": prep.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-             "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
-             "total_tokens": prep.prompt_tokens + out}
+    output = [
+        {
+            "id": _new_id("msg_"),
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": []}],
+        }
+    ]
+    usage = {
+        "input_tokens": prep.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": out,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prep.prompt_tokens + out,
+    }
     return 200, {
-        "id": _new_id("resp_"), "object": "response", "created_at": now, "completed_at": now, "status": "completed",
-        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": output,
-        "parallel_tool_calls": True, "previous_response_id": None, "temperature": 1.0, "tool_choice": "auto",
-        "tools": [], "top_p": 1.0, "text": {"format": text_config.get("format") or {"type": "text"}},
-        "truncation": "disabled", "usage": usage, "metadata": body.get("metadata") or {},
+        "id": _new_id("resp_"),
+        "object": "response",
+        "created_at": now,
+        "completed_at": now,
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "text": {"format": text_config.get("format") or {"type": "text"}},
+        "truncation": "disabled",
+        "usage": usage,
+        "metadata": body.get("metadata") or {},
     }
 
 
@@ -414,12 +480,16 @@ class _Limiter:
 
         Returns the x-ratelimit-* headers for the answer."""
         now = time.monotonic()
-        checks = [(b, cost, unit) for b, cost, unit in ((self.requests, 1, "requests"), (self.tokens, tokens, "tokens"))
-                  if b is not None]
+        checks = [
+            (b, cost, unit)
+            for b, cost, unit in ((self.requests, 1, "requests"), (self.tokens, tokens, "tokens"))
+            if b is not None
+        ]
         for bucket, _, _ in checks:
             bucket.refill(now)
-        wait, bucket, cost, unit = max(((b.wait_for(c), b, c, u) for b, c, u in checks), key=lambda w: w[0],
-                                       default=(0.0, None, 0, ""))
+        wait, bucket, cost, unit = max(
+            ((b.wait_for(c), b, c, u) for b, c, u in checks), key=lambda w: w[0], default=(0.0, None, 0, "")
+        )
         if wait == 0:
             for b, c, _ in checks:
                 b.level -= c
@@ -430,11 +500,15 @@ class _Limiter:
             return headers
         where = f"{model} in organization org-simulator on {unit} per min ({'RPM' if unit == 'requests' else 'TPM'})"
         if math.isinf(wait):
-            message = (f"Request too large for {where}: Limit {bucket.limit}, Requested {cost}. "
-                       "The input or output tokens must be reduced in order to run successfully.")
+            message = (
+                f"Request too large for {where}: Limit {bucket.limit}, Requested {cost}. "
+                "The input or output tokens must be reduced in order to run successfully."
+            )
         else:
-            message = (f"Rate limit reached for {where}: Limit {bucket.limit}, Used {bucket.limit - int(bucket.level)}, "
-                       f"Requested {cost}. Please try again in {go_duration(wait)}.")
+            message = (
+                f"Rate limit reached for {where}: Limit {bucket.limit}, Used {bucket.limit - int(bucket.level)}, "
+                f"Requested {cost}. Please try again in {go_duration(wait)}."
+            )
             headers["retry-after"] = str(max(1, math.ceil(wait)))
             headers["retry-after-ms"] = str(math.ceil(wait * 1000))
         raise RateLimited(message, unit, wait, headers)
@@ -499,12 +573,15 @@ class Simulator:
         try:
             key = self.config.api_key
             if key and request.headers.get("Authorization") != "Bearer " + key:
-                response = _json_response(401, ApiError(
-                    401, "Incorrect API key provided.", code="invalid_api_key").body())
+                response = _json_response(
+                    401, ApiError(401, "Incorrect API key provided.", code="invalid_api_key").body()
+                )
             else:
                 response = await handler(request)
         except web.HTTPException as e:  # the router's 404/405
-            response = _json_response(e.status, ApiError(e.status, f"{e.reason}: {request.method} {request.path}").body())
+            response = _json_response(
+                e.status, ApiError(e.status, f"{e.reason}: {request.method} {request.path}").body()
+            )
         finally:
             self.in_flight -= 1
         resource = request.match_info.route.resource
@@ -517,8 +594,13 @@ class Simulator:
             self.rate_limited += 1
         if request.path in INFERENCE_ROUTES:
             self._audit_retry(hashlib.sha1(await request.read()).hexdigest(), arrived, request, status)
-        entry = {"t": time.time(), "path": path, "status": status,
-                 "marker": request.get(MARKER), "retry_after_ms": request.get(RETRY_AFTER_MS)}
+        entry = {
+            "t": time.time(),
+            "path": path,
+            "status": status,
+            "marker": request.get(MARKER),
+            "retry_after_ms": request.get(RETRY_AFTER_MS),
+        }
         self.log.append(entry)
         if self._log_file:
             self._log_file.write(json.dumps(entry) + "\n")
@@ -533,9 +615,15 @@ class Simulator:
             answered_at, wait = asked
             self.retries_checked += 1
             if arrived - answered_at < wait and len(self.retry_after_violations) < 1000:
-                self.retry_after_violations.append({
-                    "fingerprint": fingerprint, "marker": request.get(MARKER), "gap_ms": round((arrived - answered_at) * 1000, 1),
-                    "retry_after_ms": round(wait * 1000), "at": time.time()})  # fmt: skip
+                self.retry_after_violations.append(
+                    {
+                        "fingerprint": fingerprint,
+                        "marker": request.get(MARKER),
+                        "gap_ms": round((arrived - answered_at) * 1000, 1),
+                        "retry_after_ms": round(wait * 1000),
+                        "at": time.time(),
+                    }
+                )
         if status == 429 and request.get(RETRY_AFTER_MS) is not None:
             self._asked_to_wait[fingerprint] = (time.monotonic(), request[RETRY_AFTER_MS] / 1000)
 
@@ -552,21 +640,29 @@ class Simulator:
             try:
                 body = json.loads(await request.read())
             except ValueError:
-                raise ApiError(400, "We could not parse the JSON body of your request. "
-                                    "The OpenAI API expects a JSON payload.") from None
+                raise ApiError(
+                    400, "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload."
+                ) from None
             if not isinstance(body, dict):
                 raise ApiError(400, "The request body must be a JSON object.")
             prep = prepare(kind, body)
             request[MARKER] = prep.marker
             if cfg.insufficient_quota:
-                raise ApiError(429, "You exceeded your current quota, please check your plan and billing details.",
-                               "insufficient_quota", "insufficient_quota")
+                raise ApiError(
+                    429,
+                    "You exceeded your current quota, please check your plan and billing details.",
+                    "insufficient_quota",
+                    "insufficient_quota",
+                )
             injected = self._draw_error()
             if injected == 429:
                 request[RETRY_AFTER_MS] = cfg.retry_after_ms
                 seconds = str(max(1, math.ceil(cfg.retry_after_ms / 1000)))
-                return _json_response(429, _injected_error(429).body(),
-                                      {"retry-after": seconds, "retry-after-ms": str(cfg.retry_after_ms)})
+                return _json_response(
+                    429,
+                    _injected_error(429).body(),
+                    {"retry-after": seconds, "retry-after-ms": str(cfg.retry_after_ms)},
+                )
             headers = self.limiter.take(prep.prompt_tokens + prep.max_tokens, body["model"])
         except RateLimited as e:
             if not math.isinf(e.wait):
@@ -589,9 +685,17 @@ class Simulator:
     # Files
 
     def _store_file(self, filename: str, purpose: str, data: bytes) -> dict:
-        meta = {"id": _new_id("file-"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
-                "status_details": None}
+        meta = {
+            "id": _new_id("file-"),
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
         self.files[meta["id"]] = {"meta": meta, "data": data}
         return meta
 
@@ -605,8 +709,9 @@ class Simulator:
         form = await request.post()
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(purpose, str) or not purpose:
-            raise ApiError(400, "Missing required parameter: 'purpose'.", code="missing_required_parameter",
-                           param="purpose")
+            raise ApiError(
+                400, "Missing required parameter: 'purpose'.", code="missing_required_parameter", param="purpose"
+            )
         if not isinstance(upload, web.FileField):
             raise ApiError(400, "Missing required parameter: 'file'.", code="missing_required_parameter", param="file")
         return _json_response(200, self._store_file(upload.filename or "upload", purpose, upload.file.read()))
@@ -645,25 +750,54 @@ class Simulator:
             raise ApiError(400, "We could not parse the JSON body of your request.") from None
         input_file_id, endpoint = body.get("input_file_id"), body.get("endpoint")
         if not input_file_id:
-            raise ApiError(400, "Missing required parameter: 'input_file_id'.", code="missing_required_parameter",
-                           param="input_file_id")
+            raise ApiError(
+                400,
+                "Missing required parameter: 'input_file_id'.",
+                code="missing_required_parameter",
+                param="input_file_id",
+            )
         if input_file_id not in self.files:
             raise ApiError(404, f"No such File object: {input_file_id}", param="input_file_id")
         if endpoint not in INFERENCE_ROUTES:
-            raise ApiError(400, f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
-                                + ", ".join(INFERENCE_ROUTES) + ".", code="invalid_value", param="endpoint")
+            raise ApiError(
+                400,
+                f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
+                + ", ".join(INFERENCE_ROUTES)
+                + ".",
+                code="invalid_value",
+                param="endpoint",
+            )
         if body.get("completion_window") != "24h":
-            raise ApiError(400, "Invalid value for 'completion_window': only '24h' is supported.",
-                           code="invalid_value", param="completion_window")
+            raise ApiError(
+                400,
+                "Invalid value for 'completion_window': only '24h' is supported.",
+                code="invalid_value",
+                param="completion_window",
+            )
         now = int(time.time())
         batch = {
-            "id": _new_id("batch_"), "object": "batch", "endpoint": endpoint, "model": None, "errors": None,
-            "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
-            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-            "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
-            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "id": _new_id("batch_"),
+            "object": "batch",
+            "endpoint": endpoint,
+            "model": None,
+            "errors": None,
+            "input_file_id": input_file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
-            "usage": None, "metadata": body.get("metadata"),
+            "usage": None,
+            "metadata": body.get("metadata"),
         }
         self.batches[batch["id"]] = batch
         data = self.files[input_file_id]["data"]
@@ -710,14 +844,17 @@ class Simulator:
         outputs, failures, usage = [], [], collections.Counter()
         done = 0
         while done < todo and batch["status"] != "cancelling":
-            for line in lines[done:min(todo, done + chunk)]:
+            for line in lines[done : min(todo, done + chunk)]:
                 if self._batch_rng.random() < cfg.batch_fail_rate:
                     status, payload = 500, _injected_error(500).body()
                 else:
                     status, payload = answer(kind, line["body"])
-                result = {"id": _new_id("batch_req_"), "custom_id": line["custom_id"],
-                          "response": {"status_code": status, "request_id": _new_id("req_"), "body": payload},
-                          "error": None}
+                result = {
+                    "id": _new_id("batch_req_"),
+                    "custom_id": line["custom_id"],
+                    "response": {"status_code": status, "request_id": _new_id("req_"), "body": payload},
+                    "error": None,
+                }
                 if status == 200:
                     outputs.append(result)
                     counts["completed"] += 1
@@ -736,8 +873,14 @@ class Simulator:
         elif cfg.batch_expire:
             final = "expired"
             for line in lines[todo:]:
-                failures.append({"id": _new_id("batch_req_"), "custom_id": line["custom_id"], "response": None,
-                                 "error": _EXPIRED_ERROR})
+                failures.append(
+                    {
+                        "id": _new_id("batch_req_"),
+                        "custom_id": line["custom_id"],
+                        "response": None,
+                        "error": _EXPIRED_ERROR,
+                    }
+                )
             counts["failed"] += len(lines) - todo
         else:
             final = "completed"
@@ -750,7 +893,9 @@ class Simulator:
                 batch[key] = self._store_file(f"batch_{batch['id']}_{suffix}.jsonl", "batch_output", content)["id"]
         batch["usage"] = _batch_usage(usage)
         batch["status"] = final
-        batch[{"cancelled": "cancelled_at", "expired": "expired_at", "completed": "completed_at"}[final]] = int(time.time())
+        batch[{"cancelled": "cancelled_at", "expired": "expired_at", "completed": "completed_at"}[final]] = int(
+            time.time()
+        )
 
     async def get_config(self, request: web.Request) -> web.Response:
         return _json_response(200, dataclasses.asdict(self.config))
@@ -779,26 +924,35 @@ class Simulator:
         # One generator per status, seeded from (seed, status), drawn once per request each: the
         # number of injected errors per status is then fixed by the seed and the request count,
         # whatever order concurrent requests arrive in.
-        self._error_rngs = sorted((status, rate, random.Random(f"{cfg.seed}:{status}"))
-                                  for status, rate in cfg.error_rates.items())
+        self._error_rngs = sorted(
+            (status, rate, random.Random(f"{cfg.seed}:{status}")) for status, rate in cfg.error_rates.items()
+        )
 
     async def reset_route(self, request: web.Request) -> web.Response:
         self.reset()
         return _json_response(200, {"reset": True})
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json_response(200, {
-            "total": self.total, "by_path": dict(self.by_path),
-            "by_status": {str(k): v for k, v in self.by_status.items()}, "rate_limited": self.rate_limited,
-            "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-            "first_arrival": self.first_arrival, "retries_checked": self.retries_checked, "retry_after_violations": len(self.retry_after_violations),
-            "retry_after_violation_details": self.retry_after_violations[:20],
-        })
+        return _json_response(
+            200,
+            {
+                "total": self.total,
+                "by_path": dict(self.by_path),
+                "by_status": {str(k): v for k, v in self.by_status.items()},
+                "rate_limited": self.rate_limited,
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "first_arrival": self.first_arrival,
+                "retries_checked": self.retries_checked,
+                "retry_after_violations": len(self.retry_after_violations),
+                "retry_after_violation_details": self.retry_after_violations[:20],
+            },
+        )
 
     async def log_route(self, request: web.Request) -> web.Response:
         entries = list(self.log)
         if "limit" in request.query:
-            entries = entries[-int(request.query["limit"]):]
+            entries = entries[-int(request.query["limit"]) :]
         return _json_response(200, entries)
 
 
@@ -806,11 +960,16 @@ def _page(items: list[dict], query, default_limit: int) -> dict:
     """OpenAI's cursor page: `after` is the id of the last item of the previous page."""
     if query.get("after"):
         ids = [item["id"] for item in items]
-        items = items[ids.index(query["after"]) + 1:] if query["after"] in ids else []
+        items = items[ids.index(query["after"]) + 1 :] if query["after"] in ids else []
     limit = int(query.get("limit", default_limit))
     page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
 
 
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
@@ -819,9 +978,13 @@ _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tok
 def _batch_usage(usage: collections.Counter) -> dict:
     input_tokens = usage["prompt_tokens"] + usage["input_tokens"]
     output_tokens = usage["completion_tokens"] + usage["output_tokens"]
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
 
 
 def validate_batch_file(data: bytes, endpoint: str) -> tuple[list[dict], list[dict]]:
@@ -848,15 +1011,19 @@ def validate_batch_file(data: bytes, endpoint: str) -> tuple[list[dict], list[di
         if request.get("method", "POST") != "POST":
             error("invalid_method", "The method for this request must be POST.", number, "method")
         if "url" in request and request["url"] != endpoint:
-            error("invalid_url", "The URL provided for this request does not match the batch endpoint.",
-                  number, "url")
+            error("invalid_url", "The URL provided for this request does not match the batch endpoint.", number, "url")
         custom_id = request.get("custom_id")
         if "custom_id" in request and not isinstance(custom_id, str):
             error("invalid_type", "The custom_id for this request must be a string.", number, "custom_id")
         elif custom_id is not None:
             if custom_id in seen:
-                error("duplicate_custom_id", "The custom_id for this request is a duplicate of another request. "
-                      "The custom_id parameter must be unique for each request in a batch.", number, "custom_id")
+                error(
+                    "duplicate_custom_id",
+                    "The custom_id for this request is a duplicate of another request. "
+                    "The custom_id parameter must be unique for each request in a batch.",
+                    number,
+                    "custom_id",
+                )
             seen.add(custom_id)
         if isinstance(body, dict):
             if not body.get("model"):
@@ -864,8 +1031,13 @@ def validate_batch_file(data: bytes, endpoint: str) -> tuple[list[dict], list[di
             elif model is None:
                 model = body["model"]
             elif body["model"] != model:
-                error("mismatched_model", "The provided model does not match the model in other requests in the "
-                      "batch. Each batch file must contain requests for one model only.", number, "body.model")
+                error(
+                    "mismatched_model",
+                    "The provided model does not match the model in other requests in the "
+                    "batch. Each batch file must contain requests for one model only.",
+                    number,
+                    "body.model",
+                )
         elif "body" in request:
             error("invalid_body", "The body of this request must be a JSON object.", number, "body")
         lines.append(request)
@@ -874,8 +1046,6 @@ def validate_batch_file(data: bytes, endpoint: str) -> tuple[list[dict], list[di
     elif len(lines) > MAX_BATCH_LINES:
         error("too_many_tasks", f"The batch input file has more than {MAX_BATCH_LINES} requests.", None)
     return lines, errors
-
-
 
 
 @web.middleware

@@ -39,8 +39,9 @@ QUEUE_ORDER_SLACK = timedelta(seconds=30)
 
 
 def _enqueue(job_id: int, slices: int, gen: int, enqueued_at) -> None:
-    async_task("jobs.tasks.run_slice", job_id, slices, gen, enqueued_at, task_name=f"job-{job_id}-slice",
-               group=f"job-{job_id}")  # fmt: skip
+    async_task(
+        "jobs.tasks.run_slice", job_id, slices, gen, enqueued_at, task_name=f"job-{job_id}-slice", group=f"job-{job_id}"
+    )
 
 
 def start_job(job_id: int, replacing: int | None = None) -> bool:
@@ -86,9 +87,9 @@ def sweep() -> dict:
     restarted = [job_id for job_id, gen in _orphans(timezone.now()) if start_job(job_id, replacing=gen)]
     finished = [
         job_id
-        for job_id in Job.objects.filter(status__in=[Job.RUNNING, Job.CANCELLING], n_pending=0, n_running=0).values_list(
-            "pk", flat=True
-        )
+        for job_id in Job.objects.filter(
+            status__in=[Job.RUNNING, Job.CANCELLING], n_pending=0, n_running=0
+        ).values_list("pk", flat=True)
         if runner.finalize_if_done(job_id)
     ]
     if expired or restarted or finished:

@@ -72,7 +72,9 @@ def person_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
         messages.error(request, "You cannot switch off or demote your own account.")
     elif action == "deactivate":
         User.objects.filter(pk=pk).update(is_active=False)
-        messages.success(request, f"{person.username} can no longer sign in; their API tokens stop working. Their jobs stay.")
+        messages.success(
+            request, f"{person.username} can no longer sign in; their API tokens stop working. Their jobs stay."
+        )
     elif action == "activate":
         User.objects.filter(pk=pk).update(is_active=True)
         messages.success(request, f"{person.username} can sign in again.")

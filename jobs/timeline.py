@@ -37,10 +37,14 @@ class Epoch(Func):
     output_field = BigIntegerField()
 
     def as_sqlite(self, compiler, connection, **extra):
-        return self.as_sql(compiler, connection, template="CAST(strftime('%%%%s', %(expressions)s) AS INTEGER)", **extra)
+        return self.as_sql(
+            compiler, connection, template="CAST(strftime('%%%%s', %(expressions)s) AS INTEGER)", **extra
+        )
 
     def as_postgresql(self, compiler, connection, **extra):
-        return self.as_sql(compiler, connection, template="CAST(EXTRACT(EPOCH FROM %(expressions)s) AS BIGINT)", **extra)
+        return self.as_sql(
+            compiler, connection, template="CAST(EXTRACT(EPOCH FROM %(expressions)s) AS BIGINT)", **extra
+        )
 
 
 def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeline:
@@ -79,10 +83,16 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
         recent_done = recent["n"] or 0
     peak = max((s + f for s, f, _ in sums), default=0) or 1
     bars = [
-        {"at": start + timedelta(seconds=i * bucket), "succeeded": succeeded, "failed": failed, "retried": retried,
-         "done": succeeded + failed, "rate": (succeeded + failed) / bucket}
+        {
+            "at": start + timedelta(seconds=i * bucket),
+            "succeeded": succeeded,
+            "failed": failed,
+            "retried": retried,
+            "done": succeeded + failed,
+            "rate": (succeeded + failed) / bucket,
+        }
         for i, (succeeded, failed, retried) in enumerate(sums)
-    ]  # fmt: skip
+    ]
     # At least 12 slots: a 30-second job gets a few bars, not three slabs across the page.
     width = place_bars(bars, "done", slots=max(n, 12))
     scale = 60 / peak
@@ -93,7 +103,9 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
         bar["fh"] = round(failed_h, 2)
         bar["sy"], bar["sh"] = round(bar["y"] + failed_h, 2), round(max(bar["h"] - failed_h, 0), 2)
         bar["ry"] = round(64 - min(scale * bar["retried"], 62), 2)
-    retried = " ".join(f"{bar['x'] + width / 2:g},{bar['ry']:g}" for bar in bars) if any(b["retried"] for b in bars) else ""
+    retried = (
+        " ".join(f"{bar['x'] + width / 2:g},{bar['ry']:g}" for bar in bars) if any(b["retried"] for b in bars) else ""
+    )
     # Over the last minute, or over the run so far while it is younger than that: 12 done in its first
     # 3 s is 4/s, not 0.2/s (and an ETA 20 times too long).
     window = RECENT
@@ -102,8 +114,17 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
     rate = recent_done / window if active else 0.0
     remaining = job.n_pending + job.n_running
     eta = remaining / rate if rate > 0 and remaining and job.status in (Job.RUNNING, Job.QUEUED) else None
-    return Timeline(bars=bars, bucket_seconds=bucket, bar_width=width, peak_rate=peak / bucket,
-                    start=start, end=end, rate=rate, eta=eta, retried_points=retried)  # fmt: skip
+    return Timeline(
+        bars=bars,
+        bucket_seconds=bucket,
+        bar_width=width,
+        peak_rate=peak / bucket,
+        start=start,
+        end=end,
+        rate=rate,
+        eta=eta,
+        retried_points=retried,
+    )
 
 
 def place_bars(bars: list[dict], key: str, slots: int) -> float:

@@ -42,7 +42,7 @@ def seed_cache() -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoding(name: str):
     seed_cache()
     import tiktoken

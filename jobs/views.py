@@ -13,10 +13,10 @@ from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate, TruncMonth
-from django.utils import timezone
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
+from django.utils import timezone
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
@@ -33,7 +33,6 @@ DOWNLOADS = {
 }
 JOBS_PER_PAGE = 25
 ITEMS_PER_PAGE = 50
-
 
 
 def staff_required(view):
@@ -149,8 +148,12 @@ def job_new(request: HttpRequest) -> HttpResponse:
 
 def _csv_header(path: Path) -> list[str]:
     """The column names, read the way validation reads them (a tiny template with no placeholders)."""
-    plan = ingest.validate(path, format=Job.CSV, template=ingest.Template(model="x", user_prompt="x"),
-                           limits=ingest.Limits(max_lines=2, max_line_bytes=10**7, max_file_bytes=10**12))  # fmt: skip
+    plan = ingest.validate(
+        path,
+        format=Job.CSV,
+        template=ingest.Template(model="x", user_prompt="x"),
+        limits=ingest.Limits(max_lines=2, max_line_bytes=10**7, max_file_bytes=10**12),
+    )
     return plan.columns
 
 
@@ -226,8 +229,12 @@ def _error_groups(job: Job) -> list[dict]:
     failed = job.items.filter(status__in=[Item.FAILED, Item.EXPIRED])
     kinds = failed.values("error_code", "http_status").annotate(n=Count("id")).order_by("-n")[:8]
     return [
-        {**kind, "example": failed.filter(error_code=kind["error_code"], http_status=kind["http_status"])
-         .only("id", "custom_id", "error_message").first()}  # fmt: skip
+        {
+            **kind,
+            "example": failed.filter(error_code=kind["error_code"], http_status=kind["http_status"])
+            .only("id", "custom_id", "error_message")
+            .first(),
+        }
         for kind in kinds
     ]
 
@@ -237,8 +244,20 @@ def _error_groups(job: Job) -> list[dict]:
 # (the chart's bars are 10-second ticks); a status change or a new failure draws them again at once, and
 # the counts above them are always fresh.
 CHART_REUSE_SECONDS = 5
-POLL_UNUSED = ["template", "columns", "metadata", "source_file", "source_name", "slice_gen", "slice_enqueued_at",
-               "slice_picked_at", "owner__password", "owner__email", "owner__first_name", "owner__last_name"]  # fmt: skip
+POLL_UNUSED = [
+    "template",
+    "columns",
+    "metadata",
+    "source_file",
+    "source_name",
+    "slice_gen",
+    "slice_enqueued_at",
+    "slice_picked_at",
+    "owner__password",
+    "owner__email",
+    "owner__first_name",
+    "owner__last_name",
+]
 _reused: dict = {}
 
 
@@ -248,8 +267,10 @@ def _poll_job(pk: int) -> Job:
     q = connection.ops.quote_name
     user_model = Job._meta.get_field("owner").related_model
     columns = ", ".join(f"j.{q(f.column)}" for f in Job._meta.concrete_fields if f.name not in POLL_UNUSED)
-    sql = (f"SELECT {columns}, u.{q(user_model.USERNAME_FIELD)} AS owner_name FROM {q(Job._meta.db_table)} j "
-           f"JOIN {q(user_model._meta.db_table)} u ON u.{q(user_model._meta.pk.column)} = j.{q('owner_id')} WHERE j.id = %s")  # fmt: skip
+    sql = (
+        f"SELECT {columns}, u.{q(user_model.USERNAME_FIELD)} AS owner_name FROM {q(Job._meta.db_table)} j "
+        f"JOIN {q(user_model._meta.db_table)} u ON u.{q(user_model._meta.pk.column)} = j.{q('owner_id')} WHERE j.id = %s"
+    )
     job = next(iter(Job.objects.raw(sql, [pk])), None)
     if job is None:
         raise Http404("No such job.")
@@ -356,8 +377,19 @@ def download(request: HttpRequest, pk: int, kind: str) -> StreamingHttpResponse:
 @login_required
 def item_list(request: HttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk)
-    items = job.items.only("id", "job_id", "line", "custom_id", "status", "attempts", "http_status", "error_message", "latency_ms",
-                           "prompt_tokens", "completion_tokens").order_by("line")  # fmt: skip
+    items = job.items.only(
+        "id",
+        "job_id",
+        "line",
+        "custom_id",
+        "status",
+        "attempts",
+        "http_status",
+        "error_message",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+    ).order_by("line")
     status = request.GET.get("status", "")
     q = request.GET.get("q", "").strip()
     if status in Item.STATUSES:
@@ -486,7 +518,10 @@ def usage(request: HttpRequest) -> HttpResponse:
         "days": _last_days(sums),  # {"bars", "bar_width"}
         "by_user": Job.objects.values("owner__username").annotate(**sums).order_by("-cost", "owner__username"),
         "by_model": Job.objects.values("model").annotate(**sums).order_by("-cost", "model"),
-        "by_month": Job.objects.annotate(month=TruncMonth("created_at")).values("month").annotate(**sums).order_by("-month"),
+        "by_month": Job.objects.annotate(month=TruncMonth("created_at"))
+        .values("month")
+        .annotate(**sums)
+        .order_by("-month"),
         "total": Job.objects.aggregate(**sums),
     }
     return render(request, "jobs/usage.html", context)
@@ -496,8 +531,13 @@ def _last_days(sums: dict, n: int = 30) -> dict:
     """Tokens and cost per day over the last `n` days as chart bars (days without jobs included);
     no bars when there were no tokens at all."""
     since = timezone.localdate() - timedelta(days=n - 1)
-    rows = (Job.objects.filter(created_at__date__gte=since).annotate(day=TruncDate("created_at"))
-            .values("day").annotate(**sums).order_by("day"))  # fmt: skip
+    rows = (
+        Job.objects.filter(created_at__date__gte=since)
+        .annotate(day=TruncDate("created_at"))
+        .values("day")
+        .annotate(**sums)
+        .order_by("day")
+    )
     by_day = {r["day"]: r for r in rows}
     days = [by_day.get(since + timedelta(days=i), {"day": since + timedelta(days=i)}) for i in range(n)]
     for d in days:

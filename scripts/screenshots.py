@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +43,10 @@ def write_input(path: Path, n: int) -> Path:
                 ],
                 "max_tokens": 20,
             }
-            f.write(json.dumps({"custom_id": f"review-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+            f.write(
+                json.dumps({"custom_id": f"review-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+                + "\n"
+            )
     return path
 
 
@@ -77,7 +79,9 @@ def main() -> None:
         started.append(Cluster(data_dir, BATCHSITE_LEASE_SECONDS="120", BATCHSITE_SLICE_SECONDS="60"))
         web = WebServer(data_dir)
         started.append(web)
-        plan = ingest.validate(write_input(data_dir / "reviews.jsonl", args.items), format=Job.JSONL, source_name="reviews.jsonl")
+        plan = ingest.validate(
+            write_input(data_dir / "reviews.jsonl", args.items), format=Job.JSONL, source_name="reviews.jsonl"
+        )
         job = ingest.create_job(plan, owner=User.objects.get(), name="Review sentiment", endpoint=endpoint)
         job.start()
         with sync_playwright() as p:

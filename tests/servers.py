@@ -91,7 +91,9 @@ class Simulator(Process):
 
     def _call(self, path: str, payload=None):
         data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method="POST" if data else "GET")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method="POST" if data else "GET"
+        )
         request.add_header("content-type", "application/json")
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
@@ -152,7 +154,9 @@ class WebServer(Process):
             **database_env(),
             **env,
         }
-        super().__init__(gunicorn_args(f"127.0.0.1:{self.port}", workers=2), tmp / "web.out", env, program=["-m", "gunicorn"])
+        super().__init__(
+            gunicorn_args(f"127.0.0.1:{self.port}", workers=2), tmp / "web.out", env, program=["-m", "gunicorn"]
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
         wait_until(self._up, 30, message="the web server")

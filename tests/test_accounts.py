@@ -30,12 +30,20 @@ def test_wrong_password_is_refused_with_a_message(client, owner):
 
 def test_password_change(client, owner):
     client.force_login(owner)
-    response = client.post("/account/password/", {"old_password": "owner-pass-123", "new_password1": "a-new-long-pass-42",
-                                                  "new_password2": "a-new-long-pass-42"})  # fmt: skip
+    response = client.post(
+        "/account/password/",
+        {
+            "old_password": "owner-pass-123",
+            "new_password1": "a-new-long-pass-42",
+            "new_password2": "a-new-long-pass-42",
+        },
+    )
     assert response.status_code == 302
     owner.refresh_from_db()
     assert owner.check_password("a-new-long-pass-42")
-    page = client.post("/account/password/", {"old_password": "wrong", "new_password1": "x", "new_password2": "y"}).content.decode()
+    page = client.post(
+        "/account/password/", {"old_password": "wrong", "new_password1": "x", "new_password2": "y"}
+    ).content.decode()
     assert "incorrectly" in page
 
 
@@ -105,7 +113,14 @@ def test_members_cannot_manage_the_team(client, owner, teammate):
 def test_password_change_shows_the_rules_then_confirms(client, owner):
     client.force_login(owner)
     assert "at least 8 characters" in client.get("/account/password/").content.decode()
-    response = client.post("/account/password/", {"old_password": "owner-pass-123", "new_password1": "a-new-long-pass-42",
-                                                  "new_password2": "a-new-long-pass-42"}, follow=True)  # fmt: skip
+    response = client.post(
+        "/account/password/",
+        {
+            "old_password": "owner-pass-123",
+            "new_password1": "a-new-long-pass-42",
+            "new_password2": "a-new-long-pass-42",
+        },
+        follow=True,
+    )
     assert "Your password was changed." in response.content.decode()
     assert response.wsgi_request.user.is_authenticated  # the session survives the change

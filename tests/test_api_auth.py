@@ -32,7 +32,9 @@ def test_missing_token_gets_openai_401(client, url):
 
 def test_wrong_token_gets_invalid_api_key(client, owner):
     api_headers(owner)
-    error = assert_openai_error(client.get("/v1/batches", headers={"Authorization": "Bearer bs-nope-1234567890"}), 401, "invalid_api_key")
+    error = assert_openai_error(
+        client.get("/v1/batches", headers={"Authorization": "Bearer bs-nope-1234567890"}), 401, "invalid_api_key"
+    )
     assert "bs-nope-1234567890" not in error["message"]  # masked, as OpenAI does
     assert_openai_error(client.get("/v1/batches", headers={"Authorization": "Basic dXNlcjpwYXNz"}), 401)
 
@@ -59,7 +61,9 @@ def test_token_is_stored_hashed_and_records_last_use(client, owner):
     token, plaintext = ApiToken.create_for(owner, "ci")
     assert plaintext.startswith("bs-") and len(plaintext) > 40
     assert token.token_hash == hashlib.sha256(plaintext.encode()).hexdigest()
-    assert token.prefix == plaintext[:10] and plaintext not in str(ApiToken.objects.filter(pk=token.pk).values().first())
+    assert token.prefix == plaintext[:10] and plaintext not in str(
+        ApiToken.objects.filter(pk=token.pk).values().first()
+    )
     assert token.last_used_at is None
     client.get("/v1/batches", headers={"Authorization": f"Bearer {plaintext}"})
     token.refresh_from_db()
@@ -79,9 +83,15 @@ def test_unknown_path_is_openai_404_json(client, owner):
 
 @pytest.mark.parametrize(
     "method, url",
-    [("delete", "/v1/batches"), ("put", "/v1/files"), ("delete", "/v1/batches/batch_1"), ("get", "/v1/batches/batch_1/cancel"),
-     ("post", "/v1/files/file-1/content"), ("post", "/v1/files/file-1")],
-)  # fmt: skip
+    [
+        ("delete", "/v1/batches"),
+        ("put", "/v1/files"),
+        ("delete", "/v1/batches/batch_1"),
+        ("get", "/v1/batches/batch_1/cancel"),
+        ("post", "/v1/files/file-1/content"),
+        ("post", "/v1/files/file-1"),
+    ],
+)
 def test_wrong_method_is_openai_405(client, owner, method, url):
     response = getattr(client, method)(url, headers=api_headers(owner))
     assert_openai_error(response, 405, "method_not_allowed")
@@ -99,7 +109,7 @@ def test_tokens_page_shows_a_new_token_once_then_revokes_it(client, owner):
     assert response.status_code == 200 and response["Cache-Control"] == "no-store"
     page = response.content.decode()
     token = ApiToken.objects.get(user=owner)
-    plaintext = page.split("<pre class=\"code\" data-token>")[1].split("</pre>")[0]
+    plaintext = page.split('<pre class="code" data-token>')[1].split("</pre>")[0]
     assert plaintext.startswith("bs-") and ApiToken.digest(plaintext) == token.token_hash
     assert "eval &lt;script&gt;" in page and "http://testserver/v1" in page
     assert client.get("/v1/batches", headers={"Authorization": f"Bearer {plaintext}"}).status_code == 200
@@ -150,8 +160,9 @@ def test_create_api_token_command(django_user_model, client):
 
 def test_oversized_body_is_a_400_in_openai_shape(client, owner, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
-    response = client.post("/v1/batches", {"metadata": {"x": "y" * 2000}}, content_type="application/json",
-                           headers=api_headers(owner))  # fmt: skip
+    response = client.post(
+        "/v1/batches", {"metadata": {"x": "y" * 2000}}, content_type="application/json", headers=api_headers(owner)
+    )
     assert_openai_error(response, 400)
 
 

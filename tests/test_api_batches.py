@@ -39,7 +39,9 @@ def jsonl(lines) -> bytes:
 
 
 def upload(client, headers, content: bytes) -> str:
-    response = client.post("/v1/files", {"file": SimpleUploadedFile("in.jsonl", content), "purpose": "batch"}, headers=headers)
+    response = client.post(
+        "/v1/files", {"file": SimpleUploadedFile("in.jsonl", content), "purpose": "batch"}, headers=headers
+    )
     assert response.status_code == 200, response.content
     return response.json()["id"]
 
@@ -50,26 +52,44 @@ def create(client, headers, file_id, **fields):
 
 
 def good_batch(client, headers, n=3, **fields) -> dict:
-    response = create(client, headers, upload(client, headers, jsonl([chat_line(f"req-{i}", f"Q{i}") for i in range(n)])), **fields)
+    response = create(
+        client, headers, upload(client, headers, jsonl([chat_line(f"req-{i}", f"Q{i}") for i in range(n)])), **fields
+    )
     assert response.status_code == 200, response.content
     return response.json()
 
 
 def answer(text: str) -> str:
-    return json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})  # fmt: skip
+    return json.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        }
+    )
 
 
 def run_to_the_end(job: Job, failed=()) -> Job:
     """What the engine would leave behind: every item answered (or failed with a 400), the job completed."""
     for item in job.items.all():
         if item.custom_id in failed:
-            Item.objects.filter(pk=item.pk).update(status=Item.FAILED, http_status=400, error_code="http_400",
-                                                   response='{"error":{"message":"bad","type":"invalid_request_error"}}')  # fmt: skip
+            Item.objects.filter(pk=item.pk).update(
+                status=Item.FAILED,
+                http_status=400,
+                error_code="http_400",
+                response='{"error":{"message":"bad","type":"invalid_request_error"}}',
+            )
         else:
-            Item.objects.filter(pk=item.pk).update(status=Item.SUCCEEDED, http_status=200, response=answer(f"A {item.custom_id}"),
-                                                   prompt_tokens=5, completion_tokens=2)  # fmt: skip
+            Item.objects.filter(pk=item.pk).update(
+                status=Item.SUCCEEDED,
+                http_status=200,
+                response=answer(f"A {item.custom_id}"),
+                prompt_tokens=5,
+                completion_tokens=2,
+            )
     job.recount()
     now = timezone.now()
     Job.objects.filter(pk=job.pk).update(status=Job.COMPLETED, started_at=now - timedelta(seconds=5), finished_at=now)
@@ -88,9 +108,19 @@ def test_create_makes_a_job_of_the_tokens_user_and_an_openai_batch(client, owner
     assert batch["output_file_id"] is None and batch["error_file_id"] is None and batch["errors"] is None
     assert batch["metadata"] == {"description": "nightly eval", "team": "search"}
     job = Job.objects.get()
-    assert (job.owner, job.endpoint, job.name, job.total, job.status) == (owner, endpoint, "nightly eval", 3, Job.QUEUED)
-    assert batch["batchsite"] == {"job_id": job.pk, "status": "queued", "status_reason": "",
-                                  "url": f"http://testserver/jobs/{job.pk}/"}  # fmt: skip
+    assert (job.owner, job.endpoint, job.name, job.total, job.status) == (
+        owner,
+        endpoint,
+        "nightly eval",
+        3,
+        Job.QUEUED,
+    )
+    assert batch["batchsite"] == {
+        "job_id": job.pk,
+        "status": "queued",
+        "status_reason": "",
+        "url": f"http://testserver/jobs/{job.pk}/",
+    }
     assert job.batch.public_id == batch["id"] and job.batch.input_file.public_id == batch["input_file_id"]
     assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json() == batch
 
@@ -99,12 +129,18 @@ def test_metadata_picks_an_endpoint_by_name(client, headers, endpoint):
     other = Endpoint.objects.create(name="vllm", base_url="http://127.0.0.1:10/v1")
     good_batch(client, headers, metadata={"batchsite_endpoint": other.name})
     assert Job.objects.get().endpoint == other
-    response = create(client, headers, upload(client, headers, jsonl([chat_line("a")])), metadata={"batchsite_endpoint": "nope"})
+    response = create(
+        client, headers, upload(client, headers, jsonl([chat_line("a")])), metadata={"batchsite_endpoint": "nope"}
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "metadata.batchsite_endpoint"
 
 
 def test_invalid_file_gives_a_failed_batch_with_line_numbers(client, owner, headers, endpoint):
-    lines = jsonl([chat_line("a")]) + b'{"custom_id": "b",\n' + jsonl([chat_line("a"), {**chat_line("c"), "url": "/v1/embeddings"}])
+    lines = (
+        jsonl([chat_line("a")])
+        + b'{"custom_id": "b",\n'
+        + jsonl([chat_line("a"), {**chat_line("c"), "url": "/v1/embeddings"}])
+    )
     response = create(client, headers, upload(client, headers, lines))
     assert response.status_code == 200
     batch = response.json()
@@ -112,7 +148,11 @@ def test_invalid_file_gives_a_failed_batch_with_line_numbers(client, owner, head
     assert batch["status"] == "failed" and batch["failed_at"] and batch["in_progress_at"] is None
     errors = batch["errors"]
     assert errors["object"] == "list"
-    assert [(e["line"], e["code"]) for e in errors["data"]] == [(2, "invalid_json_line"), (3, "duplicate_custom_id"), (4, "mismatched_url")]
+    assert [(e["line"], e["code"]) for e in errors["data"]] == [
+        (2, "invalid_json_line"),
+        (3, "duplicate_custom_id"),
+        (4, "mismatched_url"),
+    ]
     assert all(e["message"] and "param" in e for e in errors["data"])
     assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert batch["output_file_id"] is None and batch["error_file_id"] is None
@@ -147,7 +187,12 @@ def test_empty_file_fails_without_a_line(client, headers, endpoint):
 def test_create_rejects_bad_parameters(client, headers, endpoint, fields, status, param):
     file_id = upload(client, headers, jsonl([chat_line("a")]))
     body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h", **fields}
-    response = client.post("/v1/batches", {k: v for k, v in body.items() if v is not None}, content_type="application/json", headers=headers)
+    response = client.post(
+        "/v1/batches",
+        {k: v for k, v in body.items() if v is not None},
+        content_type="application/json",
+        headers=headers,
+    )
     assert response.status_code == status, response.content
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
@@ -185,8 +230,13 @@ def test_status_follows_the_job(client, headers, endpoint):
     assert done["status"] == "completed"
     assert done["completed_at"] == done["finalizing_at"] == int(job.finished_at.timestamp())
     assert done["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
-    assert done["usage"] == {"input_tokens": 15, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 6,
-                             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 21}  # fmt: skip
+    assert done["usage"] == {
+        "input_tokens": 15,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 6,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 21,
+    }
     assert client.get(url, headers=headers).json()["output_file_id"] == done["output_file_id"]  # stable
 
     output = client.get(f"/v1/files/{done['output_file_id']}", headers=headers).json()
@@ -232,7 +282,9 @@ def test_cancel_a_queued_batch(client, headers, endpoint):
     assert cancelled["output_file_id"] is None
     errors = b"".join(client.get(f"/v1/files/{cancelled['error_file_id']}/content", headers=headers).streaming_content)
     assert {json.loads(line)["error"]["code"] for line in errors.splitlines()} == {"batch_cancelled"}
-    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=headers).json()["status"] == "cancelled"  # twice is fine
+    assert (
+        client.post(f"/v1/batches/{batch['id']}/cancel", headers=headers).json()["status"] == "cancelled"
+    )  # twice is fine
 
 
 def test_cancel_a_completed_batch_is_a_conflict_not_retried(client, headers, endpoint):
@@ -268,7 +320,9 @@ def test_list_of_finished_batches_takes_few_queries(client, headers, endpoint, d
         assert len(client.get("/v1/batches", headers=headers).json()["data"]) == 4
 
 
-def test_batches_are_private_to_their_owner_but_staff_may_act(client, owner, teammate, headers, endpoint, django_user_model):
+def test_batches_are_private_to_their_owner_but_staff_may_act(
+    client, owner, teammate, headers, endpoint, django_user_model
+):
     batch = good_batch(client, headers)
     theirs = api_headers(teammate)
     error = client.get(f"/v1/batches/{batch['id']}", headers=theirs)

@@ -54,7 +54,10 @@ def test_retrieve_list_content_and_delete(client, owner, data_dir):
     listing = client.get("/v1/files", headers=headers).json()
     assert listing["object"] == "list" and [f["id"] for f in listing["data"]] == [second["id"], first["id"]]
     assert listing["has_more"] is False and listing["first_id"] == second["id"] and listing["last_id"] == first["id"]
-    assert [f["id"] for f in client.get("/v1/files?order=asc", headers=headers).json()["data"]] == [first["id"], second["id"]]
+    assert [f["id"] for f in client.get("/v1/files?order=asc", headers=headers).json()["data"]] == [
+        first["id"],
+        second["id"],
+    ]
     page = client.get("/v1/files?limit=1", headers=headers).json()
     assert [f["id"] for f in page["data"]] == [second["id"]] and page["has_more"] is True
     page = client.get(f"/v1/files?limit=1&after={second['id']}", headers=headers).json()
@@ -141,9 +144,14 @@ def test_expires_after_sets_expires_at_and_bad_values_are_refused(client, owner,
     settings.BATCHSITE_FILE_EXPIRY_DAYS = 0
     assert upload(client, headers).json()["expires_at"] is None
 
-    for anchor, seconds, param in [("created_at", "3599", "seconds"), ("created_at", "2592001", "seconds"),
-                                   ("created_at", "soon", "seconds"), ("last_active_at", "3600", "anchor"),
-                                   (None, "3600", "anchor"), ("created_at", None, "seconds")]:  # fmt: skip
+    for anchor, seconds, param in [
+        ("created_at", "3599", "seconds"),
+        ("created_at", "2592001", "seconds"),
+        ("created_at", "soon", "seconds"),
+        ("last_active_at", "3600", "anchor"),
+        (None, "3600", "anchor"),
+        ("created_at", None, "seconds"),
+    ]:
         bad = {"purpose": "batch", "expires_after[anchor]": anchor, "expires_after[seconds]": seconds}
         bad = {k: v for k, v in bad.items() if v is not None}
         response = client.post("/v1/files", {**bad, "file": SimpleUploadedFile("a.jsonl", content)}, headers=headers)
@@ -156,9 +164,14 @@ def test_sdk_expires_after_reaches_the_file(owner, live_server, settings):
     """The official SDK's own encoding of expires_after, over HTTP."""
     from openai import OpenAI
 
-    sdk = OpenAI(base_url=f"{live_server.url}/v1", api_key=api_headers(owner)["Authorization"].split()[1], max_retries=0)
-    obj = sdk.files.create(file=("a.jsonl", jsonl([chat_line("a")])), purpose="batch",
-                           expires_after={"anchor": "created_at", "seconds": 7200})  # fmt: skip
+    sdk = OpenAI(
+        base_url=f"{live_server.url}/v1", api_key=api_headers(owner)["Authorization"].split()[1], max_retries=0
+    )
+    obj = sdk.files.create(
+        file=("a.jsonl", jsonl([chat_line("a")])),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 7200},
+    )
     assert obj.expires_at == obj.created_at + 7200
 
 

@@ -54,8 +54,12 @@ def test_sync_client_runs_a_batch_to_completion(cluster, simulator, web_server, 
     # The README's script, as a user would run it.
     client = openai.OpenAI(base_url=web.base_url, api_key=token_for(owner))
     file = client.files.create(file=open(path, "rb"), purpose="batch")
-    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                  metadata={"description": "sdk round trip"})  # fmt: skip
+    batch = client.batches.create(
+        input_file_id=file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"description": "sdk round trip"},
+    )
     assert batch.status in ("validating", "in_progress") and batch.request_counts.total == n
     seen = {batch.status}
     deadline = time.monotonic() + 60
@@ -68,7 +72,10 @@ def test_sync_client_runs_a_batch_to_completion(cluster, simulator, web_server, 
     failed = {f"req-{i}" for i in range(n) if "SIMULATE_400" in question(i)}
     assert batch.request_counts.model_dump() == {"total": n, "completed": n - len(failed), "failed": len(failed)}
     assert batch.created_at <= batch.in_progress_at <= batch.completed_at and batch.errors is None
-    assert batch.usage.input_tokens > 0 and batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
+    assert (
+        batch.usage.input_tokens > 0
+        and batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
+    )
     assert batch.metadata == {"description": "sdk round trip"} and batch.model == "gpt-4o-mini"
     assert batch.batchsite["status"] == "completed"  # our extra field, kept by the SDK
 
@@ -78,7 +85,10 @@ def test_sync_client_runs_a_batch_to_completion(cluster, simulator, web_server, 
     assert set(errors) == failed
     check_answers(output)
     for record in errors.values():
-        assert record["response"]["status_code"] == 400 and "SIMULATE_400" in record["response"]["body"]["error"]["message"]
+        assert (
+            record["response"]["status_code"] == 400
+            and "SIMULATE_400" in record["response"]["body"]["error"]["message"]
+        )
     meta = client.files.retrieve(batch.output_file_id)
     assert meta.purpose == "batch_output" and meta.bytes == len(client.files.content(batch.output_file_id).content)
     assert client.files.content(file.id).content == path.read_bytes()
@@ -99,7 +109,9 @@ def test_async_client_completes_one_batch_and_cancels_another_mid_run(cluster, s
 
         async def submit(lines):
             file = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-            return await client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+            return await client.batches.create(
+                input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
 
         async def wait(batch, until):
             deadline = time.monotonic() + 60
@@ -155,7 +167,9 @@ def test_sdk_sees_failed_validation_lists_pages_and_token_errors(web_server, own
     token = token_for(owner)
     client = openai.OpenAI(base_url=web.base_url, api_key=token, max_retries=0)
 
-    bad = client.files.create(file=("bad.jsonl", jsonl([chat_line("a")]) + b"not json\n" + jsonl([chat_line("a")])), purpose="batch")
+    bad = client.files.create(
+        file=("bad.jsonl", jsonl([chat_line("a")]) + b"not json\n" + jsonl([chat_line("a")])), purpose="batch"
+    )
     failed = client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
     failed = client.batches.retrieve(failed.id)
     assert failed.status == "failed" and failed.failed_at

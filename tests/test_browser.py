@@ -14,7 +14,13 @@ from tests.conftest import chat_line, make_endpoint, make_job, seed_prices
 # Playwright's sync API runs an event loop in this thread; the ORM calls in these tests are ours.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (make test installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(
+        not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium (make test installs it)"
+    ),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -25,7 +31,13 @@ def browser_type_launch_args(browser_type_launch_args):
     return {
         **browser_type_launch_args,
         "executable_path": "/usr/bin/chromium",
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        "args": [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
     }
 
 
@@ -37,9 +49,13 @@ def browser_context_args(browser_context_args):
 def watch_csp(context, seen: list) -> None:
     """Collect every Content Security Policy violation in `context`'s pages: Chromium's console message and
     the page's own securitypolicyviolation event (the init script runs outside the page's policy)."""
-    context.on("console", lambda message: seen.append(message.text) if "Content Security Policy" in message.text else None)
-    context.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
-                            "console.error(`Content Security Policy violation: ${e.violatedDirective} ${e.blockedURI}`))")  # fmt: skip
+    context.on(
+        "console", lambda message: seen.append(message.text) if "Content Security Policy" in message.text else None
+    )
+    context.add_init_script(
+        "document.addEventListener('securitypolicyviolation', (e) => "
+        "console.error(`Content Security Policy violation: ${e.violatedDirective} ${e.blockedURI}`))"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +139,10 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     with page.expect_download() as download:
         page.click("text=Results JSONL")
     lines = Path(download.value.path()).read_text().splitlines()
-    answers = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]["choices"][0]["message"]["content"] for line in lines}
+    answers = {
+        json.loads(line)["custom_id"]: json.loads(line)["response"]["body"]["choices"][0]["message"]["content"]
+        for line in lines
+    }
     assert answers == {f"q{i}": f"Echo: Question number {i}" for i in range(400) if i % 50 != 7}
     errors = page.locator("table.errors-by-kind tbody tr").all_inner_texts()
     assert len(errors) == 1 and errors[0].startswith("HTTP 400") and "\t8\t" in errors[0]
@@ -149,7 +168,9 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     page.wait_for_selector("text=All 2 requests are valid")
     assert "Loved it, truly" in page.locator("pre.code").first.inner_text()
     estimate = page.locator("#check dl.counts").inner_text()
-    assert re.search(r"Input tokens \(est\.\)\s+\d+", estimate) and re.search(r"Input cost \(est\.\)\s+\$0\.\d{4}", estimate)
+    assert re.search(r"Input tokens \(est\.\)\s+\d+", estimate) and re.search(
+        r"Input cost \(est\.\)\s+\$0\.\d{4}", estimate
+    )
     shot(page, "review-csv")
     page.click("button[value=launch]")
     page.wait_for_selector("#progress [data-status=completed]", timeout=60_000)
@@ -157,10 +178,12 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
         page.click("text=CSV (your rows + answers)")
     text = Path(download.value.path()).read_text()
     assert text.splitlines()[0].startswith("review_id,review,output,sentiment,confidence")
-    assert "r1,\"Loved it, truly\"" in text
+    assert 'r1,"Loved it, truly"' in text
 
 
-def test_cancel_a_running_job_and_teammate_cannot(page, live_server, users, cluster, simulator, write, browser, csp_violations):
+def test_cancel_a_running_job_and_teammate_cannot(
+    page, live_server, users, cluster, simulator, write, browser, csp_violations
+):
     owner, teammate = users
     sim = simulator("--latency-ms", "300")
     endpoint = make_endpoint(sim.base_url, concurrency=4)
@@ -197,8 +220,13 @@ def test_xss_in_a_model_answer_is_shown_as_text(page, live_server, users, write)
     owner, _ = users
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
     payload = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-    body = {"choices": [{"message": {"role": "assistant", "content": payload}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
-    Item.objects.filter(job=job).update(status=Item.SUCCEEDED, http_status=200, response=json.dumps(body), custom_id=payload)
+    body = {
+        "choices": [{"message": {"role": "assistant", "content": payload}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+    }
+    Item.objects.filter(job=job).update(
+        status=Item.SUCCEEDED, http_status=200, response=json.dumps(body), custom_id=payload
+    )
     item = job.items.get()
     sign_in(page, live_server, "alice", "alice-pass-123")
     for url in (f"/jobs/{job.pk}/items/{item.pk}/", f"/jobs/{job.pk}/items/"):
@@ -212,18 +240,32 @@ def test_pages_fit_a_narrow_window(page, live_server, users, write, django_user_
     django_user_model.objects.filter(pk=owner.pk).update(is_staff=True)
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 30, start=False)
     sign_in(page, live_server, "alice", "alice-pass-123")
-    Endpoint.objects.create(name="Azure, team deployment for the nightly batches", rpm=10_000_000, tpm=150_000_000,
-                            base_url="https://my-resource-name.openai.azure.com/openai/deployments/gpt-4o-mini-batch/v1")  # fmt: skip
+    Endpoint.objects.create(
+        name="Azure, team deployment for the nightly batches",
+        rpm=10_000_000,
+        tpm=150_000_000,
+        base_url="https://my-resource-name.openai.azure.com/openai/deployments/gpt-4o-mini-batch/v1",
+    )
     for width in (700, 900, 1100):
         page.set_viewport_size({"width": width, "height": 900})
-        for url in ("/", f"/jobs/{job.pk}/", f"/jobs/{job.pk}/items/", "/usage/", "/endpoints/", "/team/", "/account/tokens/"):
+        for url in (
+            "/",
+            f"/jobs/{job.pk}/",
+            f"/jobs/{job.pk}/items/",
+            "/usage/",
+            "/endpoints/",
+            "/team/",
+            "/account/tokens/",
+        ):
             page.goto(live_server.url + url)
             # Wide tables scroll inside their box; the page itself never scrolls sideways.
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), (width, url)
     shot(page, "narrow-tokens")
 
 
-def test_csp_stops_injected_inline_script_and_the_admin_keeps_working(page, live_server, users, django_user_model, csp_violations):
+def test_csp_stops_injected_inline_script_and_the_admin_keeps_working(
+    page, live_server, users, django_user_model, csp_violations
+):
     django_user_model.objects.create_superuser("root", password="root-pass-123")
     make_endpoint("http://127.0.0.1:9/v1")
     sign_in(page, live_server, "root", "root-pass-123")
@@ -235,7 +277,13 @@ def test_csp_stops_injected_inline_script_and_the_admin_keeps_working(page, live
     assert page.evaluate("window.__ran") is None
     assert any("inline" in text or "script-src" in text for text in csp_violations), csp_violations
     csp_violations.clear()  # the rest must run without any violation
-    for url in ("/admin/", "/admin/jobs/job/", "/admin/jobs/endpoint/1/change/", "/admin/auth/user/add/", "/admin/axes/accessattempt/"):
+    for url in (
+        "/admin/",
+        "/admin/jobs/job/",
+        "/admin/jobs/endpoint/1/change/",
+        "/admin/auth/user/add/",
+        "/admin/axes/accessattempt/",
+    ):
         page.goto(live_server.url + url)
         assert page.locator("#content").count() == 1, url
     page.goto(f"{live_server.url}/?scope=all")

@@ -226,8 +226,10 @@ def test_token_limit_reaches_90_percent_with_few_429s(cluster, simulator, write,
     limited = sum(r["status"] == 429 for r in requests)
     assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"
     # What the server charged each answered request: its prompt tokens and the max_tokens it asked for.
-    charged = {f"Question {custom_id.removeprefix('req-')}": prompt + max_tokens
-               for custom_id, prompt in job.items.values_list("custom_id", "prompt_tokens")}  # fmt: skip
+    charged = {
+        f"Question {custom_id.removeprefix('req-')}": prompt + max_tokens
+        for custom_id, prompt in job.items.values_list("custom_id", "prompt_tokens")
+    }
     answered = [r for r in requests if r["status"] == 200]
     rate = steady_rate([r["t"] for r in answered], [charged[r["marker"]] for r in answered])
     print(f"TPM test: {rate / tpm:.1%} of the limit, {limited} 429s in {len(requests)}")

@@ -156,7 +156,9 @@ def test_the_csvs_exercise_bom_delimiters_and_quoting():
     plan = ingest.validate(EXAMPLES / "translate_snippets.csv", format=Job.CSV, template=template)
     assert plan.columns == ["id", "target_language", "text"]
 
-    cells = [cell for name in NAMES for _, t in [load_template(name)] for row in csv_rows(name, t) for cell in row.values()]
+    cells = [
+        cell for name in NAMES for _, t in [load_template(name)] for row in csv_rows(name, t) for cell in row.values()
+    ]
     assert any('"' in c for c in cells)
     assert any("," in c for c in cells)
     assert any(";" in row["text"] for row in csv_rows("translate_snippets", template))  # quoted delimiter

@@ -24,7 +24,11 @@ def chat_response(text: str, prompt_tokens: int = 9) -> str:
             "created": 1_700_000_000,
             "model": "gpt-4o-mini-2024-07-18",
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "finish_reason": "stop",
+                }
             ],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3},
         },
@@ -57,32 +61,45 @@ OPENAI_INPUT = (
 )
 
 # Bodies as OpenAI sends them: pretty-printed, answers with two spaces, errors with four.
-OPENAI_ANSWER = json.dumps(
-    {
-        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
-        "object": "chat.completion",
-        "created": 1741570283,
-        "model": "gpt-3.5-turbo-0125",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Hello! How can I assist you today?", "refusal": None, "annotations": []},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": 19,
-            "completion_tokens": 10,
-            "total_tokens": 29,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+OPENAI_ANSWER = (
+    json.dumps(
+        {
+            "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+            "object": "chat.completion",
+            "created": 1741570283,
+            "model": "gpt-3.5-turbo-0125",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "Hello! How can I assist you today?",
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 19,
+                "completion_tokens": 10,
+                "total_tokens": 29,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            },
+            "service_tier": "default",
+            "system_fingerprint": None,
         },
-        "service_tier": "default",
-        "system_fingerprint": None,
-    },
-    indent=2,
-) + "\n"
+        indent=2,
+    )
+    + "\n"
+)
 OPENAI_ERROR = """{
     "error": {
         "message": "Sorry! We've encountered an issue with repetitive patterns in your prompt. Please try again with a different prompt.",
@@ -120,7 +137,15 @@ def test_openai_file_round_trips_to_openai_output_and_error_files(write, owner):
 
     finish(job, "request-1", Item.SUCCEEDED, http_status=200, request_id="req_83a7c6f5a9b2", response=OPENAI_ANSWER)
     error_fields = {"error_code": "invalid_prompt", "error_message": json.loads(OPENAI_ERROR)["error"]["message"]}
-    finish(job, "request-2", Item.FAILED, http_status=400, request_id="req_4b1f0e2d7c9a", response=OPENAI_ERROR, **error_fields)
+    finish(
+        job,
+        "request-2",
+        Item.FAILED,
+        http_status=400,
+        request_id="req_4b1f0e2d7c9a",
+        response=OPENAI_ERROR,
+        **error_fields,
+    )
 
     [result] = records(read(export.results_jsonl(job)))
     assert_openai_output_line(result)
@@ -148,7 +173,13 @@ def test_stored_bodies_of_any_layout_export_as_one_line_each(job):
     answer = json.loads(chat_response("Fine"))
     finish(job, "req-0", Item.SUCCEEDED, http_status=200, response=json.dumps(answer, indent=4))
     finish(job, "req-1", Item.SUCCEEDED, http_status=200, response="\r\n " + json.dumps(answer) + "\r\n")
-    finish(job, "req-2", Item.FAILED, http_status=429, response='\n  {"error": {"message": "Slow down",\n "type": "requests"}}')
+    finish(
+        job,
+        "req-2",
+        Item.FAILED,
+        http_status=429,
+        response='\n  {"error": {"message": "Slow down",\n "type": "requests"}}',
+    )
     finish(job, "req-3", Item.FAILED, http_status=500, response="Internal\nServer Error\n")
     results = records(read(export.results_jsonl(job)))
     assert [r["response"]["body"] for r in results] == [answer, answer]
@@ -161,7 +192,14 @@ def test_stored_bodies_of_any_layout_export_as_one_line_each(job):
 
 def test_output_file_matches_openai_schema_in_input_order(job):
     for i in (4, 0, 2):  # finish out of order
-        finish(job, f"req-{i}", Item.SUCCEEDED, http_status=200, request_id=f"req_abc{i}", response=chat_response(f"Answer {i} — ✓"))
+        finish(
+            job,
+            f"req-{i}",
+            Item.SUCCEEDED,
+            http_status=200,
+            request_id=f"req_abc{i}",
+            response=chat_response(f"Answer {i} — ✓"),
+        )
     lines = read(export.results_jsonl(job)).splitlines()
     assert len(lines) == 3
     outputs = [json.loads(line) for line in lines]
@@ -177,8 +215,18 @@ def test_output_file_matches_openai_schema_in_input_order(job):
 
 
 def test_error_file_holds_http_errors_and_requests_that_never_ran(job):
-    error_body = json.dumps({"error": {"message": "Invalid 'messages'", "type": "invalid_request_error", "param": "messages", "code": None}})
-    finish(job, "req-1", Item.FAILED, http_status=400, response=error_body, request_id="req_x", error_message="Invalid 'messages'")
+    error_body = json.dumps(
+        {"error": {"message": "Invalid 'messages'", "type": "invalid_request_error", "param": "messages", "code": None}}
+    )
+    finish(
+        job,
+        "req-1",
+        Item.FAILED,
+        http_status=400,
+        response=error_body,
+        request_id="req_x",
+        error_message="Invalid 'messages'",
+    )
     finish(job, "req-2", Item.FAILED, http_status=502, response="<html>Bad gateway</html>")
     finish(job, "req-3", Item.FAILED, error_code="connection_error", error_message="Could not connect after 5 attempts")
     finish(job, "req-4", Item.EXPIRED)
@@ -197,13 +245,30 @@ def test_error_file_holds_http_errors_and_requests_that_never_ran(job):
 
 
 def test_csv_for_jsonl_job(job):
-    finish(job, "req-0", Item.SUCCEEDED, http_status=200, response=chat_response("=HYPERLINK(\"http://evil\")"), prompt_tokens=9, completion_tokens=3, latency_ms=120)
+    finish(
+        job,
+        "req-0",
+        Item.SUCCEEDED,
+        http_status=200,
+        response=chat_response('=HYPERLINK("http://evil")'),
+        prompt_tokens=9,
+        completion_tokens=3,
+        latency_ms=120,
+    )
     finish(job, "req-1", Item.SUCCEEDED, http_status=200, response=chat_response("-42"))
     finish(job, "req-2", Item.FAILED, http_status=400, error_message="Bad request")
     rows = list(csv.DictReader(io.StringIO(read(export.results_csv(job)))))
-    assert list(rows[0]) == ["custom_id", "output", "status", "error", "prompt_tokens", "completion_tokens", "latency_ms"]
+    assert list(rows[0]) == [
+        "custom_id",
+        "output",
+        "status",
+        "error",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms",
+    ]
     assert len(rows) == 6
-    assert rows[0]["output"] == "'=HYPERLINK(\"http://evil\")"  # no formula runs in a spreadsheet
+    assert rows[0]["output"] == '\'=HYPERLINK("http://evil")'  # no formula runs in a spreadsheet
     assert rows[1]["output"] == "-42"  # a plain negative number is a number in a spreadsheet, not a formula
     assert (rows[0]["prompt_tokens"], rows[0]["latency_ms"]) == ("9", "120")
     assert rows[2]["status"] == "failed" and rows[2]["error"] == "HTTP 400: Bad request"
@@ -215,7 +280,9 @@ def test_csv_joins_input_rows_and_structured_fields(write, owner):
         "type": "object",
         "properties": {"sentiment": {"type": "string"}, "confidence": {"type": "number"}, "tags": {"type": "array"}},
     }
-    template = ingest.Template(model="gpt-4o-mini", user_prompt="{{ review }}", json_schema=json.dumps(schema), custom_id_column="id")
+    template = ingest.Template(
+        model="gpt-4o-mini", user_prompt="{{ review }}", json_schema=json.dumps(schema), custom_id_column="id"
+    )
     text = 'id,review,output\nr1,"Lovely, fast"\nr2,Broken\nr3,Meh\n'
     plan = ingest.validate(write("reviews.csv", text), format=Job.CSV, template=template)
     assert plan.ok, plan.errors
@@ -234,9 +301,22 @@ def test_csv_joins_input_rows_and_structured_fields(write, owner):
 
 
 def test_embeddings_round_trip(write, owner):
-    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "text-embedding-3-small", "input": f"item {i}"}} for i in range(2)]
+    lines = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "text-embedding-3-small", "input": f"item {i}"},
+        }
+        for i in range(2)
+    ]
     job = ingest.create_job(ingest.validate(write("emb.jsonl", lines)), owner=owner)
-    body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}], "model": "text-embedding-3-small", "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+    body = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 2, "total_tokens": 2},
+    }
     finish(job, "e0", Item.SUCCEEDED, http_status=200, response=json.dumps(body))
     out = json.loads(read(export.results_jsonl(job)))
     assert CreateEmbeddingResponse.model_validate(out["response"]["body"]).data[0].embedding == [0.1, -0.2]
@@ -246,7 +326,15 @@ def test_embeddings_round_trip(write, owner):
 
 def test_output_text_of_each_endpoint():
     assert export.output_text("/v1/completions", {"choices": [{"text": "hi"}]}) == "hi"
-    responses = {"output": [{"type": "reasoning"}, {"type": "message", "content": [{"type": "output_text", "text": "a"}, {"type": "output_text", "text": "b"}]}]}
+    responses = {
+        "output": [
+            {"type": "reasoning"},
+            {
+                "type": "message",
+                "content": [{"type": "output_text", "text": "a"}, {"type": "output_text", "text": "b"}],
+            },
+        ]
+    }
     assert export.output_text("/v1/responses", responses) == "ab"
     tool = {"choices": [{"message": {"content": None, "tool_calls": [{"id": "t"}]}}]}
     assert json.loads(export.output_text("/v1/chat/completions", tool)) == [{"id": "t"}]
@@ -254,6 +342,6 @@ def test_output_text_of_each_endpoint():
 
 
 def test_safe_cell_quotes_formulas_but_not_plain_negative_numbers():
-    assert [export._safe_cell(v) for v in ["-42", "-0.5", "-1e3", "-1+2", "-A1", "=1", "@x", "+1", "\tx", "- 3", "ok"]] == [
-        "-42", "-0.5", "-1e3", "'-1+2", "'-A1", "'=1", "'@x", "'+1", "'\tx", "'- 3", "ok"
-    ]
+    assert [
+        export._safe_cell(v) for v in ["-42", "-0.5", "-1e3", "-1+2", "-A1", "=1", "@x", "+1", "\tx", "- 3", "ok"]
+    ] == ["-42", "-0.5", "-1e3", "'-1+2", "'-A1", "'=1", "'@x", "'+1", "'\tx", "'- 3", "ok"]

@@ -25,7 +25,6 @@ FUZZ = settings(
 )
 
 
-
 # Small limits so that the limit paths (long lines, many lines, big files) are reached too.
 LIMITS = st.sampled_from(
     [
@@ -71,26 +70,38 @@ def mostly(valid, noise):
 # JSON values of every shape, including deep ones.
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
 json_values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12,
 )
 texts = st.text(min_size=1, max_size=20) | st.sampled_from([" x", "\u2028", "{{ x }}", "=1+1", "\x00", "😀"])
 part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_text"]), "text": texts})
 message = st.fixed_dictionaries(
-    {"role": mostly(st.sampled_from(["user", "system", "assistant"]), json_values),
-     "content": mostly(texts | st.lists(part, min_size=1, max_size=3), json_values)}
-)  # fmt: skip
+    {
+        "role": mostly(st.sampled_from(["user", "system", "assistant"]), json_values),
+        "content": mostly(texts | st.lists(part, min_size=1, max_size=3), json_values),
+    }
+)
 token_arrays = st.lists(st.integers(min_value=0, max_value=200_000), min_size=1, max_size=4)
 BODY = {
     "/v1/chat/completions": {"messages": st.lists(message, min_size=1, max_size=3)},
     "/v1/embeddings": {  # texts, or token arrays with now and then a stray value after the first
-        "input": texts | token_arrays | st.lists(texts, min_size=1, max_size=2)
+        "input": texts
+        | token_arrays
+        | st.lists(texts, min_size=1, max_size=2)
         | st.tuples(token_arrays, st.lists(token_arrays | scalars, max_size=2)).map(lambda t: [t[0], *t[1]])
     },
     "/v1/completions": {"prompt": texts | token_arrays},
     "/v1/responses": {"input": texts | st.lists(message, min_size=1, max_size=2), "instructions": st.none() | texts},
 }
-OPTIONAL = {"max_tokens": st.integers(-1, 10**6), "max_completion_tokens": st.integers(1, 100), "stream": st.booleans(),
-            "tools": json_values, "response_format": json_values, "metadata": json_values}  # fmt: skip
+OPTIONAL = {
+    "max_tokens": st.integers(-1, 10**6),
+    "max_completion_tokens": st.integers(1, 100),
+    "stream": st.booleans(),
+    "tools": json_values,
+    "response_format": json_values,
+    "metadata": json_values,
+}
 
 
 @st.composite
@@ -111,7 +122,9 @@ def bodies(draw, url: str) -> dict:
 @st.composite
 def near_valid_lines(draw, url: str) -> bytes:
     line = {
-        "custom_id": draw(mostly(st.text(min_size=1, max_size=8), st.sampled_from(["", "a", "a" * 1025, "\x00"]) | json_values)),
+        "custom_id": draw(
+            mostly(st.text(min_size=1, max_size=8), st.sampled_from(["", "a", "a" * 1025, "\x00"]) | json_values)
+        ),
         "method": draw(mostly(st.just("POST"), st.sampled_from(["post", "GET"]) | json_values)),
         "url": draw(mostly(st.just(url), st.sampled_from([*SUPPORTED_URLS, "/v1/moderations", "v1/x"]) | json_values)),
         "body": draw(mostly(bodies(url), json_values)),
@@ -124,7 +137,9 @@ def near_valid_lines(draw, url: str) -> bytes:
         text = text[: draw(st.integers(0, len(text)))]
     elif damage == "insert":
         at = draw(st.integers(0, len(text)))
-        text = text[:at] + draw(st.sampled_from(["{", "}", "[", '"', ",", "\\", "\n", "\\ud83d", "NaN", "\r"])) + text[at:]
+        text = (
+            text[:at] + draw(st.sampled_from(["{", "}", "[", '"', ",", "\\", "\n", "\\ud83d", "NaN", "\r"])) + text[at:]
+        )
     elif damage == "deep":
         depth = draw(st.sampled_from([97, 101, 5000, 100_000]))
         text = text[:-1] + ', "x": ' + "[" * depth + "]" * draw(st.sampled_from([0, depth])) + "}"
@@ -138,7 +153,9 @@ def near_valid_lines(draw, url: str) -> bytes:
 @pytest.mark.django_db
 @FUZZ
 @given(
-    lines=st.sampled_from([*SUPPORTED_URLS]).flatmap(lambda url: st.lists(near_valid_lines(url), min_size=1, max_size=4)),
+    lines=st.sampled_from([*SUPPORTED_URLS]).flatmap(
+        lambda url: st.lists(near_valid_lines(url), min_size=1, max_size=4)
+    ),
     ending=st.sampled_from([b"\n", b"\r\n"]),
     bom=st.booleans(),
     limits=LIMITS,
@@ -162,7 +179,7 @@ cell_text = st.text(alphabet=st.sampled_from(list('ab ,;|\t"\n\r{}=é') + ["\u20
 def csv_files(draw) -> tuple[bytes, ingest.Template]:
     good_header = st.lists(st.text("abcdefgh", min_size=1, max_size=4), min_size=1, max_size=4, unique=True)
     header = draw(mostly(good_header, st.lists(cell_text, min_size=1, max_size=4)))
-    cells = mostly(st.text("xyz ,\"\n", min_size=1, max_size=8), cell_text)
+    cells = mostly(st.text('xyz ,"\n', min_size=1, max_size=8), cell_text)
     rows = draw(st.lists(st.lists(cells, max_size=len(header) + 1), max_size=6))
     delimiter = draw(st.sampled_from([",", ";", "\t", "|"]))
     if draw(mostly(st.just(True), st.just(False))):  # written by csv: well quoted
@@ -175,12 +192,14 @@ def csv_files(draw) -> tuple[bytes, ingest.Template]:
         text = "\n".join(delimiter.join(row) for row in [header, *rows])
     names = [h.strip() for h in header]
     used = draw(st.lists(mostly(st.sampled_from(names), st.just("missing")), max_size=3))
-    schemas = st.sampled_from(['{"type": "object"}', "{no", "[1]", '{"a": "\\u0000"}', '{"a": ' + "[" * 5000 + "]" * 5000 + "}"])
+    schemas = st.sampled_from(
+        ['{"type": "object"}', "{no", "[1]", '{"a": "\\u0000"}', '{"a": ' + "[" * 5000 + "]" * 5000 + "}"]
+    )
     template = ingest.Template(
         model=draw(mostly(st.just("gpt-4o-mini"), st.sampled_from(["", " "]))),
         url=draw(mostly(st.just("/v1/chat/completions"), st.sampled_from(["/v1/embeddings", "/v1/completions"]))),
-        user_prompt="Say: " + " ".join("{{ %s }}" % n for n in used) + draw(mostly(st.just(""), cell_text)),
-        system_prompt=draw(st.sampled_from(["", "Be brief. {{ %s }}" % names[0]])),
+        user_prompt="Say: " + " ".join(f"{{{{ {n} }}}}" for n in used) + draw(mostly(st.just(""), cell_text)),
+        system_prompt=draw(st.sampled_from(["", f"Be brief. {{{{ {names[0]} }}}}"])),
         custom_id_column=draw(mostly(st.just(""), st.sampled_from(["missing", *names]))),
         input_column=draw(st.sampled_from(["", *names])),
         temperature=draw(mostly(st.none(), st.floats(allow_nan=False, min_value=-1, max_value=3))),

@@ -119,11 +119,16 @@ def test_admin_cannot_create_or_edit_a_django_q_schedule(client, admin):
     client.force_login(admin)
     assert client.get("/admin/django_q/schedule/").status_code == 200  # shown
     assert client.get("/admin/django_q/schedule/add/").status_code == 403
-    response = client.post("/admin/django_q/schedule/add/", {"name": "pwn", "func": "os.system", "args": "'id'",
-                                                              "schedule_type": "O", "repeats": "-1"})  # fmt: skip
+    response = client.post(
+        "/admin/django_q/schedule/add/",
+        {"name": "pwn", "func": "os.system", "args": "'id'", "schedule_type": "O", "repeats": "-1"},
+    )
     assert response.status_code == 403 and not Schedule.objects.filter(func="os.system").exists()
     schedule = Schedule.objects.get(name="sweeper")
-    client.post(f"/admin/django_q/schedule/{schedule.pk}/change/", {"name": "sweeper", "func": "os.system", "schedule_type": "I"})
+    client.post(
+        f"/admin/django_q/schedule/{schedule.pk}/change/",
+        {"name": "sweeper", "func": "os.system", "schedule_type": "I"},
+    )
     assert Schedule.objects.get(pk=schedule.pk).func == "jobs.tasks.sweep"
 
 
@@ -131,7 +136,9 @@ def test_endpoints_are_not_edited_in_the_admin(client, admin, foreign_server):
     endpoint = make_endpoint("http://127.0.0.1:9/v1")
     client.force_login(admin)
     _, url = foreign_server()
-    client.post(f"/admin/jobs/endpoint/{endpoint.pk}/change/", {"name": endpoint.name, "base_url": url, "concurrency": 1})
+    client.post(
+        f"/admin/jobs/endpoint/{endpoint.pk}/change/", {"name": endpoint.name, "base_url": url, "concurrency": 1}
+    )
     assert Endpoint.objects.get(pk=endpoint.pk).base_url == "http://127.0.0.1:9/v1"
 
 
@@ -148,34 +155,64 @@ def test_changing_the_server_needs_the_key_again(client, staff, foreign_server):
     client.post(f"/endpoints/{endpoint.pk}/test")
     assert not any("sk-test-simulator-key" in str(h) for h in attacker.seen)
     # a new path on the same server keeps the key; a new server with a new key is fine
-    client.post(f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": "http://127.0.0.1:9/openai/v1", "concurrency": 5})
+    client.post(
+        f"/endpoints/{endpoint.pk}/",
+        {"name": endpoint.name, "base_url": "http://127.0.0.1:9/openai/v1", "concurrency": 5},
+    )
     assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-test-simulator-key"
-    client.post(f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": url, "concurrency": 5, "api_key": "sk-their-own-key-1"})
+    client.post(
+        f"/endpoints/{endpoint.pk}/",
+        {"name": endpoint.name, "base_url": url, "concurrency": 5, "api_key": "sk-their-own-key-1"},
+    )
     assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-their-own-key-1"
     for scheme_or_port in ("https://127.0.0.1:9/v1", "http://127.0.0.1:10/v1", "http://localhost:9/v1"):
-        response = client.post(f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": scheme_or_port, "concurrency": 5})
+        response = client.post(
+            f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": scheme_or_port, "concurrency": 5}
+        )
         assert "enter the API key again" in response.content.decode(), scheme_or_port
 
 
-@pytest.mark.parametrize("base_url", [
-    "http://127.0.0.1:9/v1?x=", "http://127.0.0.1:9/v1#frag", "http://user:pw@127.0.0.1:9/v1",
-    "http://169.254.169.254/latest/meta-data", "http://[fe80::1]/v1", "http://[fd00:ec2::254]/v1",
-    "http://metadata.google.internal/computeMetadata/v1", "http://2852039166/v1", "http://[::ffff:169.254.169.254]/v1",
-    "http://127.0.0.1:99999/v1", "http://[::1/v1", "ftp://127.0.0.1/v1",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://127.0.0.1:9/v1?x=",
+        "http://127.0.0.1:9/v1#frag",
+        "http://user:pw@127.0.0.1:9/v1",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fe80::1]/v1",
+        "http://[fd00:ec2::254]/v1",
+        "http://metadata.google.internal/computeMetadata/v1",
+        "http://2852039166/v1",
+        "http://[::ffff:169.254.169.254]/v1",
+        "http://127.0.0.1:99999/v1",
+        "http://[::1/v1",
+        "ftp://127.0.0.1/v1",
+    ],
+)
 def test_unsafe_base_urls_are_form_errors(client, staff, base_url):
     client.force_login(staff)
-    response = client.post("/endpoints/new/", {"name": "x", "base_url": base_url, "concurrency": 5, "api_key": "sk-abc-123456789"})
+    response = client.post(
+        "/endpoints/new/", {"name": "x", "base_url": base_url, "concurrency": 5, "api_key": "sk-abc-123456789"}
+    )
     assert response.status_code == 200 and 'class="field-error"' in response.content.decode()
     assert not Endpoint.objects.filter(name="x").exists()
 
 
 def test_loopback_and_lan_servers_stay_allowed_and_metadata_can_be_allowed(client, staff, settings):
     client.force_login(staff)
-    for i, url in enumerate(["http://127.0.0.1:11434/v1", "http://[::1]:8000/v1", "http://10.1.2.3/v1", "http://localhost:8100/v1"]):
-        assert client.post("/endpoints/new/", {"name": f"ok{i}", "base_url": url, "concurrency": 5}).status_code == 302, url
+    for i, url in enumerate(
+        ["http://127.0.0.1:11434/v1", "http://[::1]:8000/v1", "http://10.1.2.3/v1", "http://localhost:8100/v1"]
+    ):
+        assert (
+            client.post("/endpoints/new/", {"name": f"ok{i}", "base_url": url, "concurrency": 5}).status_code == 302
+        ), url
     settings.BATCHSITE_ALLOW_PRIVATE_ENDPOINTS = True
-    assert client.post("/endpoints/new/", {"name": "lab", "base_url": "http://169.254.10.10/v1", "concurrency": 5}).status_code == 302
+    assert (
+        client.post(
+            "/endpoints/new/", {"name": "lab", "base_url": "http://169.254.10.10/v1", "concurrency": 5}
+        ).status_code
+        == 302
+    )
 
 
 def test_test_connection_checks_the_address_again_when_it_is_used(client, staff, foreign_server, monkeypatch):
@@ -190,7 +227,9 @@ def test_test_connection_checks_the_address_again_when_it_is_used(client, staff,
     assert len(server.seen) == 1  # nothing sent the second time
     # and where the connection really ended up is checked before anything is read
     monkeypatch.setattr(egress, "resolve_host", lambda host: ["93.184.215.14"])
-    monkeypatch.setattr(egress, "METADATA_ADDRESSES", egress.METADATA_ADDRESSES | {egress.ipaddress.ip_address("127.0.0.1")})
+    monkeypatch.setattr(
+        egress, "METADATA_ADDRESSES", egress.METADATA_ADDRESSES | {egress.ipaddress.ip_address("127.0.0.1")}
+    )
     text = client.post(f"/endpoints/{endpoint.pk}/test").content.decode()
     assert "link-local or cloud metadata" in text and "CANARY" not in text
 
@@ -218,16 +257,25 @@ def test_the_environments_endpoint_is_read_only(client, staff, monkeypatch):
     client.force_login(staff)
     page = client.get(f"/endpoints/{endpoint.pk}/").content.decode()
     assert "disabled" in page and ">Save<" not in page and "OPENAI_BASE_URL" in page
-    response = client.post(f"/endpoints/{endpoint.pk}/", {"name": "mine", "base_url": "http://127.0.0.1:10/v1", "concurrency": 1,
-                                                          "api_key": "sk-other-1234567"})  # fmt: skip
+    response = client.post(
+        f"/endpoints/{endpoint.pk}/",
+        {"name": "mine", "base_url": "http://127.0.0.1:10/v1", "concurrency": 1, "api_key": "sk-other-1234567"},
+    )
     assert response.status_code == 403
     endpoint.refresh_from_db()
-    assert (endpoint.name, endpoint.base_url, endpoint.api_key) == (Endpoint.ENV_NAME, "http://127.0.0.1:9/v1", "sk-from-env-123456")
+    assert (endpoint.name, endpoint.base_url, endpoint.api_key) == (
+        Endpoint.ENV_NAME,
+        "http://127.0.0.1:9/v1",
+        "sk-from-env-123456",
+    )
 
 
 def test_key_fields_are_hidden_from_error_reports(client, staff):
     client.force_login(staff)
-    response = client.post("/endpoints/new/", {"name": "x", "base_url": "http://127.0.0.1:9/v1", "concurrency": 5, "api_key": "sk-a-b-c-1234"})
+    response = client.post(
+        "/endpoints/new/",
+        {"name": "x", "base_url": "http://127.0.0.1:9/v1", "concurrency": 5, "api_key": "sk-a-b-c-1234"},
+    )
     assert response.wsgi_request.sensitive_post_parameters == ("api_key",)
 
 
@@ -250,7 +298,12 @@ def test_sign_in_locks_out_a_username_guessed_from_many_addresses(client, owner,
     assert int(response["Retry-After"]) == 15 * 60
     assert "_auth_user_id" not in client.session
     # others still sign in from there
-    assert client.post("/login/", {"username": "teammate", "password": "teammate-pass-123"}, REMOTE_ADDR="10.0.0.99").status_code == 302
+    assert (
+        client.post(
+            "/login/", {"username": "teammate", "password": "teammate-pass-123"}, REMOTE_ADDR="10.0.0.99"
+        ).status_code
+        == 302
+    )
 
 
 def test_sign_in_locks_out_an_address_guessing_many_usernames(client, owner, settings):
@@ -259,15 +312,24 @@ def test_sign_in_locks_out_an_address_guessing_many_usernames(client, owner, set
         _fail(client, name, "10.9.9.9", 1)
     response = client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.9.9.9")
     assert response.status_code == 429
-    assert client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.9.9.10").status_code == 302
+    assert (
+        client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.9.9.10").status_code
+        == 302
+    )
 
 
 def test_lockout_ends_after_the_cooling_period(client, owner, settings):
     settings.AXES_FAILURE_LIMIT = 3
     _fail(client, "owner", "10.0.0.1", 3)
-    assert client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.0.0.1").status_code == 429
+    assert (
+        client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.0.0.1").status_code
+        == 429
+    )
     AccessAttempt.objects.update(attempt_time=timezone.now() - timedelta(minutes=16))  # time passes
-    assert client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.0.0.1").status_code == 302
+    assert (
+        client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.0.0.1").status_code
+        == 302
+    )
 
 
 def test_admin_sign_in_is_locked_out_too(client, admin, settings):
@@ -281,7 +343,9 @@ def test_wrong_api_tokens_are_rate_limited_per_address(client, owner, settings):
     settings.AXES_FAILURE_LIMIT = 3
     good = api_headers(owner)
     for i in range(3):
-        response = client.get("/v1/batches", headers={"Authorization": f"Bearer bs-guess-{i:020d}"}, REMOTE_ADDR="10.5.5.5")
+        response = client.get(
+            "/v1/batches", headers={"Authorization": f"Bearer bs-guess-{i:020d}"}, REMOTE_ADDR="10.5.5.5"
+        )
         assert response.status_code == 401
     response = client.get("/v1/batches", headers={"Authorization": "Bearer bs-guess-x"}, REMOTE_ADDR="10.5.5.5")
     assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
@@ -290,13 +354,21 @@ def test_wrong_api_tokens_are_rate_limited_per_address(client, owner, settings):
     # A real token still works from there (256 random bits are not guessed), other addresses are not affected,
     # and the address's sign-in is paused as well: one count for all guessing.
     assert client.get("/v1/batches", headers=good, REMOTE_ADDR="10.5.5.5").status_code == 200
-    assert client.get("/v1/batches", headers={"Authorization": "Bearer bs-typo"}, REMOTE_ADDR="10.5.5.6").status_code == 401
-    assert client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.5.5.5").status_code == 429
+    assert (
+        client.get("/v1/batches", headers={"Authorization": "Bearer bs-typo"}, REMOTE_ADDR="10.5.5.6").status_code
+        == 401
+    )
+    assert (
+        client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.5.5.5").status_code
+        == 429
+    )
 
 
 def test_a_wrong_token_upload_is_not_read(client, settings):
     settings.AXES_FAILURE_LIMIT = 3
-    response = client.post("/v1/files", {"purpose": "batch", "file": ("x.jsonl", b"{}\n")}, headers={"Authorization": "Bearer bs-nope"})
+    response = client.post(
+        "/v1/files", {"purpose": "batch", "file": ("x.jsonl", b"{}\n")}, headers={"Authorization": "Bearer bs-nope"}
+    )
     assert response.status_code == 401
     assert AccessAttempt.objects.get().post_data == ""  # recorded by address, body untouched
 
@@ -308,13 +380,21 @@ def test_forwarded_address_is_trusted_only_from_the_proxy(client, owner, setting
     client.post("/login/", {"username": "nobody2", "password": "x"}, HTTP_X_FORWARDED_FOR="203.0.113.5")
     attempts = set(AccessAttempt.objects.values_list("ip_address", flat=True))
     assert attempts == {"127.0.0.1", "203.0.113.5"}  # behind the proxy: the client's own address
-    client.post("/login/", {"username": "nobody3", "password": "x"}, REMOTE_ADDR="198.51.100.1", HTTP_X_FORWARDED_FOR="10.1.1.1")
+    client.post(
+        "/login/", {"username": "nobody3", "password": "x"}, REMOTE_ADDR="198.51.100.1", HTTP_X_FORWARDED_FOR="10.1.1.1"
+    )
     assert AccessAttempt.objects.filter(ip_address="198.51.100.1").exists()  # not from the proxy: header ignored
 
 
 def _settings_of(tmp_path, code: str, **env) -> str:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHSITE_", "SECRET_KEY"))}
-    env = {**base, "BATCHSITE_DATA_DIR": str(tmp_path), "DEBUG": "1", "DJANGO_SETTINGS_MODULE": "batchsite.settings", **env}
+    env = {
+        **base,
+        "BATCHSITE_DATA_DIR": str(tmp_path),
+        "DEBUG": "1",
+        "DJANGO_SETTINGS_MODULE": "batchsite.settings",
+        **env,
+    }
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -323,7 +403,10 @@ def _settings_of(tmp_path, code: str, **env) -> str:
 def test_lockout_thresholds_come_from_the_environment(tmp_path):
     code = "from django.conf import settings as s; print(s.AXES_FAILURE_LIMIT, s.AXES_COOLOFF_TIME.total_seconds())"
     assert _settings_of(tmp_path, code).split() == ["10", "900.0"]
-    assert _settings_of(tmp_path, code, BATCHSITE_LOGIN_FAILURE_LIMIT="4", BATCHSITE_LOCKOUT_MINUTES="2").split() == ["4", "120.0"]
+    assert _settings_of(tmp_path, code, BATCHSITE_LOGIN_FAILURE_LIMIT="4", BATCHSITE_LOCKOUT_MINUTES="2").split() == [
+        "4",
+        "120.0",
+    ]
 
 
 # 9. Secrets on disk
@@ -352,7 +435,7 @@ def test_secret_key_and_demo_password_are_private_from_the_start_even_with_umask
     code = WATCH + (
         "os.umask(0); import django; django.setup(); from django.core.management import call_command\n"
         "call_command('migrate', verbosity=0); call_command('ensure_demo_user')"
-    )  # fmt: skip
+    )
     first = _settings_of(tmp_path, code)
     assert "LEAK" not in first and "Demo login: demo / " in first
     for name in ("secret_key", "demo-password"):
@@ -362,16 +445,20 @@ def test_secret_key_and_demo_password_are_private_from_the_start_even_with_umask
 
 def test_processes_starting_at_once_share_one_secret_key(tmp_path):
     # Everything but the settings is imported before the start signal, so the processes race for the file.
-    code = ("import time, sys, hashlib; from pathlib import Path; import django.conf, django.db.models, csp.constants\n"
-            "go = Path(sys.argv[1])\n"
-            "while not go.exists(): time.sleep(0.0005)\n"
-            "from django.conf import settings; print(hashlib.sha256(settings.SECRET_KEY.encode()).hexdigest())")  # fmt: skip
+    code = (
+        "import time, sys, hashlib; from pathlib import Path; import django.conf, django.db.models, csp.constants\n"
+        "go = Path(sys.argv[1])\n"
+        "while not go.exists(): time.sleep(0.0005)\n"
+        "from django.conf import settings; print(hashlib.sha256(settings.SECRET_KEY.encode()).hexdigest())"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHSITE_", "SECRET_KEY"))}
     env.update(BATCHSITE_DATA_DIR=str(tmp_path / "data"), DEBUG="1", DJANGO_SETTINGS_MODULE="batchsite.settings")
     (tmp_path / "data").mkdir()
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(go)], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-             for _ in range(8)]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(go)], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
     time.sleep(3)  # all started and waiting
     go.touch()
     keys = [p.communicate(timeout=60)[0].strip() for p in procs]

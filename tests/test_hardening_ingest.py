@@ -35,8 +35,6 @@ def data_dir(settings, tmp_path):
     return tmp_path
 
 
-
-
 @pytest.fixture
 def endpoint():
     return make_endpoint("http://127.0.0.1:9/v1")
@@ -49,8 +47,16 @@ def upload(client, name: str, content: bytes) -> str:
 
 
 def template_form(endpoint, **fields) -> dict:
-    return {"name": "Reviews", "endpoint": endpoint.pk, "max_attempts": 5, "url": "/v1/chat/completions",
-            "model": "gpt-4o-mini", "user_prompt": "{{ review }}", "action": "check", **fields}  # fmt: skip
+    return {
+        "name": "Reviews",
+        "endpoint": endpoint.pk,
+        "max_attempts": 5,
+        "url": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "user_prompt": "{{ review }}",
+        "action": "check",
+        **fields,
+    }
 
 
 def timed(call):
@@ -64,7 +70,14 @@ def timed(call):
 
 @pytest.mark.parametrize(
     "text",
-    ["{{" + " " * 1_000_000, "{{" * 500_000, "{{ " * 333_333, "{{\n" * 333_333, "{{" + "x" * 1_000_000 + "}", "{{ a }" * 200_000],
+    [
+        "{{" + " " * 1_000_000,
+        "{{" * 500_000,
+        "{{ " * 333_333,
+        "{{\n" * 333_333,
+        "{{" + "x" * 1_000_000 + "}",
+        "{{ a }" * 200_000,
+    ],
     ids=["spaces", "openers", "openers-spaces", "openers-newlines", "unclosed", "half-closed"],
 )
 def test_placeholders_are_found_in_linear_time(text):
@@ -110,9 +123,14 @@ def test_megabyte_prompts_are_refused_at_once_and_long_ones_checked_at_once(clie
 
 
 def test_template_texts_over_the_cap_are_refused_whatever_the_caller(write):
-    template = ingest.Template(model="gpt-4o-mini", user_prompt=ONE_MB_PROMPT, json_schema="{}" + " " * ingest.MAX_SCHEMA_CHARS)
+    template = ingest.Template(
+        model="gpt-4o-mini", user_prompt=ONE_MB_PROMPT, json_schema="{}" + " " * ingest.MAX_SCHEMA_CHARS
+    )
     (plan, seconds) = timed(lambda: ingest.validate(write("r.csv", "review\nok\n"), format=Job.CSV, template=template))
-    assert [(e.code, e.param) for e in plan.errors] == [("invalid_value", "user_prompt"), ("invalid_value", "json_schema")]
+    assert [(e.code, e.param) for e in plan.errors] == [
+        ("invalid_value", "user_prompt"),
+        ("invalid_value", "json_schema"),
+    ]
     assert "longer than 200,000 characters" in plan.errors[0].message and seconds < 1
 
 
@@ -240,7 +258,10 @@ def test_the_review_page_validates_an_upload_once(client, owner, endpoint, monke
         assert 'data-insert="review"' in client.get(reviews).content.decode()
     assert len(runs) == 4  # the header, once
     for prompt in ("A: {{ review }}", "A: {{ review }}", "B: {{ review }}", "A: {{ review }}"):
-        assert "All 2 requests are valid" in client.post(reviews, template_form(endpoint, user_prompt=prompt)).content.decode()
+        assert (
+            "All 2 requests are valid"
+            in client.post(reviews, template_form(endpoint, user_prompt=prompt)).content.decode()
+        )
     assert len(runs) == 7  # again only when the template changed
 
 
@@ -254,7 +275,9 @@ def test_an_upload_cannot_be_named_like_the_remembered_check(client, owner):
 DEEP_LINES = [
     b"[" * 100_000,
     b'{"custom_id": "a", "body": ' + b'{"a": ' * 100_000,
-    json.dumps({**chat_line("deep"), "body": {**chat_line("x")["body"], "metadata": json.loads("[" * 150 + "]" * 150)}}).encode(),
+    json.dumps(
+        {**chat_line("deep"), "body": {**chat_line("x")["body"], "metadata": json.loads("[" * 150 + "]" * 150)}}
+    ).encode(),
 ]
 
 
@@ -270,7 +293,9 @@ def test_deeply_nested_json_is_a_line_error(write):
 def test_deeply_nested_json_gives_a_failed_batch_over_the_api(client, owner, endpoint):
     headers = api_headers(owner)
     content = b"\n".join([json.dumps(chat_line("ok")).encode(), *DEEP_LINES, b"1" * 5000])
-    response = client.post("/v1/files", {"file": SimpleUploadedFile("deep.jsonl", content), "purpose": "batch"}, headers=headers)
+    response = client.post(
+        "/v1/files", {"file": SimpleUploadedFile("deep.jsonl", content), "purpose": "batch"}, headers=headers
+    )
     assert response.status_code == 200, response.content
     body = {"input_file_id": response.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     response = client.post("/v1/batches", body, content_type="application/json", headers=headers)
@@ -285,10 +310,10 @@ def test_deeply_nested_json_gives_a_failed_batch_over_the_api(client, owner, end
 
 
 FORMULA_CSV = (
-    'id,=cmd|"/c calc"!A1,+sum,-minus,@at,"\ttab",plain\n'
-    '=id1,=HYPERLINK("http://evil"),+1+1,-2+3,@SUM(A1),"\tx","\rcr"\n'
-    "-7,a,b,c,d,e,f\n"
-).encode()
+    b'id,=cmd|"/c calc"!A1,+sum,-minus,@at,"\ttab",plain\n'
+    b'=id1,=HYPERLINK("http://evil"),+1+1,-2+3,@SUM(A1),"\tx","\rcr"\n'
+    b"-7,a,b,c,d,e,f\n"
+)
 DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -296,21 +321,32 @@ def test_results_csv_neutralises_every_formula(client, owner, endpoint):
     client.force_login(owner)
     url = upload(client, "formulas.csv", FORMULA_CSV)
     columns = ["id", '=cmd|"/c calc"!A1', "+sum", "-minus", "@at", "tab", "plain"]  # a header cell is stripped
-    response = client.post(url, {**template_form(endpoint, user_prompt="{{ plain }} {{ +sum }}", custom_id_column="id",
-                                                 json_schema='{"type": "object", "properties": {"=f": {"type": "string"}}}'),
-                                 "action": "launch"})  # fmt: skip
+    response = client.post(
+        url,
+        {
+            **template_form(
+                endpoint,
+                user_prompt="{{ plain }} {{ +sum }}",
+                custom_id_column="id",
+                json_schema='{"type": "object", "properties": {"=f": {"type": "string"}}}',
+            ),
+            "action": "launch",
+        },
+    )
     assert response.status_code == 302, response.content.decode()[:2000]
     job = Job.objects.get()
     assert job.columns == columns
     answer = {"choices": [{"message": {"role": "assistant", "content": json.dumps({"=f": "@evil()"})}}]}
-    Item.objects.filter(job=job, custom_id="=id1").update(status=Item.SUCCEEDED, http_status=200, response=json.dumps(answer))
+    Item.objects.filter(job=job, custom_id="=id1").update(
+        status=Item.SUCCEEDED, http_status=200, response=json.dumps(answer)
+    )
     Item.objects.filter(job=job, custom_id="-7").update(status=Item.FAILED, http_status=400, error_message="=bad")
 
     response = client.get(f"/jobs/{job.pk}/download/csv")
     rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
-    assert rows[0][:7] == ["id", "'=cmd|\"/c calc\"!A1", "'+sum", "'-minus", "'@at", "tab", "plain"]
+    assert rows[0][:7] == ["id", '\'=cmd|"/c calc"!A1', "'+sum", "'-minus", "'@at", "tab", "plain"]
     assert rows[0][7:] == ["output", "'=f", "status", "error", "prompt_tokens", "completion_tokens", "latency_ms"]
-    assert rows[1][:7] == ["'=id1", "'=HYPERLINK(\"http://evil\")", "'+1+1", "'-2+3", "'@SUM(A1)", "'\tx", "'\rcr"]
+    assert rows[1][:7] == ["'=id1", '\'=HYPERLINK("http://evil")', "'+1+1", "'-2+3", "'@SUM(A1)", "'\tx", "'\rcr"]
     assert rows[1][8] == "'@evil()"
     assert rows[2][0] == "-7"  # a plain negative number stays a number
     for row in rows:
@@ -321,7 +357,9 @@ def test_results_csv_neutralises_every_formula(client, owner, endpoint):
 def test_results_csv_of_a_jsonl_job_neutralises_custom_ids(write, owner):
     from jobs import export
 
-    job = ingest.create_job(ingest.validate(write("f.jsonl", [chat_line("=1+1"), chat_line("@x"), chat_line("ok")])), owner=owner)
+    job = ingest.create_job(
+        ingest.validate(write("f.jsonl", [chat_line("=1+1"), chat_line("@x"), chat_line("ok")])), owner=owner
+    )
     rows = list(csv.reader(io.StringIO("".join(export.results_csv(job)))))
     assert [row[0] for row in rows] == ["custom_id", "'=1+1", "'@x", "ok"]
 

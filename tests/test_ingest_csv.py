@@ -128,7 +128,7 @@ def test_row_errors_have_line_numbers(write):
     ]
     assert "line 2" in plan.errors[0].message
     # "Review: " alone is not empty, so row d is fine; a prompt of only a placeholder is checked below
-    bare = plan_for(write, "review\n\n ,\nok\n\"\"\n", name="b.csv", user_prompt="{{ review }}")
+    bare = plan_for(write, 'review\n\n ,\nok\n""\n', name="b.csv", user_prompt="{{ review }}")
     assert bare.ok and bare.count == 1
 
 
@@ -138,7 +138,7 @@ def test_row_errors_have_line_numbers(write):
 )
 def test_line_numbers_stay_right_after_a_skipped_line(write, skipped, code):
     # A line that is skipped never reaches the csv reader, whose own line count then lags behind.
-    text = b'id,review\na,fine\n' + skipped + b'\nc,"two\nlines"\nc,again\nd,x,extra\n'
+    text = b"id,review\na,fine\n" + skipped + b'\nc,"two\nlines"\nc,again\nd,x,extra\n'
     limits = ingest.Limits(max_lines=100, max_line_bytes=100, max_file_bytes=10**6)
     template = Template(model="gpt-4o-mini", user_prompt="{{ review }}", custom_id_column="id")
     plan = ingest.validate(write("rows.csv", text), format=Job.CSV, template=template, limits=limits)
@@ -158,7 +158,9 @@ def test_a_cell_longer_than_the_line_limit_is_refused(write):
     cell = "\n".join(["y" * 60] * 3)
     limits = ingest.Limits(max_lines=100, max_line_bytes=100, max_file_bytes=10**6)
     template = Template(model="gpt-4o-mini", user_prompt="{{ review }}")
-    plan = ingest.validate(write("rows.csv", f'review\n"{cell}"\nok\n'), format=Job.CSV, template=template, limits=limits)
+    plan = ingest.validate(
+        write("rows.csv", f'review\n"{cell}"\nok\n'), format=Job.CSV, template=template, limits=limits
+    )
     assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_csv")]
     assert "the row is longer than 100 characters" in plan.errors[0].message
 

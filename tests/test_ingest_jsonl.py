@@ -189,14 +189,16 @@ def test_not_utf8(write):
 
 
 def test_lone_surrogate_escape_is_a_line_error_not_a_crash(write, owner):
-    good = json.dumps(chat_line("emoji", "Ship it \U0001F680"))  # a valid pair, spelled \ud83d\ude80
+    good = json.dumps(chat_line("emoji", "Ship it \U0001f680"))  # a valid pair, spelled \ud83d\ude80
     bad = json.dumps(chat_line("half", "broken \ud800 text"))
     assert "\\ud800" in bad and "\\ud83d" in good
     plan = ingest.validate(write("s.jsonl", good + "\n" + bad + "\n"))
-    assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_json_line")] and "surrogate" in plan.errors[0].message
+    assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_json_line")] and "surrogate" in plan.errors[
+        0
+    ].message
     plan = ingest.validate(write("ok.jsonl", good + "\n"))
     job = ingest.create_job(plan, owner=owner)
-    assert "\U0001F680" in job.items.get().body or "\\ud83d" in job.items.get().body
+    assert "\U0001f680" in job.items.get().body or "\\ud83d" in job.items.get().body
     with pytest.raises(ValueError, match="surrogate"):
         ingest.schema_format('{"type": "string", "description": "\\udfff"}')
 
@@ -311,10 +313,17 @@ def test_stale_uploads_are_removed_unless_a_job_or_file_uses_them(write, owner, 
     launched = stored("launched.jsonl", 30)
     ingest.create_job(ingest.validate(launched), owner=owner)
     api_file = stored("api.jsonl", 30)
-    File.objects.create(owner=owner, filename="api.jsonl", purpose=File.BATCH, path=str(api_file.relative_to(api_file.parents[2])))
+    File.objects.create(
+        owner=owner, filename="api.jsonl", purpose=File.BATCH, path=str(api_file.relative_to(api_file.parents[2]))
+    )
     deleted = stored("deleted.jsonl", 30)
-    File.objects.create(owner=owner, filename="d.jsonl", purpose=File.BATCH, path=str(deleted.relative_to(deleted.parents[2])),
-                        deleted_at=timezone.now())  # fmt: skip
+    File.objects.create(
+        owner=owner,
+        filename="d.jsonl",
+        purpose=File.BATCH,
+        path=str(deleted.relative_to(deleted.parents[2])),
+        deleted_at=timezone.now(),
+    )
 
     assert ingest.remove_stale_uploads() == 2
     assert not abandoned.exists() and not deleted.exists()

@@ -28,7 +28,9 @@ def _raw_post(port: int, path: str, headers: dict, body: bytes, timeout: float =
                 break
             answer += chunk
         head, _, rest = answer.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+        )
         while len(rest) < length:
             chunk = sock.recv(65536)
             if not chunk:
@@ -38,9 +40,11 @@ def _raw_post(port: int, path: str, headers: dict, body: bytes, timeout: float =
 
 
 def _multipart_start(filename: str = "big.jsonl") -> bytes:
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + b'{"custom_id": "x"}\n' * 5000  # fmt: skip
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + b'{"custom_id": "x"}\n' * 5000
 
 
 @pytest.mark.slow
@@ -49,8 +53,11 @@ def test_anonymous_huge_post_is_refused_before_anything_is_read_or_spooled(web_s
     spool.mkdir()
     server = web_server(TMPDIR=str(spool))  # where Django would spool a multipart file
     port = server.port
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Content-Length": str(2 * 1024**3),
-               "Cookie": "csrftoken=" + "a" * 32}  # a well-formed CSRF cookie: CSRF then reads the form  # fmt: skip
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "Content-Length": str(2 * 1024**3),
+        "Cookie": "csrftoken=" + "a" * 32,
+    }  # a well-formed CSRF cookie: CSRF then reads the form
 
     # 2 GB claimed, 100 KB sent: a server that reads the body waits for the rest and never answers in time.
     status, body, seconds = _raw_post(port, "/login/", headers, _multipart_start())
@@ -72,8 +79,12 @@ def test_anonymous_huge_post_is_refused_before_anything_is_read_or_spooled(web_s
     assert not File.objects.exists()
 
     # A small anonymous post still reaches the page (CSRF refuses it), and a signed-in upload still works.
-    status, _, _ = _raw_post(port, "/login/", {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "20"},
-                             b"username=a&password=")  # fmt: skip
+    status, _, _ = _raw_post(
+        port,
+        "/login/",
+        {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "20"},
+        b"username=a&password=",
+    )
     assert status == 403
 
 
@@ -100,7 +111,9 @@ def test_upload_over_the_limit_stops_while_streaming_and_leaves_no_temp_file(cli
     content = b'{"custom_id": "x"}\n' * 80_000  # 1.5 MB
     uploaded.tempfile.NamedTemporaryFile = spying
     try:
-        response = client.post("/v1/files", {"purpose": "batch", "file": SimpleUploadedFile("big.jsonl", content)}, headers=headers)
+        response = client.post(
+            "/v1/files", {"purpose": "batch", "file": SimpleUploadedFile("big.jsonl", content)}, headers=headers
+        )
     finally:
         uploaded.tempfile.NamedTemporaryFile = original
     assert response.status_code == 413, response.content
@@ -115,5 +128,7 @@ def test_upload_over_the_limit_stops_while_streaming_and_leaves_no_temp_file(cli
     assert list(spool.iterdir()) == []
 
     # Under the limit, it is stored.
-    response = client.post("/v1/files", {"purpose": "batch", "file": SimpleUploadedFile("ok.jsonl", content[:500_000])}, headers=headers)
+    response = client.post(
+        "/v1/files", {"purpose": "batch", "file": SimpleUploadedFile("ok.jsonl", content[:500_000])}, headers=headers
+    )
     assert response.status_code == 200, response.content

@@ -60,7 +60,12 @@ def test_default_endpoint_synced_from_environment(monkeypatch):
     monkeypatch.delenv("OPENAI_TPM", raising=False)
     endpoint = Endpoint.default()
     assert endpoint.is_default and endpoint.from_env
-    assert (endpoint.base_url, endpoint.api_key, endpoint.rpm, endpoint.tpm) == ("http://127.0.0.1:9/v1", "sk-test-0000000000abcd", 3000, None)
+    assert (endpoint.base_url, endpoint.api_key, endpoint.rpm, endpoint.tpm) == (
+        "http://127.0.0.1:9/v1",
+        "sk-test-0000000000abcd",
+        3000,
+        None,
+    )
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-rotated-key-9999")
     assert Endpoint.default().api_key == "sk-test-rotated-key-9999"
     assert Endpoint.objects.count() == 1

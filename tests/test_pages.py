@@ -51,7 +51,9 @@ def test_upload_good_jsonl_preview_estimate_launch(client, owner, endpoint, djan
     assert "Input tokens (est.)" in page and "min" in page  # 30 requests at 600 RPM
     assert Job.objects.count() == 0
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        response = client.post(url, {"name": "My reviews", "endpoint": endpoint.pk, "max_attempts": 5, "action": "launch", "mode": "live"})
+        response = client.post(
+            url, {"name": "My reviews", "endpoint": endpoint.pk, "max_attempts": 5, "action": "launch", "mode": "live"}
+        )
     job = Job.objects.get()
     assert response.status_code == 302 and response.url == f"/jobs/{job.pk}/"
     assert (job.name, job.total, job.owner, job.endpoint) == ("My reviews", 30, owner, endpoint)
@@ -61,15 +63,25 @@ def test_upload_good_jsonl_preview_estimate_launch(client, owner, endpoint, djan
 
 def test_csv_template_errors_then_launch(client, owner, endpoint):
     client.force_login(owner)
-    url = upload(client, "tickets.csv", 'id,ticket\nT1,"Printer on fire, again"\nT2,Cannot log in\n'.encode())
+    url = upload(client, "tickets.csv", b'id,ticket\nT1,"Printer on fire, again"\nT2,Cannot log in\n')
     page = client.get(url).content.decode()
-    assert 'data-insert="ticket"' in page and 'data-preset=' in page
-    form = {"name": "Tickets", "endpoint": endpoint.pk, "max_attempts": 5, "url": "/v1/chat/completions", "model": "gpt-4o-mini",
-            "user_prompt": "Classify: {{ tiket }}", "custom_id_column": "id", "action": "check"}  # fmt: skip
+    assert 'data-insert="ticket"' in page and "data-preset=" in page
+    form = {
+        "name": "Tickets",
+        "endpoint": endpoint.pk,
+        "max_attempts": 5,
+        "url": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "user_prompt": "Classify: {{ tiket }}",
+        "custom_id_column": "id",
+        "action": "check",
+    }
     page = client.post(url, form).content.decode()
     assert "no column &#x27;tiket&#x27;" in page and Job.objects.count() == 0
     # A setting the form refuses is listed in the Check panel, and nothing can launch until it is fixed
-    page = client.post(url, {**form, "user_prompt": "Classify: {{ ticket }}", "json_schema": "{not json"}).content.decode()
+    page = client.post(
+        url, {**form, "user_prompt": "Classify: {{ ticket }}", "json_schema": "{not json"}
+    ).content.decode()
     assert "Some settings need fixing" in page and "<li><strong>JSON schema</strong>: Not valid JSON" in page
     assert "Fill in the template" not in page
     assert re.search(r'value="launch"[^>]*disabled', page)
@@ -88,7 +100,9 @@ def test_upload_too_large_is_a_clear_message(client, owner, settings):
     settings.BATCHSITE_MAX_UPLOAD_MB = 0
     client.force_login(owner)
     response = client.post("/jobs/new/", {"file": SimpleUploadedFile("a.jsonl", b"x" * 100)})
-    assert response.status_code == 413 and "larger than the 0 MB limit" in response.content.decode()  # jobs/middleware.py
+    assert (
+        response.status_code == 413 and "larger than the 0 MB limit" in response.content.decode()
+    )  # jobs/middleware.py
 
 
 def test_teammate_can_view_and_duplicate_but_not_control(client, owner, teammate, endpoint, write):
@@ -124,8 +138,13 @@ def test_model_output_and_custom_id_are_escaped(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 1, text=lambda i: "<img src=x onerror=alert(1)>", start=False)
     item = job.items.get()
     payload = "<script>alert('xss')</script>"
-    body = {"choices": [{"message": {"role": "assistant", "content": payload}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
-    Item.objects.filter(pk=item.pk).update(status=Item.SUCCEEDED, response=json.dumps(body), custom_id=payload, http_status=200)
+    body = {
+        "choices": [{"message": {"role": "assistant", "content": payload}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+    }
+    Item.objects.filter(pk=item.pk).update(
+        status=Item.SUCCEEDED, response=json.dumps(body), custom_id=payload, http_status=200
+    )
     client.force_login(owner)
     for url in (f"/jobs/{job.pk}/items/{item.pk}/", f"/jobs/{job.pk}/items/"):
         page = client.get(url).content.decode()
@@ -152,8 +171,10 @@ def test_endpoints_page_is_staff_only_and_never_shows_the_key(client, owner, dja
         assert client.get(url).status_code == 403, url
     staff = django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True)
     client.force_login(staff)
-    response = client.post("/endpoints/new/", {"name": "vLLM", "base_url": "http://127.0.0.1:9/v1", "concurrency": 50,
-                                               "api_key": "sk-supersecret-abcd1234"})  # fmt: skip
+    response = client.post(
+        "/endpoints/new/",
+        {"name": "vLLM", "base_url": "http://127.0.0.1:9/v1", "concurrency": 50, "api_key": "sk-supersecret-abcd1234"},
+    )
     assert response.status_code == 302
     endpoint = Endpoint.objects.get(name="vLLM")
     assert endpoint.api_key == "sk-supersecret-abcd1234"
@@ -177,7 +198,10 @@ def test_staff_moves_the_default_to_another_endpoint(client, endpoint, django_us
     assert not Endpoint.objects.get(pk=endpoint.pk).is_default
     page = client.get(f"/endpoints/{endpoint.pk}/").content.decode()
     assert "Requests per minute" in page and "Base URL" in page
-    client.post(f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": endpoint.base_url, "concurrency": 5, "make_default": "on"})
+    client.post(
+        f"/endpoints/{endpoint.pk}/",
+        {"name": endpoint.name, "base_url": endpoint.base_url, "concurrency": 5, "make_default": "on"},
+    )
     assert Endpoint.objects.get(is_default=True).pk == endpoint.pk
 
 
@@ -238,9 +262,16 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
     client.force_login(owner)
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
     # The tab's title follows the progress (htmx takes it from the partial), escaped like the rest
-    assert response.status_code == 200 and "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in response.content.decode()
-    assert "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in client.get(f"/jobs/{job.pk}/").content.decode()
-    assert "· Batchsite</title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()  # not htmx: no page title
+    assert (
+        response.status_code == 200
+        and "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in response.content.decode()
+    )
+    assert (
+        "<title>50% · &lt;b&gt;Q&amp;A&lt;/b&gt; · Batchsite</title>" in client.get(f"/jobs/{job.pk}/").content.decode()
+    )
+    assert (
+        "· Batchsite</title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()
+    )  # not htmx: no page title
     job.cancel()
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
     page = response.content.decode()
@@ -253,8 +284,14 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
 def test_no_500_from_odd_input(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 2, start=False)
     client.force_login(owner)
-    for url in ("/?page=abc&status=<x>&scope=zzz", "/?page=999999", f"/jobs/{job.pk}/items/?page=-1&status=nope",
-                "/jobs/new/nonexistent/", f"/jobs/{job.pk}/items/99999999/", "/jobs/new/"):  # fmt: skip
+    for url in (
+        "/?page=abc&status=<x>&scope=zzz",
+        "/?page=999999",
+        f"/jobs/{job.pk}/items/?page=-1&status=nope",
+        "/jobs/new/nonexistent/",
+        f"/jobs/{job.pk}/items/99999999/",
+        "/jobs/new/",
+    ):
         assert client.get(url).status_code in (200, 302, 404), url
     assert client.post("/jobs/new/", {}).status_code == 200
     assert client.post("/jobs/new/", {"file": SimpleUploadedFile("x.bin", b"\x00\xff\xfe")}).status_code == 302
@@ -281,18 +318,49 @@ def test_review_of_an_upload_gone_from_disk_asks_for_it_again(client, owner, end
 
 def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint, write):
     big = make_job(write, owner, endpoint, 50_000, start=False)
-    Job.objects.bulk_create([Job(owner=owner, name=f"job {i}", url="/v1/chat/completions", model="gpt-4o-mini", total=10, n_succeeded=10,
-                                 status=Job.COMPLETED) for i in range(1000)])  # fmt: skip
+    Job.objects.bulk_create(
+        [
+            Job(
+                owner=owner,
+                name=f"job {i}",
+                url="/v1/chat/completions",
+                model="gpt-4o-mini",
+                total=10,
+                n_succeeded=10,
+                status=Job.COMPLETED,
+            )
+            for i in range(1000)
+        ]
+    )
     Item.objects.filter(job=big, line__lte=500).update(status=Item.FAILED, error_code="http_500", http_status=500)
     big.recount()
     start = timezone.now() - timedelta(days=1)  # a day-long run's timeline for the chart
-    JobTick.objects.bulk_create([JobTick(job=big, at=start + timedelta(seconds=10 * i), succeeded=3, failed=int(i % 500 == 0),
-                                         retried=2 * int(i % 300 == 0)) for i in range(8640)])  # fmt: skip
+    JobTick.objects.bulk_create(
+        [
+            JobTick(
+                job=big,
+                at=start + timedelta(seconds=10 * i),
+                succeeded=3,
+                failed=int(i % 500 == 0),
+                retried=2 * int(i % 300 == 0),
+            )
+            for i in range(8640)
+        ]
+    )
     client.force_login(owner)
-    urls = ["/", "/?scope=mine&status=completed&q=job", f"/jobs/{big.pk}/", f"/jobs/{big.pk}/progress",
-            f"/jobs/{big.pk}/items/", f"/jobs/{big.pk}/items/?status=failed&page=5", f"/jobs/{big.pk}/items/?page=900", "/usage/",
-            f"/jobs/{big.pk}/items/{big.items.order_by('-line').values_list('pk', flat=True).first()}/", "/?page=40",
-            "/account/tokens/"]  # fmt: skip
+    urls = [
+        "/",
+        "/?scope=mine&status=completed&q=job",
+        f"/jobs/{big.pk}/",
+        f"/jobs/{big.pk}/progress",
+        f"/jobs/{big.pk}/items/",
+        f"/jobs/{big.pk}/items/?status=failed&page=5",
+        f"/jobs/{big.pk}/items/?page=900",
+        "/usage/",
+        f"/jobs/{big.pk}/items/{big.items.order_by('-line').values_list('pk', flat=True).first()}/",
+        "/?page=40",
+        "/account/tokens/",
+    ]
     for url in urls:
         client.get(url)  # warm caches (templates, sessions)
         with CaptureQueriesContext(connection) as queries:
@@ -304,7 +372,9 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
         assert elapsed < 0.25, (url, elapsed)  # < 100 ms is the target; bench/pages.py prints it
     page = client.get(f"/jobs/{big.pk}/").content.decode()
     assert page.count('class="b"') == 60 and "(1 d)" in page  # the whole day-long run, in 24-minute bars
-    assert page.count('class="f"') == 18 and page.count("<polyline ") == 1  # failed stacked on top; retries drawn as a line
+    assert (
+        page.count('class="f"') == 18 and page.count("<polyline ") == 1
+    )  # failed stacked on top; retries drawn as a line
 
 
 def test_endpoint_form_offers_to_keep_a_key_only_when_there_is_one(client, endpoint, django_user_model):
@@ -315,7 +385,7 @@ def test_endpoint_form_offers_to_keep_a_key_only_when_there_is_one(client, endpo
         assert "keep the stored key" not in page and "Stored key" not in page, url
         assert "x-ratelimit-* headers" in page, url
     page = client.get(f"/endpoints/{endpoint.pk}/").content.decode()
-    assert "Stored key: <span class=\"mono\">…-key</span>. Leave empty to keep the stored key." in page
+    assert 'Stored key: <span class="mono">…-key</span>. Leave empty to keep the stored key.' in page
 
 
 def test_not_found_page_speaks_plainly(client, owner):

@@ -24,11 +24,15 @@ def running(owner, tmp_path, settings):
     path.write_text("".join(json.dumps(chat_line(f"r{i}")) + "\n" for i in range(300)))
     job = ingest.create_job(ingest.validate(path), owner=owner, name="big")
     Item.objects.filter(job=job, line__lte=100).update(status=Item.SUCCEEDED, http_status=200, response="{}")
-    Item.objects.filter(job=job, line__gt=100, line__lte=110).update(status=Item.FAILED, http_status=500, error_code="http_500")
+    Item.objects.filter(job=job, line__gt=100, line__lte=110).update(
+        status=Item.FAILED, http_status=500, error_code="http_500"
+    )
     job.recount()
     start = timezone.now() - timedelta(days=1)
     Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, started_at=start)
-    JobTick.objects.bulk_create([JobTick(job=job, at=start + timedelta(seconds=10 * i), succeeded=3) for i in range(8640)])
+    JobTick.objects.bulk_create(
+        [JobTick(job=job, at=start + timedelta(seconds=10 * i), succeeded=3) for i in range(8640)]
+    )
     input_file = File.objects.create(owner=owner, filename="in.jsonl", purpose=File.BATCH, path="in.jsonl")
     batch = Batch.objects.create(job=job, input_file=input_file)
     job.refresh_from_db()
@@ -71,7 +75,7 @@ def test_progress_partial_draws_the_chart_once_per_tick_period(client, owner, ru
     assert not any("jobtick" in q["sql"] or "jobs_item" in q["sql"] for q in second), [q["sql"][:100] for q in second]
     assert len(second) <= 3  # session, user, job
     html = response.content.decode()
-    assert "115 of 300 done" in html and "<figure class=\"chart\">" in html and "HTTP 500" in html
+    assert "115 of 300 done" in html and '<figure class="chart">' in html and "HTTP 500" in html
 
     # A status change draws it again at once.
     Job.objects.filter(pk=running.job.pk).update(status=Job.PAUSED)

@@ -33,8 +33,14 @@ def migrate(db, *args):
     env = {**os.environ, "BATCHSITE_SQLITE_PATH": str(db), "BATCHSITE_DATA_DIR": str(db.parent)}
     env.pop("DATABASE_URL", None)  # a throwaway SQLite file, whatever the suite runs on
     env.pop("REDIS_URL", None)
-    done = subprocess.run([sys.executable, "manage.py", "migrate", "--no-input", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--no-input", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -157,8 +163,9 @@ def test_sweeps_side_by_side_restart_a_stalled_job_once(write, owner, monkeypatc
     monkeypatch.setattr(tasks, "async_task", lambda func, *args, **options: enqueued.append(args))
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
     long_ago = timezone.now() - timedelta(minutes=10)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, heartbeat_at=long_ago, slice_gen=1,
-                                         slice_enqueued_at=long_ago, slice_picked_at=long_ago)  # fmt: skip
+    Job.objects.filter(pk=job.pk).update(
+        status=Job.RUNNING, heartbeat_at=long_ago, slice_gen=1, slice_enqueued_at=long_ago, slice_picked_at=long_ago
+    )
     seen_by_one, seen_by_other = tasks._orphans(timezone.now()), tasks._orphans(timezone.now())
     assert seen_by_one == seen_by_other == [(job.pk, 1)]
     assert [tasks.start_job(*seen_by_one[0]), tasks.start_job(*seen_by_other[0])] == [True, False]

@@ -75,16 +75,45 @@ def test_make_run_leaves_no_process_behind(tmp_path, sig):
     data_dir = tmp_path / "data"
     port, sim_port = free_port(), free_port()
     marker = f"BATCHSITE_DATA_DIR={data_dir}"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "BATCHSITE_SQLITE_PATH", "OPENAI_API_KEY", "OPENAI_BASE_URL", "HOST", "BIND")}
-    env.update(BATCHSITE_DATA_DIR=str(data_dir), PORT=str(port), BATCHSITE_SIMULATOR_PORT=str(sim_port),
-               BATCHSITE_WORKERS="2", WEB_CONCURRENCY="2", OPENAI_CONCURRENCY="4", BATCHSITE_DEMO_USER="1")  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "DATABASE_URL",
+            "REDIS_URL",
+            "BATCHSITE_SQLITE_PATH",
+            "OPENAI_API_KEY",
+            "OPENAI_BASE_URL",
+            "HOST",
+            "BIND",
+        )
+    }
+    env.update(
+        BATCHSITE_DATA_DIR=str(data_dir),
+        PORT=str(port),
+        BATCHSITE_SIMULATOR_PORT=str(sim_port),
+        BATCHSITE_WORKERS="2",
+        WEB_CONCURRENCY="2",
+        OPENAI_CONCURRENCY="4",
+        BATCHSITE_DEMO_USER="1",
+    )
     log = open(tmp_path / "make-run.out", "wb")
     # Its own process group, as a shell gives a foreground job; a terminal's Ctrl-C signals the whole group.
-    make = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "run"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     output = lambda: (tmp_path / "make-run.out").read_text(errors="replace")  # noqa: E731
     try:
-        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz") or make.poll() is not None, 180, 0.5, "the web port")
+        wait_until(
+            lambda: _answers(f"http://127.0.0.1:{port}/healthz") or make.poll() is not None, 180, 0.5, "the web port"
+        )
         assert make.poll() is None, output()
         # The cluster's sentinel, monitor, pusher and workers are the grandchildren the old script left behind.
         wait_until(lambda: sum("qcluster" in c for c in _processes_of(marker).values()) >= 5, 60, 0.5, "the cluster")
@@ -92,13 +121,29 @@ def test_make_run_leaves_no_process_behind(tmp_path, sig):
         # A job in flight: its slice keeps a worker busy for a minute, longer than the cluster's own
         # shutdown waits, which is when the old script gave up and orphaned the grandchildren.
         lines = tmp_path / "job.jsonl"
-        lines.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}) + "\n"
-                         for i in range(2000)))  # fmt: skip
+        lines.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    }
+                )
+                + "\n"
+                for i in range(2000)
+            )
+        )
         wait_until(lambda: "Press Ctrl-C" in output(), 60, 0.2, "the banner (the demo user exists)")
         sim = {"OPENAI_API_KEY": "sk-simulator", "OPENAI_BASE_URL": f"http://127.0.0.1:{sim_port}/v1"}
-        submit = subprocess.run([str(ROOT / ".venv/bin/python"), "manage.py", "submit", str(lines)], cwd=ROOT,
-                                env={**env, **sim}, capture_output=True, text=True)  # fmt: skip
+        submit = subprocess.run(
+            [str(ROOT / ".venv/bin/python"), "manage.py", "submit", str(lines)],
+            cwd=ROOT,
+            env={**env, **sim},
+            capture_output=True,
+            text=True,
+        )
         assert submit.returncode == 0, submit.stdout + submit.stderr
         wait_until(lambda: _sim_total(sim_port) > 0, 60, 0.2, "the first request upstream")
 
@@ -129,13 +174,29 @@ def test_make_run_binds_loopback_and_says_debug(tmp_path):
     data_dir = tmp_path / "data"
     port = free_port()
     marker = f"BATCHSITE_DATA_DIR={data_dir}"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "BATCHSITE_SQLITE_PATH", "HOST", "BIND", "DEBUG")}
-    env.update(BATCHSITE_DATA_DIR=str(data_dir), PORT=str(port), BATCHSITE_SIMULATOR_PORT=str(free_port()),
-               BATCHSITE_DEMO_USER="0", PYTHON=str(ROOT / ".venv/bin/python"))  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "BATCHSITE_SQLITE_PATH", "HOST", "BIND", "DEBUG")
+    }
+    env.update(
+        BATCHSITE_DATA_DIR=str(data_dir),
+        PORT=str(port),
+        BATCHSITE_SIMULATOR_PORT=str(free_port()),
+        BATCHSITE_DEMO_USER="0",
+        PYTHON=str(ROOT / ".venv/bin/python"),
+    )
     subprocess.run([env["PYTHON"], "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     log = open(tmp_path / "run.out", "wb")
-    run = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    run = subprocess.Popen(
+        ["bash", "scripts/run.sh"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 120, 0.5, "the web port")
         wait_until(lambda: "Press Ctrl-C" in (tmp_path / "run.out").read_text(), 30, 0.2, "the banner")

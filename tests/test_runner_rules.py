@@ -77,7 +77,8 @@ def test_backoff_grows_with_jitter_and_a_cap():
 
 
 @pytest.mark.parametrize(
-    "text,seconds", [("12ms", 0.012), ("1s", 1), ("6m0s", 360), ("1h2m3.5s", 3723.5), ("2.5", 2.5), ("", None), ("x", None)]
+    "text,seconds",
+    [("12ms", 0.012), ("1s", 1), ("6m0s", 360), ("1h2m3.5s", 3723.5), ("2.5", 2.5), ("", None), ("x", None)],
 )
 def test_go_durations(text, seconds):
     assert ratelimit.parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
@@ -217,14 +218,28 @@ def test_limits_learned_from_headers(tmp_path):
 def test_an_empty_budget_waits_for_one_more_request_not_a_full_reset(tmp_path):
     limiter = ratelimit.Limiter("ep", None, None, store=ratelimit.FileStore(tmp_path))
     # An empty bucket of 3,000 a minute: full again in 60 s, room for the next request in 20 ms.
-    limiter.observe({"x-ratelimit-limit-requests": "3000", "x-ratelimit-remaining-requests": "0",
-                     "x-ratelimit-reset-requests": "1m0s"})  # fmt: skip
+    limiter.observe(
+        {
+            "x-ratelimit-limit-requests": "3000",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1m0s",
+        }
+    )
     assert limiter.store.cooldown_until("ep") - time.time() <= 0.02
 
 
 def test_error_bodies_are_stored_on_one_line():
-    pretty = json.dumps({"error": {"message": "Invalid 'messages': empty.", "type": "invalid_request_error",
-                                   "param": "messages", "code": None}}, indent=2)  # fmt: skip
+    pretty = json.dumps(
+        {
+            "error": {
+                "message": "Invalid 'messages': empty.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": None,
+            }
+        },
+        indent=2,
+    )
     error = runner.classify(400, pretty, {})
     assert "\n" not in error.body and json.loads(error.body) == json.loads(pretty)
     assert error.message == "Invalid 'messages': empty."
@@ -457,8 +472,13 @@ def test_sweeper_leaves_jobs_waiting_in_the_queue_alone(write, owner, enqueued, 
     now = timezone.now()
     running, waiting = (make_job(write, owner, endpoint, 3, start=False) for _ in range(2))
     # `running` was enqueued first and its slice runs; `waiting` was enqueued after it, 10 minutes ago.
-    _set(running, status=Job.RUNNING, heartbeat_at=now, slice_enqueued_at=now - timedelta(minutes=11),
-         slice_picked_at=now - timedelta(minutes=11))  # fmt: skip
+    _set(
+        running,
+        status=Job.RUNNING,
+        heartbeat_at=now,
+        slice_enqueued_at=now - timedelta(minutes=11),
+        slice_picked_at=now - timedelta(minutes=11),
+    )
     _set(waiting, created_at=now - timedelta(minutes=10), slice_enqueued_at=now - timedelta(minutes=10), slice_gen=1)
     for _ in range(3):
         assert tasks.sweep()["restarted"] == []
@@ -537,7 +557,9 @@ def test_schedules_are_registered_once_and_clean_up_runs(settings, tmp_path):
     tasks.ensure_schedules()
     tasks.ensure_schedules()
     assert sorted(Schedule.objects.values_list("name", "func")) == [
-        ("batchsite-clean-up", "jobs.tasks.clean_up"), ("batchsite-sweeper", "jobs.tasks.sweep")]  # fmt: skip
+        ("batchsite-clean-up", "jobs.tasks.clean_up"),
+        ("batchsite-sweeper", "jobs.tasks.sweep"),
+    ]
     assert tasks.clean_up() == {"uploads_removed": 0}
 
 
@@ -605,8 +627,21 @@ def test_nul_characters_from_upstream_are_stored_as_replacement_characters(write
     Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
     lease = uuid.uuid4()
     (claimed,) = leases.claim(job.pk, lease, 1)
-    leases.write(job.pk, lease, [Outcome(claimed.id, Item.FAILED, 1, http_status=500, response="bad\x00gateway",
-                                         error_code="http_500", error_message="bad\x00gateway")])  # fmt: skip
+    leases.write(
+        job.pk,
+        lease,
+        [
+            Outcome(
+                claimed.id,
+                Item.FAILED,
+                1,
+                http_status=500,
+                response="bad\x00gateway",
+                error_code="http_500",
+                error_message="bad\x00gateway",
+            )
+        ],
+    )
     item = job.items.get()
     assert item.response == item.error_message == "bad\ufffdgateway"
 
@@ -694,13 +729,13 @@ def test_one_off_429s_delay_only_their_own_requests(sim, enqueued, write, owner)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_500_every_time_fails_after_the_transient_budget_and_no_429_counts(sim, enqueued, write, owner, settings,
-                                                                            monkeypatch):  # fmt: skip
+def test_a_500_every_time_fails_after_the_transient_budget_and_no_429_counts(
+    sim, enqueued, write, owner, settings, monkeypatch
+):
     monkeypatch.setattr(runner, "BACKOFF_BASE", 0.02)
     settings.BATCHSITE_TRANSIENT_ATTEMPTS = 4
     url = sim(latency_ms=5)
-    job = make_job(write, owner, make_endpoint(url), 2, text=lambda i: f"Q{i} SIMULATE_500" if i else "Q0",
-                   start=False)  # fmt: skip
+    job = make_job(write, owner, make_endpoint(url), 2, text=lambda i: f"Q{i} SIMULATE_500" if i else "Q0", start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
     slice_run(job, budget=10.0)
     poison = job.items.get(custom_id="req-1")
@@ -772,8 +807,9 @@ def test_a_job_pauses_instead_of_sending_to_a_metadata_address(db, owner, write)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_slice_whose_heartbeats_fail_stops_sending_before_its_leases_can_run_out(sim, enqueued, write, owner,
-                                                                                  monkeypatch, settings):
+def test_a_slice_whose_heartbeats_fail_stops_sending_before_its_leases_can_run_out(
+    sim, enqueued, write, owner, monkeypatch, settings
+):
     """Its items may go to another slice once the leases run out; sending them too would send them twice.
     With every heartbeat failing (a stalled database), nothing is sent past three quarters of a lease."""
     from django.db import OperationalError

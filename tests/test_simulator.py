@@ -41,7 +41,9 @@ def client(url, **kwargs) -> openai.OpenAI:
 def admin(url, path, payload=None):
     """GET (or POST `payload` as JSON to) one of the simulator's /_sim routes."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url.removesuffix("/v1") + path, data=data, method="GET" if data is None else "POST")
+    request = urllib.request.Request(
+        url.removesuffix("/v1") + path, data=data, method="GET" if data is None else "POST"
+    )
     with urllib.request.urlopen(request) as response:
         return json.load(response)
 
@@ -68,7 +70,9 @@ def chat_line(custom_id, text, url="/v1/chat/completions", model=MODEL):
 def run_batch(c, lines, poll=None, **create):
     """Upload JSONL lines, create a chat batch, poll until it ends (calling poll(batch) each time)."""
     upload = c.files.create(file=("input.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
-    batch = c.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", **create)
+    batch = c.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", **create
+    )
     assert batch.status == "validating"
     deadline = time.monotonic() + 10
     while batch.status not in TERMINAL:
@@ -110,9 +114,9 @@ def test_async_client_gets_each_item_its_own_answer(url):
     async def main():
         async with openai.AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0) as c:
             prompts = [f"item {i}" for i in range(50)]
-            answers = await asyncio.gather(*(
-                c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}]) for p in prompts
-            ))
+            answers = await asyncio.gather(
+                *(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}]) for p in prompts)
+            )
             return prompts, [a.choices[0].message.content for a in answers]
 
     prompts, contents = asyncio.run(main())
@@ -136,9 +140,13 @@ class Person(pydantic.BaseModel):
 
 def test_structured_output_is_valid_for_the_schema(url):
     c = client(url)
-    parsed = c.chat.completions.parse(
-        model=MODEL, messages=[{"role": "user", "content": "Describe Ada"}], response_format=Person
-    ).choices[0].message.parsed
+    parsed = (
+        c.chat.completions.parse(
+            model=MODEL, messages=[{"role": "user", "content": "Describe Ada"}], response_format=Person
+        )
+        .choices[0]
+        .message.parsed
+    )
     assert isinstance(parsed, Person)  # the SDK validated it against the pydantic model
     assert parsed.name == "Echo: Describe Ada"
     assert parsed.role == "admin"
@@ -156,9 +164,15 @@ def test_structured_output_is_valid_for_the_schema(url):
         "required": ["label", "confidence", "count", "items"],
         "additionalProperties": False,
     }
-    content = ask(c, "classify", response_format={
-        "type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}
-    }).choices[0].message.content
+    content = (
+        ask(
+            c,
+            "classify",
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}},
+        )
+        .choices[0]
+        .message.content
+    )
     assert json.loads(content) == {"label": "spam", "confidence": 1.0, "count": 1, "items": [{"ok": True}]}
 
 
@@ -185,15 +199,22 @@ def test_responses_api_parses_with_the_sdk(url):
     assert response.status == "completed"
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
 
-    listed = c.responses.create(model=MODEL, input=[
-        {"role": "user", "content": [{"type": "input_text", "text": "from a list"}]},
-    ])
+    listed = c.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "from a list"}]},
+        ],
+    )
     assert listed.output_text == "Echo: from a list"
 
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    structured = c.responses.create(model=MODEL, input="structured please", text={
-        "format": {"type": "json_schema", "name": "a", "schema": schema, "strict": True},
-    })
+    structured = c.responses.create(
+        model=MODEL,
+        input="structured please",
+        text={
+            "format": {"type": "json_schema", "name": "a", "schema": schema, "strict": True},
+        },
+    )
     assert json.loads(structured.output_text) == {"answer": "Echo: structured please"}
 
 
@@ -225,9 +246,9 @@ def test_rpm_limit_answers_429_with_retry_after(start):
 
 def test_rejected_requests_do_not_consume_budget(start):
     c = client(start(rpm=60))
-    for i in range(60):
+    for _ in range(60):
         ask(c, "fill")
-    for i in range(30):
+    for _ in range(30):
         with pytest.raises(openai.RateLimitError) as caught:
             ask(c, "rejected")
     wait_ms = int(caught.value.response.headers["retry-after-ms"])
@@ -367,10 +388,12 @@ def test_latency_is_concurrent_and_stats_count_in_flight(start):
     async def main():
         async with openai.AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0) as c:
             started = time.monotonic()
-            await asyncio.gather(*(
-                c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"n{i}"}])
-                for i in range(20)
-            ))
+            await asyncio.gather(
+                *(
+                    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"n{i}"}])
+                    for i in range(20)
+                )
+            )
             return time.monotonic() - started
 
     elapsed = asyncio.run(main())
@@ -434,8 +457,10 @@ def test_batch_runs_end_to_end_through_the_sdk(url):
 def test_batches_list_pages_newest_first(url):
     c = client(url)
     upload = c.files.create(file=("input.jsonl", (chat_line("a", "x") + "\n").encode()), purpose="batch")
-    ids = [c.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id
-           for _ in range(3)]
+    ids = [
+        c.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        for _ in range(3)
+    ]
     first = c.batches.list(limit=2)
     assert [b.id for b in first.data] == ids[:0:-1] and first.has_more
     assert [b.id for b in c.batches.list(limit=2, after=first.data[-1].id).data] == ids[:1]
@@ -454,7 +479,10 @@ def test_batch_with_invalid_lines_fails_with_line_numbers(url):
     batch = run_batch(c, lines)
     assert batch.status == "failed" and batch.failed_at
     assert [(e.line, e.code) for e in batch.errors.data] == [
-        (2, "invalid_json_line"), (3, "invalid_url"), (4, "duplicate_custom_id"), (5, "mismatched_model"),
+        (2, "invalid_json_line"),
+        (3, "invalid_url"),
+        (4, "duplicate_custom_id"),
+        (5, "mismatched_model"),
     ]
     assert batch.output_file_id is None
 

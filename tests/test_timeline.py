@@ -85,8 +85,20 @@ def test_no_ticks_no_chart(job):
     assert timeline.for_job(job).bars == []
 
 
-@pytest.mark.parametrize("seconds,text", [(4.4, "4 s"), (59, "59 s"), (90, "1 min 30 s"), (120, "2 min"), (599.6, "10 min"),
-                                          (1530, "26 min"), (3600, "1 h"), (7500, "2 h 5 min"),
-                                          (90000, "1 d 1 h"), (None, "")])  # fmt: skip
+@pytest.mark.parametrize(
+    "seconds,text",
+    [
+        (4.4, "4 s"),
+        (59, "59 s"),
+        (90, "1 min 30 s"),
+        (120, "2 min"),
+        (599.6, "10 min"),
+        (1530, "26 min"),
+        (3600, "1 h"),
+        (7500, "2 h 5 min"),
+        (90000, "1 d 1 h"),
+        (None, ""),
+    ],
+)
 def test_duration(seconds, text):
     assert duration(seconds) == text

@@ -1,6 +1,5 @@
 import re
 
-
 import pytest
 
 from jobs import ingest
@@ -29,7 +28,9 @@ def test_healthz(client):
 
 
 def test_signed_in_teammate_sees_and_downloads_jobs(client, owner, teammate, write):
-    job = ingest.create_job(ingest.validate(write("f.jsonl", [chat_line("<script>alert(1)</script>")])), owner=owner, name="<b>xss</b>")
+    job = ingest.create_job(
+        ingest.validate(write("f.jsonl", [chat_line("<script>alert(1)</script>")])), owner=owner, name="<b>xss</b>"
+    )
     client.force_login(teammate)
     home = client.get("/")
     assert b"&lt;b&gt;xss&lt;/b&gt;" in home.content and b"<b>xss</b>" not in home.content
@@ -51,7 +52,9 @@ def _check(tmp_path, *args, **env):
     # A production process's environment: not the test run's (the browser tests allow async-unsafe ORM calls).
     base = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env = {**base, "BATCHSITE_DATA_DIR": str(tmp_path), "DEBUG": "0", "SECRET_KEY": "k" * 50, **env}
-    return subprocess.run([sys.executable, "manage.py", "check", *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_production_settings_refuse_to_start_half_configured(tmp_path):
@@ -62,8 +65,14 @@ def test_production_settings_refuse_to_start_half_configured(tmp_path):
 
 
 def test_production_settings_pass_the_deploy_check_behind_https(tmp_path):
-    result = _check(tmp_path, "--deploy", ALLOWED_HOSTS="batchsite.example.com", SECURE_COOKIES="1", SECURE_PROXY_SSL_HEADER="1",
-                    SECRET_KEY="a-long-random-production-key-" + "x9Yq" * 10)  # fmt: skip
+    result = _check(
+        tmp_path,
+        "--deploy",
+        ALLOWED_HOSTS="batchsite.example.com",
+        SECURE_COOKIES="1",
+        SECURE_PROXY_SSL_HEADER="1",
+        SECRET_KEY="a-long-random-production-key-" + "x9Yq" * 10,
+    )
     assert result.returncode == 0, result.stderr
     # Left to the operator, and said in the README: HSTS for subdomains and preload, redirecting at the proxy.
     found = set(re.findall(r"security\.W\d+", result.stdout + result.stderr))

@@ -52,15 +52,26 @@ def authenticate(request: HttpRequest) -> ApiToken:
         # then: 256 random bits cannot be guessed, and a teammate behind the same address keeps working.
         retry_after = lockout.token_retry_after(request)
         if retry_after:
-            raise ApiError(429, f"Too many wrong API keys from your address: try again in {retry_after // 60 or 1} "
-                                "minutes.", type="requests", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(retry_after)})  # fmt: skip
+            raise ApiError(
+                429,
+                f"Too many wrong API keys from your address: try again in {retry_after // 60 or 1} minutes.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry_after)},
+            )
         lockout.token_failed(request)
-        raise ApiError(401, f"Incorrect API key provided: {_masked(key)}. Check the token, or create a new "
-                            "one on the Batchsite page /account/tokens/.", code="invalid_api_key")  # fmt: skip
+        raise ApiError(
+            401,
+            f"Incorrect API key provided: {_masked(key)}. Check the token, or create a new "
+            "one on the Batchsite page /account/tokens/.",
+            code="invalid_api_key",
+        )
     if token.revoked_at is not None:
-        raise ApiError(401, f"The API token {token.prefix}… was revoked. Create a new one on /account/tokens/.",
-                       code="invalid_api_key")  # fmt: skip
+        raise ApiError(
+            401,
+            f"The API token {token.prefix}… was revoked. Create a new one on /account/tokens/.",
+            code="invalid_api_key",
+        )
     if not token.user.is_active:
         raise ApiError(401, "The account of this API token is deactivated.", code="invalid_api_key")
     return token
@@ -81,9 +92,10 @@ def api_view(*methods: str):
                 if request.method not in methods:
                     allowed = ", ".join(methods)
                     response = ApiError(
-                        405, f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                        405,
+                        f"{request.method} is not allowed on {request.path}; use {allowed}.",
                         code="method_not_allowed",
-                    ).response()  # fmt: skip
+                    ).response()
                     response["Allow"] = allowed
                     return response
                 request.api_token = authenticate(request)
@@ -115,7 +127,9 @@ def json_body(request: HttpRequest) -> dict:
     try:
         body = json.loads(request.body or b"{}")
     except ValueError:
-        raise ApiError(400, "We could not parse the JSON body of your request. The body must be a JSON object.") from None
+        raise ApiError(
+            400, "We could not parse the JSON body of your request. The body must be a JSON object."
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "The body of your request must be a JSON object.")
     return body

@@ -100,8 +100,17 @@ def batch_object(request: HttpRequest, batch: Batch) -> dict:
 
 
 # What a batch object never reads: left in the database, so a poll loads and decodes less.
-UNUSED = ["job__template", "job__columns", "job__source_file", "job__est_input_tokens", "job__cost",
-          "job__heartbeat_at", "job__slice_gen", "job__slice_enqueued_at", "job__slice_picked_at"]  # fmt: skip
+UNUSED = [
+    "job__template",
+    "job__columns",
+    "job__source_file",
+    "job__est_input_tokens",
+    "job__cost",
+    "job__heartbeat_at",
+    "job__slice_gen",
+    "job__slice_enqueued_at",
+    "job__slice_picked_at",
+]
 
 
 def _with_jobs(batches: list[Batch]) -> list[Batch]:
@@ -114,12 +123,17 @@ def _with_jobs(batches: list[Batch]) -> list[Batch]:
         return []
     q = connection.ops.quote_name
     marks = ", ".join(["%s"] * len(batches))
-    jobs = {job.pk: job for job in Job.objects.raw(
-        f"SELECT {_JOB_COLUMNS} FROM {q(Job._meta.db_table)} WHERE id IN ({marks})", [b.job_id for b in batches]
-    )}  # fmt: skip
+    jobs = {
+        job.pk: job
+        for job in Job.objects.raw(
+            f"SELECT {_JOB_COLUMNS} FROM {q(Job._meta.db_table)} WHERE id IN ({marks})", [b.job_id for b in batches]
+        )
+    }
     for batch in batches:
         batch.job = jobs[batch.job_id]
-        batch.input_file = File.from_db(batch._state.db, ["id", "public_id"], [batch.input_file_id, batch.input_public_id])
+        batch.input_file = File.from_db(
+            batch._state.db, ["id", "public_id"], [batch.input_file_id, batch.input_public_id]
+        )
     finished = [job for job in jobs.values() if job.status in (Job.COMPLETED, Job.CANCELLED)]
     prefetch_related_objects(finished, "api_files")  # for File.of_job; a running batch has no output file yet
     return batches
@@ -127,11 +141,13 @@ def _with_jobs(batches: list[Batch]) -> list[Batch]:
 
 def _raw_batches(where: str, params: list) -> list[Batch]:
     q = connection.ops.quote_name
-    return list(Batch.objects.raw(
-        f"SELECT b.*, f.{q('public_id')} AS input_public_id FROM {q(Batch._meta.db_table)} b "
-        f"JOIN {q(File._meta.db_table)} f ON f.{q('id')} = b.{q('input_file_id')} WHERE {where}",
-        params,
-    ))  # fmt: skip
+    return list(
+        Batch.objects.raw(
+            f"SELECT b.*, f.{q('public_id')} AS input_public_id FROM {q(Batch._meta.db_table)} b "
+            f"JOIN {q(File._meta.db_table)} f ON f.{q('id')} = b.{q('input_file_id')} WHERE {where}",
+            params,
+        )
+    )
 
 
 def get_batch(request: HttpRequest, batch_id: str) -> Batch:
@@ -204,8 +220,12 @@ def _metadata(value) -> dict:
     if not isinstance(value, dict):
         raise ApiError(400, "Invalid type for 'metadata': expected an object.", param="metadata", code="invalid_type")
     if len(value) > METADATA_PAIRS:
-        raise ApiError(400, f"Invalid 'metadata': at most {METADATA_PAIRS} pairs are allowed.", param="metadata",
-                       code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"Invalid 'metadata': at most {METADATA_PAIRS} pairs are allowed.",
+            param="metadata",
+            code="invalid_value",
+        )
     for key, item in value.items():
         if len(key) > METADATA_KEY_CHARS or not isinstance(item, str) or len(item) > METADATA_VALUE_CHARS:
             raise ApiError(
@@ -225,8 +245,12 @@ def _upstream(metadata: dict) -> Endpoint | None:
     endpoint = Endpoint.objects.filter(name=name).first()
     if endpoint is None:
         known = ", ".join(repr(n) for n in Endpoint.objects.values_list("name", flat=True)) or "none"
-        raise ApiError(400, f"No endpoint named {name!r}. Endpoints: {known}.", param=f"metadata.{ENDPOINT_KEY}",
-                       code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"No endpoint named {name!r}. Endpoints: {known}.",
+            param=f"metadata.{ENDPOINT_KEY}",
+            code="invalid_value",
+        )
     return endpoint
 
 
@@ -235,20 +259,33 @@ def _create(request: HttpRequest) -> JsonResponse:
     input_file_id = _required(body, "input_file_id")
     url = _required(body, "endpoint")
     if url not in SUPPORTED_URLS:
-        raise ApiError(400, f"Invalid value for 'endpoint': {url!r}. Supported values are: {', '.join(SUPPORTED_URLS)}.",
-                       param="endpoint", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"Invalid value for 'endpoint': {url!r}. Supported values are: {', '.join(SUPPORTED_URLS)}.",
+            param="endpoint",
+            code="invalid_value",
+        )
     if _required(body, "completion_window") != COMPLETION_WINDOW:
-        raise ApiError(400, "Invalid value for 'completion_window': only '24h' is supported.",
-                       param="completion_window", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            "Invalid value for 'completion_window': only '24h' is supported.",
+            param="completion_window",
+            code="invalid_value",
+        )
     metadata = _metadata(body.get("metadata"))
     endpoint = _upstream(metadata)
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
-        raise ApiError(400, f"The file {input_file_id} has purpose '{file.purpose}'; a batch needs a 'batch' file.",
-                       param="input_file_id", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"The file {input_file_id} has purpose '{file.purpose}'; a batch needs a 'batch' file.",
+            param="input_file_id",
+            code="invalid_value",
+        )
     if not file.full_path.exists():
-        raise ApiError(400, f"The content of {input_file_id} is no longer stored; upload it again.",
-                       param="input_file_id")  # fmt: skip
+        raise ApiError(
+            400, f"The content of {input_file_id} is no longer stored; upload it again.", param="input_file_id"
+        )
 
     # Validation reads the whole file (about 2-3 s for 50,000 lines): done here, so a file with
     # errors gives a batch that is failed from the start, with every error and its line.
@@ -268,8 +305,14 @@ def _failed_job(request, plan: ingest.Plan, name: str, url: str, endpoint, metad
     """A failed Job with no items: the team sees the rejected batch and its errors in the dashboard."""
     errors = [error.as_dict() for error in plan.errors]
     if plan.error_count > len(errors):
-        errors.append({"code": "too_many_errors", "line": None, "param": None,
-                       "message": f"{plan.error_count - len(errors):,} more errors are not listed."})  # fmt: skip
+        errors.append(
+            {
+                "code": "too_many_errors",
+                "line": None,
+                "param": None,
+                "message": f"{plan.error_count - len(errors):,} more errors are not listed.",
+            }
+        )
     first = plan.errors[0].message if plan.errors else ""
     now = timezone.now()
     return Job.objects.create(

@@ -61,10 +61,16 @@ def _upload(request: HttpRequest) -> JsonResponse:
     purpose = request.POST.get("purpose", "")
     upload = request.FILES.get("file")
     if not purpose:
-        raise ApiError(400, "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+        raise ApiError(
+            400, "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
+        )
     if purpose != File.BATCH:
-        raise ApiError(400, f"Invalid value for 'purpose': {purpose!r}. Batchsite accepts only 'batch' files.",
-                       param="purpose", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"Invalid value for 'purpose': {purpose!r}. Batchsite accepts only 'batch' files.",
+            param="purpose",
+            code="invalid_value",
+        )
     if upload is None:
         raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     lifetime = _expires_after(request)
@@ -91,16 +97,24 @@ def _expires_after(request: HttpRequest) -> timedelta | None:
         days = settings.BATCHSITE_FILE_EXPIRY_DAYS
         return timedelta(days=days) if days else None
     if anchor != "created_at":
-        raise ApiError(400, f"Invalid value for 'expires_after.anchor': {anchor!r}. Supported values are: 'created_at'.",
-                       param="expires_after.anchor", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"Invalid value for 'expires_after.anchor': {anchor!r}. Supported values are: 'created_at'.",
+            param="expires_after.anchor",
+            code="invalid_value",
+        )
     low, high = EXPIRY_SECONDS
     try:
         value = int(seconds or "")
     except ValueError:
         value = 0
     if not low <= value <= high:
-        raise ApiError(400, f"Invalid value for 'expires_after.seconds': {seconds!r}. Expected an integer from {low} to {high}.",
-                       param="expires_after.seconds", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"Invalid value for 'expires_after.seconds': {seconds!r}. Expected an integer from {low} to {high}.",
+            param="expires_after.seconds",
+            code="invalid_value",
+        )
     return timedelta(seconds=value)
 
 

@@ -17,8 +17,12 @@ def limit_param(request: HttpRequest, default: int, maximum: int) -> int:
     except ValueError:
         limit = 0
     if not 1 <= limit <= maximum:
-        raise ApiError(400, f"Invalid 'limit': {raw!r}. Expected an integer from 1 to {maximum}.",
-                       param="limit", code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400,
+            f"Invalid 'limit': {raw!r}. Expected an integer from 1 to {maximum}.",
+            param="limit",
+            code="invalid_value",
+        )
     return limit
 
 
@@ -30,7 +34,9 @@ def cursor_page(request: HttpRequest, objects: QuerySet, serialize, default: int
     limit = limit_param(request, default, maximum)
     order = request.GET.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise ApiError(400, f"Invalid 'order': {order!r}. Expected 'asc' or 'desc'.", param="order", code="invalid_value")
+        raise ApiError(
+            400, f"Invalid 'order': {order!r}. Expected 'asc' or 'desc'.", param="order", code="invalid_value"
+        )
     after = request.GET.get("after", "")
     if after:
         # Looked up among all objects, so a page still follows an object deleted since it was listed.

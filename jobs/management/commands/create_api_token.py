@@ -22,5 +22,7 @@ class Command(BaseCommand):
             user = User.objects.create_user(username)  # no usable password: the token is its only way in
             self.stderr.write(f"Created user {username!r} (no password; set one with `manage.py changepassword`).")
         token, plaintext = ApiToken.create_for(user, options["name"])
-        self.stderr.write(f"API token “{token.name}” for {username}; it is shown only now. Revoke it on /account/tokens/.")
+        self.stderr.write(
+            f"API token “{token.name}” for {username}; it is shown only now. Revoke it on /account/tokens/."
+        )
         self.stdout.write(plaintext)

@@ -21,13 +21,23 @@ class Command(BaseCommand):
         parser.add_argument("--jitter-ms", type=float, default=0, help="uniform extra latency, 0..N ms")
         parser.add_argument("--rpm", type=int, help="requests per minute (token bucket)")
         parser.add_argument("--tpm", type=int, help="tokens per minute: prompt estimate + max_tokens")
-        parser.add_argument("--start-empty", action="store_true",
-                            help="rate-limit buckets are empty when the first request arrives, not full: a client "
-                                 "faster than --rpm/--tpm gets 429s from the start, not after a minute's budget")
-        parser.add_argument("--error-rate", action="append", default=[], metavar="STATUS=FRACTION",
-                            help="answer this fraction of requests with STATUS; repeatable")
+        parser.add_argument(
+            "--start-empty",
+            action="store_true",
+            help="rate-limit buckets are empty when the first request arrives, not full: a client "
+            "faster than --rpm/--tpm gets 429s from the start, not after a minute's budget",
+        )
+        parser.add_argument(
+            "--error-rate",
+            action="append",
+            default=[],
+            metavar="STATUS=FRACTION",
+            help="answer this fraction of requests with STATUS; repeatable",
+        )
         parser.add_argument("--retry-after-ms", type=int, default=1000, help="retry-after of injected 429s")
-        parser.add_argument("--insufficient-quota", action="store_true", help="answer every request 429 insufficient_quota")
+        parser.add_argument(
+            "--insufficient-quota", action="store_true", help="answer every request 429 insufficient_quota"
+        )
         parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
         parser.add_argument("--batch-seconds", type=float, default=2.0, help="how long a batch takes")
         parser.add_argument("--batch-fail-rate", type=float, default=0.0, help="fraction of batch lines that fail")

@@ -47,7 +47,9 @@ class Command(BaseCommand):
             raise CommandError("No endpoint: set OPENAI_API_KEY (and OPENAI_BASE_URL) or add one in the admin.")
         job = ingest.create_job(plan, owner=owner, name=options["name"], endpoint=endpoint)
         job.start()
-        self.stdout.write(f"Job {job.pk} '{job.name}': {job.total:,} requests to {endpoint.base_url}{job.url.removeprefix('/v1')}")
+        self.stdout.write(
+            f"Job {job.pk} '{job.name}': {job.total:,} requests to {endpoint.base_url}{job.url.removeprefix('/v1')}"
+        )
         if not options["wait"]:
             return
         shown = None
@@ -66,11 +68,17 @@ class Command(BaseCommand):
         self.stdout.write("")
         if job.status_reason:
             self.stdout.write(job.status_reason)
-        self.stdout.write(f"  {job.n_succeeded:,} succeeded, {job.n_failed:,} failed; {job.prompt_tokens + job.completion_tokens:,} tokens, ${job.cost:.4f}")
+        self.stdout.write(
+            f"  {job.n_succeeded:,} succeeded, {job.n_failed:,} failed; {job.prompt_tokens + job.completion_tokens:,} tokens, ${job.cost:.4f}"
+        )
         if options["output"]:
             out = Path(options["output"])
             out.mkdir(parents=True, exist_ok=True)
-            for name, writer in (("results.jsonl", export.results_jsonl), ("errors.jsonl", export.errors_jsonl), ("results.csv", export.results_csv)):
+            for name, writer in (
+                ("results.jsonl", export.results_jsonl),
+                ("errors.jsonl", export.errors_jsonl),
+                ("results.csv", export.results_csv),
+            ):
                 with open(out / name, "w", encoding="utf-8", newline="") as f:
                     for chunk in writer(job):
                         f.write(chunk)
