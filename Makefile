@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup run test bench screenshots clean
+.PHONY: setup run test check bench screenshots clean
 
 setup: $(STAMP)
 	$(PY) manage.py prepare
@@ -22,6 +22,10 @@ run: setup
 
 test: setup
 	scripts/test.sh
+
+# Lint, format, layer contracts and types only (make test runs them first).
+check: setup
+	scripts/check.sh
 
 bench: setup
 	$(PY) bench/ingest_export.py

@@ -4,6 +4,7 @@ import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from csp.constants import NONE, SELF, UNSAFE_INLINE
 from django.core.exceptions import ImproperlyConfigured
@@ -12,13 +13,20 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 def envbool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
+    """NAME as on or off; any other value stops the start, so that DEBUG=ture cannot quietly mean off."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
         return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(
+        f"Unexpected value {name}={os.environ[name]!r}: use 1/0, true/false, yes/no or on/off (any case)."
+    )
 
 
-def envint(name: str, default: int | None) -> int | None:
+def envint(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     return int(value) if value else default
 
@@ -37,7 +45,7 @@ DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 DEBUG = envbool("DEBUG", True)
 
-SECRET_KEY = envsecret("SECRET_KEY")
+SECRET_KEY = envsecret("SECRET_KEY") or ""
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
@@ -111,7 +119,7 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             # BATCHSITE_SQLITE_PATH lets the test suite point a real qcluster at its test database.
-            "NAME": os.environ.get("BATCHSITE_SQLITE_PATH") or DATA_DIR / "batchsite.sqlite3",
+            "NAME": os.environ.get("BATCHSITE_SQLITE_PATH") or str(DATA_DIR / "batchsite.sqlite3"),
             "OPTIONS": {
                 # Workers and the web write the same rows: wait for the lock instead of failing,
                 # and take it at BEGIN so a read-then-write transaction cannot deadlock.
@@ -136,7 +144,7 @@ else:
         }
     }
 
-Q_CLUSTER = {
+Q_CLUSTER: dict[str, Any] = {
     "name": "batchsite",
     "workers": envint("BATCHSITE_WORKERS", 2),
     # Slices stop claiming after BATCHSITE_SLICE_SECONDS, then wait for requests in flight (up to
@@ -174,6 +182,7 @@ AUTHENTICATION_BACKENDS = [
     "jobs.auth_backend.Backend",
     "django.contrib.auth.backends.ModelBackend",
 ]
+AXES_ENABLED = True  # django-axes' default, named here for jobs/lockout.py
 AXES_FAILURE_LIMIT = envint("BATCHSITE_LOGIN_FAILURE_LIMIT", 10)
 AXES_COOLOFF_TIME = timedelta(minutes=envint("BATCHSITE_LOCKOUT_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = "jobs.lockout.lockout_parameters"
@@ -186,6 +195,8 @@ FORWARDED_ALLOW_IPS = [ip.strip() for ip in os.environ.get("FORWARDED_ALLOW_IPS"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
+# `manage.py ensure_demo_user` (run by `make run`) creates the demo login unless this is off.
+BATCHSITE_DEMO_USER = envbool("BATCHSITE_DEMO_USER", True)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
@@ -195,7 +206,6 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-MEDIA_ROOT = DATA_DIR / "files"
 
 # Uploads: Django spools anything over 2.5 MB to disk, so a 200 MB file never sits in memory.
 BATCHSITE_MAX_UPLOAD_MB = envint("BATCHSITE_MAX_UPLOAD_MB", 512)
@@ -233,7 +243,7 @@ SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("SECURE_COOKIES", False)
 if SESSION_COOKIE_SECURE:  # served over TLS only: tell browsers never to try plain HTTP
     SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31_536_000)
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)  # usually the proxy's job
-if os.environ.get("SECURE_PROXY_SSL_HEADER"):
+if envbool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # Content Security Policy (django-csp): scripts only from our own static files, never inline, so an
 # injected <script> or onclick= would not run. Inline style *attributes* stay allowed (the progress bars'
@@ -263,7 +273,8 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
         "jobs": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-        # httpx logs every request line with its URL; nothing secret, but far too chatty.
-        "httpx": {"level": "WARNING"},
+        # httpx2 logs every request at INFO with its URL (the OpenAI SDK's aiohttp transport goes through it
+        # too); nothing secret, but far too chatty.
+        "httpx2": {"level": "WARNING"},
     },
 }

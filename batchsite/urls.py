@@ -1,11 +1,11 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from jobs.api import account
+from jobs.web import account
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include("jobs.api.urls")),
     path("account/tokens/", account.tokens, name="api_tokens"),
-    path("", include("jobs.urls")),
+    path("", include("jobs.web.urls")),
 ]

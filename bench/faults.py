@@ -127,7 +127,7 @@ def main() -> None:
         # 2. Batchsite through /v1, warm.
         from django.contrib.auth.models import User
 
-        from jobs import tasks
+        from jobs.engine import tasks
         from jobs.models import ApiToken, Endpoint
 
         owner = User.objects.create_user("bench")

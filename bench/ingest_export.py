@@ -107,7 +107,7 @@ def phase(name: str, path: str, queue) -> None:
             },
             separators=(",", ":"),
         )
-        Item.objects.filter(job=job).update(status=Item.SUCCEEDED, http_status=200, response=answer)
+        Item.objects.filter(job=job).update(status=Item.Status.SUCCEEDED, http_status=200, response=answer)
     queue.put((f"{name}_s", time.perf_counter() - start))
     queue.put((f"{name}_rss_mb", peak_mb()))
 

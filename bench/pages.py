@@ -51,13 +51,13 @@ def main() -> None:
         }
     )
     Item.objects.filter(job=big, line__lte=30_000).update(
-        status=Item.SUCCEEDED, http_status=200, response=answer, prompt_tokens=9, completion_tokens=3
+        status=Item.Status.SUCCEEDED, http_status=200, response=answer, prompt_tokens=9, completion_tokens=3
     )
     Item.objects.filter(job=big, line__gt=30_000, line__lte=31_000).update(
-        status=Item.FAILED, http_status=500, error_code="http_500", error_message="Server error"
+        status=Item.Status.FAILED, http_status=500, error_code="http_500", error_message="Server error"
     )
     big.recount()
-    Job.objects.filter(pk=big.pk).update(status=Job.RUNNING)
+    Job.objects.filter(pk=big.pk).update(status=Job.Status.RUNNING)
     Job.objects.bulk_create(
         [
             Job(
@@ -65,14 +65,14 @@ def main() -> None:
                 name=f"history {i}",
                 url="/v1/chat/completions",
                 model="gpt-4o-mini",
-                status=Job.COMPLETED,
+                status=Job.Status.COMPLETED,
                 total=100,
                 n_succeeded=100,
             )
             for i in range(1000)
         ]
     )
-    item = big.items.filter(status=Item.SUCCEEDED).first()
+    item = big.items.filter(status=Item.Status.SUCCEEDED).first()
     # A day-long run's timeline: the chart buckets all 8,640 ten-second ticks on every poll.
     start = timezone.now() - timedelta(days=1)
     JobTick.objects.bulk_create(

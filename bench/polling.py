@@ -135,7 +135,8 @@ def main() -> None:
     try:
         from django.contrib.auth.models import User
 
-        from jobs import ingest, tasks
+        from jobs import ingest
+        from jobs.engine import tasks
         from jobs.models import ApiToken, Batch, Endpoint, File
 
         sim = start(Simulator, data_dir, args.latency_ms)

@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def start_server(port: int) -> subprocess.Popen:
-    code = f"from jobs.simulator import SimConfig, run; run(SimConfig(), '127.0.0.1', {port})"
+    code = f"from simulator import SimConfig, run; run(SimConfig(), '127.0.0.1', {port})"
     server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     deadline = time.monotonic() + 15
     while True:

@@ -396,7 +396,7 @@ def run_api_job(path: Path, web: WebServer, token: str, sim: Simulator, cluster:
     status = wait_job(job_id, timeout, cluster=cluster)
     t_done = time.perf_counter()
     job = Job.objects.get(pk=job_id)
-    assert status == Job.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
+    assert status == Job.Status.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
     first = sim.stats()["first_arrival"]
     client.close()
     return {
@@ -436,7 +436,7 @@ def wait_job(job_id: int, timeout: float, interval: float = 0.1, cluster: Server
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
-        if status in Job.FINISHED or status == Job.PAUSED:
+        if status in Job.FINISHED or status == Job.Status.PAUSED:
             return status
         if cluster is not None and not cluster.alive():
             raise SystemExit("the cluster died:\n" + cluster.tail())
@@ -458,7 +458,7 @@ def run_job(path: Path, owner, endpoint, cluster: Server, timeout: float) -> dic
     status = wait_job(job.pk, timeout, cluster=cluster)
     t_done = time.perf_counter()
     job = Job.objects.get(pk=job.pk)
-    assert status == Job.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
+    assert status == Job.Status.COMPLETED, f"job ended {status}: {job.status_reason} {job.counts()}"
     return {
         "job": job,
         "ingest_s": t_created - t0,
@@ -575,7 +575,7 @@ def main() -> None:
         # 2. Batchsite through /v1: web server and cluster up and warm before the clock starts.
         from django.contrib.auth.models import User
 
-        from jobs import tasks
+        from jobs.engine import tasks
         from jobs.models import ApiToken, Endpoint
 
         owner = User.objects.create_user("bench")

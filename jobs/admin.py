@@ -1,4 +1,6 @@
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django_q.admin import ScheduleAdmin
 from django_q.models import Schedule
 
@@ -33,8 +35,34 @@ class EndpointAdmin(ReadOnlyAdmin):
     readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "cooldown_until")
 
 
+class RefuseActiveJobs(admin.ModelAdmin):
+    """The admin's delete pages (one object or the bulk action, for jobs and for users, whose jobs go with
+    them) keep the dashboard's rule: a job whose slices may be sending requests is cancelled or paused
+    first (Job.deletable). Its active jobs are listed as protected, so the page says why."""
+
+    def get_deleted_objects(self, objs, request):
+        deletable, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        jobs = Job.objects.filter(status__in=Job.ACTIVE)
+        if self.model is Job:
+            jobs = jobs.filter(pk__in=[o.pk for o in objs])
+        else:
+            jobs = jobs.filter(owner__in=[o.pk for o in objs])
+        protected = [*protected, *(f"{job} ({job.status}: cancel or pause it first)" for job in jobs)]
+        return deletable, counts, perms_needed, protected
+
+
+User = get_user_model()
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+
+
+@admin.register(User)
+class TeamUserAdmin(RefuseActiveJobs, UserAdmin):
+    pass
+
+
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(RefuseActiveJobs):
     list_display = ("name", "owner", "status", "total", "n_succeeded", "n_failed", "created_at")
     list_filter = ("status", "mode")
     search_fields = ("name",)

@@ -14,16 +14,16 @@ class JobsConfig(AppConfig):
         post_spawn.connect(_watch, dispatch_uid="batchsite-watch")
 
 
-# jobs.tasks is imported late: it pulls in the engine (openai, httpx), which the web processes need not load.
+# jobs.engine.tasks is imported late: it pulls in the engine (openai, httpx), which the web processes need not load.
 def _register_schedules(sender, using, apps=None, **kwargs):
     from django.apps import apps as global_apps
 
-    from jobs import tasks
+    from jobs.engine import tasks
 
     tasks.ensure_schedules(apps or global_apps, using)  # `flush` sends no `apps`: the models are all there
 
 
 def _watch(sender, **kwargs):
-    from jobs import tasks
+    from jobs.engine import tasks
 
     tasks.watch()

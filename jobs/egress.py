@@ -45,7 +45,7 @@ def check_address(address: str) -> None:
     if settings.BATCHSITE_ALLOW_PRIVATE_ENDPOINTS:
         return
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0 carries a zone
-    if getattr(ip, "ipv4_mapped", None):
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     if ip.is_link_local or ip in METADATA_ADDRESSES:
         raise UnsafeURL(
@@ -90,7 +90,7 @@ def check_base_url(url: str, resolve: bool = True) -> None:
 def resolve_host(host: str) -> list[str]:
     """The addresses `host` resolves to now; none if it does not resolve."""
     try:
-        return [info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+        return [str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
     except (OSError, UnicodeError):
         return []
 

@@ -25,11 +25,11 @@ from collections.abc import Iterable, Iterator
 from jobs.models import Item, Job
 
 FLUSH_BYTES = 64 * 1024
-ERROR_STATUSES = (Item.FAILED, Item.EXPIRED, Item.CANCELLED)
+ERROR_STATUSES = (Item.Status.FAILED, Item.Status.EXPIRED, Item.Status.CANCELLED)
 # What OpenAI's error file says for a request that never ran.
 NOT_RUN = {
-    Item.EXPIRED: ("batch_expired", "This request could not be executed before the completion window expired."),
-    Item.CANCELLED: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+    Item.Status.EXPIRED: ("batch_expired", "This request could not be executed before the completion window expired."),
+    Item.Status.CANCELLED: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
 }
 
 
@@ -78,7 +78,7 @@ def results_jsonl(job: Job) -> Iterator[str]:
     fields = ("id", "custom_id", "http_status", "request_id", "response")
 
     def lines():
-        for pk, custom_id, status, upstream_id, body in _items(job, [Item.SUCCEEDED], fields):
+        for pk, custom_id, status, upstream_id, body in _items(job, [Item.Status.SUCCEEDED], fields):
             yield (
                 f'{{"id":"{request_id(job.pk, pk)}","custom_id":{dumps(custom_id, ensure_ascii=False)},'
                 f'"response":{{"status_code":{status or 200},"request_id":{dumps(upstream_id)},'
@@ -108,7 +108,7 @@ def errors_jsonl(job: Job) -> Iterator[str]:
     def lines():
         for pk, custom_id, status, http_status, upstream_id, body, code, message in _items(job, ERROR_STATUSES, fields):
             head = f'{{"id":"{request_id(job.pk, pk)}","custom_id":{dumps(custom_id, ensure_ascii=False)},'
-            if status == Item.FAILED and http_status:
+            if status == Item.Status.FAILED and http_status:
                 yield (
                     f'{head}"response":{{"status_code":{http_status},"request_id":{dumps(upstream_id)},'
                     f'"body":{_error_body(body, http_status)}}},"error":null}}\n'
@@ -196,7 +196,7 @@ def _cell(value) -> str:
 
 
 def results_csv(job: Job) -> Iterator[str]:
-    input_columns = list(job.columns) if job.source_format == Job.CSV else []
+    input_columns = list(job.columns) if job.source_format == Job.Format.CSV else []
     has_id_column = bool(job.template.get("custom_id_column")) if job.template else False
     fields = schema_fields(job)
     taken = set()
@@ -243,7 +243,7 @@ def results_csv(job: Job) -> Iterator[str]:
             if not has_id_column:
                 row.append(_safe_cell(custom_id))
             text, parsed = "", {}
-            if status == Item.SUCCEEDED and body:
+            if status == Item.Status.SUCCEEDED and body:
                 text = output_text(job.url, json.loads(body))
                 if fields:
                     try:

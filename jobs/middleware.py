@@ -1,9 +1,9 @@
 from django.conf import settings
 from django.core.exceptions import SuspiciousOperation
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 
-from jobs.api.auth import ApiError
+from jobs.errors import ApiError
 
 
 class RejectNulBytes:
@@ -99,11 +99,17 @@ class LimitRequestBody:
         return response
 
 
+class UploadRequest(HttpRequest):
+    body_too_large: bool  # set when BodyLimitHandler cut an upload short
+
+
 class BodyLimitHandler(FileUploadHandler):
     """First upload handler: stops a multipart file at the request's limit, so no more of it is spooled.
 
     The temporary file written so far is deleted when the upload stops; LimitRequestBody answers 413.
     """
+
+    request: UploadRequest  # Django always makes its upload handlers with the request
 
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
         self.limit = file_limit(self.request)

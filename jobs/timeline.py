@@ -28,7 +28,7 @@ class Timeline:
 
     @property
     def span_seconds(self) -> float:
-        return (self.end - self.start).total_seconds() if self.start else 0.0
+        return (self.end - self.start).total_seconds() if self.start and self.end else 0.0
 
 
 class Epoch(Func):
@@ -108,12 +108,12 @@ def for_job(job: Job, now: datetime | None = None, slots: int = SLOTS) -> Timeli
     )
     # Over the last minute, or over the run so far while it is younger than that: 12 done in its first
     # 3 s is 4/s, not 0.2/s (and an ETA 20 times too long).
-    window = RECENT
+    window: float = RECENT
     if job.started_at is not None:
         window = min(RECENT, max((now - job.started_at).total_seconds(), MIN_WINDOW))
     rate = recent_done / window if active else 0.0
     remaining = job.n_pending + job.n_running
-    eta = remaining / rate if rate > 0 and remaining and job.status in (Job.RUNNING, Job.QUEUED) else None
+    eta = remaining / rate if rate > 0 and remaining and job.status in (Job.Status.RUNNING, Job.Status.QUEUED) else None
     return Timeline(
         bars=bars,
         bucket_seconds=bucket,

@@ -91,7 +91,9 @@ def _images_in(content) -> int:
 
 def estimate_request(url: str, body: dict) -> int:
     """Input tokens a request will be billed for, the way OpenAI counts them (within a few %)."""
-    model = body.get("model") if isinstance(body.get("model"), str) else ""
+    model = body.get("model")
+    if not isinstance(model, str):
+        model = ""
     if url == "/v1/chat/completions":
         messages = body.get("messages") or []
         total = 3  # every reply is primed with <|start|>assistant<|message|>

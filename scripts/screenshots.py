@@ -62,7 +62,8 @@ def main() -> None:
     from django.contrib.auth.models import User
     from playwright.sync_api import sync_playwright
 
-    from jobs import ingest, tasks
+    from jobs import ingest
+    from jobs.engine import tasks
     from jobs.models import Endpoint, Job
     from tests.servers import Cluster, Simulator, WebServer, wait_until
 
@@ -80,7 +81,7 @@ def main() -> None:
         web = WebServer(data_dir)
         started.append(web)
         plan = ingest.validate(
-            write_input(data_dir / "reviews.jsonl", args.items), format=Job.JSONL, source_name="reviews.jsonl"
+            write_input(data_dir / "reviews.jsonl", args.items), format=Job.Format.JSONL, source_name="reviews.jsonl"
         )
         job = ingest.create_job(plan, owner=User.objects.get(), name="Review sentiment", endpoint=endpoint)
         job.start()
@@ -102,7 +103,7 @@ def main() -> None:
             page.goto(f"{web.url}/jobs/{job.pk}/")
             page.screenshot(path=str(args.out / "job-running.png"), full_page=True)
             sim.configure(error_rates={})
-            wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.COMPLETED, 600, 1, "the job to complete")
+            wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, 600, 1, "the job to complete")
             page.goto(f"{web.url}/jobs/{job.pk}/")
             page.screenshot(path=str(args.out / "job-detail.png"), full_page=True)
             browser.close()

@@ -13,6 +13,8 @@ if [ ! -x /usr/bin/chromium ]; then
     || { cat /tmp/batchsite-apt-chromium.log; exit 1; }
 fi
 
+scripts/check.sh
+
 echo "== SQLite + database broker"
 BATCHSITE_DATA_DIR="$PWD/var/test" "$PY" -m pytest "$@"
 

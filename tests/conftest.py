@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs import tokens
+from tests.factories import seed_prices
+
 
 @pytest.fixture(autouse=True)
 def csv_field_limit():
@@ -25,6 +28,11 @@ def teammate(django_user_model):
 
 
 @pytest.fixture
+def staff(django_user_model):
+    return django_user_model.objects.create_user("boss", password="boss-pass-123", is_staff=True)
+
+
+@pytest.fixture
 def write(tmp_path):
     """write("name.jsonl", text or bytes or list of objects) -> Path"""
 
@@ -40,13 +48,12 @@ def write(tmp_path):
     return _write
 
 
-def chat_line(custom_id: str, text: str = "Hello", model: str = "gpt-4o-mini", **body) -> dict:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": model, "messages": [{"role": "user", "content": text}], **body},
-    }
+@pytest.fixture
+def data_dir(settings, tmp_path):
+    """Uploads in a directory of the test's own (the token data stays in the real data dir)."""
+    tokens.seed_cache()
+    settings.DATA_DIR = tmp_path
+    return tmp_path
 
 
 @pytest.fixture
@@ -69,7 +76,7 @@ def simulator(tmp_path):
 @pytest.fixture
 def cluster(transactional_db, tmp_path):
     """cluster(**env) starts a real qcluster on the test database (stopped after the test)."""
-    from jobs import tasks
+    from jobs.engine import tasks
     from tests.servers import Cluster
 
     tasks.ensure_schedules()
@@ -84,56 +91,6 @@ def cluster(transactional_db, tmp_path):
     yield start
     for c in started:
         c.stop()
-
-
-def make_endpoint(base_url: str, **fields):
-    from jobs.models import Endpoint
-
-    endpoint = Endpoint(name=f"sim {base_url}", base_url=base_url, is_default=True, **fields)
-    endpoint.set_api_key("sk-test-simulator-key")
-    endpoint.save()
-    return endpoint
-
-
-def make_job(write, owner, endpoint, n: int, text=lambda i: f"Question {i}", start=True, **body):
-    from jobs import ingest
-
-    lines = [chat_line(f"req-{i}", text(i), **body) for i in range(n)]
-    plan = ingest.validate(write(f"job-{n}.jsonl", lines))
-    assert plan.ok, plan.errors
-    job = ingest.create_job(plan, owner=owner, endpoint=endpoint)
-    if start:
-        job.start()
-    return job
-
-
-def answers(job) -> dict[str, str]:
-    """custom_id -> the answer's text, from the job's exported results; a custom_id twice fails the test."""
-    from jobs import export
-
-    out = {}
-    for line in "".join(export.results_jsonl(job)).splitlines():
-        record = json.loads(line)
-        assert record["custom_id"] not in out, "a custom_id appears twice in the output"
-        out[record["custom_id"]] = record["response"]["body"]["choices"][0]["message"]["content"]
-    return out
-
-
-def seed_prices():
-    """Transactional tests flush the price rows a data migration made; put them back."""
-    import importlib
-
-    from django.apps import apps
-
-    importlib.import_module("jobs.migrations.0003_default_prices").add_prices(apps, None)
-
-
-def api_headers(user) -> dict:
-    """Headers with a new personal API token of `user`, for Django's test client."""
-    from jobs.models import ApiToken
-
-    _, plaintext = ApiToken.create_for(user, "test")
-    return {"Authorization": f"Bearer {plaintext}"}
 
 
 @pytest.fixture

@@ -9,11 +9,6 @@ from jobs.models import ApiToken
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def staff(django_user_model):
-    return django_user_model.objects.create_user("boss", password="boss-pass-123", is_staff=True)
-
-
 def test_sign_in_and_out(client, owner):
     response = client.post("/login/", {"username": "owner", "password": "owner-pass-123"})
     assert response.status_code == 302 and response.url == "/"
@@ -79,12 +74,16 @@ def test_switched_off_person_loses_session_and_tokens(client, staff, owner):
     assert client.get("/v1/batches", HTTP_AUTHORIZATION=f"Bearer {plaintext}").status_code == 200
 
 
-def test_password_reset_and_staff_role(client, staff, owner):
+def test_staff_resets_a_persons_password(client, staff, owner):
     client.force_login(staff)
     page = client.post(f"/team/{owner.pk}/reset").content.decode()
     password = re.search(r"<code data-password>([^<]+)</code>", page).group(1)
     owner.refresh_from_db()
     assert owner.check_password(password) and not owner.check_password("owner-pass-123")
+
+
+def test_staff_makes_a_person_staff_and_back(client, staff, owner):
+    client.force_login(staff)
     client.post(f"/team/{owner.pk}/make-staff")
     owner.refresh_from_db()
     assert owner.is_staff

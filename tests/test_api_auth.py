@@ -7,7 +7,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from jobs.models import ApiToken
-from tests.conftest import api_headers
+from tests.factories import api_headers
 
 pytestmark = pytest.mark.django_db
 

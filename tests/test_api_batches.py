@@ -9,19 +9,11 @@ from django.utils import timezone
 from openai.types import Batch as SdkBatch
 from openai.types import FileObject
 
-from jobs import export, tokens
+from jobs import export
 from jobs.models import Batch, Endpoint, File, Item, Job
-from tests.conftest import api_headers, chat_line, make_endpoint
+from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def data_dir(settings, tmp_path):
-    """Uploads in a directory of the test's own (the token data stays in the real data dir)."""
-    tokens.seed_cache()
-    settings.DATA_DIR = tmp_path
-    return tmp_path
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
 
 
 @pytest.fixture
@@ -32,10 +24,6 @@ def endpoint():
 @pytest.fixture
 def headers(owner):
     return api_headers(owner)
-
-
-def jsonl(lines) -> bytes:
-    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 def upload(client, headers, content: bytes) -> str:
@@ -77,14 +65,14 @@ def run_to_the_end(job: Job, failed=()) -> Job:
     for item in job.items.all():
         if item.custom_id in failed:
             Item.objects.filter(pk=item.pk).update(
-                status=Item.FAILED,
+                status=Item.Status.FAILED,
                 http_status=400,
                 error_code="http_400",
                 response='{"error":{"message":"bad","type":"invalid_request_error"}}',
             )
         else:
             Item.objects.filter(pk=item.pk).update(
-                status=Item.SUCCEEDED,
+                status=Item.Status.SUCCEEDED,
                 http_status=200,
                 response=answer(f"A {item.custom_id}"),
                 prompt_tokens=5,
@@ -92,7 +80,9 @@ def run_to_the_end(job: Job, failed=()) -> Job:
             )
     job.recount()
     now = timezone.now()
-    Job.objects.filter(pk=job.pk).update(status=Job.COMPLETED, started_at=now - timedelta(seconds=5), finished_at=now)
+    Job.objects.filter(pk=job.pk).update(
+        status=Job.Status.COMPLETED, started_at=now - timedelta(seconds=5), finished_at=now
+    )
     job.refresh_from_db()
     return job
 
@@ -113,7 +103,7 @@ def test_create_makes_a_job_of_the_tokens_user_and_an_openai_batch(client, owner
         endpoint,
         "nightly eval",
         3,
-        Job.QUEUED,
+        Job.Status.QUEUED,
     )
     assert batch["batchsite"] == {
         "job_id": job.pk,
@@ -157,7 +147,7 @@ def test_invalid_file_gives_a_failed_batch_with_line_numbers(client, owner, head
     assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert batch["output_file_id"] is None and batch["error_file_id"] is None
     job = Job.objects.get()  # the team sees the rejected batch in the dashboard
-    assert (job.status, job.total, job.owner, len(job.errors)) == (Job.FAILED, 0, owner, 3)
+    assert (job.status, job.total, job.owner, len(job.errors)) == (Job.Status.FAILED, 0, owner, 3)
     assert "3 errors" in job.status_reason and not job.items.exists()
     assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=headers).status_code == 409
 
@@ -211,44 +201,67 @@ def test_an_output_file_cannot_be_a_batch_input(client, headers, endpoint):
     assert response.status_code == 400 and response.json()["error"]["param"] == "input_file_id"
 
 
-def test_status_follows_the_job(client, headers, endpoint):
-    batch = good_batch(client, headers, n=4)
-    url = f"/v1/batches/{batch['id']}"
-    job = Job.objects.get()
+def test_a_running_job_is_an_in_progress_batch(client, headers, endpoint):
+    batch = good_batch(client, headers)
     started = timezone.now()
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, started_at=started)
-    running = client.get(url, headers=headers).json()
+    Job.objects.update(status=Job.Status.RUNNING, started_at=started)
+    running = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
     assert running["status"] == "in_progress" and running["in_progress_at"] == int(started.timestamp())
-    Job.objects.filter(pk=job.pk).update(status=Job.PAUSED, status_reason="The API account has run out of quota.")
-    paused = client.get(url, headers=headers).json()
+
+
+def test_a_paused_job_is_an_in_progress_batch_that_says_why(client, headers, endpoint):
+    batch = good_batch(client, headers)
+    Job.objects.update(status=Job.Status.PAUSED, status_reason="The API account has run out of quota.")
+    paused = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
     assert paused["status"] == "in_progress"
     assert paused["batchsite"]["status"] == "paused" and "quota" in paused["batchsite"]["status_reason"]
 
-    job = run_to_the_end(job, failed={"req-1"})
-    done = client.get(url, headers=headers).json()
-    SdkBatch.model_validate(done)
-    assert done["status"] == "completed"
-    assert done["completed_at"] == done["finalizing_at"] == int(job.finished_at.timestamp())
-    assert done["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
-    assert done["usage"] == {
+
+@pytest.fixture
+def done(client, headers, endpoint):
+    """A batch of 4 whose job completed with req-1 failed: (the batch as /v1 answers, the job)."""
+    batch = good_batch(client, headers, n=4)
+    job = run_to_the_end(Job.objects.get(), failed={"req-1"})
+    return client.get(f"/v1/batches/{batch['id']}", headers=headers).json(), job
+
+
+def test_a_completed_job_is_a_completed_batch_with_counts_and_usage(client, headers, done):
+    batch, job = done
+    SdkBatch.model_validate(batch)
+    assert batch["status"] == "completed"
+    assert batch["completed_at"] == batch["finalizing_at"] == int(job.finished_at.timestamp())
+    assert batch["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    assert batch["usage"] == {
         "input_tokens": 15,
         "input_tokens_details": {"cached_tokens": 0},
         "output_tokens": 6,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": 21,
     }
-    assert client.get(url, headers=headers).json()["output_file_id"] == done["output_file_id"]  # stable
+    again = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert again["output_file_id"] == batch["output_file_id"]  # stable
 
-    output = client.get(f"/v1/files/{done['output_file_id']}", headers=headers).json()
+
+def test_a_completed_batchs_output_file_holds_the_answers(client, headers, done):
+    batch, job = done
+    output = client.get(f"/v1/files/{batch['output_file_id']}", headers=headers).json()
     FileObject.model_validate(output)
     assert output["purpose"] == "batch_output" and output["filename"] == f"{batch['id']}_output.jsonl"
-    content = b"".join(client.get(f"/v1/files/{done['output_file_id']}/content", headers=headers).streaming_content)
+    content = b"".join(client.get(f"/v1/files/{batch['output_file_id']}/content", headers=headers).streaming_content)
     assert content.decode() == "".join(export.results_jsonl(job)) and len(content) == output["bytes"]
     assert {json.loads(line)["custom_id"] for line in content.splitlines()} == {"req-0", "req-2", "req-3"}
-    errors = b"".join(client.get(f"/v1/files/{done['error_file_id']}/content", headers=headers).streaming_content)
+
+
+def test_a_completed_batchs_error_file_holds_the_failures(client, headers, done):
+    batch, _ = done
+    errors = b"".join(client.get(f"/v1/files/{batch['error_file_id']}/content", headers=headers).streaming_content)
     assert [json.loads(line)["response"]["status_code"] for line in errors.splitlines()] == [400]
+
+
+def test_a_completed_batchs_files_are_listed_as_batch_output(client, headers, done):
+    batch, _ = done
     listed = client.get("/v1/files?purpose=batch_output", headers=headers).json()["data"]
-    assert {f["id"] for f in listed} == {done["output_file_id"], done["error_file_id"]}
+    assert {f["id"] for f in listed} == {batch["output_file_id"], batch["error_file_id"]}
 
 
 def test_a_job_with_no_failures_has_no_error_file(client, headers, endpoint):
@@ -320,22 +333,46 @@ def test_list_of_finished_batches_takes_few_queries(client, headers, endpoint, d
         assert len(client.get("/v1/batches", headers=headers).json()["data"]) == 4
 
 
-def test_batches_are_private_to_their_owner_but_staff_may_act(
-    client, owner, teammate, headers, endpoint, django_user_model
-):
-    batch = good_batch(client, headers)
-    theirs = api_headers(teammate)
+@pytest.fixture
+def batch(client, headers, endpoint) -> dict:
+    return good_batch(client, headers)
+
+
+@pytest.fixture
+def theirs(teammate) -> dict:
+    return api_headers(teammate)
+
+
+def test_teammate_cannot_see_anothers_batch(client, batch, theirs):
     error = client.get(f"/v1/batches/{batch['id']}", headers=theirs)
     assert error.status_code == 404 and error.json()["error"]["message"] == f"No batch found with id '{batch['id']}'."
+
+
+def test_teammate_cannot_cancel_anothers_batch(client, batch, theirs):
     assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=theirs).status_code == 404
+    assert Job.objects.get().status == Job.Status.QUEUED
+
+
+def test_teammate_lists_only_their_own_batches(client, batch, theirs):
     assert client.get("/v1/batches", headers=theirs).json()["data"] == []
+
+
+def test_teammate_cannot_read_anothers_input_file(client, batch, theirs):
     assert client.get(f"/v1/files/{batch['input_file_id']}", headers=theirs).status_code == 404
-    # nor can a teammate start a batch from someone else's file
+
+
+def test_teammate_cannot_start_a_batch_from_anothers_file(client, batch, theirs):
     assert create(client, theirs, batch["input_file_id"]).status_code == 404
-    staff = api_headers(django_user_model.objects.create_user("boss", is_staff=True))
-    assert client.get(f"/v1/batches/{batch['id']}", headers=staff).status_code == 200
-    assert client.get("/v1/batches", headers=staff).json()["data"] == []  # a list is the caller's own batches
-    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=staff).json()["status"] == "cancelled"
+
+
+def test_staff_sees_and_cancels_anyones_batch(client, batch, staff):
+    headers = api_headers(staff)
+    assert client.get(f"/v1/batches/{batch['id']}", headers=headers).status_code == 200
+    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=headers).json()["status"] == "cancelled"
+
+
+def test_staff_lists_only_their_own_batches(client, batch, staff):
+    assert client.get("/v1/batches", headers=api_headers(staff)).json()["data"] == []
 
 
 def test_input_file_deleted_after_create_keeps_the_job_source(client, headers, endpoint):
@@ -346,11 +383,12 @@ def test_input_file_deleted_after_create_keeps_the_job_source(client, headers, e
     assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json()["input_file_id"] == file.public_id
 
 
-def test_deleting_the_job_or_the_user_takes_the_batch_along(client, owner, headers, endpoint):
-    good_batch(client, headers)
+def test_deleting_the_job_deletes_its_batch_but_not_the_input_file(batch):
     Job.objects.get().delete()
     assert not Batch.objects.exists() and File.objects.count() == 1
-    good_batch(client, headers)
+
+
+def test_deleting_the_user_deletes_their_batches_files_and_jobs(owner, batch):
     owner.delete()
     assert not (Batch.objects.exists() or File.objects.exists() or Job.objects.exists())
 

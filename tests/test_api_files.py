@@ -1,29 +1,14 @@
 """/v1/files with Django's test client: upload, list, retrieve, content, delete, limits, scoping."""
 
-import json
-
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from jobs import tokens
 from jobs.models import File
-from tests.conftest import api_headers, chat_line
+from tests.factories import api_headers, chat_line, jsonl
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
 
 FILE_KEYS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "status_details"}
-
-
-@pytest.fixture(autouse=True)
-def data_dir(settings, tmp_path):
-    """Uploads in a directory of the test's own (the token data stays in the real data dir)."""
-    tokens.seed_cache()
-    settings.DATA_DIR = tmp_path
-    return tmp_path
-
-
-def jsonl(lines) -> bytes:
-    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 def upload(client, headers, content: bytes = b"", name="batchinput.jsonl", purpose="batch"):
@@ -180,9 +165,9 @@ def test_clean_up_removes_expired_files_but_not_one_a_running_batch_came_from(cl
 
     from django.utils import timezone
 
-    from jobs import tasks
+    from jobs.engine import tasks
     from jobs.models import Endpoint, Job
-    from tests.conftest import make_endpoint
+    from tests.factories import make_endpoint
 
     make_endpoint("http://127.0.0.1:9/v1")
     headers = api_headers(owner)
@@ -199,7 +184,7 @@ def test_clean_up_removes_expired_files_but_not_one_a_running_batch_came_from(cl
     assert client.get(f"/v1/files/{used['id']}", headers=headers).status_code == 200  # its batch is queued
     assert paths[used["id"]].exists()
 
-    Job.objects.update(status=Job.COMPLETED, finished_at=timezone.now())
+    Job.objects.update(status=Job.Status.COMPLETED, finished_at=timezone.now())
     tasks.clean_up()
     assert client.get(f"/v1/files/{used['id']}", headers=headers).status_code == 404
     assert not paths[used["id"]].exists() and paths[kept["id"]].exists()

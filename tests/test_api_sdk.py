@@ -9,15 +9,11 @@ import openai
 import pytest
 
 from jobs.models import ApiToken, Job
-from tests.conftest import chat_line, make_endpoint
+from tests.factories import chat_line, jsonl, make_endpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 DONE = ("completed", "failed", "expired", "cancelled")
-
-
-def jsonl(lines) -> bytes:
-    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 def question(i: int) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.models import Endpoint, Item, Job
-from tests.conftest import chat_line, make_endpoint, make_job, seed_prices
+from tests.factories import chat_line, make_endpoint, make_job, seed_prices
 
 # Playwright's sync API runs an event loop in this thread; the ORM calls in these tests are ours.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
@@ -212,7 +212,7 @@ def test_cancel_a_running_job_and_teammate_cannot(
     page.click("button:has-text('Cancel job')")
     page.wait_for_selector("#progress [data-status=cancelled]", timeout=60_000)
     job.refresh_from_db()
-    assert job.status == Job.CANCELLED and job.n_cancelled > 0
+    assert job.status == Job.Status.CANCELLED and job.n_cancelled > 0
     assert job.n_succeeded + job.n_cancelled == 300
 
 
@@ -225,7 +225,7 @@ def test_xss_in_a_model_answer_is_shown_as_text(page, live_server, users, write)
         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
     }
     Item.objects.filter(job=job).update(
-        status=Item.SUCCEEDED, http_status=200, response=json.dumps(body), custom_id=payload
+        status=Item.Status.SUCCEEDED, http_status=200, response=json.dumps(body), custom_id=payload
     )
     item = job.items.get()
     sign_in(page, live_server, "alice", "alice-pass-123")

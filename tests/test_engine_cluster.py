@@ -8,7 +8,7 @@ import pytest
 
 from jobs import export
 from jobs.models import Item, Job
-from tests.conftest import answers, make_endpoint, make_job
+from tests.factories import answers, make_endpoint, make_job
 from tests.servers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -29,7 +29,7 @@ def test_job_completes_with_every_right_answer(cluster, simulator, write, owner)
     sim = simulator("--latency-ms", "50")
     cluster()
     job = make_job(write, owner, make_endpoint(sim.base_url), 300)
-    wait_status(job, Job.COMPLETED, 90)
+    wait_status(job, Job.Status.COMPLETED, 90)
     assert job.counts() == {"pending": 0, "running": 0, "succeeded": 300, "failed": 0, "cancelled": 0, "expired": 0}
     assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(300)}
     assert sim.stats()["total"] == 300  # no error, so not one request more than items
@@ -45,7 +45,7 @@ def test_rides_out_a_429_storm_honouring_retry_after(cluster, simulator, write, 
     job = make_job(write, owner, make_endpoint(sim.base_url), 200, start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=12)
     job.start()
-    wait_status(job, Job.COMPLETED, 150)
+    wait_status(job, Job.Status.COMPLETED, 150)
     assert job.n_succeeded == 200
     assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(200)}
     by_marker = defaultdict(list)
@@ -69,9 +69,9 @@ def test_5xx_retried_and_400_not_retried(cluster, simulator, write, owner):
     job = make_job(write, owner, make_endpoint(sim.base_url), 150, text=text, start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=12)
     job.start()
-    wait_status(job, Job.COMPLETED, 150)
+    wait_status(job, Job.Status.COMPLETED, 150)
     assert (job.n_succeeded, job.n_failed) == (135, 15)
-    failed = job.items.filter(status=Item.FAILED)
+    failed = job.items.filter(status=Item.Status.FAILED)
     assert {i.custom_id for i in failed} == {f"req-{i}" for i in range(0, 150, 10)}
     requests = sim.requests()
     for item in failed:
@@ -81,7 +81,7 @@ def test_5xx_retried_and_400_not_retried(cluster, simulator, write, owner):
         assert (item.http_status, item.attempts) == (400, len(tries))
     statuses = [r["status"] for r in requests]
     assert statuses.count(500) + statuses.count(503) >= 20
-    assert job.items.filter(status=Item.SUCCEEDED, attempts__gt=1).exists()
+    assert job.items.filter(status=Item.Status.SUCCEEDED, attempts__gt=1).exists()
     errors = [json.loads(line) for line in "".join(export.errors_jsonl(job)).splitlines()]
     assert len(errors) == 15 and {e["response"]["status_code"] for e in errors} == {400}
 
@@ -92,7 +92,7 @@ def test_insufficient_quota_pauses_without_more_requests(cluster, simulator, wri
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=20), 400)
     wait_until(lambda: sim.stats()["total"] >= 60, 60, message="some requests")
     sim.configure(insufficient_quota=True)
-    wait_status(job, Job.PAUSED, 60)
+    wait_status(job, Job.Status.PAUSED, 60)
     assert "quota" in job.status_reason
     wait_until(lambda: Job.objects.get(pk=job.pk).n_running == 0, 30, message="in-flight requests to finish")
     settled = sim.stats()["total"]
@@ -105,7 +105,7 @@ def test_insufficient_quota_pauses_without_more_requests(cluster, simulator, wri
 
     sim.configure(insufficient_quota=False)
     job.resume()
-    wait_status(job, Job.COMPLETED, 90)
+    wait_status(job, Job.Status.COMPLETED, 90)
     assert job.n_succeeded == 400 and job.status_reason == ""
     assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(400)}
 
@@ -124,9 +124,9 @@ def test_pause_then_resume(cluster, simulator, write, owner):
     assert done < 500
     time.sleep(2.5)
     job.refresh_from_db()
-    assert (job.status, job.n_succeeded, sim.stats()["total"]) == (Job.PAUSED, done, sent)
+    assert (job.status, job.n_succeeded, sim.stats()["total"]) == (Job.Status.PAUSED, done, sent)
     job.resume()
-    wait_status(job, Job.COMPLETED, 90)
+    wait_status(job, Job.Status.COMPLETED, 90)
     assert job.n_succeeded == 500 and sim.stats()["total"] == 500
 
 
@@ -138,7 +138,7 @@ def test_cancel_keeps_finished_results(cluster, simulator, write, owner):
     job.refresh_from_db()
     job.cancel()
     job.cancel()
-    wait_status(job, Job.CANCELLED, 60)
+    wait_status(job, Job.Status.CANCELLED, 60)
     assert job.n_succeeded >= 40 and job.n_cancelled > 0
     assert job.n_succeeded + job.n_cancelled == 500 and job.n_pending == job.n_running == 0
     assert len(answers(job)) == job.n_succeeded
@@ -152,13 +152,13 @@ def test_retry_failed_items_only(cluster, simulator, write, owner):
     job = make_job(write, owner, make_endpoint(sim.base_url), 120, start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
     job.start()
-    wait_status(job, Job.COMPLETED, 90)
+    wait_status(job, Job.Status.COMPLETED, 90)
     assert 30 < job.n_failed < 90
     first_round = set(answers(job))
     failed = job.n_failed
     sim.configure(error_rates={})
     assert job.retry_failed() == failed
-    wait_status(job, Job.COMPLETED, 90)
+    wait_status(job, Job.Status.COMPLETED, 90)
     assert job.n_succeeded == 120 and job.n_failed == 0
     assert set(answers(job)) == {f"req-{i}" for i in range(120)}
     assert sim.stats()["total"] == 120 + failed  # succeeded items were not sent again
@@ -178,7 +178,7 @@ def test_kill_9_mid_job_then_resume_exactly_once(cluster, simulator, write, owne
     sent_before = sim.stats()["total"]
     assert in_flight > 0 and job.n_succeeded < n
     cluster()
-    wait_status(job, Job.COMPLETED, 180)
+    wait_status(job, Job.Status.COMPLETED, 180)
     assert job.n_succeeded == n
     assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(n)}
     assert job.items.count() == n
@@ -203,7 +203,7 @@ def test_rate_limit_reaches_95_percent_with_few_429s(cluster, simulator, write, 
     sim = simulator("--latency-ms", "50", "--rpm", "3000", "--start-empty")
     cluster()
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), 1500)
-    wait_status(job, Job.COMPLETED, 120)
+    wait_status(job, Job.Status.COMPLETED, 120)
     requests = sim.requests()
     limited = sum(r["status"] == 429 for r in requests)
     assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"
@@ -221,7 +221,7 @@ def test_token_limit_reaches_90_percent_with_few_429s(cluster, simulator, write,
     sim = simulator("--latency-ms", "50", "--tpm", str(tpm), "--start-empty")
     cluster()
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), 1400, max_tokens=max_tokens)
-    wait_status(job, Job.COMPLETED, 120)
+    wait_status(job, Job.Status.COMPLETED, 120)
     requests = sim.requests()
     limited = sum(r["status"] == 429 for r in requests)
     assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"

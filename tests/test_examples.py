@@ -65,7 +65,7 @@ def test_every_example_has_all_three_files_and_a_readme_entry():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_detect_format(name):
-    for suffix, expected in ((".jsonl", Job.JSONL), (".csv", Job.CSV)):
+    for suffix, expected in ((".jsonl", Job.Format.JSONL), (".csv", Job.Format.CSV)):
         path = EXAMPLES / f"{name}{suffix}"
         assert ingest.detect_format(path.name, path) == expected
         assert ingest.detect_format("upload", path) == expected  # by content when the name says nothing
@@ -97,7 +97,7 @@ def test_csv_with_template_validates(name):
     if template.json_schema:
         assert_strict_schema(template.json_schema, name)
 
-    plan = ingest.validate(EXAMPLES / f"{name}.csv", format=Job.CSV, template=template)
+    plan = ingest.validate(EXAMPLES / f"{name}.csv", format=Job.Format.CSV, template=template)
     assert [e.as_dict() for e in plan.errors] == []
     assert plan.ok
     assert (plan.count, plan.url, plan.model) == (count, url, model)
@@ -125,7 +125,7 @@ def test_csv_with_template_validates(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_csv_twin_makes_the_same_requests_as_the_jsonl(name):
     _, template = load_template(name)
-    plan = ingest.validate(EXAMPLES / f"{name}.csv", format=Job.CSV, template=template)
+    plan = ingest.validate(EXAMPLES / f"{name}.csv", format=Job.Format.CSV, template=template)
     assert plan.ok
     from_csv = list(plan.requests())
     from_jsonl = jsonl_lines(name)
@@ -148,12 +148,12 @@ def test_the_csvs_exercise_bom_delimiters_and_quoting():
     assert raw["translate_snippets"].startswith(b"id;target_language;text")
 
     _, template = load_template("review_sentiment")
-    plan = ingest.validate(EXAMPLES / "review_sentiment.csv", format=Job.CSV, template=template)
+    plan = ingest.validate(EXAMPLES / "review_sentiment.csv", format=Job.Format.CSV, template=template)
     assert plan.columns[0] == "review_id"  # the BOM is not part of the first column's name
 
     _, template = load_template("translate_snippets")
     assert template.delimiter == ""  # detected from the header line
-    plan = ingest.validate(EXAMPLES / "translate_snippets.csv", format=Job.CSV, template=template)
+    plan = ingest.validate(EXAMPLES / "translate_snippets.csv", format=Job.Format.CSV, template=template)
     assert plan.columns == ["id", "target_language", "text"]
 
     cells = [

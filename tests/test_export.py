@@ -11,7 +11,7 @@ from openai.types.shared import ErrorObject
 
 from jobs import export, ingest
 from jobs.models import Item, Job
-from tests.conftest import chat_line
+from tests.factories import chat_line
 
 pytestmark = pytest.mark.django_db
 
@@ -135,12 +135,14 @@ def test_openai_file_round_trips_to_openai_output_and_error_files(write, owner):
     stored = list(job.items.order_by("line").values_list("custom_id", "body"))
     assert [(c, json.loads(b)) for c, b in stored] == [(line["custom_id"], line["body"]) for line in sent]
 
-    finish(job, "request-1", Item.SUCCEEDED, http_status=200, request_id="req_83a7c6f5a9b2", response=OPENAI_ANSWER)
+    finish(
+        job, "request-1", Item.Status.SUCCEEDED, http_status=200, request_id="req_83a7c6f5a9b2", response=OPENAI_ANSWER
+    )
     error_fields = {"error_code": "invalid_prompt", "error_message": json.loads(OPENAI_ERROR)["error"]["message"]}
     finish(
         job,
         "request-2",
-        Item.FAILED,
+        Item.Status.FAILED,
         http_status=400,
         request_id="req_4b1f0e2d7c9a",
         response=OPENAI_ERROR,
@@ -171,16 +173,16 @@ def test_openai_file_round_trips_to_openai_output_and_error_files(write, owner):
 
 def test_stored_bodies_of_any_layout_export_as_one_line_each(job):
     answer = json.loads(chat_response("Fine"))
-    finish(job, "req-0", Item.SUCCEEDED, http_status=200, response=json.dumps(answer, indent=4))
-    finish(job, "req-1", Item.SUCCEEDED, http_status=200, response="\r\n " + json.dumps(answer) + "\r\n")
+    finish(job, "req-0", Item.Status.SUCCEEDED, http_status=200, response=json.dumps(answer, indent=4))
+    finish(job, "req-1", Item.Status.SUCCEEDED, http_status=200, response="\r\n " + json.dumps(answer) + "\r\n")
     finish(
         job,
         "req-2",
-        Item.FAILED,
+        Item.Status.FAILED,
         http_status=429,
         response='\n  {"error": {"message": "Slow down",\n "type": "requests"}}',
     )
-    finish(job, "req-3", Item.FAILED, http_status=500, response="Internal\nServer Error\n")
+    finish(job, "req-3", Item.Status.FAILED, http_status=500, response="Internal\nServer Error\n")
     results = records(read(export.results_jsonl(job)))
     assert [r["response"]["body"] for r in results] == [answer, answer]
     errors = records(read(export.errors_jsonl(job)))
@@ -195,7 +197,7 @@ def test_output_file_matches_openai_schema_in_input_order(job):
         finish(
             job,
             f"req-{i}",
-            Item.SUCCEEDED,
+            Item.Status.SUCCEEDED,
             http_status=200,
             request_id=f"req_abc{i}",
             response=chat_response(f"Answer {i} — ✓"),
@@ -221,16 +223,22 @@ def test_error_file_holds_http_errors_and_requests_that_never_ran(job):
     finish(
         job,
         "req-1",
-        Item.FAILED,
+        Item.Status.FAILED,
         http_status=400,
         response=error_body,
         request_id="req_x",
         error_message="Invalid 'messages'",
     )
-    finish(job, "req-2", Item.FAILED, http_status=502, response="<html>Bad gateway</html>")
-    finish(job, "req-3", Item.FAILED, error_code="connection_error", error_message="Could not connect after 5 attempts")
-    finish(job, "req-4", Item.EXPIRED)
-    finish(job, "req-5", Item.CANCELLED)
+    finish(job, "req-2", Item.Status.FAILED, http_status=502, response="<html>Bad gateway</html>")
+    finish(
+        job,
+        "req-3",
+        Item.Status.FAILED,
+        error_code="connection_error",
+        error_message="Could not connect after 5 attempts",
+    )
+    finish(job, "req-4", Item.Status.EXPIRED)
+    finish(job, "req-5", Item.Status.CANCELLED)
     errors = [json.loads(line) for line in read(export.errors_jsonl(job)).splitlines()]
     assert [e["custom_id"] for e in errors] == ["req-1", "req-2", "req-3", "req-4", "req-5"]
     assert errors[0]["response"] == {"status_code": 400, "request_id": "req_x", "body": json.loads(error_body)}
@@ -248,15 +256,15 @@ def test_csv_for_jsonl_job(job):
     finish(
         job,
         "req-0",
-        Item.SUCCEEDED,
+        Item.Status.SUCCEEDED,
         http_status=200,
         response=chat_response('=HYPERLINK("http://evil")'),
         prompt_tokens=9,
         completion_tokens=3,
         latency_ms=120,
     )
-    finish(job, "req-1", Item.SUCCEEDED, http_status=200, response=chat_response("-42"))
-    finish(job, "req-2", Item.FAILED, http_status=400, error_message="Bad request")
+    finish(job, "req-1", Item.Status.SUCCEEDED, http_status=200, response=chat_response("-42"))
+    finish(job, "req-2", Item.Status.FAILED, http_status=400, error_message="Bad request")
     rows = list(csv.DictReader(io.StringIO(read(export.results_csv(job)))))
     assert list(rows[0]) == [
         "custom_id",
@@ -284,12 +292,12 @@ def test_csv_joins_input_rows_and_structured_fields(write, owner):
         model="gpt-4o-mini", user_prompt="{{ review }}", json_schema=json.dumps(schema), custom_id_column="id"
     )
     text = 'id,review,output\nr1,"Lovely, fast"\nr2,Broken\nr3,Meh\n'
-    plan = ingest.validate(write("reviews.csv", text), format=Job.CSV, template=template)
+    plan = ingest.validate(write("reviews.csv", text), format=Job.Format.CSV, template=template)
     assert plan.ok, plan.errors
     job = ingest.create_job(plan, owner=owner)
     answer = {"sentiment": "positive", "confidence": 0.9, "tags": ["speed", "quality"]}
-    finish(job, "r1", Item.SUCCEEDED, http_status=200, response=chat_response(json.dumps(answer)))
-    finish(job, "r2", Item.SUCCEEDED, http_status=200, response=chat_response("not json at all"))
+    finish(job, "r1", Item.Status.SUCCEEDED, http_status=200, response=chat_response(json.dumps(answer)))
+    finish(job, "r2", Item.Status.SUCCEEDED, http_status=200, response=chat_response("not json at all"))
     rows = list(csv.reader(io.StringIO(read(export.results_csv(job)))))
     header = rows[0]
     assert header[:4] == ["id", "review", "output", "output_result"]  # an input column named output is kept
@@ -317,7 +325,7 @@ def test_embeddings_round_trip(write, owner):
         "model": "text-embedding-3-small",
         "usage": {"prompt_tokens": 2, "total_tokens": 2},
     }
-    finish(job, "e0", Item.SUCCEEDED, http_status=200, response=json.dumps(body))
+    finish(job, "e0", Item.Status.SUCCEEDED, http_status=200, response=json.dumps(body))
     out = json.loads(read(export.results_jsonl(job)))
     assert CreateEmbeddingResponse.model_validate(out["response"]["body"]).data[0].embedding == [0.1, -0.2]
     rows = list(csv.DictReader(io.StringIO(read(export.results_csv(job)))))

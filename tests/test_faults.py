@@ -6,7 +6,7 @@ import time
 import pytest
 
 from jobs.models import Item, Job
-from tests.conftest import make_endpoint, make_job
+from tests.factories import make_endpoint, make_job
 from tests.servers import wait_until
 from tests.test_engine_cluster import answers, wait_status
 
@@ -22,7 +22,7 @@ def test_a_storm_of_429s_and_503s_loses_nothing_and_honours_every_retry_after(cl
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), n, start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
     job.start()
-    wait_status(job, Job.COMPLETED, 200)
+    wait_status(job, Job.Status.COMPLETED, 200)
     stats = sim.stats()
     # The simulator audits every retry of a 429 (per request: hash of its body).
     assert stats["retries_checked"] >= 300
@@ -47,10 +47,10 @@ def test_a_request_answered_500_every_time_fails_after_its_bounded_attempts(clus
     Job.objects.filter(pk=job.pk).update(max_attempts=2)
     started = time.monotonic()
     job.start()
-    wait_status(job, Job.COMPLETED, 60)
+    wait_status(job, Job.Status.COMPLETED, 60)
     assert time.monotonic() - started < 30
     assert (job.n_succeeded, job.n_failed) == (19, 1)
-    poison = job.items.get(status=Item.FAILED)
+    poison = job.items.get(status=Item.Status.FAILED)
     # max(max attempts 2, BATCHSITE_TRANSIENT_ATTEMPTS 4): a server error is tried 4 times, then fails
     assert (poison.custom_id, poison.attempts, poison.http_status) == ("req-7", 4, 500)
     assert sum(1 for r in sim.requests() if r["marker"] == "Question 7 SIMULATE_500") == 4
@@ -72,14 +72,14 @@ def test_isolated_429s_do_not_stall_other_requests(cluster, simulator, write, ow
     cluster()
     endpoint = make_endpoint(clean.base_url, concurrency=20)
     job = make_job(write, owner, endpoint, n)
-    wait_status(job, Job.COMPLETED, 120)
+    wait_status(job, Job.Status.COMPLETED, 120)
     unfaulted = _rate(clean)
 
     faulted = simulator("--latency-ms", "100", "--error-rate", "429=0.1", "--retry-after-ms", "2000", "--seed", "4")
     endpoint.base_url = faulted.base_url
     endpoint.save(update_fields=["base_url"])
     job = make_job(write, owner, endpoint, n)
-    wait_status(job, Job.COMPLETED, 120)
+    wait_status(job, Job.Status.COMPLETED, 120)
     assert job.n_succeeded == n
     rate = _rate(faulted)
     assert rate >= 0.8 * unfaulted, f"{rate:.0f} vs {unfaulted:.0f} requests/s unfaulted"
@@ -98,7 +98,7 @@ def test_a_retry_after_outlasts_a_pause_and_resume(cluster, simulator, write, ow
     job.refresh_from_db()
     job.pause()
     job.resume()
-    wait_status(job, Job.COMPLETED, 120)
+    wait_status(job, Job.Status.COMPLETED, 120)
     stats = sim.stats()
     assert job.n_succeeded == 300 and stats["retries_checked"] >= 30
     assert stats["retry_after_violations"] == 0, stats["retry_after_violation_details"]

@@ -215,7 +215,7 @@ def csv_files(draw) -> tuple[bytes, ingest.Template]:
 @given(file=csv_files(), limits=LIMITS)
 def test_near_valid_csv_gives_a_plan_or_line_errors(tmp_path, owner, file, limits):
     content, template = file
-    ingest_file(tmp_path, content, name="f.csv", owner=owner, format=Job.CSV, template=template, limits=limits)
+    ingest_file(tmp_path, content, name="f.csv", owner=owner, format=Job.Format.CSV, template=template, limits=limits)
 
 
 @settings(FUZZ, max_examples=500)
@@ -226,4 +226,4 @@ def test_near_valid_csv_gives_a_plan_or_line_errors(tmp_path, owner, file, limit
 )
 def test_any_bytes_as_csv_give_a_plan_or_line_errors(tmp_path, content, limits, prompt):
     template = ingest.Template(model="gpt-4o-mini", user_prompt=prompt)
-    ingest_file(tmp_path, content, name="f.csv", format=Job.CSV, template=template, limits=limits)
+    ingest_file(tmp_path, content, name="f.csv", format=Job.Format.CSV, template=template, limits=limits)

@@ -21,15 +21,10 @@ from django_q.models import Schedule
 from jobs import egress
 from jobs.models import ApiToken, Endpoint
 from jobs.secretfile import read_or_create
-from tests.conftest import api_headers, make_endpoint
+from tests.factories import api_headers, make_endpoint
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def staff(django_user_model):
-    return django_user_model.objects.create_user("boss", password="boss-pass-123", is_staff=True)
 
 
 @pytest.fixture
@@ -99,37 +94,68 @@ def test_admin_may_reset_another_admin(client, admin, django_user_model):
     assert other.check_password(password)
 
 
-def test_password_reset_ends_the_persons_sessions_but_not_the_resetters(client, staff, owner):
+def test_password_reset_signs_the_person_out(client, staff, owner):
     theirs = client.__class__()
     theirs.force_login(owner)
     assert theirs.get("/").status_code == 200
-    token, plaintext = ApiToken.create_for(owner, "script")
     client.force_login(staff)
     client.post(f"/team/{owner.pk}/reset")
-    assert theirs.get("/").status_code == 302  # signed out
+    assert theirs.get("/").status_code == 302
+
+
+def test_password_reset_keeps_the_resetters_session(client, staff, owner):
+    client.force_login(staff)
+    client.post(f"/team/{owner.pk}/reset")
     assert client.get("/team/").status_code == 200
-    # API tokens keep working (a reset replaces a forgotten password); switching off stops them.
+
+
+def test_password_reset_keeps_the_persons_api_tokens(client, staff, owner):
+    """A reset replaces a forgotten password; switching the person off is what stops their tokens."""
+    _, plaintext = ApiToken.create_for(owner, "script")
+    client.force_login(staff)
+    client.post(f"/team/{owner.pk}/reset")
     assert client.get("/v1/batches", HTTP_AUTHORIZATION=f"Bearer {plaintext}").status_code == 200
-    client.post(f"/team/{staff.pk}/reset")  # one's own: this session stays
+
+
+def test_resetting_ones_own_password_keeps_the_session(client, staff):
+    client.force_login(staff)
+    client.post(f"/team/{staff.pk}/reset")
     assert client.get("/team/").status_code == 200
 
 
-def test_admin_cannot_create_or_edit_a_django_q_schedule(client, admin):
-    Schedule.objects.create(name="sweeper", func="jobs.tasks.sweep", schedule_type=Schedule.MINUTES, minutes=1)
+@pytest.fixture
+def sweeper():
+    return Schedule.objects.create(
+        name="sweeper", func="jobs.engine.tasks.sweep", schedule_type=Schedule.MINUTES, minutes=1
+    )
+
+
+def test_admin_shows_the_django_q_schedules(client, admin, sweeper):
     client.force_login(admin)
-    assert client.get("/admin/django_q/schedule/").status_code == 200  # shown
+    assert client.get("/admin/django_q/schedule/").status_code == 200
+
+
+def test_admin_cannot_open_the_add_schedule_page(client, admin):
+    client.force_login(admin)
     assert client.get("/admin/django_q/schedule/add/").status_code == 403
+
+
+def test_admin_cannot_add_a_schedule_that_runs_any_function(client, admin):
+    client.force_login(admin)
     response = client.post(
         "/admin/django_q/schedule/add/",
         {"name": "pwn", "func": "os.system", "args": "'id'", "schedule_type": "O", "repeats": "-1"},
     )
     assert response.status_code == 403 and not Schedule.objects.filter(func="os.system").exists()
-    schedule = Schedule.objects.get(name="sweeper")
+
+
+def test_admin_cannot_change_a_schedules_function(client, admin, sweeper):
+    client.force_login(admin)
     client.post(
-        f"/admin/django_q/schedule/{schedule.pk}/change/",
+        f"/admin/django_q/schedule/{sweeper.pk}/change/",
         {"name": "sweeper", "func": "os.system", "schedule_type": "I"},
     )
-    assert Schedule.objects.get(pk=schedule.pk).func == "jobs.tasks.sweep"
+    assert Schedule.objects.get(pk=sweeper.pk).func == "jobs.engine.tasks.sweep"
 
 
 def test_endpoints_are_not_edited_in_the_admin(client, admin, foreign_server):
@@ -154,22 +180,37 @@ def test_changing_the_server_needs_the_key_again(client, staff, foreign_server):
     assert Endpoint.objects.get(pk=endpoint.pk).base_url == "http://127.0.0.1:9/v1"
     client.post(f"/endpoints/{endpoint.pk}/test")
     assert not any("sk-test-simulator-key" in str(h) for h in attacker.seen)
-    # a new path on the same server keeps the key; a new server with a new key is fine
+
+
+def test_a_new_path_on_the_same_server_keeps_the_key(client, staff):
+    endpoint = make_endpoint("http://127.0.0.1:9/v1")
+    client.force_login(staff)
     client.post(
         f"/endpoints/{endpoint.pk}/",
         {"name": endpoint.name, "base_url": "http://127.0.0.1:9/openai/v1", "concurrency": 5},
     )
     assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-test-simulator-key"
+
+
+def test_a_new_server_with_its_own_key_is_saved(client, staff, foreign_server):
+    endpoint = make_endpoint("http://127.0.0.1:9/v1")
+    _, url = foreign_server()
+    client.force_login(staff)
     client.post(
         f"/endpoints/{endpoint.pk}/",
         {"name": endpoint.name, "base_url": url, "concurrency": 5, "api_key": "sk-their-own-key-1"},
     )
     assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-their-own-key-1"
-    for scheme_or_port in ("https://127.0.0.1:9/v1", "http://127.0.0.1:10/v1", "http://localhost:9/v1"):
-        response = client.post(
-            f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": scheme_or_port, "concurrency": 5}
-        )
-        assert "enter the API key again" in response.content.decode(), scheme_or_port
+
+
+@pytest.mark.parametrize("base_url", ["https://127.0.0.1:9/v1", "http://127.0.0.1:10/v1", "http://localhost:9/v1"])
+def test_another_scheme_port_or_host_is_another_server(client, staff, base_url):
+    endpoint = make_endpoint("http://127.0.0.1:9/v1")
+    client.force_login(staff)
+    response = client.post(
+        f"/endpoints/{endpoint.pk}/", {"name": endpoint.name, "base_url": base_url, "concurrency": 5}
+    )
+    assert "enter the API key again" in response.content.decode()
 
 
 @pytest.mark.parametrize(
@@ -339,29 +380,39 @@ def test_admin_sign_in_is_locked_out_too(client, admin, settings):
     assert response.status_code == 429 and "Sign-in paused" in response.content.decode()
 
 
-def test_wrong_api_tokens_are_rate_limited_per_address(client, owner, settings):
+@pytest.fixture
+def guessed_from(client, settings):
+    """An address that sent as many wrong API tokens as the limit allows."""
     settings.AXES_FAILURE_LIMIT = 3
-    good = api_headers(owner)
     for i in range(3):
         response = client.get(
             "/v1/batches", headers={"Authorization": f"Bearer bs-guess-{i:020d}"}, REMOTE_ADDR="10.5.5.5"
         )
         assert response.status_code == 401
-    response = client.get("/v1/batches", headers={"Authorization": "Bearer bs-guess-x"}, REMOTE_ADDR="10.5.5.5")
+    return "10.5.5.5"
+
+
+def test_wrong_api_tokens_are_rate_limited_per_address(client, guessed_from):
+    response = client.get("/v1/batches", headers={"Authorization": "Bearer bs-guess-x"}, REMOTE_ADDR=guessed_from)
     assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert int(response["Retry-After"]) == 15 * 60
-    # A real token still works from there (256 random bits are not guessed), other addresses are not affected,
-    # and the address's sign-in is paused as well: one count for all guessing.
-    assert client.get("/v1/batches", headers=good, REMOTE_ADDR="10.5.5.5").status_code == 200
-    assert (
-        client.get("/v1/batches", headers={"Authorization": "Bearer bs-typo"}, REMOTE_ADDR="10.5.5.6").status_code
-        == 401
-    )
-    assert (
-        client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR="10.5.5.5").status_code
-        == 429
-    )
+
+
+def test_a_real_token_still_works_from_a_rate_limited_address(client, owner, guessed_from):
+    """256 random bits are not guessed."""
+    assert client.get("/v1/batches", headers=api_headers(owner), REMOTE_ADDR=guessed_from).status_code == 200
+
+
+def test_token_guesses_do_not_limit_other_addresses(client, guessed_from):
+    response = client.get("/v1/batches", headers={"Authorization": "Bearer bs-typo"}, REMOTE_ADDR="10.5.5.6")
+    assert response.status_code == 401
+
+
+def test_token_guesses_pause_the_addresses_sign_in_too(client, owner, guessed_from):
+    """One count for all guessing."""
+    response = client.post("/login/", {"username": "owner", "password": "owner-pass-123"}, REMOTE_ADDR=guessed_from)
+    assert response.status_code == 429
 
 
 def test_a_wrong_token_upload_is_not_read(client, settings):

@@ -14,11 +14,11 @@ import httpx2
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from jobs import ingest, tokens
+from jobs import ingest
 from jobs.models import Item, Job
-from tests.conftest import api_headers, chat_line, make_endpoint
+from tests.factories import api_headers, chat_line, make_endpoint
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
 
 # `{{` then spaces: the old placeholder pattern `\{\{\s*(.*?)\s*\}\}` tried every split of the
 # spaces between its three repeats, cubic in their number (4,000 spaces: 19 s; a megabyte: ages).
@@ -26,13 +26,6 @@ pytestmark = pytest.mark.django_db
 ONE_MB_PROMPT = "{{" + " " * (1024 * 1024) + "."
 # Under the length cap, so validation really renders it into every row.
 LONG_PROMPT = "{{" + " " * (ingest.MAX_PROMPT_CHARS - 100) + "{{ review }}"
-
-
-@pytest.fixture(autouse=True)
-def data_dir(settings, tmp_path):
-    tokens.seed_cache()  # the token data stays where it is; uploads go to the test's own directory
-    settings.DATA_DIR = tmp_path
-    return tmp_path
 
 
 @pytest.fixture
@@ -93,7 +86,7 @@ def test_placeholders_keep_their_meaning():
 
 
 def test_go_durations_from_a_hostile_server_are_parsed_in_linear_time():
-    from jobs.ratelimit import parse_duration
+    from jobs.engine.ratelimit import parse_duration
 
     result, seconds = timed(lambda: parse_duration("1" * 100_000 + "x"))  # 40,000 digits took 33 s
     assert result is None and seconds < 0.1
@@ -126,7 +119,9 @@ def test_template_texts_over_the_cap_are_refused_whatever_the_caller(write):
     template = ingest.Template(
         model="gpt-4o-mini", user_prompt=ONE_MB_PROMPT, json_schema="{}" + " " * ingest.MAX_SCHEMA_CHARS
     )
-    (plan, seconds) = timed(lambda: ingest.validate(write("r.csv", "review\nok\n"), format=Job.CSV, template=template))
+    (plan, seconds) = timed(
+        lambda: ingest.validate(write("r.csv", "review\nok\n"), format=Job.Format.CSV, template=template)
+    )
     assert [(e.code, e.param) for e in plan.errors] == [
         ("invalid_value", "user_prompt"),
         ("invalid_value", "json_schema"),
@@ -209,7 +204,9 @@ def test_a_csv_row_spread_over_many_lines_is_bounded_like_a_line(write):
     cells = ",".join(['"' + "y\n" * 30 + '"'] * 50)
     limits = ingest.Limits(max_lines=10_000, max_line_bytes=1000, max_file_bytes=10**9)
     template = ingest.Template(model="gpt-4o-mini", user_prompt="{{ a }}")
-    plan = ingest.validate(write("r.csv", "a\n" + cells + "\nok\n"), format=Job.CSV, template=template, limits=limits)
+    plan = ingest.validate(
+        write("r.csv", "a\n" + cells + "\nok\n"), format=Job.Format.CSV, template=template, limits=limits
+    )
     assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_csv")]
     assert "the row is longer than 1,000 characters" in plan.errors[0].message
 
@@ -218,7 +215,7 @@ def test_a_header_of_a_million_columns_is_refused(write):
     template = ingest.Template(model="gpt-4o-mini", user_prompt="{{ a }}")
 
     def check(text):
-        return timed(lambda: ingest.validate(write("r.csv", text), format=Job.CSV, template=template))
+        return timed(lambda: ingest.validate(write("r.csv", text), format=Job.Format.CSV, template=template))
 
     plan, seconds = check("a" + "," * 1_000_000 + "\nx\n")
     assert [(e.line, e.code) for e in plan.errors] == [(1, "too_many_columns")] and seconds < 5
@@ -237,7 +234,8 @@ def test_error_messages_quote_at_most_a_line_of_the_file(write):
 def test_the_review_page_validates_an_upload_once(client, owner, endpoint, monkeypatch):
     runs = []
     validate = ingest.validate
-    monkeypatch.setattr(ingest, "validate", lambda *a, **kw: runs.append(a) or validate(*a, **kw))
+    for module in (ingest, ingest.plan):  # the views call ingest.validate; checked() calls plan.validate
+        monkeypatch.setattr(module, "validate", lambda *a, **kw: runs.append(a) or validate(*a, **kw))
     client.force_login(owner)
     url = upload(client, "in.jsonl", json.dumps(chat_line("a")).encode() + b"\n{nope\n")
     for _ in range(3):
@@ -338,9 +336,11 @@ def test_results_csv_neutralises_every_formula(client, owner, endpoint):
     assert job.columns == columns
     answer = {"choices": [{"message": {"role": "assistant", "content": json.dumps({"=f": "@evil()"})}}]}
     Item.objects.filter(job=job, custom_id="=id1").update(
-        status=Item.SUCCEEDED, http_status=200, response=json.dumps(answer)
+        status=Item.Status.SUCCEEDED, http_status=200, response=json.dumps(answer)
     )
-    Item.objects.filter(job=job, custom_id="-7").update(status=Item.FAILED, http_status=400, error_message="=bad")
+    Item.objects.filter(job=job, custom_id="-7").update(
+        status=Item.Status.FAILED, http_status=400, error_message="=bad"
+    )
 
     response = client.get(f"/jobs/{job.pk}/download/csv")
     rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))

@@ -21,7 +21,7 @@ def restore_csv_field_limit():
 
 def plan_for(write, text, name="rows.csv", **template):
     template = Template(**{"model": "gpt-4o-mini", "user_prompt": "Review: {{ review }}", **template})
-    return ingest.validate(write(name, text), format=Job.CSV, template=template)
+    return ingest.validate(write(name, text), format=Job.Format.CSV, template=template)
 
 
 def user_messages(plan):
@@ -141,7 +141,7 @@ def test_line_numbers_stay_right_after_a_skipped_line(write, skipped, code):
     text = b"id,review\na,fine\n" + skipped + b'\nc,"two\nlines"\nc,again\nd,x,extra\n'
     limits = ingest.Limits(max_lines=100, max_line_bytes=100, max_file_bytes=10**6)
     template = Template(model="gpt-4o-mini", user_prompt="{{ review }}", custom_id_column="id")
-    plan = ingest.validate(write("rows.csv", text), format=Job.CSV, template=template, limits=limits)
+    plan = ingest.validate(write("rows.csv", text), format=Job.Format.CSV, template=template, limits=limits)
     assert [(e.line, e.code) for e in plan.errors] == [(3, code), (6, "duplicate_custom_id"), (7, "too_many_cells")]
     assert "already used on line 4" in plan.errors[1].message
 
@@ -159,7 +159,7 @@ def test_a_cell_longer_than_the_line_limit_is_refused(write):
     limits = ingest.Limits(max_lines=100, max_line_bytes=100, max_file_bytes=10**6)
     template = Template(model="gpt-4o-mini", user_prompt="{{ review }}")
     plan = ingest.validate(
-        write("rows.csv", f'review\n"{cell}"\nok\n'), format=Job.CSV, template=template, limits=limits
+        write("rows.csv", f'review\n"{cell}"\nok\n'), format=Job.Format.CSV, template=template, limits=limits
     )
     assert [(e.line, e.code) for e in plan.errors] == [(2, "invalid_csv")]
     assert "the row is longer than 100 characters" in plan.errors[0].message
@@ -184,14 +184,14 @@ def test_empty_csv(write):
 def test_create_job_keeps_input_rows(write, owner):
     plan = plan_for(write, "review,stars\nlovely,5\nmeh\n", user_prompt="{{ review }} ({{ stars }})")
     job = ingest.create_job(plan, owner=owner, name="Reviews")
-    assert job.source_format == Job.CSV and job.columns == ["review", "stars"]
+    assert job.source_format == Job.Format.CSV and job.columns == ["review", "stars"]
     assert job.template["user_prompt"] == "{{ review }} ({{ stars }})"
     rows = [json.loads(i.input_row) for i in job.items.order_by("line")]
     assert rows == [["lovely", "5"], ["meh", ""]]
 
 
 def test_detect_format(write):
-    assert ingest.detect_format("a.csv", write("a.csv", "x\n")) == Job.CSV
-    assert ingest.detect_format("a.jsonl", write("a.jsonl", "{}\n")) == Job.JSONL
-    assert ingest.detect_format("upload", write("u", '\ufeff {"a":1}\n')) == Job.JSONL
-    assert ingest.detect_format("upload", write("v", "a,b\n")) == Job.CSV
+    assert ingest.detect_format("a.csv", write("a.csv", "x\n")) == Job.Format.CSV
+    assert ingest.detect_format("a.jsonl", write("a.jsonl", "{}\n")) == Job.Format.JSONL
+    assert ingest.detect_format("upload", write("u", '\ufeff {"a":1}\n')) == Job.Format.JSONL
+    assert ingest.detect_format("upload", write("v", "a,b\n")) == Job.Format.CSV

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from jobs import ingest
 from jobs.models import Item, Job
-from tests.conftest import chat_line
+from tests.factories import chat_line
 
 
 def codes(plan):
@@ -238,13 +238,13 @@ def test_create_job_stores_items_in_order(write, owner):
     job = ingest.create_job(plan, owner=owner)
     job.refresh_from_db()
     assert job.name == "questions"
-    assert (job.total, job.n_pending, job.status) == (12, 12, Job.QUEUED)
+    assert (job.total, job.n_pending, job.status) == (12, 12, Job.Status.QUEUED)
     assert job.url == "/v1/chat/completions" and job.model == "gpt-4o-mini"
     items = list(job.items.order_by("line"))
     assert [i.custom_id for i in items] == [f"id-{i}" for i in range(12)]
     assert [i.line for i in items] == list(range(1, 13))
     assert json.loads(items[3].body) == lines[3]["body"]
-    assert items[0].status == Item.PENDING and items[0].attempts == 0 and items[0].lease_token is None
+    assert items[0].status == Item.Status.PENDING and items[0].attempts == 0 and items[0].lease_token is None
     assert all(i.est_tokens > 0 for i in items)
     assert sum(i.est_tokens for i in items) == job.est_input_tokens
     job.recount()
@@ -254,7 +254,7 @@ def test_create_job_stores_items_in_order(write, owner):
 @pytest.mark.django_db
 def test_create_job_is_atomic(write, owner, monkeypatch):
     plan = ingest.validate(write("f.jsonl", [chat_line(f"id-{i}") for i in range(30)]))
-    monkeypatch.setattr(ingest, "CHUNK", 10)
+    monkeypatch.setattr(ingest.create, "CHUNK", 10)
     real = ingest.Plan.requests
 
     def failing(self):

@@ -10,7 +10,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from jobs.models import File
-from tests.conftest import api_headers
+from tests.factories import api_headers
 
 BOUNDARY = "----batchsite-limit-test"
 

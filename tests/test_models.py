@@ -6,36 +6,37 @@ from jobs.models import Endpoint, InvalidTransition, Job
 pytestmark = pytest.mark.django_db
 
 
-def make_job(owner, **fields):
+def bare_job(owner, **fields):
+    """A job row without items: enough for the state diagram and the counters."""
     return Job.objects.create(owner=owner, name="j", url="/v1/chat/completions", **fields)
 
 
 def test_transition_follows_the_state_diagram(owner):
-    job = make_job(owner)
-    job.transition(Job.RUNNING)
-    job.transition(Job.PAUSED, reason="You ran out of quota.")
+    job = bare_job(owner)
+    job.transition(Job.Status.RUNNING)
+    job.transition(Job.Status.PAUSED, reason="You ran out of quota.")
     assert Job.objects.get(pk=job.pk).status_reason == "You ran out of quota."
-    job.transition(Job.RUNNING, reason="")
-    job.transition(Job.COMPLETED)
+    job.transition(Job.Status.RUNNING, reason="")
+    job.transition(Job.Status.COMPLETED)
     assert job.finished_at is not None
     with pytest.raises(InvalidTransition, match="A completed job cannot become paused"):
-        job.transition(Job.PAUSED)
+        job.transition(Job.Status.PAUSED)
 
 
 def test_transition_is_compare_and_set(owner):
-    job = make_job(owner)
+    job = bare_job(owner)
     stale = Job.objects.get(pk=job.pk)
-    job.transition(Job.CANCELLED)
+    job.transition(Job.Status.CANCELLED)
     with pytest.raises(InvalidTransition):
-        stale.transition(Job.RUNNING)  # the copy in memory says queued; the database says cancelled
-    assert Job.objects.get(pk=job.pk).status == Job.CANCELLED
+        stale.transition(Job.Status.RUNNING)  # the copy in memory says queued; the database says cancelled
+    assert Job.objects.get(pk=job.pk).status == Job.Status.CANCELLED
 
 
-def test_bump_adds_without_losing_updates(owner):
-    job = make_job(owner, total=10, n_pending=10)
+def test_add_to_counters_loses_no_updates(owner):
+    job = bare_job(owner, total=10, n_pending=10)
     other = Job.objects.get(pk=job.pk)
-    job.bump(n_pending=-3, n_succeeded=3, prompt_tokens=30)
-    other.bump(n_pending=-2, n_failed=2)
+    job.add_to_counters(n_pending=-3, n_succeeded=3, prompt_tokens=30)
+    other.add_to_counters(n_pending=-2, n_failed=2)
     job.refresh_from_db()
     assert (job.n_pending, job.n_succeeded, job.n_failed, job.prompt_tokens) == (5, 3, 2, 30)
     assert job.progress() == 50.0
@@ -53,19 +54,26 @@ def test_api_key_encrypted_at_rest():
     assert Endpoint.objects.get().masked_key == "…1234"
 
 
-def test_default_endpoint_synced_from_environment(monkeypatch):
+@pytest.fixture
+def env_endpoint(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0000000000abcd")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")
     monkeypatch.setenv("OPENAI_RPM", "3000")
     monkeypatch.delenv("OPENAI_TPM", raising=False)
-    endpoint = Endpoint.default()
-    assert endpoint.is_default and endpoint.from_env
-    assert (endpoint.base_url, endpoint.api_key, endpoint.rpm, endpoint.tpm) == (
+    return Endpoint.default()
+
+
+def test_default_endpoint_comes_from_the_environment(env_endpoint):
+    assert env_endpoint.is_default and env_endpoint.from_env
+    assert (env_endpoint.base_url, env_endpoint.api_key, env_endpoint.rpm, env_endpoint.tpm) == (
         "http://127.0.0.1:9/v1",
         "sk-test-0000000000abcd",
         3000,
         None,
     )
+
+
+def test_a_rotated_environment_key_updates_the_same_endpoint(env_endpoint, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-rotated-key-9999")
     assert Endpoint.default().api_key == "sk-test-rotated-key-9999"
     assert Endpoint.objects.count() == 1

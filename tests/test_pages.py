@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs.models import Endpoint, Item, Job, JobTick
-from tests.conftest import chat_line, make_endpoint, make_job
+from tests.factories import chat_line, jsonl, make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db
 
@@ -26,10 +26,6 @@ def upload(client, name, content: bytes):
     response = client.post("/jobs/new/", {"file": SimpleUploadedFile(name, content)})
     assert response.status_code == 302, response.content[:500]
     return response.url
-
-
-def jsonl(lines) -> bytes:
-    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 def test_upload_bad_jsonl_shows_line_numbered_errors_and_creates_nothing(client, owner, endpoint):
@@ -92,7 +88,7 @@ def test_csv_template_errors_then_launch(client, owner, endpoint):
     response = client.post(url, form, HTTP_HX_REQUEST="true")
     job = Job.objects.get()
     assert response.headers["HX-Redirect"] == f"/jobs/{job.pk}/"
-    assert job.source_format == Job.CSV and job.columns == ["id", "ticket"]
+    assert job.source_format == Job.Format.CSV and job.columns == ["id", "ticket"]
     assert list(job.items.values_list("custom_id", flat=True)) == ["T1", "T2"]
 
 
@@ -105,35 +101,6 @@ def test_upload_too_large_is_a_clear_message(client, owner, settings):
     )  # jobs/middleware.py
 
 
-def test_teammate_can_view_and_duplicate_but_not_control(client, owner, teammate, endpoint, write):
-    job = make_job(write, owner, endpoint, 3, start=False)
-    client.force_login(teammate)
-    assert client.get(f"/jobs/{job.pk}/").status_code == 200
-    for action in ("pause", "cancel", "retry", "delete", "resume"):
-        assert client.post(f"/jobs/{job.pk}/{action}").status_code == 403
-    job.refresh_from_db()
-    assert job.status == Job.QUEUED
-    response = client.post(f"/jobs/{job.pk}/duplicate")
-    copy = Job.objects.exclude(pk=job.pk).get()
-    assert copy.owner == teammate and response.url == f"/jobs/{copy.pk}/"
-    assert client.get(f"/jobs/{job.pk}/download/results").status_code == 200
-
-
-def test_owner_controls_with_clear_refusals(client, owner, endpoint, write):
-    job = make_job(write, owner, endpoint, 3, start=False)
-    client.force_login(owner)
-    client.post(f"/jobs/{job.pk}/pause")
-    assert Job.objects.get(pk=job.pk).status == Job.PAUSED
-    client.post(f"/jobs/{job.pk}/cancel")
-    assert Job.objects.get(pk=job.pk).status == Job.CANCELLED
-    page = client.post(f"/jobs/{job.pk}/resume", follow=True).content.decode()
-    assert "A cancelled job cannot be resumed." in page
-    client.post(f"/jobs/{job.pk}/delete")
-    assert not Job.objects.filter(pk=job.pk).exists()
-    assert client.post("/jobs/999/pause").status_code == 404
-    assert client.post(f"/jobs/{job.pk}/explode").status_code == 404
-
-
 def test_model_output_and_custom_id_are_escaped(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 1, text=lambda i: "<img src=x onerror=alert(1)>", start=False)
     item = job.items.get()
@@ -143,7 +110,7 @@ def test_model_output_and_custom_id_are_escaped(client, owner, endpoint, write):
         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
     }
     Item.objects.filter(pk=item.pk).update(
-        status=Item.SUCCEEDED, response=json.dumps(body), custom_id=payload, http_status=200
+        status=Item.Status.SUCCEEDED, response=json.dumps(body), custom_id=payload, http_status=200
     )
     client.force_login(owner)
     for url in (f"/jobs/{job.pk}/items/{item.pk}/", f"/jobs/{job.pk}/items/"):
@@ -154,7 +121,7 @@ def test_model_output_and_custom_id_are_escaped(client, owner, endpoint, write):
 
 def test_item_browser_filters_and_searches(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 120, start=False)
-    Item.objects.filter(job=job, line__lte=10).update(status=Item.FAILED, error_message="boom")
+    Item.objects.filter(job=job, line__lte=10).update(status=Item.Status.FAILED, error_message="boom")
     job.recount()
     client.force_login(owner)
     page = client.get(f"/jobs/{job.pk}/items/?status=failed").content.decode()
@@ -165,11 +132,13 @@ def test_item_browser_filters_and_searches(client, owner, endpoint, write):
     assert "Page 3 of 3" in page
 
 
-def test_endpoints_page_is_staff_only_and_never_shows_the_key(client, owner, django_user_model):
+@pytest.mark.parametrize("url", ["/endpoints/", "/endpoints/new/", "/team/"])
+def test_member_gets_a_clear_403_on_staff_pages(client, owner, url):
     client.force_login(owner)
-    for url in ("/endpoints/", "/endpoints/new/", "/team/"):  # a clear 403, not a redirect loop via the login page
-        assert client.get(url).status_code == 403, url
-    staff = django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True)
+    assert client.get(url).status_code == 403  # not a redirect loop via the login page
+
+
+def test_staff_adds_an_endpoint_whose_key_is_never_shown(client, staff):
     client.force_login(staff)
     response = client.post(
         "/endpoints/new/",
@@ -181,15 +150,20 @@ def test_endpoints_page_is_staff_only_and_never_shows_the_key(client, owner, dja
     for url in ("/endpoints/", f"/endpoints/{endpoint.pk}/"):
         page = client.get(url).content.decode()
         assert "supersecret" not in page and "…1234" in page
-    # editing without a key keeps the stored one
+
+
+def test_editing_an_endpoint_without_a_key_keeps_the_stored_one(client, staff, endpoint):
+    client.force_login(staff)
     client.post(f"/endpoints/{endpoint.pk}/", {"name": "vLLM", "base_url": "http://127.0.0.1:9/v1", "concurrency": 10})
-    assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-supersecret-abcd1234"
-    result = client.post(f"/endpoints/{endpoint.pk}/test").content.decode()
-    assert "Could not reach" in result
+    assert Endpoint.objects.get(pk=endpoint.pk).api_key == "sk-test-simulator-key"
 
 
-def test_staff_moves_the_default_to_another_endpoint(client, endpoint, django_user_model):
-    staff = django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True)
+def test_endpoint_test_says_when_the_server_cannot_be_reached(client, staff, endpoint):
+    client.force_login(staff)
+    assert "Could not reach" in client.post(f"/endpoints/{endpoint.pk}/test").content.decode()
+
+
+def test_staff_moves_the_default_to_another_endpoint(client, endpoint, staff):
     client.force_login(staff)
     form = {"name": "vLLM", "base_url": "http://127.0.0.1:9/v1", "concurrency": 50, "make_default": "on"}
     response = client.post("/endpoints/new/", form)
@@ -227,10 +201,9 @@ def test_env_endpoint_survives_a_changed_secret_key(client, owner, monkeypatch, 
     assert endpoint.api_key == "sk-from-env-123456"
 
 
-def test_endpoint_test_connection_against_the_simulator(client, django_user_model):
-    from jobs.simulator import SimConfig, serve_in_thread
+def test_endpoint_test_connection_against_the_simulator(client, staff):
+    from simulator import SimConfig, serve_in_thread
 
-    staff = django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True)
     client.force_login(staff)
     with serve_in_thread(SimConfig(api_key="sk-right-key-123456")) as base:
         good = make_endpoint(base)
@@ -257,7 +230,7 @@ def test_usage_page(client, owner, teammate, endpoint, write):
 def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 2, start=False)
     Job.objects.filter(pk=job.pk).update(name="<b>Q&A</b>")
-    Item.objects.filter(pk=job.items.first().pk).update(status=Item.SUCCEEDED)
+    Item.objects.filter(pk=job.items.first().pk).update(status=Item.Status.SUCCEEDED)
     job.recount()
     client.force_login(owner)
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
@@ -281,25 +254,48 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
     assert "1 / 2" in client.get("/").content.decode()
 
 
-def test_no_500_from_odd_input(client, owner, endpoint, write):
-    job = make_job(write, owner, endpoint, 2, start=False)
-    client.force_login(owner)
-    for url in (
+@pytest.mark.parametrize(
+    "url",
+    [
         "/?page=abc&status=<x>&scope=zzz",
         "/?page=999999",
-        f"/jobs/{job.pk}/items/?page=-1&status=nope",
+        "/jobs/{job}/items/?page=-1&status=nope",
         "/jobs/new/nonexistent/",
-        f"/jobs/{job.pk}/items/99999999/",
+        "/jobs/{job}/items/99999999/",
         "/jobs/new/",
-    ):
-        assert client.get(url).status_code in (200, 302, 404), url
+    ],
+)
+def test_odd_urls_are_not_server_errors(client, owner, endpoint, write, url):
+    job = make_job(write, owner, endpoint, 2, start=False)
+    client.force_login(owner)
+    assert client.get(url.format(job=job.pk)).status_code in (200, 302, 404)
+
+
+def test_upload_without_a_file_shows_the_form_again(client, owner):
+    client.force_login(owner)
     assert client.post("/jobs/new/", {}).status_code == 200
+
+
+def test_upload_of_a_binary_file_goes_on_to_review(client, owner):
+    client.force_login(owner)
     assert client.post("/jobs/new/", {"file": SimpleUploadedFile("x.bin", b"\x00\xff\xfe")}).status_code == 302
-    # NUL characters: Postgres refuses them in queries, so they are turned away at the door
-    for url in ("/?q=a%00b", "/?model=%00", f"/jobs/{job.pk}/items/?q=%00"):
-        assert client.get(url).status_code == 400, url
+
+
+@pytest.mark.parametrize("url", ["/?q=a%00b", "/?model=%00", "/jobs/{job}/items/?q=%00"])
+def test_nul_characters_are_turned_away_at_the_door(client, owner, endpoint, write, url):
+    """Postgres refuses NUL characters in queries."""
+    job = make_job(write, owner, endpoint, 2, start=False)
+    client.force_login(owner)
+    assert client.get(url.format(job=job.pk)).status_code == 400
+
+
+def test_a_nul_character_in_a_v1_path_is_an_openai_error(client):
     response = client.get("/v1/batches/batch_%00", HTTP_AUTHORIZATION="Bearer x")
     assert response.status_code == 400 and response.json()["error"]["message"]
+
+
+def test_revoking_an_unknown_token_is_404(client, owner):
+    client.force_login(owner)
     assert client.post("/account/tokens/", {"action": "revoke", "token": "²"}).status_code == 404
 
 
@@ -327,12 +323,14 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
                 model="gpt-4o-mini",
                 total=10,
                 n_succeeded=10,
-                status=Job.COMPLETED,
+                status=Job.Status.COMPLETED,
             )
             for i in range(1000)
         ]
     )
-    Item.objects.filter(job=big, line__lte=500).update(status=Item.FAILED, error_code="http_500", http_status=500)
+    Item.objects.filter(job=big, line__lte=500).update(
+        status=Item.Status.FAILED, error_code="http_500", http_status=500
+    )
     big.recount()
     start = timezone.now() - timedelta(days=1)  # a day-long run's timeline for the chart
     JobTick.objects.bulk_create(
@@ -377,8 +375,8 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
     )  # failed stacked on top; retries drawn as a line
 
 
-def test_endpoint_form_offers_to_keep_a_key_only_when_there_is_one(client, endpoint, django_user_model):
-    client.force_login(django_user_model.objects.create_user("boss", password="x-pass-123", is_staff=True))
+def test_endpoint_form_offers_to_keep_a_key_only_when_there_is_one(client, endpoint, staff):
+    client.force_login(staff)
     keyless = Endpoint.objects.create(name="ollama", base_url="http://127.0.0.1:9/v1")
     for url in ("/endpoints/new/", f"/endpoints/{keyless.pk}/"):
         page = client.get(url).content.decode()

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from jobs import ingest, tokens
 from jobs.models import Batch, File, Item, Job, JobTick
-from tests.conftest import api_headers, chat_line
+from tests.factories import api_headers, chat_line
 
 pytestmark = pytest.mark.django_db
 
@@ -23,13 +23,13 @@ def running(owner, tmp_path, settings):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(chat_line(f"r{i}")) + "\n" for i in range(300)))
     job = ingest.create_job(ingest.validate(path), owner=owner, name="big")
-    Item.objects.filter(job=job, line__lte=100).update(status=Item.SUCCEEDED, http_status=200, response="{}")
+    Item.objects.filter(job=job, line__lte=100).update(status=Item.Status.SUCCEEDED, http_status=200, response="{}")
     Item.objects.filter(job=job, line__gt=100, line__lte=110).update(
-        status=Item.FAILED, http_status=500, error_code="http_500"
+        status=Item.Status.FAILED, http_status=500, error_code="http_500"
     )
     job.recount()
     start = timezone.now() - timedelta(days=1)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, started_at=start)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING, started_at=start)
     JobTick.objects.bulk_create(
         [JobTick(job=job, at=start + timedelta(seconds=10 * i), succeeded=3) for i in range(8640)]
     )
@@ -57,7 +57,7 @@ def test_unchanged_batch_answers_304_and_a_change_a_new_body(client, owner, runn
     etag = first["ETag"]
     again = client.get(url, headers={**headers, "If-None-Match": etag})
     assert again.status_code == 304 and again.content == b""
-    running.job.bump(n_pending=-1, n_succeeded=1)
+    running.job.add_to_counters(n_pending=-1, n_succeeded=1)
     changed = client.get(url, headers={**headers, "If-None-Match": etag})
     assert changed.status_code == 200 and changed["ETag"] != etag
     assert changed.json()["request_counts"]["completed"] == first.json()["request_counts"]["completed"] + 1
@@ -69,7 +69,7 @@ def test_progress_partial_draws_the_chart_once_per_tick_period(client, owner, ru
     with CaptureQueriesContext(connection) as first:
         assert client.get(url, HTTP_HX_REQUEST="true").status_code == 200
     assert any("jobtick" in q["sql"] for q in first)
-    running.job.bump(n_pending=-5, n_succeeded=5)
+    running.job.add_to_counters(n_pending=-5, n_succeeded=5)
     with CaptureQueriesContext(connection) as second:
         response = client.get(url, HTTP_HX_REQUEST="true")
     assert not any("jobtick" in q["sql"] or "jobs_item" in q["sql"] for q in second), [q["sql"][:100] for q in second]
@@ -78,7 +78,7 @@ def test_progress_partial_draws_the_chart_once_per_tick_period(client, owner, ru
     assert "115 of 300 done" in html and '<figure class="chart">' in html and "HTTP 500" in html
 
     # A status change draws it again at once.
-    Job.objects.filter(pk=running.job.pk).update(status=Job.PAUSED)
+    Job.objects.filter(pk=running.job.pk).update(status=Job.Status.PAUSED)
     with CaptureQueriesContext(connection) as paused:
         client.get(url, HTTP_HX_REQUEST="true")
     assert any("jobtick" in q["sql"] for q in paused)

@@ -18,12 +18,12 @@ from django.conf import settings
 from django.utils import timezone
 from django_q.models import Schedule
 
-from jobs import tasks
+from jobs.engine import tasks
 from jobs.models import Item, Job
-from tests.conftest import answers, make_endpoint, make_job, seed_prices
+from tests.factories import answers, make_endpoint, make_job, seed_prices
 from tests.servers import ROOT, Cluster, wait_until
 
-SCHEDULES = [("batchsite-clean-up", "jobs.tasks.clean_up"), ("batchsite-sweeper", "jobs.tasks.sweep")]
+SCHEDULES = [("batchsite-clean-up", "jobs.engine.tasks.clean_up"), ("batchsite-sweeper", "jobs.engine.tasks.sweep")]
 LATENCY = 0.3  # seconds the simulator takes to answer, so a request was in flight from t - LATENCY to t
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -107,7 +107,7 @@ def test_killed_cluster_resumes_within_30_s_without_prepare(production_cluster, 
     wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded >= 100, 60, message="progress before the crash")
     first.kill()  # SIGKILL to the whole process group: no clean-up of any kind
     killed_at = time.time()
-    held = set(job.items.filter(status=Item.RUNNING).values_list("custom_id", flat=True))
+    held = set(job.items.filter(status=Item.Status.RUNNING).values_list("custom_id", flat=True))
     done = Job.objects.get(pk=job.pk).n_succeeded
     assert held and done < n
 
@@ -116,7 +116,7 @@ def test_killed_cluster_resumes_within_30_s_without_prepare(production_cluster, 
     wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded > done, 30, 0.2, "the job to resume")
     resumed_after = time.monotonic() - restarted
     print(f"resumed {resumed_after:.1f} s after the restart")
-    wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.COMPLETED, 90, message="the job to complete")
+    wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, 90, message="the job to complete")
     job.refresh_from_db()
     assert (job.n_succeeded, job.n_failed, job.items.count()) == (n, 0, n)
     assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(n)}  # one result per item
@@ -143,7 +143,7 @@ def test_two_live_clusters_never_send_an_item_twice(production_cluster, simulato
     sim.configure(latency_ms=slow * 1000)  # what is sent now outlives its lease, unless heartbeats renew it
     time.sleep(1.5)
     sim.configure(latency_ms=LATENCY * 1000)
-    wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.COMPLETED, 120, message="the job to complete")
+    wait_until(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, 120, message="the job to complete")
     job.refresh_from_db()
     assert (job.n_succeeded, job.items.count()) == (n, n)
     sent = sends(sim)
@@ -160,14 +160,18 @@ def test_two_live_clusters_never_send_an_item_twice(production_cluster, simulato
 def test_sweeps_side_by_side_restart_a_stalled_job_once(write, owner, monkeypatch):
     """Every worker of every cluster sweeps: two that find the same stalled job start one new generation."""
     enqueued = []
-    monkeypatch.setattr(tasks, "async_task", lambda func, *args, **options: enqueued.append(args))
+    monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: enqueued.append(args))
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
     long_ago = timezone.now() - timedelta(minutes=10)
     Job.objects.filter(pk=job.pk).update(
-        status=Job.RUNNING, heartbeat_at=long_ago, slice_gen=1, slice_enqueued_at=long_ago, slice_picked_at=long_ago
+        status=Job.Status.RUNNING,
+        heartbeat_at=long_ago,
+        slice_gen=1,
+        slice_enqueued_at=long_ago,
+        slice_picked_at=long_ago,
     )
     seen_by_one, seen_by_other = tasks._orphans(timezone.now()), tasks._orphans(timezone.now())
     assert seen_by_one == seen_by_other == [(job.pk, 1)]
-    assert [tasks.start_job(*seen_by_one[0]), tasks.start_job(*seen_by_other[0])] == [True, False]
+    assert [Job.start_slices(*seen_by_one[0]), Job.start_slices(*seen_by_other[0])] == [True, False]
     assert {gen for _, _, gen, _ in enqueued} == {2}
     assert tasks.sweep()["restarted"] == []

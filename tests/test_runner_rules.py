@@ -15,12 +15,12 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from jobs import leases, ratelimit, runner, tasks
-from jobs.leases import Outcome
+from jobs.engine import database, leases, ratelimit, runner, send, tasks, upstream
+from jobs.engine.leases import Outcome
 from jobs.models import Item, Job, Price
 from jobs.pricing import PriceBook
-from jobs.simulator import SimConfig, serve_in_thread
-from tests.conftest import make_endpoint, make_job
+from simulator import SimConfig, serve_in_thread
+from tests.factories import make_endpoint, make_job
 
 
 def err(code=None, type_=None, message="m"):
@@ -30,48 +30,48 @@ def err(code=None, type_=None, message="m"):
 @pytest.mark.parametrize(
     "status,body,kind",
     [
-        (429, err("rate_limit_exceeded", "requests"), runner.RETRY),
-        (429, err("insufficient_quota", "insufficient_quota"), runner.STOP),
-        (429, err(None, "insufficient_quota"), runner.STOP),
-        (429, err("credit_balance_exhausted"), runner.STOP),
-        (401, err("invalid_api_key"), runner.STOP),
-        (403, err(None), runner.STOP),
-        (408, "", runner.RETRY),
-        (409, "", runner.RETRY),
-        (500, err(None, "server_error"), runner.RETRY),
-        (503, "<html>unavailable</html>", runner.RETRY),
-        (400, err(None, "invalid_request_error", "bad messages"), runner.PERMANENT),
-        (404, err("model_not_found"), runner.PERMANENT),
-        (422, "{}", runner.PERMANENT),
+        (429, err("rate_limit_exceeded", "requests"), upstream.RETRY),
+        (429, err("insufficient_quota", "insufficient_quota"), upstream.STOP),
+        (429, err(None, "insufficient_quota"), upstream.STOP),
+        (429, err("credit_balance_exhausted"), upstream.STOP),
+        (401, err("invalid_api_key"), upstream.STOP),
+        (403, err(None), upstream.STOP),
+        (408, "", upstream.RETRY),
+        (409, "", upstream.RETRY),
+        (500, err(None, "server_error"), upstream.RETRY),
+        (503, "<html>unavailable</html>", upstream.RETRY),
+        (400, err(None, "invalid_request_error", "bad messages"), upstream.PERMANENT),
+        (404, err("model_not_found"), upstream.PERMANENT),
+        (422, "{}", upstream.PERMANENT),
     ],
 )
 def test_classification(status, body, kind):
-    error = runner.classify(status, body, {})
+    error = upstream.classify(status, body, {})
     assert error.kind == kind and error.http_status == status
 
 
 def test_quota_stop_message_is_plain_words():
-    error = runner.classify(429, err("insufficient_quota"), {})
+    error = upstream.classify(429, err("insufficient_quota"), {})
     assert "quota" in error.message and "resume" in error.message
 
 
 def test_retry_after_header_forms():
-    assert runner.retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
-    assert runner.retry_after_seconds({"retry-after": "300"}) == 300.0  # large values are honoured too
+    assert upstream.retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert upstream.retry_after_seconds({"retry-after": "300"}) == 300.0  # large values are honoured too
     http_date = (timezone.now() + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
-    assert 25 < runner.retry_after_seconds({"retry-after": http_date}) <= 31
-    assert runner.retry_after_seconds({}) is None
+    assert 25 < upstream.retry_after_seconds({"retry-after": http_date}) <= 31
+    assert upstream.retry_after_seconds({}) is None
     # Broken headers: never an infinite (or NaN) wait that would freeze the endpoint for every process
-    assert runner.retry_after_seconds({"retry-after": "inf"}) == runner.MAX_RETRY_AFTER
-    assert runner.retry_after_seconds({"retry-after-ms": "1e400"}) == runner.MAX_RETRY_AFTER
-    assert runner.retry_after_seconds({"retry-after": "nan"}) is None
-    assert runner.retry_after_seconds({"retry-after-ms": "soon", "retry-after": "2"}) == 2.0
-    assert runner.retry_after_seconds({"retry-after": "Someday, 99 Foo"}) is None
+    assert upstream.retry_after_seconds({"retry-after": "inf"}) == upstream.MAX_RETRY_AFTER
+    assert upstream.retry_after_seconds({"retry-after-ms": "1e400"}) == upstream.MAX_RETRY_AFTER
+    assert upstream.retry_after_seconds({"retry-after": "nan"}) is None
+    assert upstream.retry_after_seconds({"retry-after-ms": "soon", "retry-after": "2"}) == 2.0
+    assert upstream.retry_after_seconds({"retry-after": "Someday, 99 Foo"}) is None
 
 
 def test_backoff_grows_with_jitter_and_a_cap():
     for attempt, (low, high) in {1: (0.125, 0.25), 2: (0.25, 0.5), 3: (0.5, 1), 10: (30, 60)}.items():
-        values = [runner.backoff(attempt) for _ in range(50)]
+        values = [upstream.backoff(attempt) for _ in range(50)]
         assert all(low <= v <= high for v in values)
         assert len(set(values)) > 1
 
@@ -86,10 +86,10 @@ def test_go_durations(text, seconds):
 
 def test_usage_for_each_endpoint_shape():
     chat = {"usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}}
-    assert runner.usage_of("/v1/chat/completions", chat) == (10, 5, 4)
-    assert runner.usage_of("/v1/embeddings", {"usage": {"prompt_tokens": 7, "total_tokens": 7}}) == (7, 0, 0)
+    assert upstream.usage_of("/v1/chat/completions", chat) == (10, 5, 4)
+    assert upstream.usage_of("/v1/embeddings", {"usage": {"prompt_tokens": 7, "total_tokens": 7}}) == (7, 0, 0)
     responses = {"usage": {"input_tokens": 3, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 1}}}
-    assert runner.usage_of("/v1/responses", responses) == (3, 2, 1)
+    assert upstream.usage_of("/v1/responses", responses) == (3, 2, 1)
 
 
 @pytest.mark.django_db
@@ -107,7 +107,7 @@ def test_price_longest_prefix_wins():
 @pytest.mark.django_db
 def test_a_stale_lease_cannot_overwrite_a_result(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)  # slices claim only for a running job
     old, new = uuid.uuid4(), uuid.uuid4()
     claimed = leases.claim(job.pk, old, 10)
     assert [c.custom_id for c in claimed] == ["req-0", "req-1", "req-2"]
@@ -115,7 +115,7 @@ def test_a_stale_lease_cannot_overwrite_a_result(write, owner):
     # The first worker stalls; its leases expire and a second worker takes the items over.
     leases.expire(timezone.now() + timedelta(seconds=leases.lease_seconds() + 1))
     assert len(leases.claim(job.pk, new, 10)) == 3
-    ok = lambda item, text: Outcome(item.id, Item.SUCCEEDED, 1, http_status=200, response=text)  # noqa: E731
+    ok = lambda item, text: Outcome(item.id, Item.Status.SUCCEEDED, 1, http_status=200, response=text)  # noqa: E731
     assert leases.write(job.pk, new, [ok(claimed[0], '{"who":"new"}')])["n_succeeded"] == 1
     assert leases.write(job.pk, old, [ok(c, '{"who":"old"}') for c in claimed]) == {}
     job.refresh_from_db()
@@ -128,7 +128,7 @@ def test_a_stale_lease_cannot_overwrite_a_result(write, owner):
 @pytest.mark.django_db
 def test_nothing_is_claimed_once_the_job_is_paused(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
     assert len(leases.claim(job.pk, uuid.uuid4(), 1)) == 1
     Job.objects.get(pk=job.pk).pause()
     assert leases.claim(job.pk, uuid.uuid4(), 10) == []
@@ -137,7 +137,7 @@ def test_nothing_is_claimed_once_the_job_is_paused(write, owner):
 @pytest.mark.django_db
 def test_claims_respect_next_attempt_and_input_order(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)  # slices claim only for a running job
     first = Item.objects.get(job=job, custom_id="req-0")
     Item.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now() + timedelta(minutes=5))
     assert [c.custom_id for c in leases.claim(job.pk, uuid.uuid4(), 2)] == ["req-1", "req-2"]
@@ -151,19 +151,19 @@ def test_control_actions_are_safe_twice_and_explain_refusals(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
     job.pause()
     job.pause()
-    assert job.status == Job.PAUSED
+    assert job.status == Job.Status.PAUSED
     job.resume()
     job.resume()
-    assert job.status == Job.QUEUED
+    assert job.status == Job.Status.QUEUED
     job.cancel()
     job.cancel()
-    assert (job.status, job.n_cancelled) == (Job.CANCELLED, 3)
+    assert (job.status, job.n_cancelled) == (Job.Status.CANCELLED, 3)
     with pytest.raises(Exception, match="cannot be resumed"):
         job.resume()
     with pytest.raises(Exception, match="no failed items"):
         job.retry_failed()
     copy = job.duplicate(owner)
-    assert (copy.status, copy.total, copy.n_pending, copy.name) == (Job.QUEUED, 3, 3, f"Copy of {job.name}")
+    assert (copy.status, copy.total, copy.n_pending, copy.name) == (Job.Status.QUEUED, 3, 3, f"Copy of {job.name}")
     assert list(copy.items.values_list("custom_id", "status")) == [(f"req-{i}", "pending") for i in range(3)]
 
 
@@ -240,11 +240,11 @@ def test_error_bodies_are_stored_on_one_line():
         },
         indent=2,
     )
-    error = runner.classify(400, pretty, {})
+    error = upstream.classify(400, pretty, {})
     assert "\n" not in error.body and json.loads(error.body) == json.loads(pretty)
     assert error.message == "Invalid 'messages': empty."
     html = "<html>\n<body>502 Bad Gateway</body>\n</html>"
-    assert runner.classify(502, html, {}).body == html  # not JSON: kept as it is, the export wraps it
+    assert upstream.classify(502, html, {}).body == html  # not JSON: kept as it is, the export wraps it
 
 
 def test_limiter_takes_no_slot_after_the_deadline(tmp_path):
@@ -289,11 +289,11 @@ def test_every_writer_locks_the_job_before_its_items(write, owner):
     """One lock order (job row, then items) for claims, writes, expiry, cancel and retry: with two
     orders, a cancel and a claim on Postgres wait on each other in a circle."""
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 6, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)  # slices claim only for a running job
     lease = uuid.uuid4()
     claimed = []
     assert _locks_job_before_items(lambda: claimed.extend(leases.claim(job.pk, lease, 3)))
-    failed = Outcome(claimed[0].id, Item.FAILED, 1, http_status=400, response="{}")
+    failed = Outcome(claimed[0].id, Item.Status.FAILED, 1, http_status=400, response="{}")
     assert _locks_job_before_items(lambda: leases.write(job.pk, lease, [failed]))
     after_the_leases = timezone.now() + timedelta(seconds=leases.lease_seconds() + 1)
     assert _locks_job_before_items(lambda: leases.expire(after_the_leases))
@@ -320,9 +320,9 @@ def sim_get(url: str, path: str):
 
 @pytest.fixture
 def enqueued(monkeypatch):
-    """The slice tasks enqueued during the test, as their argument tuples (job_id, slices, gen, enqueued_at)."""
+    """The slice tasks enqueued during the test, as their argument tuples (job_id, slices, generation, enqueued_at)."""
     calls = []
-    monkeypatch.setattr(tasks, "async_task", lambda func, *args, **options: calls.append(args))
+    monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: calls.append(args))
     return calls
 
 
@@ -343,7 +343,11 @@ def test_a_retry_released_past_the_deadline_keeps_the_chain_going(sim, enqueued,
     assert summary["sent"] == 1 and summary["handed_over"] and len(enqueued) == 1
     assert elapsed >= 1.4
     item = job.items.get()
-    assert (job.status, item.status, item.attempts) == (Job.RUNNING, Item.PENDING, 0)  # a 429 is no attempt
+    assert (job.status, item.status, item.attempts) == (
+        Job.Status.RUNNING,
+        Item.Status.PENDING,
+        0,
+    )  # a 429 is no attempt
     assert item.error_code == "rate_limit_exceeded"
     assert item.next_attempt_at > timezone.now() + timedelta(seconds=55)
 
@@ -379,7 +383,7 @@ def test_reservations_never_outlive_the_slice(sim, enqueued, write, owner):
     summary, elapsed = slice_run(job, budget=2.0)
     assert elapsed < 4.0 and summary["sent"] == 1 and summary["handed_over"]
     assert (job.n_succeeded, job.n_pending, job.n_running) == (1, 19, 0)
-    assert job.items.filter(status=Item.PENDING, attempts=0).count() == 19  # given back without an attempt
+    assert job.items.filter(status=Item.Status.PENDING, attempts=0).count() == 19  # given back without an attempt
 
 
 @pytest.mark.django_db(transaction=True)
@@ -410,17 +414,17 @@ def test_a_request_that_crashes_the_runner_fails_after_its_attempts(sim, enqueue
     def broken(url, body):
         raise RuntimeError("usage block not understood")
 
-    monkeypatch.setattr(runner, "usage_of", broken)
-    monkeypatch.setattr(runner, "INTERNAL_ERROR_RETRY_SECONDS", 0.1)
+    monkeypatch.setattr(upstream, "usage_of", broken)
+    monkeypatch.setattr(send, "INTERNAL_ERROR_RETRY_SECONDS", 0.1)
     url = sim()
     job = make_job(write, owner, make_endpoint(url), 1, start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=3)
     slice_run(job, budget=5.0)
     item = job.items.get()
-    assert (item.status, item.attempts, item.error_code) == (Item.FAILED, 3, "internal_error")
+    assert (item.status, item.attempts, item.error_code) == (Item.Status.FAILED, 3, "internal_error")
     assert "RuntimeError" in item.error_message
     assert sim_get(url, "/_sim/stats")["total"] == 3
-    assert job.status == Job.COMPLETED
+    assert job.status == Job.Status.COMPLETED
 
 
 @pytest.mark.django_db(transaction=True)
@@ -441,7 +445,7 @@ def test_results_survive_a_locked_database(sim, enqueued, write, owner, monkeypa
     job = make_job(write, owner, make_endpoint(url, concurrency=10), 30, start=False)
     slice_run(job, budget=10.0)
     assert len(failures) == 2
-    assert (job.status, job.n_succeeded) == (Job.COMPLETED, 30)
+    assert (job.status, job.n_succeeded) == (Job.Status.COMPLETED, 30)
     assert sim_get(url, "/_sim/stats")["total"] == 30
 
 
@@ -474,7 +478,7 @@ def test_sweeper_leaves_jobs_waiting_in_the_queue_alone(write, owner, enqueued, 
     # `running` was enqueued first and its slice runs; `waiting` was enqueued after it, 10 minutes ago.
     _set(
         running,
-        status=Job.RUNNING,
+        status=Job.Status.RUNNING,
         heartbeat_at=now,
         slice_enqueued_at=now - timedelta(minutes=11),
         slice_picked_at=now - timedelta(minutes=11),
@@ -498,7 +502,7 @@ def test_sweeper_restarts_a_job_whose_slices_are_gone(write, owner, enqueued):
     long_ago = timezone.now() - timedelta(minutes=10)
     # Its last slice started and died (no heartbeat since), and nothing else runs.
     died = make_job(write, owner, endpoint, 3, start=False)
-    _set(died, status=Job.RUNNING, heartbeat_at=long_ago, slice_enqueued_at=long_ago, slice_picked_at=long_ago)
+    _set(died, status=Job.Status.RUNNING, heartbeat_at=long_ago, slice_enqueued_at=long_ago, slice_picked_at=long_ago)
     # Its slice was enqueued but never started, on a cluster that runs nothing: it was lost.
     lost = make_job(write, owner, endpoint, 3, start=False)
     _set(lost, created_at=long_ago, slice_enqueued_at=long_ago)
@@ -509,13 +513,13 @@ def test_sweeper_restarts_a_job_whose_slices_are_gone(write, owner, enqueued):
 @pytest.mark.django_db
 def test_slices_of_an_older_generation_stop(write, owner, enqueued):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
-    tasks.start_job(job.pk)
-    tasks.start_job(job.pk)  # a restart: generation 2
-    assert runner.run_slice(job.pk, gen=1) == {"job": job.pk, "skipped": "superseded"}
-    assert tasks.enqueue_slice(job.pk, 2, gen=1) is False  # an old chain does not go on
-    assert tasks.enqueue_slice(job.pk, 2, gen=2) is True
+    Job.start_slices(job.pk)
+    Job.start_slices(job.pk)  # a restart: generation 2
+    assert runner.run_slice(job.pk, generation=1) == {"job": job.pk, "skipped": "superseded"}
+    assert Job.enqueue_next_slice(job.pk, 2, generation=1) is False  # an old chain does not go on
+    assert Job.enqueue_next_slice(job.pk, 2, generation=2) is True
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 2]
-    assert not runner._wanted(job.pk, 1)
+    assert not database.job_wants_slice(job.pk, 1)
 
 
 @pytest.mark.django_db
@@ -524,8 +528,8 @@ def test_resume_and_retry_never_add_chains(write, owner, enqueued, settings, dja
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
     with django_capture_on_commit_callbacks(execute=True):
         job.start()
-    _set(job, status=Job.RUNNING)
-    job.items.filter(line__lte=2).update(status=Item.FAILED)
+    _set(job, status=Job.Status.RUNNING)
+    job.items.filter(line__lte=2).update(status=Item.Status.FAILED)
     job.recount()
     # Retrying while the job runs: its slices take the items up; a new chain would be one too many.
     with django_capture_on_commit_callbacks(execute=True):
@@ -536,12 +540,12 @@ def test_resume_and_retry_never_add_chains(write, owner, enqueued, settings, dja
     with django_capture_on_commit_callbacks(execute=True):
         job.resume()
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2]
-    assert not runner._wanted(job.pk, 1)
+    assert not database.job_wants_slice(job.pk, 1)
     # A completed job's retry starts it again.
-    job.items.update(status=Item.SUCCEEDED)
-    job.items.filter(line=1).update(status=Item.FAILED)
+    job.items.update(status=Item.Status.SUCCEEDED)
+    job.items.filter(line=1).update(status=Item.Status.FAILED)
     job.recount()
-    _set(job, status=Job.COMPLETED)
+    _set(job, status=Job.Status.COMPLETED)
     with django_capture_on_commit_callbacks(execute=True):
         assert job.retry_failed() == 1
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 3, 3]
@@ -552,13 +556,13 @@ def test_schedules_are_registered_once_and_clean_up_runs(settings, tmp_path):
     settings.DATA_DIR = tmp_path  # other tests' uploads are not this test's
     from django_q.models import Schedule
 
-    from jobs import tasks
+    from jobs.engine import tasks
 
     tasks.ensure_schedules()
     tasks.ensure_schedules()
     assert sorted(Schedule.objects.values_list("name", "func")) == [
-        ("batchsite-clean-up", "jobs.tasks.clean_up"),
-        ("batchsite-sweeper", "jobs.tasks.sweep"),
+        ("batchsite-clean-up", "jobs.engine.tasks.clean_up"),
+        ("batchsite-sweeper", "jobs.engine.tasks.sweep"),
     ]
     assert tasks.clean_up() == {"uploads_removed": 0}
 
@@ -573,25 +577,25 @@ def test_a_slice_stays_while_another_holds_items_it_may_hand_back(sim, enqueued,
 
     url = sim()
     job = make_job(write, owner, make_endpoint(url), 3, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
     other = uuid.uuid4()
     held = leases.claim(job.pk, other, 3)
 
     def hand_back():
-        leases.write(job.pk, other, [Outcome(c.id, Item.PENDING, 1) for c in held])
+        leases.write(job.pk, other, [Outcome.released(c.id, 1) for c in held])
         connection.close()
 
     threading.Timer(0.7, hand_back).start()
     summary, elapsed = slice_run(job, budget=4.0)
-    assert summary["sent"] == 3 and job.status == Job.COMPLETED and job.n_succeeded == 3
+    assert summary["sent"] == 3 and job.status == Job.Status.COMPLETED and job.n_succeeded == 3
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_slice_leaves_at_once_when_nothing_is_pending_or_held(sim, enqueued, write, owner):
     url = sim()
     job = make_job(write, owner, make_endpoint(url), 2, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
-    job.items.update(status=Item.SUCCEEDED)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
+    job.items.update(status=Item.Status.SUCCEEDED)
     job.recount()
     summary, elapsed = slice_run(job, budget=5.0)
     assert elapsed < 2 and summary["finished"] and not enqueued
@@ -609,13 +613,13 @@ def test_a_result_the_database_refuses_fails_that_item_only(sim, enqueued, write
     real_write = leases.write
 
     def refusing_write(job_id, lease, outcomes):
-        if any(o.item_id == bad and o.status == Item.SUCCEEDED for o in outcomes):
+        if any(o.item_id == bad and o.status == Item.Status.SUCCEEDED for o in outcomes):
             raise DataError("numeric field overflow")
         return real_write(job_id, lease, outcomes)
 
     monkeypatch.setattr(leases, "write", refusing_write)
     slice_run(job, budget=5.0)
-    assert (job.status, job.n_succeeded, job.n_failed) == (Job.COMPLETED, 9, 1)
+    assert (job.status, job.n_succeeded, job.n_failed) == (Job.Status.COMPLETED, 9, 1)
     item = Item.objects.get(pk=bad)
     assert item.error_code == "internal_error" and "numeric field overflow" in item.error_message
     assert sim_get(url, "/_sim/stats")["total"] == 10
@@ -624,7 +628,7 @@ def test_a_result_the_database_refuses_fails_that_item_only(sim, enqueued, write
 @pytest.mark.django_db
 def test_nul_characters_from_upstream_are_stored_as_replacement_characters(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)  # slices claim only for a running job
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)  # slices claim only for a running job
     lease = uuid.uuid4()
     (claimed,) = leases.claim(job.pk, lease, 1)
     leases.write(
@@ -633,7 +637,7 @@ def test_nul_characters_from_upstream_are_stored_as_replacement_characters(write
         [
             Outcome(
                 claimed.id,
-                Item.FAILED,
+                Item.Status.FAILED,
                 1,
                 http_status=500,
                 response="bad\x00gateway",
@@ -656,7 +660,7 @@ def test_a_slice_that_fails_before_sending_pauses_the_job_instead_of_looping(sim
     with pytest.raises(RuntimeError):
         runner.run_slice(job.pk, budget=2.0)
     job.refresh_from_db()
-    assert job.status == Job.PAUSED and "price table unreadable" in job.status_reason
+    assert job.status == Job.Status.PAUSED and "price table unreadable" in job.status_reason
     assert not enqueued  # no successor that would fail the same way at once
 
 
@@ -732,15 +736,15 @@ def test_one_off_429s_delay_only_their_own_requests(sim, enqueued, write, owner)
 def test_a_500_every_time_fails_after_the_transient_budget_and_no_429_counts(
     sim, enqueued, write, owner, settings, monkeypatch
 ):
-    monkeypatch.setattr(runner, "BACKOFF_BASE", 0.02)
+    monkeypatch.setattr(upstream, "BACKOFF_BASE", 0.02)
     settings.BATCHSITE_TRANSIENT_ATTEMPTS = 4
     url = sim(latency_ms=5)
     job = make_job(write, owner, make_endpoint(url), 2, text=lambda i: f"Q{i} SIMULATE_500" if i else "Q0", start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
     slice_run(job, budget=10.0)
     poison = job.items.get(custom_id="req-1")
-    assert (poison.status, poison.attempts, poison.http_status) == (Item.FAILED, 4, 500)
-    assert job.items.get(custom_id="req-0").status == Item.SUCCEEDED
+    assert (poison.status, poison.attempts, poison.http_status) == (Item.Status.FAILED, 4, 500)
+    assert job.items.get(custom_id="req-0").status == Item.Status.SUCCEEDED
     Job.objects.filter(pk=job.pk).update(max_attempts=6)  # a job's own max attempts above the floor wins
     job.retry_failed()
     slice_run(job, budget=10.0)
@@ -751,7 +755,7 @@ def test_a_500_every_time_fails_after_the_transient_budget_and_no_429_counts(
 def test_a_fifth_of_answers_503_loses_nothing_with_max_attempts_1(sim, enqueued, write, owner, monkeypatch):
     """Server errors have their own budget (BATCHSITE_TRANSIENT_ATTEMPTS, 10): at a 20% error rate a
     request is lost once in ten million, whatever the job's max attempts (the old engine lost a fifth)."""
-    monkeypatch.setattr(runner, "BACKOFF_BASE", 0.005)
+    monkeypatch.setattr(upstream, "BACKOFF_BASE", 0.005)
     url = sim(error_rates={503: 0.2}, seed=8)
     job = make_job(write, owner, make_endpoint(url, concurrency=50), 1000, start=False)
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
@@ -779,31 +783,31 @@ def test_only_429s_thick_and_fast_cut_the_shared_send_rate(sim, enqueued, write,
 
 @pytest.mark.django_db(transaction=True)
 def test_a_refused_connection_is_retried_and_named(enqueued, write, owner, settings, monkeypatch):
-    monkeypatch.setattr(runner, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(upstream, "BACKOFF_BASE", 0.01)
     settings.BATCHSITE_TRANSIENT_ATTEMPTS = 3
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)  # nothing listens
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
     slice_run(job, budget=10.0)
     item = job.items.get()
-    assert (item.status, item.attempts, item.error_code) == (Item.FAILED, 3, "connection_error")
+    assert (item.status, item.attempts, item.error_code) == (Item.Status.FAILED, 3, "connection_error")
     assert item.error_message.startswith("Could not connect")
 
 
 def test_a_job_pauses_instead_of_sending_to_a_metadata_address(db, owner, write):
     """An endpoint saved (or changed in the database) to point at a cloud metadata service sends nothing:
     the slice checks the URL again and pauses the job with the reason."""
+    from jobs.engine.runner import run_slice
     from jobs.models import Endpoint, Job
-    from jobs.runner import run_slice
-    from tests.conftest import make_job
+    from tests.factories import make_job
 
     endpoint = Endpoint(name="metadata", base_url="http://169.254.169.254/v1", is_default=True)
     endpoint.set_api_key("sk-test")
     endpoint.save()
     job = make_job(write, owner, endpoint, 3, start=False)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
     assert run_slice(job.pk)["skipped"] == "unsafe endpoint"
     job.refresh_from_db()
-    assert job.status == Job.PAUSED and "metadata" in job.status_reason and job.n_pending == 3
+    assert job.status == Job.Status.PAUSED and "metadata" in job.status_reason and job.n_pending == 3
 
 
 @pytest.mark.django_db(transaction=True)
@@ -817,7 +821,7 @@ def test_a_slice_whose_heartbeats_fail_stops_sending_before_its_leases_can_run_o
     def stalled(*args):
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(runner, "_heartbeat", stalled)
+    monkeypatch.setattr(database, "renew_leases", stalled)
     settings.BATCHSITE_LEASE_SECONDS = 4
     url = sim(latency_ms=200)
     job = make_job(write, owner, make_endpoint(url, concurrency=2), 200, start=False)

@@ -15,7 +15,7 @@ import openai
 import pydantic
 import pytest
 
-from jobs.simulator import SimConfig, go_duration, serve_in_thread
+from simulator import SimConfig, go_duration, serve_in_thread
 
 MODEL = "gpt-4o-mini"
 GO_DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")

@@ -8,7 +8,7 @@ from django.utils import timezone
 from jobs import timeline
 from jobs.models import Job, JobTick
 from jobs.templatetags.batchsite import duration
-from tests.conftest import make_endpoint, make_job
+from tests.factories import make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db
 
@@ -26,7 +26,7 @@ def test_a_two_hour_finished_job_is_charted_whole(job):
     start = timezone.now().replace(microsecond=0, second=0) - timedelta(hours=3)
     for i in range(720):  # two hours of 10-second ticks, 5 done in each
         tick(job, start + timedelta(seconds=10 * i), succeeded=4, failed=1)
-    Job.objects.filter(pk=job.pk).update(status=Job.COMPLETED)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.COMPLETED)
     job.refresh_from_db()
     t = timeline.for_job(job)
     assert t.bucket_seconds == 120 and len(t.bars) == 60
@@ -40,7 +40,7 @@ def test_a_stall_shows_as_empty_bars_and_the_eta_comes_from_the_last_minute(job)
     now = timezone.now()
     tick(job, now - timedelta(seconds=300), succeeded=50)
     tick(job, now - timedelta(seconds=30), succeeded=6)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, n_pending=4)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING, n_pending=4)
     job.refresh_from_db()
     t = timeline.for_job(job, now=now)
     assert t.bucket_seconds == 10 and len(t.bars) == 30
@@ -53,7 +53,7 @@ def test_failed_stack_on_succeeded_and_retries_are_a_line_on_the_same_scale(job)
     tick(job, start, succeeded=30, failed=10)
     tick(job, start + timedelta(seconds=10), succeeded=20, retried=100)  # a 429 storm: more retried than done
     tick(job, start + timedelta(seconds=20), succeeded=40)
-    Job.objects.filter(pk=job.pk).update(status=Job.COMPLETED)
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.COMPLETED)
     job.refresh_from_db()
     first, storm, last = timeline.for_job(job).bars
     assert first["h"] == 60 and first["fh"] == 15 and first["sh"] == 45 and first["sy"] == first["y"] + 15 == 19
@@ -72,7 +72,9 @@ def test_no_retries_no_retries_line(job):
 def test_a_young_job_rates_over_its_life_so_far_not_a_whole_minute(job):
     now = timezone.now()
     tick(job, now - timedelta(seconds=8), succeeded=40)
-    Job.objects.filter(pk=job.pk).update(status=Job.RUNNING, n_pending=400, started_at=now - timedelta(seconds=10))
+    Job.objects.filter(pk=job.pk).update(
+        status=Job.Status.RUNNING, n_pending=400, started_at=now - timedelta(seconds=10)
+    )
     job.refresh_from_db()
     t = timeline.for_job(job, now=now)
     assert t.rate == pytest.approx(4.0) and t.eta == pytest.approx(100)

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from jobs import ingest
-from tests.conftest import chat_line
+from tests.factories import chat_line
 
 pytestmark = pytest.mark.django_db
 
@@ -27,20 +27,40 @@ def test_healthz(client):
     assert isinstance(response.json()["workers"], int)
 
 
-def test_signed_in_teammate_sees_and_downloads_jobs(client, owner, teammate, write):
-    job = ingest.create_job(
-        ingest.validate(write("f.jsonl", [chat_line("<script>alert(1)</script>")])), owner=owner, name="<b>xss</b>"
-    )
+@pytest.fixture
+def job(owner, write):
+    """A job whose name and request would run as HTML if a page did not escape them."""
+    plan = ingest.validate(write("f.jsonl", [chat_line("<script>alert(1)</script>")]))
+    return ingest.create_job(plan, owner=owner, name="<b>xss</b>")
+
+
+def test_job_names_are_escaped_on_the_dashboard(client, teammate, job):
     client.force_login(teammate)
     home = client.get("/")
     assert b"&lt;b&gt;xss&lt;/b&gt;" in home.content and b"<b>xss</b>" not in home.content
+
+
+def test_signed_in_teammate_opens_anothers_job(client, teammate, job):
+    client.force_login(teammate)
     assert client.get(f"/jobs/{job.pk}/").status_code == 200
+
+
+def test_csv_download_is_an_attachment_with_the_requests_as_written(client, teammate, job):
+    client.force_login(teammate)
     download = client.get(f"/jobs/{job.pk}/download/csv")
     assert download.status_code == 200
     assert download["Content-Disposition"].startswith("attachment;")
     text = b"".join(download.streaming_content).decode()
     assert "<script>alert(1)</script>,,pending" in text
+
+
+def test_unknown_download_kind_is_404(client, teammate, job):
+    client.force_login(teammate)
     assert client.get(f"/jobs/{job.pk}/download/nope").status_code == 404
+
+
+def test_unknown_job_is_404(client, teammate):
+    client.force_login(teammate)
     assert client.get("/jobs/999/").status_code == 404
 
 
@@ -57,11 +77,10 @@ def _check(tmp_path, *args, **env):
     )
 
 
-def test_production_settings_refuse_to_start_half_configured(tmp_path):
-    result = _check(tmp_path, SECRET_KEY="")
-    assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
-    result = _check(tmp_path, ALLOWED_HOSTS="")
-    assert result.returncode != 0 and "ALLOWED_HOSTS must be set" in result.stderr
+@pytest.mark.parametrize("name", ["SECRET_KEY", "ALLOWED_HOSTS"])
+def test_production_settings_refuse_to_start_without(tmp_path, name):
+    result = _check(tmp_path, **{name: ""})
+    assert result.returncode != 0 and f"{name} must be set" in result.stderr
 
 
 def test_production_settings_pass_the_deploy_check_behind_https(tmp_path):

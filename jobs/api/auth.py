@@ -5,15 +5,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 
+from django.contrib.auth.models import User
 from django.core.exceptions import SuspiciousOperation
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from jobs import lockout
+from jobs.errors import ApiError
 from jobs.models import ApiToken
 
 log = logging.getLogger(__name__)
+
+View = Callable[..., HttpResponseBase]
 
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer "
@@ -22,17 +27,11 @@ NO_KEY = (
 )
 
 
-class ApiError(Exception):
-    """An error that becomes OpenAI's `{"error": {...}}` body with `status`."""
+class ApiRequest(HttpRequest):
+    """A request inside an `api_view`: the token it came with, and that token's owner as its user."""
 
-    def __init__(self, status: int, message: str, type="invalid_request_error", param=None, code=None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JsonResponse:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JsonResponse({"error": error}, status=self.status, headers=self.headers)
+    api_token: ApiToken
+    user: User
 
 
 def _masked(key: str) -> str:
@@ -77,17 +76,17 @@ def authenticate(request: HttpRequest) -> ApiToken:
     return token
 
 
-def api_view(*methods: str):
+def api_view(*methods: str) -> Callable[[View], View]:
     """A /v1 view: only `methods` (else 405), a valid Bearer token, every failure in OpenAI's shape.
 
     The view gets `request.user` set to the token's owner. No session and no CSRF: a token in a
     header is not sent by browsers on their own, so cross-site requests cannot use it.
     """
 
-    def decorate(view):
+    def decorate(view: View) -> View:
         @csrf_exempt
         @functools.wraps(view)
-        def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        def wrapper(request: ApiRequest, *args, **kwargs) -> HttpResponseBase:
             try:
                 if request.method not in methods:
                     allowed = ", ".join(methods)

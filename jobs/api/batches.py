@@ -13,14 +13,15 @@ from pathlib import Path
 
 from django.db import connection, transaction
 from django.db.models import prefetch_related_objects
-from django.http import HttpRequest, JsonResponse
+from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import conditional_page
 
 from jobs import ingest
-from jobs.api.auth import ApiError, api_view, json_body
+from jobs.api.auth import ApiRequest, api_view, json_body
 from jobs.api.files import get_file
 from jobs.api.pagination import cursor_page
+from jobs.errors import ApiError
 from jobs.models import SUPPORTED_URLS, Batch, Endpoint, File, InvalidTransition, Job
 
 COMPLETION_WINDOW = "24h"
@@ -28,14 +29,14 @@ LIST_DEFAULT, LIST_MAX = 20, 100
 ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by name
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
-STATUS = {
-    Job.QUEUED: "in_progress",
-    Job.RUNNING: "in_progress",
-    Job.PAUSED: "in_progress",
-    Job.CANCELLING: "cancelling",
-    Job.CANCELLED: "cancelled",
-    Job.COMPLETED: "completed",
-    Job.FAILED: "failed",
+STATUS: dict[str, str] = {
+    Job.Status.QUEUED: "in_progress",
+    Job.Status.RUNNING: "in_progress",
+    Job.Status.PAUSED: "in_progress",
+    Job.Status.CANCELLING: "cancelling",
+    Job.Status.CANCELLED: "cancelled",
+    Job.Status.COMPLETED: "completed",
+    Job.Status.FAILED: "failed",
 }
 
 
@@ -44,19 +45,19 @@ def _ts(moment: datetime | None) -> int | None:
 
 
 def openai_status(job: Job) -> str:
-    if job.status == Job.QUEUED and job.started_at is None:
+    if job.status == Job.Status.QUEUED and job.started_at is None:
         return "validating"
     return STATUS[job.status]
 
 
-def batch_object(request: HttpRequest, batch: Batch) -> dict:
+def batch_object(request: ApiRequest, batch: Batch) -> dict:
     job = batch.job
     status = openai_status(job)
     finished = _ts(job.finished_at)
     output = errors_file = None
-    if job.status in (Job.COMPLETED, Job.CANCELLED):
+    if job.status in (Job.Status.COMPLETED, Job.Status.CANCELLED):
         output, errors_file = File.of_job(job, File.RESULTS), File.of_job(job, File.ERRORS)
-    cancelling = batch.cancelling_at or (job.finished_at if job.status == Job.CANCELLED else None)
+    cancelling = batch.cancelling_at or (job.finished_at if job.status == Job.Status.CANCELLED else None)
     return {
         "id": batch.public_id,
         "object": "batch",
@@ -134,7 +135,7 @@ def _with_jobs(batches: list[Batch]) -> list[Batch]:
         batch.input_file = File.from_db(
             batch._state.db, ["id", "public_id"], [batch.input_file_id, batch.input_public_id]
         )
-    finished = [job for job in jobs.values() if job.status in (Job.COMPLETED, Job.CANCELLED)]
+    finished = [job for job in jobs.values() if job.status in (Job.Status.COMPLETED, Job.Status.CANCELLED)]
     prefetch_related_objects(finished, "api_files")  # for File.of_job; a running batch has no output file yet
     return batches
 
@@ -150,10 +151,10 @@ def _raw_batches(where: str, params: list) -> list[Batch]:
     )
 
 
-def get_batch(request: HttpRequest, batch_id: str) -> Batch:
+def get_batch(request: ApiRequest, batch_id: str) -> Batch:
     """A user's own batch, or anyone's for staff; 404 otherwise, as if it did not exist."""
     batch = next(iter(_with_jobs(_raw_batches(f"b.{connection.ops.quote_name('public_id')} = %s", [batch_id]))), None)
-    if batch is None or not (request.user.is_staff or batch.job.owner_id == request.user.pk):
+    if batch is None or not batch.job.can_control(request.user):
         raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
     return batch
 
@@ -170,7 +171,7 @@ _JOB_COLUMNS = ", ".join(
 
 
 @api_view("GET", "POST")
-def collection(request: HttpRequest) -> JsonResponse:
+def collection(request: ApiRequest) -> JsonResponse:
     if request.method == "POST":
         return _create(request)
     mine = Batch.objects.filter(job__owner=request.user).values_list("pk", flat=True)
@@ -180,15 +181,15 @@ def collection(request: HttpRequest) -> JsonResponse:
 
 @conditional_page  # If-None-Match: an unchanged batch answers 304 with no body
 @api_view("GET")
-def detail(request: HttpRequest, batch_id: str) -> JsonResponse:
+def detail(request: ApiRequest, batch_id: str) -> JsonResponse:
     return JsonResponse(batch_object(request, get_batch(request, batch_id)))
 
 
 @api_view("POST")
-def cancel(request: HttpRequest, batch_id: str) -> JsonResponse:
+def cancel(request: ApiRequest, batch_id: str) -> JsonResponse:
     batch = get_batch(request, batch_id)
     job = batch.job
-    if job.status in (Job.COMPLETED, Job.FAILED):
+    if job.status in (Job.Status.COMPLETED, Job.Status.FAILED):
         raise _conflict(f"Cannot cancel a batch with status '{openai_status(job)}'.")
     asked = timezone.now()
     try:
@@ -254,7 +255,7 @@ def _upstream(metadata: dict) -> Endpoint | None:
     return endpoint
 
 
-def _create(request: HttpRequest) -> JsonResponse:
+def _create(request: ApiRequest) -> JsonResponse:
     body = json_body(request)
     input_file_id = _required(body, "input_file_id")
     url = _required(body, "endpoint")
@@ -289,7 +290,7 @@ def _create(request: HttpRequest) -> JsonResponse:
 
     # Validation reads the whole file (about 2-3 s for 50,000 lines): done here, so a file with
     # errors gives a batch that is failed from the start, with every error and its line.
-    plan = ingest.validate(file.full_path, format=Job.JSONL, expected_url=url, source_name=file.filename)
+    plan = ingest.validate(file.full_path, format=Job.Format.JSONL, expected_url=url, source_name=file.filename)
     name = metadata.get("description") or Path(file.filename).stem or "API batch"
     with transaction.atomic():
         if plan.ok:
@@ -301,7 +302,9 @@ def _create(request: HttpRequest) -> JsonResponse:
     return JsonResponse(batch_object(request, get_batch(request, batch.public_id)))
 
 
-def _failed_job(request, plan: ingest.Plan, name: str, url: str, endpoint, metadata: dict, file: File) -> Job:
+def _failed_job(
+    request: ApiRequest, plan: ingest.Plan, name: str, url: str, endpoint: Endpoint | None, metadata: dict, file: File
+) -> Job:
     """A failed Job with no items: the team sees the rejected batch and its errors in the dashboard."""
     errors = [error.as_dict() for error in plan.errors]
     if plan.error_count > len(errors):
@@ -321,10 +324,10 @@ def _failed_job(request, plan: ingest.Plan, name: str, url: str, endpoint, metad
         url=url,
         model=plan.model,
         endpoint=endpoint,
-        status=Job.FAILED,
+        status=Job.Status.FAILED,
         status_reason=f"The input file has {plan.error_count:,} error{'s' if plan.error_count != 1 else ''}: {first}",
         source_name=file.filename[:255],
-        source_format=Job.JSONL,
+        source_format=Job.Format.JSONL,
         source_file=file.path,
         errors=errors,
         metadata=metadata,

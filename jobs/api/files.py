@@ -7,13 +7,14 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db.models import QuerySet
-from django.http import FileResponse, HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.utils.http import content_disposition_header
 
 from jobs import ingest
-from jobs.api.auth import ApiError, api_view
+from jobs.api.auth import ApiRequest, api_view
 from jobs.api.pagination import cursor_page
+from jobs.errors import ApiError
 from jobs.models import File
 
 LIST_DEFAULT = LIST_MAX = 10_000  # OpenAI's defaults for GET /v1/files
@@ -34,13 +35,13 @@ def file_object(file: File) -> dict:
     }
 
 
-def visible_files(request: HttpRequest) -> QuerySet:
+def visible_files(request: ApiRequest) -> QuerySet:
     """A user's own files; staff reach everyone's by id (lists stay per user, like an OpenAI key)."""
     files = File.objects.filter(deleted_at__isnull=True).select_related("job")
     return files if request.user.is_staff else files.filter(owner=request.user)
 
 
-def get_file(request: HttpRequest, file_id: str, param: str = "id") -> File:
+def get_file(request: ApiRequest, file_id: str, param: str = "id") -> File:
     file = visible_files(request).filter(public_id=file_id).first()
     if file is None:
         raise ApiError(404, f"No such File object: {file_id}", param=param)
@@ -48,7 +49,7 @@ def get_file(request: HttpRequest, file_id: str, param: str = "id") -> File:
 
 
 @api_view("GET", "POST")
-def collection(request: HttpRequest) -> JsonResponse:
+def collection(request: ApiRequest) -> JsonResponse:
     if request.method == "POST":
         return _upload(request)
     files = File.objects.filter(deleted_at__isnull=True, owner=request.user)
@@ -57,7 +58,7 @@ def collection(request: HttpRequest) -> JsonResponse:
     return JsonResponse(cursor_page(request, files, file_object, LIST_DEFAULT, LIST_MAX))
 
 
-def _upload(request: HttpRequest) -> JsonResponse:
+def _upload(request: ApiRequest) -> JsonResponse:
     purpose = request.POST.get("purpose", "")
     upload = request.FILES.get("file")
     if not purpose:
@@ -74,9 +75,10 @@ def _upload(request: HttpRequest) -> JsonResponse:
     if upload is None:
         raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     lifetime = _expires_after(request)
-    path, error = ingest.store_upload(upload.chunks(), upload.name)
+    path, error = ingest.store_upload(upload.chunks(), upload.name or "")
     if error:
         raise ApiError(400, error.message, param="file", code=error.code)
+    assert path is not None  # store_upload gives a path whenever it gives no error
     now = timezone.now()
     file = File.objects.create(
         owner=request.user,
@@ -90,7 +92,7 @@ def _upload(request: HttpRequest) -> JsonResponse:
     return JsonResponse(file_object(file))
 
 
-def _expires_after(request: HttpRequest) -> timedelta | None:
+def _expires_after(request: ApiRequest) -> timedelta | None:
     """OpenAI's `expires_after` (multipart fields expires_after[anchor], expires_after[seconds]), else the default."""
     anchor, seconds = request.POST.get("expires_after[anchor]"), request.POST.get("expires_after[seconds]")
     if anchor is None and seconds is None:
@@ -119,7 +121,7 @@ def _expires_after(request: HttpRequest) -> timedelta | None:
 
 
 @api_view("GET", "DELETE")
-def detail(request: HttpRequest, file_id: str) -> JsonResponse:
+def detail(request: ApiRequest, file_id: str) -> JsonResponse:
     file = get_file(request, file_id)
     if request.method == "DELETE":
         file.delete_content()
@@ -128,13 +130,15 @@ def detail(request: HttpRequest, file_id: str) -> JsonResponse:
 
 
 @api_view("GET")
-def content(request: HttpRequest, file_id: str) -> StreamingHttpResponse:
+def content(request: ApiRequest, file_id: str) -> StreamingHttpResponse:
     file = get_file(request, file_id)
+    response: StreamingHttpResponse
     if file.job_id is None:
         if not file.full_path.exists():
             raise ApiError(404, f"The content of {file_id} is no longer stored.", param="id")
         response = FileResponse(open(file.full_path, "rb"), content_type="application/octet-stream")
     else:
         response = StreamingHttpResponse(file.chunks(), content_type="application/octet-stream")
-    response["Content-Disposition"] = content_disposition_header(True, file.filename)
+    # The stubs say str | None; None only comes without as_attachment and without a filename.
+    response["Content-Disposition"] = content_disposition_header(True, file.filename)  # type: ignore[assignment]
     return response

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from jobs.api.auth import ApiError
+from jobs.errors import ApiError
 
 
 def limit_param(request: HttpRequest, default: int, maximum: int) -> int:

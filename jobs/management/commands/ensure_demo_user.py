@@ -1,4 +1,3 @@
-import os
 import secrets
 
 from django.conf import settings
@@ -15,7 +14,7 @@ class Command(BaseCommand):
         parser.add_argument("--quiet-if-disabled", action="store_true")
 
     def handle(self, *args, **options):
-        if os.environ.get("BATCHSITE_DEMO_USER", "1").lower() in ("0", "false", "no", "off"):
+        if not settings.BATCHSITE_DEMO_USER:
             if not options["quiet_if_disabled"]:
                 self.stdout.write("The demo login is disabled (BATCHSITE_DEMO_USER=0).")
             return

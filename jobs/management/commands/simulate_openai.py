@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from jobs.simulator import SimConfig, run
+from simulator import SimConfig, run
 
 
 def _error_rate(value: str) -> tuple[int, float]:

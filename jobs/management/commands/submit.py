@@ -30,7 +30,7 @@ class Command(BaseCommand):
             raise CommandError(f"No user {options['user']!r}. Create one, or run `make run` once for the demo user.")
         template = None
         fmt = ingest.detect_format(path.name, path)
-        if fmt == Job.CSV:
+        if fmt == Job.Format.CSV:
             if not options["template"]:
                 raise CommandError("A CSV file needs --template TEMPLATE.json.")
             template = ingest.Template.from_dict(json.loads(Path(options["template"]).read_text()))
@@ -62,7 +62,7 @@ class Command(BaseCommand):
                 end = "" if sys.stdout.isatty() else "\n"
                 sys.stdout.write(f"\r  [{bar:<40}] {job.n_answered:,}/{job.total:,} {job.status:<10}{end}")
                 sys.stdout.flush()
-            if job.is_finished or job.status == Job.PAUSED:
+            if job.is_finished or job.status == Job.Status.PAUSED:
                 break
             time.sleep(0.5)
         self.stdout.write("")

@@ -3,11 +3,12 @@
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
 from jobs.models import ApiToken
+from jobs.web.requests import AuthenticatedHttpRequest
 
 
 class TokenForm(forms.Form):
@@ -16,7 +17,7 @@ class TokenForm(forms.Form):
 
 @require_http_methods(["GET", "POST"])
 @login_required
-def tokens(request: HttpRequest) -> HttpResponse:
+def tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
     action = request.POST.get("action")
     form = TokenForm(request.POST if action == "create" else None)
     created = None
@@ -41,7 +42,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
     return response
 
 
-def _own_token(request: HttpRequest, pk: str) -> ApiToken:
+def _own_token(request: AuthenticatedHttpRequest, pk: str) -> ApiToken:
     token = ApiToken.objects.filter(pk=int(pk), user=request.user).first() if pk.isascii() and pk.isdigit() else None
     if token is None:
         raise Http404("No such token.")

@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 from django import forms
 from django.db import transaction
@@ -22,7 +23,7 @@ class JobForm(forms.Form):
     # Labels as the review page shows them: the Check panel lists refused fields by these names.
     name = forms.CharField(label="Job name", max_length=200, required=False)
     endpoint = forms.ModelChoiceField(queryset=Endpoint.objects.all(), required=False, empty_label=None)
-    mode = forms.ChoiceField(choices=Job.MODE_CHOICES, initial=Job.LIVE)
+    mode = forms.ChoiceField(choices=Job.Mode.choices, initial=Job.Mode.LIVE)
     max_attempts = forms.IntegerField(
         min_value=1,
         max_value=20,
@@ -72,7 +73,7 @@ class JobForm(forms.Form):
         self.fields["mode"].disabled = True  # remote (OpenAI Batch API) mode is not available yet
 
     def clean_mode(self):
-        return Job.LIVE
+        return Job.Mode.LIVE
 
     def clean_json_schema(self):
         text = self.cleaned_data["json_schema"].strip()
@@ -145,8 +146,9 @@ class EndpointForm(forms.ModelForm):
             raise forms.ValidationError(str(e)) from None
         return url
 
-    def clean(self):
-        data = super().clean()
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        data = self.cleaned_data
         # The stored key goes only to the server it was entered for: else anyone who may edit endpoints
         # could point one at their own server, press "Test connection" and read the key there.
         old, new = self.instance.base_url, data.get("base_url")

@@ -1,12 +1,9 @@
-"""django-q2 entry points. Thin: the work is in runner.py and leases.py.
+"""django-q2 entry points. Thin: the work is in runner.py (and the slice it runs) and leases.py.
 
-A job runs as a few *chains* of slice tasks: each slice enqueues its successor (runner.py). The
-bookkeeping here keeps their number bounded:
-- every start (start, resume, retry of a finished job, the sweeper's restart) is a new *generation*:
-  slices of an older one stop at their next look at the job, so starting again never adds chains;
-- the Job records when its newest slice was enqueued and the enqueue time of the newest one that has
-  started, so the sweeper can tell a job whose slices wait in the queue behind other jobs (leave it
-  alone) from one whose slices are gone (restart it).
+A job runs as a few *chains* of slice tasks, each slice enqueueing its successor; their generations
+and enqueue times are kept on the Job (Job.start_slices, jobs/models/job.py). The sweeper here uses
+them to tell a job whose slices wait in the queue behind other jobs (leave it alone) from one whose
+slices are gone (restart it).
 
 Recovery: every worker process of a cluster sweeps at once when it starts and then every quarter of a
 lease (watch()), so work a killed worker or cluster held runs again about a lease after its last
@@ -21,14 +18,13 @@ import time
 from datetime import timedelta
 
 from django.apps import apps as global_apps
-from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, router, transaction
-from django.db.models import F, Max, Q
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, router
+from django.db.models import Max, Q
 from django.utils import timezone
 from django_q.models import Schedule
-from django_q.tasks import async_task
 
-from jobs import ingest, leases, runner
+from jobs import ingest
+from jobs.engine import leases, runner
 from jobs.models import File, Job
 
 log = logging.getLogger(__name__)
@@ -38,43 +34,11 @@ log = logging.getLogger(__name__)
 QUEUE_ORDER_SLACK = timedelta(seconds=30)
 
 
-def _enqueue(job_id: int, slices: int, gen: int, enqueued_at) -> None:
-    async_task(
-        "jobs.tasks.run_slice", job_id, slices, gen, enqueued_at, task_name=f"job-{job_id}-slice", group=f"job-{job_id}"
-    )
-
-
-def start_job(job_id: int, replacing: int | None = None) -> bool:
-    """Start a new generation of BATCHSITE_SLICES_PER_JOB slices (they split the job's concurrency).
-
-    `replacing`: only if generation `replacing` is still the job's newest, so that sweeps running side
-    by side restart a job once. True if started."""
-    slices = max(1, settings.BATCHSITE_SLICES_PER_JOB)
-    now = timezone.now()
-    current = {} if replacing is None else {"slice_gen": replacing}
-    with transaction.atomic():
-        if not Job.objects.filter(pk=job_id, **current).update(slice_gen=F("slice_gen") + 1, slice_enqueued_at=now):
-            return False
-        gen = Job.objects.filter(pk=job_id).values_list("slice_gen", flat=True).get()
-    for _ in range(slices):
-        _enqueue(job_id, slices, gen, now)
-    return True
-
-
-def enqueue_slice(job_id: int, slices: int, gen: int) -> bool:
-    """The next slice of a chain of generation `gen`; nothing if a newer generation replaced it. True if enqueued."""
-    now = timezone.now()
-    if not Job.objects.filter(pk=job_id, slice_gen=gen).update(slice_enqueued_at=now):
-        return False
-    _enqueue(job_id, slices, gen, now)
-    return True
-
-
-def run_slice(job_id: int, slices: int | None = None, gen: int | None = None, enqueued_at=None) -> dict:
+def run_slice(job_id: int, slices: int | None = None, generation: int | None = None, enqueued_at=None) -> dict:
     if enqueued_at is not None:  # this slice has left the queue, and so have those enqueued before it
         later = Q(slice_picked_at__isnull=True) | Q(slice_picked_at__lt=enqueued_at)
         Job.objects.filter(later, pk=job_id).update(slice_picked_at=enqueued_at)
-    result = runner.run_slice(job_id, slices=slices, gen=gen)
+    result = runner.run_slice(job_id, slices=slices, generation=generation)
     log.info("slice %s", result)
     return result
 
@@ -84,13 +48,13 @@ def sweep() -> dict:
 
     Safe to run in several processes at once: each change is a compare-and-set."""
     expired = leases.expire()
-    restarted = [job_id for job_id, gen in _orphans(timezone.now()) if start_job(job_id, replacing=gen)]
+    restarted = [job_id for job_id, gen in _orphans(timezone.now()) if Job.start_slices(job_id, replacing=gen)]
     finished = [
         job_id
         for job_id in Job.objects.filter(
-            status__in=[Job.RUNNING, Job.CANCELLING], n_pending=0, n_running=0
+            status__in=[Job.Status.RUNNING, Job.Status.CANCELLING], n_pending=0, n_running=0
         ).values_list("pk", flat=True)
-        if runner.finalize_if_done(job_id)
+        if Job.finalize_if_done(job_id)
     ]
     if expired or restarted or finished:
         log.info("sweep: %s leases expired, restarted %s, finalized %s", expired, restarted, finished)
@@ -105,10 +69,12 @@ def _orphans(now) -> list[tuple[int, int]]:
     is known to be lost: a slice enqueued well after it has started already (the queue is first in,
     first out), or the cluster runs no slice at all yet has not started it for a lease period."""
     quiet = now - timedelta(seconds=leases.lease_seconds())
-    live = Job.objects.filter(status__in=[Job.QUEUED, Job.RUNNING, Job.PAUSED, Job.CANCELLING])
+    live = Job.objects.filter(
+        status__in=[Job.Status.QUEUED, Job.Status.RUNNING, Job.Status.PAUSED, Job.Status.CANCELLING]
+    )
     newest_started = live.aggregate(at=Max("slice_picked_at"))["at"]
     cluster_idle = not live.filter(heartbeat_at__gte=quiet).exists()
-    stalled = live.filter(status__in=[Job.QUEUED, Job.RUNNING], n_pending__gt=0).filter(
+    stalled = live.filter(status__in=[Job.Status.QUEUED, Job.Status.RUNNING], n_pending__gt=0).filter(
         Q(heartbeat_at__lt=quiet) | Q(heartbeat_at__isnull=True, created_at__lt=quiet)
     )
     orphans = []
@@ -142,8 +108,8 @@ def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
     if not router.allow_migrate_model(using, model):
         return
     schedules = {
-        "batchsite-sweeper": {"func": "jobs.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1},
-        "batchsite-clean-up": {"func": "jobs.tasks.clean_up", "schedule_type": Schedule.HOURLY},
+        "batchsite-sweeper": {"func": "jobs.engine.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1},
+        "batchsite-clean-up": {"func": "jobs.engine.tasks.clean_up", "schedule_type": Schedule.HOURLY},
     }
     for name, fields in schedules.items():
         model.objects.using(using).update_or_create(name=name, defaults={**fields, "repeats": -1})

@@ -24,8 +24,10 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 # How far ahead of the steady pace a sender may run: enough to absorb scheduling jitter, small because
 # a server whose budget was just spent (by another client, or by us before an idle spell it did not
@@ -36,6 +38,8 @@ BURST_SECONDS = 0.2
 DECREASE_FACTOR, DECREASE_INTERVAL, INCREASE_PER_SECOND, MIN_FACTOR = 0.5, 1.0, 0.05, 0.05
 # request TAT, token TAT, cool-down until, rate cut, when it was cut (unix seconds)
 _STATE = struct.Struct("ddddd")
+
+T = TypeVar("T")
 
 
 def _factor(state, now: float) -> float:
@@ -60,7 +64,7 @@ class FileStore:
             self._fds[key] = os.open(self.folder / f"{key}.bin", os.O_RDWR | os.O_CREAT, 0o600)
         return self._fds[key]
 
-    def _update(self, key: str, change) -> float:
+    def _update(self, key: str, change: Callable[[list[float], float], T]) -> T:
         fd = self._fd(key)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:

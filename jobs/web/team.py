@@ -8,11 +8,12 @@ from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Sum
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from jobs.views import staff_required
+from jobs.web.requests import AuthenticatedHttpRequest
+from jobs.web.views import staff_required
 
 User = get_user_model()
 
@@ -28,7 +29,7 @@ def _new_password() -> str:
     return secrets.token_urlsafe(12)
 
 
-def _render(request: HttpRequest, form: PersonForm, shown: dict | None = None) -> HttpResponse:
+def _render(request: AuthenticatedHttpRequest, form: PersonForm, shown: dict | None = None) -> HttpResponse:
     people = User.objects.annotate(n_jobs=Count("jobs"), cost=Sum("jobs__cost")).order_by("-is_active", "username")
     response = render(request, "jobs/team.html", {"people": people, "form": form, "shown": shown})
     if shown:  # the one page that shows a password: keep it out of every cache
@@ -39,7 +40,7 @@ def _render(request: HttpRequest, form: PersonForm, shown: dict | None = None) -
 @require_http_methods(["GET", "POST"])
 @login_required
 @staff_required
-def team(request: HttpRequest) -> HttpResponse:
+def team(request: AuthenticatedHttpRequest) -> HttpResponse:
     form = PersonForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         person = form.save(commit=False)
@@ -53,7 +54,7 @@ def team(request: HttpRequest) -> HttpResponse:
 @require_POST
 @login_required
 @staff_required
-def person_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+def person_action(request: AuthenticatedHttpRequest, pk: int, action: str) -> HttpResponse:
     person = get_object_or_404(User, pk=pk)
     if person.is_superuser and not request.user.is_superuser:
         # Else staff could set an admin's password, sign in as them and, from the admin, do anything.

@@ -2,7 +2,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.messages.views import SuccessMessageMixin
 from django.urls import path
 
-from jobs import team, views
+from jobs.web import team, views
 
 
 class PasswordChangeView(SuccessMessageMixin, auth_views.PasswordChangeView):
@@ -26,7 +26,12 @@ urlpatterns = [
     path("jobs/<int:pk>/items/", views.item_list, name="item_list"),
     path("jobs/<int:pk>/items/<int:item_pk>/", views.item_detail, name="item_detail"),
     path("jobs/<int:pk>/download/<str:kind>", views.download, name="download"),
-    path("jobs/<int:pk>/<str:action>", views.job_action, name="job_action"),
+    path("jobs/<int:pk>/pause", views.job_pause, name="job_pause"),
+    path("jobs/<int:pk>/resume", views.job_resume, name="job_resume"),
+    path("jobs/<int:pk>/cancel", views.job_cancel, name="job_cancel"),
+    path("jobs/<int:pk>/retry", views.job_retry, name="job_retry"),
+    path("jobs/<int:pk>/duplicate", views.job_duplicate, name="job_duplicate"),
+    path("jobs/<int:pk>/delete", views.job_delete, name="job_delete"),
     path("endpoints/", views.endpoint_list, name="endpoint_list"),
     path("endpoints/new/", views.endpoint_edit, name="endpoint_new"),
     path("endpoints/<int:pk>/", views.endpoint_edit, name="endpoint_edit"),

@@ -1,5 +1,6 @@
 import json
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import httpx2
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
@@ -22,9 +24,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from jobs import egress, export, ingest, presets, timeline
-from jobs.forms import EndpointForm, JobForm, UploadForm
 from jobs.models import Endpoint, InvalidTransition, Item, Job
 from jobs.pricing import estimate
+from jobs.web.forms import EndpointForm, JobForm, UploadForm
+from jobs.web.requests import AuthenticatedHttpRequest
 
 DOWNLOADS = {
     "results": (export.results_jsonl, "application/jsonl", "{name}-results.jsonl"),
@@ -35,11 +38,11 @@ JOBS_PER_PAGE = 25
 ITEMS_PER_PAGE = 50
 
 
-def staff_required(view):
+def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """403 for signed-in non-staff (user_passes_test would send them to the login page, which sends them back)."""
 
     @wraps(view)
-    def wrapper(request, *args, **kwargs):
+    def wrapper(request: AuthenticatedHttpRequest, *args, **kwargs) -> HttpResponse:
         if not request.user.is_staff:
             raise PermissionDenied("Only staff can manage this.")
         return view(request, *args, **kwargs)
@@ -65,22 +68,20 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"database": database, "workers": workers}, status=status)
 
 
-def _get_job(request: HttpRequest, pk: int, write: bool = False) -> Job:
-    """Every signed-in team member may view a job; only its owner or staff may change it."""
+def _get_job(request: AuthenticatedHttpRequest, pk: int, write: bool = False) -> Job:
+    """The job, if the user may see it (write: change it); 404 or 403 otherwise. Every job view calls this."""
     job = get_object_or_404(Job.objects.select_related("owner", "endpoint"), pk=pk)
-    if write and not (job.owner_id == request.user.pk or request.user.is_staff):
+    if not job.can_view(request.user):
+        raise Http404("No such job.")
+    if write and not job.can_control(request.user):
         raise PermissionDenied("Only the job's owner or staff can do that.")
     return job
-
-
-def _can_control(request: HttpRequest, job: Job) -> bool:
-    return job.owner_id == request.user.pk or request.user.is_staff
 
 
 # Job list
 
 
-def _filtered_jobs(request: HttpRequest):
+def _filtered_jobs(request: AuthenticatedHttpRequest):
     jobs = Job.objects.select_related("owner").order_by("-created_at", "-id")
     filters = {
         "scope": request.GET.get("scope", "all"),
@@ -90,7 +91,7 @@ def _filtered_jobs(request: HttpRequest):
     }
     if filters["scope"] == "mine":
         jobs = jobs.filter(owner=request.user)
-    if filters["status"] in dict(Job.STATUS_CHOICES):
+    if filters["status"] in Job.Status.values:
         jobs = jobs.filter(status=filters["status"])
     if filters["model"]:
         jobs = jobs.filter(model=filters["model"])
@@ -101,7 +102,7 @@ def _filtered_jobs(request: HttpRequest):
 
 @require_GET
 @login_required
-def home(request: HttpRequest) -> HttpResponse:
+def home(request: AuthenticatedHttpRequest) -> HttpResponse:
     jobs, filters = _filtered_jobs(request)
     page = Paginator(jobs, JOBS_PER_PAGE).get_page(request.GET.get("page"))
     active = any(job.status in Job.ACTIVE for job in page)
@@ -109,7 +110,7 @@ def home(request: HttpRequest) -> HttpResponse:
         "page": page,
         "filters": filters,
         "active": active,
-        "statuses": Job.STATUS_CHOICES,
+        "statuses": Job.Status.choices,
         "models": Job.objects.order_by().values_list("model", flat=True).distinct()[:50],
         "query": request.GET.urlencode(),
     }
@@ -123,13 +124,13 @@ def home(request: HttpRequest) -> HttpResponse:
 # New job: upload -> review (template, errors, preview, estimate) -> launch
 
 
-def _uploads(request: HttpRequest) -> dict:
+def _uploads(request: AuthenticatedHttpRequest) -> dict:
     return request.session.setdefault("uploads", {})
 
 
 @require_http_methods(["GET", "POST"])
 @login_required
-def job_new(request: HttpRequest) -> HttpResponse:
+def job_new(request: AuthenticatedHttpRequest) -> HttpResponse:
     form = UploadForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         upload = form.cleaned_data["file"]
@@ -137,6 +138,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         if error:
             form.add_error("file", error.message)
         else:
+            assert path is not None  # store_upload gives a path whenever it gives no error
             token = path.parent.name
             fmt = ingest.detect_format(upload.name, path)
             _uploads(request)[token] = {"path": str(path), "name": upload.name, "format": fmt}
@@ -150,7 +152,7 @@ def _csv_header(path: Path) -> list[str]:
     """The column names, read the way validation reads them (a tiny template with no placeholders)."""
     plan = ingest.validate(
         path,
-        format=Job.CSV,
+        format=Job.Format.CSV,
         template=ingest.Template(model="x", user_prompt="x"),
         limits=ingest.Limits(max_lines=2, max_line_bytes=10**7, max_file_bytes=10**12),
     )
@@ -159,7 +161,7 @@ def _csv_header(path: Path) -> list[str]:
 
 @require_http_methods(["GET", "POST"])
 @login_required
-def job_review(request: HttpRequest, token: str) -> HttpResponse:
+def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     upload = _uploads(request).get(token)
     if upload is None:
         messages.error(request, "That upload has expired. Please upload the file again.")
@@ -170,7 +172,7 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
         request.session.modified = True
         messages.error(request, f"The upload of {upload['name']} is no longer on the server. Please upload it again.")
         return redirect("job_new")
-    if fmt == Job.CSV and "columns" not in upload:  # read once: the file may be huge
+    if fmt == Job.Format.CSV and "columns" not in upload:  # read once: the file may be huge
         upload["columns"] = _csv_header(path)
         request.session.modified = True
     columns = upload.get("columns", [])
@@ -178,7 +180,7 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
     form = JobForm(request.POST or None, initial=initial, csv_columns=columns)
     plan = None
     if request.method == "POST" and form.is_valid():
-        template = form.template() if fmt == Job.CSV else None
+        template = form.template() if fmt == Job.Format.CSV else None
         launch = request.POST.get("action") == "launch"
         # Checking shows the remembered result when file and template are unchanged; launching
         # validates afresh, as creating the job needs every request's estimate.
@@ -200,7 +202,7 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
             if request.htmx:
                 return HttpResponseClientRedirect(job.get_absolute_url())
             return redirect(job)
-    elif request.method == "GET" and fmt == Job.JSONL:
+    elif request.method == "GET" and fmt == Job.Format.JSONL:
         plan = ingest.checked(path, format=fmt, source_name=upload["name"])
     endpoint = (form.cleaned_data.get("endpoint") if form.is_bound and form.is_valid() else None) or Endpoint.default()
     context = {
@@ -212,7 +214,7 @@ def job_review(request: HttpRequest, token: str) -> HttpResponse:
         "estimate": estimate(plan, endpoint) if plan and plan.ok else None,
         "preview": [json.dumps(line, indent=2, ensure_ascii=False) for line in plan.preview[:3]] if plan else [],
         "presets": presets.load(),
-        "is_csv": fmt == Job.CSV,
+        "is_csv": fmt == Job.Format.CSV,
     }
     if request.htmx:
         return render(request, "jobs/_review.html", context)
@@ -226,7 +228,7 @@ def _error_groups(job: Job) -> list[dict]:
     """Failures grouped by kind, biggest first, each with one example item."""
     if not (job.n_failed or job.n_expired):
         return []
-    failed = job.items.filter(status__in=[Item.FAILED, Item.EXPIRED])
+    failed = job.items.filter(status__in=[Item.Status.FAILED, Item.Status.EXPIRED])
     kinds = failed.values("error_code", "http_status").annotate(n=Count("id")).order_by("-n")[:8]
     return [
         {
@@ -265,7 +267,7 @@ def _poll_job(pk: int) -> Job:
     """The job with only the columns the progress partial shows, and its owner's name, in one raw query:
     compiling the ORM's select_related query would cost this poll more CPU than the rest of it."""
     q = connection.ops.quote_name
-    user_model = Job._meta.get_field("owner").related_model
+    user_model = get_user_model()
     columns = ", ".join(f"j.{q(f.column)}" for f in Job._meta.concrete_fields if f.name not in POLL_UNUSED)
     sql = (
         f"SELECT {columns}, u.{q(user_model.USERNAME_FIELD)} AS owner_name FROM {q(Job._meta.db_table)} j "
@@ -302,64 +304,90 @@ def _progress_context(job: Job) -> dict:
 
 @require_GET
 @login_required
-def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
+def job_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk)
-    context = {**_progress_context(job), "can_control": _can_control(request, job)}
+    context = {**_progress_context(job), "can_control": job.can_control(request.user)}
     return render(request, "jobs/job_detail.html", context)
 
 
 @require_GET
 @login_required
-def job_progress(request: HttpRequest, pk: int) -> HttpResponse:
+def job_progress(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     # Polled every 2 s by every open job page: only the columns the partial shows.
     job = _poll_job(pk)
-    context = {**_progress_context(job), "can_control": _can_control(request, job)}
+    context = {**_progress_context(job), "can_control": job.can_control(request.user)}
     response = render(request, "jobs/_progress.html", context)
     if job.is_finished and request.htmx:
         return HttpResponseStopPolling(response.content)
     return response
 
 
-ACTIONS = {
-    "pause": ("pause", "Paused. Requests already sent will finish; the rest wait until you resume."),
-    "resume": ("resume", "Resumed."),
-    "cancel": ("cancel", "Cancelled. Finished results are kept."),
-    "retry": ("retry_failed", "Failed items are queued again."),
-}
-
-
-@require_POST
-@login_required
-def job_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
-    if action == "duplicate":
-        job = _get_job(request, pk)
-        copy = job.duplicate(request.user)
-        messages.success(request, f"Started a copy of “{job.name}”.")
-        return redirect(copy)
-    if action == "delete":
-        job = _get_job(request, pk, write=True)
-        if job.status in Job.ACTIVE:
-            messages.error(request, "Cancel or pause the job before deleting it.")
-            return redirect(job)
-        name = job.name
-        job.delete()
-        messages.success(request, f"Deleted “{name}”.")
-        return redirect("home")
-    if action not in ACTIONS:
-        raise Http404("No such action.")
+def _control(request: AuthenticatedHttpRequest, pk: int, action, done: str) -> HttpResponse:
     job = _get_job(request, pk, write=True)
-    method, done = ACTIONS[action]
     try:
-        result = getattr(job, method)()
-        messages.success(request, f"{result:,} failed items are queued again." if action == "retry" else done)
+        action(job)
+        messages.success(request, done)
     except InvalidTransition as e:
         messages.error(request, str(e))
     return redirect(job)
 
 
+@require_POST
+@login_required
+def job_pause(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    return _control(
+        request, pk, Job.pause, "Paused. Requests already sent will finish; the rest wait until you resume."
+    )
+
+
+@require_POST
+@login_required
+def job_resume(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    return _control(request, pk, Job.resume, "Resumed.")
+
+
+@require_POST
+@login_required
+def job_cancel(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    return _control(request, pk, Job.cancel, "Cancelled. Finished results are kept.")
+
+
+@require_POST
+@login_required
+def job_retry(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    job = _get_job(request, pk, write=True)
+    try:
+        n = job.retry_failed()
+        messages.success(request, f"{n:,} failed items are queued again.")
+    except InvalidTransition as e:
+        messages.error(request, str(e))
+    return redirect(job)
+
+
+@require_POST
+@login_required
+def job_duplicate(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    job = _get_job(request, pk)  # anyone who sees a job may run it again as their own
+    copy = job.duplicate(request.user)
+    messages.success(request, f"Started a copy of “{job.name}”.")
+    return redirect(copy)
+
+
+@require_POST
+@login_required
+def job_delete(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    job = _get_job(request, pk, write=True)
+    if not job.deletable():
+        messages.error(request, "Cancel or pause the job before deleting it.")
+        return redirect(job)
+    job.delete()
+    messages.success(request, f"Deleted “{job.name}”.")
+    return redirect("home")
+
+
 @require_GET
 @login_required
-def download(request: HttpRequest, pk: int, kind: str) -> StreamingHttpResponse:
+def download(request: AuthenticatedHttpRequest, pk: int, kind: str) -> StreamingHttpResponse:
     job = _get_job(request, pk)
     if kind not in DOWNLOADS:
         raise Http404("No such download.")
@@ -375,7 +403,7 @@ def download(request: HttpRequest, pk: int, kind: str) -> StreamingHttpResponse:
 
 @require_GET
 @login_required
-def item_list(request: HttpRequest, pk: int) -> HttpResponse:
+def item_list(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk)
     items = job.items.only(
         "id",
@@ -392,17 +420,17 @@ def item_list(request: HttpRequest, pk: int) -> HttpResponse:
     ).order_by("line")
     status = request.GET.get("status", "")
     q = request.GET.get("q", "").strip()
-    if status in Item.STATUSES:
+    if status in Item.Status.values:
         items = items.filter(status=status)
     if q:
         items = items.filter(custom_id__startswith=q)
     # Counting 50,000 rows on every page costs more than the page: the job row already has the counts.
-    count = job.counts().get(status, 0) if status in Item.STATUSES and not q else (job.total if not q else None)
+    count = job.counts().get(status, 0) if status in Item.Status.values and not q else (job.total if not q else None)
     paginator = Paginator(items, ITEMS_PER_PAGE)
     if count is not None:
         paginator.count = count
     page = paginator.get_page(request.GET.get("page"))
-    context = {"job": job, "page": page, "status": status, "q": q, "statuses": Item.STATUSES}
+    context = {"job": job, "page": page, "status": status, "q": q, "statuses": Item.Status.values}
     return render(request, "jobs/items.html", context)
 
 
@@ -415,7 +443,7 @@ def _pretty(text: str) -> str:
 
 @require_GET
 @login_required
-def item_detail(request: HttpRequest, pk: int, item_pk: int) -> HttpResponse:
+def item_detail(request: AuthenticatedHttpRequest, pk: int, item_pk: int) -> HttpResponse:
     job = _get_job(request, pk)
     item = get_object_or_404(Item, pk=item_pk, job=job)
     request_line = {"custom_id": item.custom_id, "method": "POST", "url": job.url, "body": json.loads(item.body)}
@@ -424,7 +452,9 @@ def item_detail(request: HttpRequest, pk: int, item_pk: int) -> HttpResponse:
         "item": item,
         "request_json": json.dumps(request_line, indent=2, ensure_ascii=False),
         "response_json": _pretty(item.response) if item.response else "",
-        "output": export.output_text(job.url, json.loads(item.response)) if item.status == Item.SUCCEEDED else "",
+        "output": export.output_text(job.url, json.loads(item.response))
+        if item.status == Item.Status.SUCCEEDED
+        else "",
     }
     return render(request, "jobs/item_detail.html", context)
 
@@ -435,7 +465,7 @@ def item_detail(request: HttpRequest, pk: int, item_pk: int) -> HttpResponse:
 @require_GET
 @login_required
 @staff_required
-def endpoint_list(request: HttpRequest) -> HttpResponse:
+def endpoint_list(request: AuthenticatedHttpRequest) -> HttpResponse:
     Endpoint.sync_from_env()
     return render(request, "jobs/endpoints.html", {"endpoints": Endpoint.objects.all()})
 
@@ -444,7 +474,7 @@ def endpoint_list(request: HttpRequest) -> HttpResponse:
 @login_required
 @staff_required
 @sensitive_post_parameters("api_key")
-def endpoint_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
+def endpoint_edit(request: AuthenticatedHttpRequest, pk: int | None = None) -> HttpResponse:
     endpoint = get_object_or_404(Endpoint, pk=pk) if pk else None
     form = EndpointForm(request.POST or None, instance=endpoint)
     if endpoint and endpoint.from_env:  # the environment owns it: shown, not edited
@@ -462,7 +492,7 @@ def endpoint_edit(request: HttpRequest, pk: int | None = None) -> HttpResponse:
 @require_POST
 @login_required
 @staff_required
-def endpoint_test(request: HttpRequest, pk: int) -> HttpResponse:
+def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     """Ask the server for its model list: proves the URL, the key and the network in one request.
 
     The answer shown is a status and model names, never the body: the URL could be any server's.
@@ -506,7 +536,7 @@ def endpoint_test(request: HttpRequest, pk: int) -> HttpResponse:
 
 @require_GET
 @login_required
-def usage(request: HttpRequest) -> HttpResponse:
+def usage(request: AuthenticatedHttpRequest) -> HttpResponse:
     sums = dict(
         jobs=Count("id"),
         requests=Sum("n_succeeded"),

@@ -10,7 +10,7 @@
   BATCHSITE_LEASE_SECONDS from its holder's last heartbeat (a quarter of that apart), so a dead
   holder's items run again seconds later, and a live one keeps them however long its requests take.
 
-Lock order: a transaction that writes a job's items locks the job's row first (lock_job), then the
+Lock order: a transaction that writes a job's items locks the job's row first (Job.lock), then the
 items; Job.cancel() and Job.retry_failed() do the same. With one order, two transactions never wait
 on each other in a circle (Postgres would abort one as deadlocked).
 
@@ -21,7 +21,7 @@ cannot express UPDATE ... RETURNING.
 from __future__ import annotations
 
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -30,9 +30,12 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from jobs.engine.upstream import PERMANENT, UpstreamError
 from jobs.models import Item, Job, JobTick
 
 ITEM = Item._meta.db_table
+# Statuses in the raw SQL below: constants of Item.Status, never user input.
+PENDING, RUNNING = Item.Status.PENDING.value, Item.Status.RUNNING.value
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Outcome:
     """What became of a claimed item: a final result, or back to pending for a later attempt."""
 
     item_id: int
-    status: str  # Item.SUCCEEDED, Item.FAILED, or Item.PENDING (retry later / released)
+    status: str  # Item.Status.SUCCEEDED, Item.Status.FAILED, or Item.Status.PENDING (retry later / released)
     attempts: int
     http_status: int | None = None
     response: str = ""
@@ -64,8 +67,79 @@ class Outcome:
     next_attempt_at: datetime | None = None
     retries: int = 0  # failed attempts to be tried again, decided during this claim (the timeline's "retried")
 
+    @classmethod
+    def succeeded(
+        cls,
+        item_id: int,
+        attempts: int,
+        retries: int,
+        *,
+        http_status: int,
+        response: str,
+        request_id: str,
+        usage: tuple[int, int, int],
+        cost: Decimal,
+        latency_ms: int,
+    ) -> Outcome:
+        prompt, completion, cached = usage
+        return cls(
+            item_id,
+            Item.Status.SUCCEEDED,
+            attempts,
+            http_status=http_status,
+            response=response,
+            request_id=request_id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            cost=cost,
+            latency_ms=latency_ms,
+            retries=retries,
+        )
 
-# A locked SQLite database or a dropped connection: worth trying the same write again (runner.py does).
+    @classmethod
+    def failed(
+        cls, item_id: int, attempts: int, error: UpstreamError, retries: int = 0, latency_ms: int | None = None
+    ) -> Outcome:
+        return cls(
+            item_id,
+            Item.Status.FAILED,
+            attempts,
+            http_status=error.http_status,
+            response=error.body,
+            request_id=error.request_id,
+            error_code=error.code,
+            error_message=error.message,
+            latency_ms=latency_ms,
+            retries=retries,
+        )
+
+    @classmethod
+    def retry_later(
+        cls, item_id: int, attempts: int, retries: int, error: UpstreamError | None, wait: float
+    ) -> Outcome:
+        """Back to pending, to be tried again `wait` seconds from now (at once if that is past)."""
+        return cls(
+            item_id,
+            Item.Status.PENDING,
+            attempts,
+            http_status=error.http_status if error else None,
+            error_code=error.code if error else "",
+            error_message=error.message if error else "",
+            next_attempt_at=timezone.now() + timedelta(seconds=wait) if wait > 0 else None,
+            retries=retries,
+        )
+
+    @classmethod
+    def released(cls, item_id: int, attempts: int, retries: int = 0, error: UpstreamError | None = None) -> Outcome:
+        """Back to pending, due at once: not sent (pause, shutdown), or not the item's fault."""
+        return cls.retry_later(item_id, attempts, retries, error, wait=0)
+
+
+# Changes to a job's counters (Job.add_to_counters): counts, tokens, and the cost, a Decimal.
+Deltas = dict[str, int | Decimal]
+
+# A locked SQLite database or a dropped connection: worth trying the same write again (database.py does).
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 
 
@@ -81,12 +155,6 @@ def _dt(value: datetime | None):
     return connection.ops.adapt_datetimefield_value(value) if value is not None else None
 
 
-def lock_job(job_id: int) -> str | None:
-    """Lock the job's row until the transaction ends (Postgres; SQLite's write lock covers it) and
-    return its status."""
-    return Job.objects.select_for_update().filter(pk=job_id).values_list("status", flat=True).first()
-
-
 def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     now = timezone.now()
     until = now + timedelta(seconds=lease_seconds())
@@ -96,28 +164,28 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     sql = f"""
         WITH picked AS MATERIALIZED (
             SELECT id FROM {ITEM}
-            WHERE job_id = %s AND status = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
+            WHERE job_id = %s AND status = '{PENDING}' AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
             ORDER BY line LIMIT %s {lock}
         )
-        UPDATE {ITEM} SET status = 'running', lease_token = %s, lease_until = %s
-        WHERE id IN (SELECT id FROM picked) AND status = 'pending'
+        UPDATE {ITEM} SET status = '{RUNNING}', lease_token = %s, lease_until = %s
+        WHERE id IN (SELECT id FROM picked) AND status = '{PENDING}'
         RETURNING id, custom_id, body, est_tokens, attempts, line
     """
     with transaction.atomic():
-        if lock_job(job_id) != Job.RUNNING:
+        if Job.lock(job_id) != Job.Status.RUNNING:
             return []  # paused, cancelled or finished since the slice last looked: send nothing more
         with connection.cursor() as cursor:
             cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
         if rows:
-            Job(pk=job_id).bump(n_pending=-len(rows), n_running=len(rows))
+            Job(pk=job_id).add_to_counters(n_pending=-len(rows), n_running=len(rows))
     rows.sort(key=lambda r: r[5])  # RETURNING order is not guaranteed; keep input order
     return [Claimed(*row[:5]) for row in rows]
 
 
 def next_due(job_id: int) -> datetime | None:
     """When the earliest pending item may be tried (None: nothing is pending)."""
-    pending = Item.objects.filter(job_id=job_id, status=Item.PENDING)
+    pending = Item.objects.filter(job_id=job_id, status=Item.Status.PENDING)
     if pending.filter(next_attempt_at__isnull=True).exists():
         return timezone.now()
     return pending.order_by("next_attempt_at").values_list("next_attempt_at", flat=True).first()
@@ -127,7 +195,7 @@ def heartbeat(lease: uuid.UUID) -> None:
     until = timezone.now() + timedelta(seconds=lease_seconds())
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {ITEM} SET lease_until = %s WHERE lease_token = %s AND status = 'running'",
+            f"UPDATE {ITEM} SET lease_until = %s WHERE lease_token = %s AND status = '{RUNNING}'",
             [_dt(until), _uuid(lease)],
         )
 
@@ -136,31 +204,31 @@ _FINAL_SQL = f"""
     UPDATE {ITEM} SET status = %s, attempts = %s, http_status = %s, response = %s, request_id = %s,
         error_code = %s, error_message = %s, prompt_tokens = %s, completion_tokens = %s, cached_tokens = %s,
         cost = %s, latency_ms = %s, finished_at = %s, lease_token = NULL, lease_until = NULL, next_attempt_at = NULL
-    WHERE id = %s AND lease_token = %s AND status = 'running'
+    WHERE id = %s AND lease_token = %s AND status = '{RUNNING}'
 """
 _RELEASE_SQL = f"""
     UPDATE {ITEM} SET status = %s, attempts = %s, next_attempt_at = %s, error_code = %s, error_message = %s,
         http_status = %s, lease_token = NULL, lease_until = NULL
-    WHERE id = %s AND lease_token = %s AND status = 'running'
+    WHERE id = %s AND lease_token = %s AND status = '{RUNNING}'
 """
 
 
-def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
+def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
     """Store outcomes held under `lease`; return the counter changes that took effect."""
     if not outcomes:
-        return Counter()
+        return {}
     now = timezone.now()
     token = _uuid(lease)
     adapt_decimal = connection.ops.adapt_decimalfield_value
-    deltas: Counter = Counter()
-    tick: Counter = Counter()
+    deltas: Deltas = defaultdict(int)
+    tick: Counter[str] = Counter()
     with transaction.atomic():
-        status = lock_job(job_id)
+        status = Job.lock(job_id)
         # Work handed back while the job is being cancelled is cancelled, not queued again.
-        release_to = Item.CANCELLED if status == Job.CANCELLING else Item.PENDING
+        release_to = Item.Status.CANCELLED if status == Job.Status.CANCELLING else Item.Status.PENDING
         with connection.cursor() as cursor:
             for o in outcomes:
-                if o.status == Item.PENDING:
+                if o.status == Item.Status.PENDING:
                     cursor.execute(
                         _RELEASE_SQL,
                         [
@@ -212,40 +280,31 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
                 tick["prompt_tokens"] += o.prompt_tokens
                 tick["completion_tokens"] += o.completion_tokens
         if deltas:
-            Job(pk=job_id).bump(**deltas)
+            Job(pk=job_id).add_to_counters(**deltas)
         if tick:
             JobTick.add(job_id, now, tick)
     return deltas
 
 
-def write_each(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Counter:
+def write_each(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
     """After a batch was refused for one bad row (a value the database rejects): store the outcomes
     one by one, and one that is still refused as a failed item saying why, so that a result the
     database cannot hold never sends its request again and again."""
-    deltas: Counter = Counter()
+    deltas: Deltas = defaultdict(int)
+
+    def add(stored: Deltas) -> None:
+        for name, change in stored.items():
+            deltas[name] += change
+
     for o in outcomes:
         try:
-            deltas.update(write(job_id, lease, [o]))  # update(), not +=: it keeps the negative counts
+            add(write(job_id, lease, [o]))
         except TRANSIENT_DB_ERRORS:
             raise  # transient: the caller tries the whole batch again (stored ones no longer match the lease)
         except Exception as e:
             message = f"The result could not be stored: {type(e).__name__}: {e}"
-            deltas.update(
-                write(
-                    job_id,
-                    lease,
-                    [
-                        Outcome(
-                            o.item_id,
-                            Item.FAILED,
-                            o.attempts,
-                            http_status=o.http_status,
-                            error_code="internal_error",
-                            error_message=message,
-                        )
-                    ],
-                )
-            )
+            unstorable = UpstreamError(PERMANENT, message, http_status=o.http_status, code="internal_error")
+            add(write(job_id, lease, [Outcome.failed(o.item_id, o.attempts, unstorable)]))
     return deltas
 
 
@@ -256,22 +315,22 @@ def _text(value: str) -> str:
 
 def release(job_id: int, lease: uuid.UUID, items: list[Claimed]) -> None:
     """Give back claimed items that were never sent (pause, shutdown)."""
-    write(job_id, lease, [Outcome(i.id, Item.PENDING, i.attempts) for i in items])
+    write(job_id, lease, [Outcome.released(i.id, i.attempts) for i in items])
 
 
 def expire(now: datetime | None = None) -> int:
     """Return items whose lease ran out (their worker died) to pending, or cancelled for a cancelling job."""
     total = 0
-    stale = Item.objects.filter(status=Item.RUNNING, lease_until__lt=now or timezone.now())
+    stale = Item.objects.filter(status=Item.Status.RUNNING, lease_until__lt=now or timezone.now())
     for job_id in list(stale.values_list("job_id", flat=True).distinct().order_by()):
         with transaction.atomic():
-            target = Item.CANCELLED if lock_job(job_id) == Job.CANCELLING else Item.PENDING
+            target = Item.Status.CANCELLED if Job.lock(job_id) == Job.Status.CANCELLING else Item.Status.PENDING
             # The clock is read with the lock held: a heartbeat that was waiting for the same lock has landed.
             until = now or timezone.now()
-            n = Item.objects.filter(job_id=job_id, status=Item.RUNNING, lease_until__lt=until).update(
+            n = Item.objects.filter(job_id=job_id, status=Item.Status.RUNNING, lease_until__lt=until).update(
                 status=target, lease_token=None, lease_until=None, next_attempt_at=None
             )
             if n:
-                Job(pk=job_id).bump(n_running=-n, **{f"n_{target}": n})
+                Job(pk=job_id).add_to_counters(n_running=-n, **{f"n_{target}": n})
         total += n
     return total

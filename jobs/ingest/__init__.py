@@ -1,0 +1,41 @@
+"""Uploaded file -> validated requests -> a Job with its Items.
+
+Two passes over a file kept on disk, both streaming: `validate()` checks every line and returns
+a Plan (errors with line numbers, or counts, a preview and a token estimate); `create_job()`
+reads the file again and writes the Job and its Items in one transaction. Memory stays flat
+whatever the file size, apart from ~30 bytes a request to find duplicate custom_ids and 4 for
+its token estimate.
+
+The rooms: `lines` (reading a file line by line, limits, errors), `jsonl` (OpenAI batch files),
+`table` (CSV + `template`), `plan` (the first pass), `create` (the second), `uploads` (files on disk).
+Callers use the names below, from `jobs.ingest`.
+"""
+
+from jobs.ingest.create import create_job
+from jobs.ingest.jsonl import MAX_DEPTH
+from jobs.ingest.lines import MAX_ERRORS, Limits, LineError, Request
+from jobs.ingest.plan import CHECKED_NAME, Plan, checked, detect_format, validate
+from jobs.ingest.template import MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, _render, schema_format, template_columns
+from jobs.ingest.uploads import remove_stale_uploads, store_upload
+
+__all__ = [
+    "CHECKED_NAME",
+    "MAX_DEPTH",
+    "MAX_ERRORS",
+    "MAX_PROMPT_CHARS",
+    "MAX_SCHEMA_CHARS",
+    "LineError",
+    "Limits",
+    "Plan",
+    "Request",
+    "Template",
+    "_render",
+    "checked",
+    "create_job",
+    "detect_format",
+    "remove_stale_uploads",
+    "schema_format",
+    "store_upload",
+    "template_columns",
+    "validate",
+]

@@ -1,0 +1,22 @@
+"""The core's data: endpoints, jobs and their items, prices, API tokens, and the /v1 files and batches."""
+
+from jobs.models.endpoint import Endpoint
+from jobs.models.files import Batch, File, _batch_id, _file_id
+from jobs.models.job import SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick
+from jobs.models.price import Price
+from jobs.models.token import ApiToken
+
+__all__ = [
+    "SUPPORTED_URLS",
+    "ApiToken",
+    "Batch",
+    "Endpoint",
+    "File",
+    "InvalidTransition",
+    "Item",
+    "Job",
+    "JobTick",
+    "Price",
+    "_batch_id",
+    "_file_id",
+]

@@ -1,0 +1,43 @@
+"""The simulator's settings: one SimConfig, filled from `simulate_openai`'s options or by a test, and the
+subset POST /_sim/config may change while it runs."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SimConfig:
+    latency_ms: float = 0
+    jitter_ms: float = 0
+    rpm: int | None = None
+    tpm: int | None = None
+    # Rate-limit buckets are empty when the first request arrives, instead of full (as if another client
+    # had just spent the budget): a client faster than its limit gets 429s from the first second, not
+    # only once it has used up a whole minute's budget.
+    start_empty: bool = False
+    # status -> fraction of inference requests answered with that status instead
+    error_rates: dict[int, float] = field(default_factory=dict)
+    retry_after_ms: int = 1000  # advertised by injected 429s
+    insufficient_quota: bool = False
+    api_key: str | None = None
+    batch_seconds: float = 2.0
+    batch_fail_rate: float = 0.0
+    batch_expire: bool = False
+    seed: int = 0  # injected errors, jitter and batch failures repeat exactly for a given seed
+    log_path: str | None = None
+
+
+# Keys POST /_sim/config may change, with the type each value is coerced to (error_rates, a mapping,
+# is handled on its own).
+RUNTIME_KEYS = {
+    "latency_ms": float,
+    "jitter_ms": float,
+    "rpm": int,
+    "tpm": int,
+    "start_empty": bool,
+    "retry_after_ms": int,
+    "insufficient_quota": bool,
+    "api_key": str,
+    "batch_seconds": float,
+    "batch_fail_rate": float,
+    "batch_expire": bool,
+}
