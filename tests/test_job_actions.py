@@ -53,18 +53,11 @@ def test_anonymous_is_sent_to_sign_in(client, job, action):
     assert list(Job.objects.values_list("status", flat=True)) == [Job.Status.QUEUED]
 
 
+@pytest.mark.parametrize("who", ["owner", "staff"])
 @pytest.mark.parametrize("action", CONTROLS)
-def test_owner_controls_their_job(client, owner, job, action):
+def test_owner_or_staff_control_the_job(client, request, job, action, who):
     ready_for(job, action)
-    client.force_login(owner)
-    assert client.post(f"/jobs/{job.pk}/{action}").status_code == 302
-    assert status_of(job) == FROM_TO[action][1]
-
-
-@pytest.mark.parametrize("action", CONTROLS)
-def test_staff_controls_anothers_job(client, staff, job, action):
-    ready_for(job, action)
-    client.force_login(staff)
+    client.force_login(request.getfixturevalue(who))
     assert client.post(f"/jobs/{job.pk}/{action}").status_code == 302
     assert status_of(job) == FROM_TO[action][1]
 

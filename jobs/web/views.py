@@ -4,6 +4,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
 from pathlib import Path
+from typing import Any
 
 import httpx2
 from django.conf import settings
@@ -322,11 +323,13 @@ def job_progress(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     return response
 
 
-def _control(request: AuthenticatedHttpRequest, pk: int, action, done: str) -> HttpResponse:
+def _control(
+    request: AuthenticatedHttpRequest, pk: int, action: Callable[[Job], Any], done: Callable[[Any], str]
+) -> HttpResponse:
+    """Run a control action on the job the user may change; say how it went (done(result), or why not)."""
     job = _get_job(request, pk, write=True)
     try:
-        action(job)
-        messages.success(request, done)
+        messages.success(request, done(action(job)))
     except InvalidTransition as e:
         messages.error(request, str(e))
     return redirect(job)
@@ -336,32 +339,26 @@ def _control(request: AuthenticatedHttpRequest, pk: int, action, done: str) -> H
 @login_required
 def job_pause(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     return _control(
-        request, pk, Job.pause, "Paused. Requests already sent will finish; the rest wait until you resume."
+        request, pk, Job.pause, lambda _: "Paused. Requests already sent will finish; the rest wait until you resume."
     )
 
 
 @require_POST
 @login_required
 def job_resume(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
-    return _control(request, pk, Job.resume, "Resumed.")
+    return _control(request, pk, Job.resume, lambda _: "Resumed.")
 
 
 @require_POST
 @login_required
 def job_cancel(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
-    return _control(request, pk, Job.cancel, "Cancelled. Finished results are kept.")
+    return _control(request, pk, Job.cancel, lambda _: "Cancelled. Finished results are kept.")
 
 
 @require_POST
 @login_required
 def job_retry(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
-    job = _get_job(request, pk, write=True)
-    try:
-        n = job.retry_failed()
-        messages.success(request, f"{n:,} failed items are queued again.")
-    except InvalidTransition as e:
-        messages.error(request, str(e))
-    return redirect(job)
+    return _control(request, pk, Job.retry_failed, lambda n: f"{n:,} failed items are queued again.")
 
 
 @require_POST
