@@ -223,6 +223,12 @@ BATCHSITE_REQUEST_TIMEOUT = envint("BATCHSITE_REQUEST_TIMEOUT", 600)
 # Server errors, timeouts and lost connections are tried at least this often, whatever a job's max attempts.
 BATCHSITE_TRANSIENT_ATTEMPTS = envint("BATCHSITE_TRANSIENT_ATTEMPTS", 10)
 BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_WORKERS", 2))
+# Remote and hybrid jobs (the Batch API): how often each remote batch is looked at, how long one poller task
+# keeps polling before the next takes over (the schedule starts one a minute), and the least safety margin
+# a hybrid job keeps before its deadline.
+BATCHSITE_REMOTE_POLL_SECONDS = envint("BATCHSITE_REMOTE_POLL_SECONDS", 5)
+BATCHSITE_REMOTE_POLL_WINDOW = envint("BATCHSITE_REMOTE_POLL_WINDOW", 50)
+BATCHSITE_HYBRID_MARGIN_SECONDS = envint("BATCHSITE_HYBRID_MARGIN_SECONDS", 60)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_HANDLERS = [

@@ -1,6 +1,6 @@
 """What OpenAI accepts in a batch input file: one JSON request a line, each with a unique custom_id,
 POST to the batch's endpoint, all for one model. `validate_batch_file` reports every broken line the
-way a failed batch's `errors` list does."""
+way a failed batch's `errors` list does; `rejection_errors` names lines of a batch rejected on purpose."""
 
 from __future__ import annotations
 
@@ -68,3 +68,17 @@ def validate_batch_file(data: bytes, endpoint: str) -> tuple[list[dict], list[di
     elif len(lines) > MAX_BATCH_LINES:
         error("too_many_tasks", f"The batch input file has more than {MAX_BATCH_LINES} requests.", None)
     return lines, errors
+
+
+def rejection_errors(data: bytes) -> list[dict]:
+    """Line errors for a batch rejected on purpose (SimConfig.batch_reject): its first and last requests."""
+    numbers = [n for n, raw in enumerate(data.decode("utf-8", "replace").splitlines(), start=1) if raw.strip()]
+    return [
+        {
+            "code": "invalid_request",
+            "line": number,
+            "message": "This line contains an invalid request (simulated rejection).",
+            "param": None,
+        }
+        for number in sorted({numbers[0], numbers[-1]})
+    ]

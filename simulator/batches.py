@@ -2,9 +2,11 @@
 takes each through OpenAI's lifecycle (validating -> in_progress -> finalizing -> completed, or failed,
 expired, cancelled) in SimConfig.batch_seconds, answering its lines as the live routes would.
 
-SimConfig's batch_* settings shape that run: how long it takes, what fraction of lines fail, whether
-the batch expires half-way. `_run` walks the stages; `_answer_lines` answers the lines and
-`_store_results` writes the output and error files.
+SimConfig's batch_* settings shape that run: how long it takes, what fraction of lines fail (500) or
+are refused (400), whether the batch expires half-way, fails validation, or passes its model's enqueued
+token limit, and how long a cancelled batch stays `cancelling`. `_run` walks the stages; `_enqueue`
+applies the token limit; `_answer_lines` answers the lines and `_store_results` writes the output and
+error files.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import time
 
 from aiohttp import web
 
-from simulator.answers import INFERENCE_ROUTES, answer, new_id
-from simulator.batch_input import validate_batch_file
+from simulator.answers import INFERENCE_ROUTES, answer, new_id, prepare
+from simulator.batch_input import rejection_errors, validate_batch_file
 from simulator.config import SimConfig
 from simulator.errors import ApiError, injected_error, json_response
 from simulator.files import Files, page
@@ -29,6 +31,19 @@ _EXPIRED_ERROR = {
     "message": "This request could not be executed before the completion window expired.",
 }
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+_ENQUEUED = ("validating", "in_progress", "finalizing")  # batches whose tokens count against the limit
+
+
+def _estimated_tokens(kind: str, lines: list[dict]) -> int:
+    """A batch's enqueued tokens, estimated as the live rate limiter does: prompt estimate + max output tokens."""
+    total = 0
+    for line in lines:
+        try:
+            prep = prepare(kind, line["body"])
+        except ApiError:  # answered 4xx without running: enqueues nothing
+            continue
+        total += prep.prompt_tokens + prep.max_tokens
+    return total
 
 
 def _batch_usage(usage: collections.Counter) -> dict:
@@ -49,12 +64,17 @@ class Batches:
     def __init__(self, config: SimConfig, files: Files):
         self.config, self.files = config, files
         self.by_id: dict[str, dict] = {}  # id -> batch object, in creation order
+        self._tokens: dict[str, int] = {}  # id -> estimated tokens, for batches that passed validation
         self._tasks: set[asyncio.Task] = set()
         self.reset()
 
     def reset(self) -> None:
-        """Batch failures and the order of output lines back at the start of their seeded sequence."""
+        """Batch failures and the order of output lines back at the start of their seeded sequence; the
+        peak enqueued tokens forgotten."""
         self._rng = random.Random(f"{self.config.seed}:batch")
+        # model -> the most tokens its running batches held at once (GET /_sim/stats), so a test can
+        # check a client kept under batch_token_limit.
+        self.peak_enqueued_tokens: dict[str, int] = {}
 
     async def close(self) -> None:
         """Stop the batches still running."""
@@ -150,9 +170,14 @@ class Batches:
         step = cfg.batch_seconds / 10  # one step validating, eight processing, one finalizing
         await asyncio.sleep(step)
         if batch["status"] == "cancelling":
+            await asyncio.sleep(cfg.batch_cancel_seconds)
             batch["status"], batch["cancelled_at"] = "cancelled", int(time.time())
             return
         lines, errors = validate_batch_file(data, batch["endpoint"])
+        if not errors and cfg.batch_reject:
+            errors = rejection_errors(data)
+        if not errors:
+            errors = self._enqueue(batch, lines)
         if errors:
             batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": errors})
             return
@@ -166,6 +191,7 @@ class Batches:
             await asyncio.sleep(step)
         if batch["status"] == "cancelling":
             final = "cancelled"
+            await asyncio.sleep(cfg.batch_cancel_seconds)
         elif cfg.batch_expire:
             final = "expired"
             for line in lines[todo:]:
@@ -185,6 +211,26 @@ class Batches:
         batch["status"] = final
         batch[f"{final}_at"] = int(time.time())
 
+    def _enqueue(self, batch: dict, lines: list[dict]) -> list[dict]:
+        """Hold a validated batch's tokens against its model's enqueued token limit: the errors that fail
+        the batch if they would pass it (nothing is held then)."""
+        model, limit = lines[0]["body"]["model"], self.config.batch_token_limit
+        tokens = _estimated_tokens(INFERENCE_ROUTES[batch["endpoint"]], lines)
+        enqueued = tokens + sum(
+            held
+            for batch_id, held in self._tokens.items()
+            if self.by_id[batch_id]["model"] == model and self.by_id[batch_id]["status"] in _ENQUEUED
+        )
+        if limit is not None and enqueued > limit:
+            message = (
+                f"Enqueued token limit reached for {model} in organization org-sim. Limit: {limit:,} enqueued "
+                "tokens. Please try again once some in_progress batches have been completed."
+            )
+            return [{"code": "token_limit_exceeded", "line": None, "message": message, "param": None}]
+        self._tokens[batch["id"]] = tokens
+        self.peak_enqueued_tokens[model] = max(self.peak_enqueued_tokens.get(model, 0), enqueued)
+        return []
+
     async def _answer_lines(self, batch: dict, lines: list[dict], seconds: float):
         """Answer `lines` over about `seconds`, stopping early if the batch is cancelled:
         (output results, error results, token usage), counted in the batch's request_counts."""
@@ -200,8 +246,12 @@ class Batches:
         done = 0
         while done < todo and batch["status"] != "cancelling":
             for line in lines[done : min(todo, done + chunk)]:
-                if self._rng.random() < cfg.batch_fail_rate:
+                # One draw a line, so a seed fails the same lines whatever the client error rate.
+                draw = self._rng.random()
+                if draw < cfg.batch_fail_rate:
                     status, payload = 500, injected_error(500).body()
+                elif draw < cfg.batch_fail_rate + cfg.batch_client_error_rate:
+                    status, payload = 400, injected_error(400).body()
                 else:
                     status, payload = answer(kind, line["body"])
                 result = {

@@ -20,8 +20,15 @@ class SimConfig:
     insufficient_quota: bool = False
     api_key: str | None = None
     batch_seconds: float = 2.0
-    batch_fail_rate: float = 0.0
+    batch_fail_rate: float = 0.0  # fraction of batch lines answered 500 (error file)
+    batch_client_error_rate: float = 0.0  # fraction of batch lines answered 400 invalid_request_error (error file)
     batch_expire: bool = False
+    # Batches fail validation with line errors although their file is valid.
+    batch_reject: bool = False
+    # OpenAI's per-model enqueued token limit: a batch fails validation with token_limit_exceeded if its
+    # tokens, plus those of the same model's batches still running, would pass it.
+    batch_token_limit: int | None = None
+    batch_cancel_seconds: float = 0.0  # how long a cancelled batch stays `cancelling`
     seed: int = 0  # injected errors, jitter and batch failures repeat exactly for a given seed
     log_path: str | None = None
 
@@ -39,5 +46,9 @@ RUNTIME_KEYS = {
     "api_key": str,
     "batch_seconds": float,
     "batch_fail_rate": float,
+    "batch_client_error_rate": float,
     "batch_expire": bool,
+    "batch_reject": bool,
+    "batch_token_limit": int,
+    "batch_cancel_seconds": float,
 }

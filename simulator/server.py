@@ -207,6 +207,7 @@ class Simulator:
                 "retries_checked": self.retry_audit.checked,
                 "retry_after_violations": len(self.retry_audit.violations),
                 "retry_after_violation_details": self.retry_audit.violations[:20],
+                "batch_peak_enqueued_tokens": self.batches.peak_enqueued_tokens,
             },
         )
 

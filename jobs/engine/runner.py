@@ -38,6 +38,8 @@ def run_slice(
     generation = job.slice_gen if generation is None else generation
     if generation != job.slice_gen:
         return {"job": job_id, "skipped": "superseded"}
+    if job.runs_remotely:
+        return {"job": job_id, "skipped": "runs at the Batch API"}
     if job.status == Job.Status.QUEUED:
         try:
             job.transition(Job.Status.RUNNING, started_at=job.started_at or timezone.now())

@@ -24,7 +24,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 
 from jobs import ingest
-from jobs.engine import leases, runner
+from jobs.engine import leases, remote, runner
 from jobs.models import File, Job
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,14 @@ def run_slice(job_id: int, slices: int | None = None, generation: int | None = N
         Job.objects.filter(later, pk=job_id).update(slice_picked_at=enqueued_at)
     result = runner.run_slice(job_id, slices=slices, generation=generation)
     log.info("slice %s", result)
+    return result
+
+
+def poll_remote() -> dict:
+    """Remote and hybrid jobs (the Batch API): the schedule starts this once a minute, Job.start and Job.cancel
+    at once; it polls for up to BATCHSITE_REMOTE_POLL_WINDOW seconds, one poller in the cluster at a time."""
+    result = remote.poll()
+    log.info("remote poll %s", result)
     return result
 
 
@@ -74,8 +82,10 @@ def _orphans(now) -> list[tuple[int, int]]:
     )
     newest_started = live.aggregate(at=Max("slice_picked_at"))["at"]
     cluster_idle = not live.filter(heartbeat_at__gte=quiet).exists()
-    stalled = live.filter(status__in=[Job.Status.QUEUED, Job.Status.RUNNING], n_pending__gt=0).filter(
-        Q(heartbeat_at__lt=quiet) | Q(heartbeat_at__isnull=True, created_at__lt=quiet)
+    stalled = (
+        live.filter(status__in=[Job.Status.QUEUED, Job.Status.RUNNING], n_pending__gt=0)
+        .filter(Q(heartbeat_at__lt=quiet) | Q(heartbeat_at__isnull=True, created_at__lt=quiet))
+        .exclude(mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID], switched_at__isnull=True)  # the remote poller's
     )
     orphans = []
     fields = ("pk", "slice_gen", "slice_enqueued_at", "slice_picked_at")
@@ -110,6 +120,11 @@ def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
     schedules = {
         "batchsite-sweeper": {"func": "jobs.engine.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1},
         "batchsite-clean-up": {"func": "jobs.engine.tasks.clean_up", "schedule_type": Schedule.HOURLY},
+        "batchsite-remote-poller": {
+            "func": "jobs.engine.tasks.poll_remote",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 1,
+        },
     }
     for name, fields in schedules.items():
         model.objects.using(using).update_or_create(name=name, defaults={**fields, "repeats": -1})

@@ -29,6 +29,7 @@ def create_job(
     name: str = "",
     endpoint=None,
     mode: str = Job.Mode.LIVE,
+    deadline=None,
     metadata: dict | None = None,
     max_attempts: int = 5,
 ) -> Job:
@@ -45,6 +46,7 @@ def create_job(
             url=plan.url,
             model=plan.model,
             mode=mode,
+            deadline=deadline,
             endpoint=endpoint,
             source_name=plan.source_name[:255],
             source_format=plan.format,

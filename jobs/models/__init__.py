@@ -4,6 +4,7 @@ from jobs.models.endpoint import Endpoint
 from jobs.models.files import Batch, File, _batch_id, _file_id
 from jobs.models.job import SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick
 from jobs.models.price import Price
+from jobs.models.remote import RemoteBatch
 from jobs.models.token import ApiToken
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Job",
     "JobTick",
     "Price",
+    "RemoteBatch",
     "_batch_id",
     "_file_id",
 ]

@@ -1,6 +1,7 @@
 """Endpoint: an OpenAI-compatible server that jobs run against, its key encrypted at rest."""
 
 import os
+from decimal import Decimal
 
 from django.db import models, transaction
 from django.db.models import Q
@@ -21,6 +22,25 @@ class Endpoint(models.Model):
     learned_rpm = models.PositiveIntegerField(null=True, blank=True, editable=False)
     learned_tpm = models.PositiveIntegerField(null=True, blank=True, editable=False)
     cooldown_until = models.DateTimeField(null=True, blank=True, editable=False)
+    # The Batch API (remote and hybrid jobs): what one batch may hold, the per-model enqueued-token budget
+    # (OpenAI's varies by model and tier), its discount, and how long a cancel takes to settle.
+    batch_max_requests = models.PositiveIntegerField(default=50_000, help_text="Requests per remote batch")
+    batch_max_bytes = models.PositiveBigIntegerField(default=200 * 1024 * 1024, help_text="Bytes per batch file")
+    batch_token_limit = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Enqueued tokens per model (input + max output); empty: no limit"
+    )
+    batch_discount = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        default=Decimal("0.5"),
+        help_text="Price cut of the Batch API: 0.5 is half price",
+    )
+    batch_cancel_seconds = models.PositiveIntegerField(
+        default=600, help_text="How long a batch cancel may take to settle (hybrid plans with it until one is seen)"
+    )
+    learned_cancel_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # Lowered each time the endpoint refuses a batch with token_limit_exceeded (its count and ours differ).
+    learned_token_limit = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     is_default = models.BooleanField(default=False)
     from_env = models.BooleanField(default=False, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -58,6 +78,15 @@ class Endpoint(models.Model):
     @property
     def effective_tpm(self) -> int | None:
         return self.tpm or self.learned_tpm
+
+    @property
+    def effective_token_limit(self) -> int | None:
+        limits = [n for n in (self.batch_token_limit, self.learned_token_limit) if n]
+        return min(limits) if limits else None
+
+    @property
+    def effective_cancel_seconds(self) -> int:
+        return self.learned_cancel_seconds or self.batch_cancel_seconds
 
     @classmethod
     def sync_from_env(cls) -> "Endpoint | None":

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # The engine's entry point, by name: the one thing the core knows of the engine (django-q2 imports it
 # in the worker that runs the task).
 SLICE_TASK = "jobs.engine.tasks.run_slice"
+REMOTE_TASK = "jobs.engine.tasks.poll_remote"
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
@@ -41,7 +42,8 @@ class Job(models.Model):
 
     class Mode(models.TextChoices):
         LIVE = "live", "Live (concurrent requests)"
-        REMOTE = "remote", "OpenAI Batch API (50% cheaper, up to 24 h)"
+        REMOTE = "remote", "Batch API (half price, up to 24 h)"
+        HYBRID = "hybrid", "Batch API with a deadline (the rest live in time)"
 
     class Format(models.TextChoices):
         JSONL = "jsonl", "OpenAI batch JSONL"
@@ -79,6 +81,16 @@ class Job(models.Model):
     errors = models.JSONField(default=list, blank=True, help_text="Validation errors (API batches that failed)")
     metadata = models.JSONField(default=dict, blank=True)
     max_attempts = models.PositiveSmallIntegerField(default=5)
+    # Remote and hybrid jobs (jobs/engine/remote.py). A hybrid job runs remotely until `switch_at`, the last
+    # safe moment (recomputed as it goes, `switch_note` says why), then cancels its remote batches and runs
+    # the rest live from `switched_at`.
+    deadline = models.DateTimeField(null=True, blank=True, help_text="Hybrid: everything answered by then")
+    switch_at = models.DateTimeField(null=True, blank=True, editable=False)
+    switch_note = models.TextField(blank=True, editable=False)
+    switched_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Requests the endpoint reports done (request_counts) in batches whose results are not joined yet.
+    remote_completed = models.IntegerField(default=0, editable=False)
+    remote_failed = models.IntegerField(default=0, editable=False)
 
     total = models.PositiveIntegerField(default=0)
     n_pending = models.IntegerField(default=0)
@@ -140,8 +152,14 @@ class Job(models.Model):
 
     @property
     def n_answered(self) -> int:
-        """Items that ran to a result or an error: what the job got done (cancelled ones never ran)."""
-        return self.n_succeeded + self.n_failed + self.n_expired
+        """Items that ran to a result or an error: what the job got done (cancelled ones never ran), with
+        what remote batches report done before their results are joined."""
+        return self.n_succeeded + self.n_failed + self.n_expired + self.remote_completed + self.remote_failed
+
+    @property
+    def runs_remotely(self) -> bool:
+        """Whether pending items go to the Batch API (remote, or hybrid before its switch) rather than live."""
+        return self.mode == Job.Mode.REMOTE or (self.mode == Job.Mode.HYBRID and self.switched_at is None)
 
     def progress(self) -> float:
         """Percent of items answered: a job cancelled half-way stays at half, it does not read as done."""
@@ -194,8 +212,12 @@ class Job(models.Model):
         return cls.objects.select_for_update().filter(pk=job_id).values_list("status", flat=True).first()
 
     def start(self) -> None:
-        """Enqueue the slices that run a queued job, once the surrounding transaction commits."""
-        transaction.on_commit(lambda: Job.start_slices(self.pk))
+        """Enqueue what runs a queued job once the surrounding transaction commits: its slices, or for the
+        Batch API a round of the remote poller (which sends it, then follows it every few seconds)."""
+        if self.runs_remotely:
+            transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
+        else:
+            transaction.on_commit(lambda: Job.start_slices(self.pk))
 
     # Slices. A job runs as a few chains of slice tasks, each slice enqueueing its successor. Every start
     # (start, resume, a retry of a finished job, the sweeper's restart) is a new *generation*: slices of an
@@ -257,11 +279,14 @@ class Job(models.Model):
             self.transition(Job.Status.CANCELLING, reason="")
             n = self.items.filter(status=Item.Status.PENDING).update(status=Item.Status.CANCELLED, next_attempt_at=None)
             self.add_to_counters(n_pending=-n, n_cancelled=n)
+            if self.mode != Job.Mode.LIVE:  # the poller cancels the remote batches, keeping what they finished
+                transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
         Job.finalize_if_done(self.pk)
         self.refresh_from_db()
 
-    def retry_failed(self) -> int:
-        """Failed and expired items back to pending with fresh attempts; returns how many."""
+    def retry_failed(self, mode: str | None = None) -> int:
+        """Failed and expired items back to pending with fresh attempts; returns how many. `mode`: run them
+        live or at the Batch API this time (the job's mode changes)."""
         reset = dict(
             status=Item.Status.PENDING,
             attempts=0,
@@ -289,6 +314,12 @@ class Job(models.Model):
             if not n:
                 raise InvalidTransition("This job has no failed items to retry.")
             self.add_to_counters(n_failed=-n_failed, n_expired=-n_expired, n_pending=n)
+            if mode and mode != self.mode:
+                if self.status not in Job.FINISHED:
+                    raise InvalidTransition("The mode of a retry can change only once the job has finished.")
+                # A hybrid retry starts remotely again, with a new switch plan.
+                self.mode, self.switched_at, self.switch_at = mode, None, None
+                Job.objects.filter(pk=self.pk).update(mode=mode, switched_at=None, switch_at=None)
             if self.status in Job.FINISHED:
                 self.transition(Job.Status.QUEUED, reason="", finished_at=None)
                 self.start()
@@ -432,6 +463,17 @@ class Item(models.Model):
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     lease_token = models.UUIDField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
+    # Remote and hybrid jobs: the chunk the item was last sent in (while it runs there: status running, no
+    # lease). Items and chunks go together with their job, so no constraint or cascade of its own.
+    remote_batch = models.ForeignKey(
+        "jobs.RemoteBatch",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="items",
+        db_index=False,
+    )
 
     http_status = models.PositiveSmallIntegerField(null=True, blank=True)
     request_id = models.CharField(max_length=200, blank=True)
@@ -454,6 +496,8 @@ class Item(models.Model):
         indexes = [
             models.Index(fields=["job", "status", "line"], name="item_job_status_line"),
             models.Index(fields=["lease_until"], condition=Q(status=ItemStatus.RUNNING), name="item_running_lease"),
+            # Only items out at the Batch API: the index stays small, and costs bulk inserts nothing.
+            models.Index(fields=["remote_batch"], condition=Q(remote_batch__isnull=False), name="item_remote_batch"),
         ]
 
     def __str__(self) -> str:

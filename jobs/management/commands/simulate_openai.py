@@ -40,8 +40,24 @@ class Command(BaseCommand):
         )
         parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
         parser.add_argument("--batch-seconds", type=float, default=2.0, help="how long a batch takes")
-        parser.add_argument("--batch-fail-rate", type=float, default=0.0, help="fraction of batch lines that fail")
+        parser.add_argument("--batch-fail-rate", type=float, default=0.0, help="fraction of batch lines answered 500")
+        parser.add_argument(
+            "--batch-client-error-rate", type=float, default=0.0, help="fraction of batch lines answered 400"
+        )
         parser.add_argument("--batch-expire", action="store_true", help="batches expire after half their lines")
+        parser.add_argument(
+            "--batch-reject",
+            action="store_true",
+            help="batches fail validation with errors on their first and last lines",
+        )
+        parser.add_argument(
+            "--batch-token-limit",
+            type=int,
+            help="enqueued token limit per model: a batch that would pass it, with the model's running batches, fails",
+        )
+        parser.add_argument(
+            "--batch-cancel-seconds", type=float, default=0.0, help="how long a cancelled batch stays 'cancelling'"
+        )
         parser.add_argument("--seed", type=int, default=0, help="seed for injected errors, jitter and batch failures")
         parser.add_argument("--log", help="append one JSON line per request to this file")
 
@@ -58,7 +74,11 @@ class Command(BaseCommand):
             api_key=options["api_key"],
             batch_seconds=options["batch_seconds"],
             batch_fail_rate=options["batch_fail_rate"],
+            batch_client_error_rate=options["batch_client_error_rate"],
             batch_expire=options["batch_expire"],
+            batch_reject=options["batch_reject"],
+            batch_token_limit=options["batch_token_limit"],
+            batch_cancel_seconds=options["batch_cancel_seconds"],
             seed=options["seed"],
             log_path=options["log"],
         )

@@ -1,0 +1,619 @@
+"""Remote and hybrid jobs: the endpoint's own Files + Batches API instead of the slice loop.
+
+One poller (a django-q2 task: the schedule starts one a minute, Job.start and Job.cancel one at once; a
+cache lock keeps it to one in the cluster) goes round every job with remote work:
+
+- plan: pending items into chunks (jobs/remoteplan.py: one model each, under the request, byte and
+  enqueued-token limits), recorded as RemoteBatch rows holding their items (status running, no lease);
+- send: upload, then batches.create, each step saved before the call that follows it. A crash at any
+  point is recovered without sending a chunk twice: an `uploading` chunk first looks for its file by
+  name, a `creating` one for its batch by the key in its metadata. A chunk waits while the same model's
+  batches already at the endpoint hold the enqueued-token budget;
+- follow: retrieve each batch every BATCHSITE_REMOTE_POLL_SECONDS (backing off on errors), its
+  request_counts shown as the job's progress;
+- collect: once a batch is final, its output and error files are streamed line by line and joined to the
+  items by custom_id, as lease writes are: only items still running in that chunk change, so collecting
+  twice changes nothing. What the files do not mention is settled by the batch's status (expired,
+  cancelled, failed validation);
+- cancel: a cancelling job's batches are cancelled at the endpoint; what they finished is kept;
+- hybrid: past the last safe moment (remoteplan.switch_time) the remote batches are cancelled, and their
+  unanswered items go back to pending for live slices only once the batch is final and its partial
+  output joined, so no request is answered (or paid) twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from datetime import timedelta
+from decimal import Decimal
+
+import httpx2
+import openai
+from django.conf import settings
+from django.core.cache import cache
+from django.db import close_old_connections, transaction
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from jobs import egress, remoteplan
+from jobs.engine.database import pause_job
+from jobs.engine.upstream import one_line, usage_of
+from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
+from jobs.pricing import PriceBook
+
+log = logging.getLogger(__name__)
+
+RB = RemoteBatch.Status
+LOCK = "batchsite-remote-poller"
+JOIN_LINES = 1000  # result lines joined per transaction
+LIST_PAGES = 20  # pages of the endpoint's batches (or files) searched when recovering a chunk
+BACKOFF_CAP = 600.0
+PLAN_ROWS = 5000
+
+
+def client_for(endpoint: Endpoint) -> openai.OpenAI:
+    # No SDK retries: a create retried after a timeout could make a second batch. Failed calls are tried
+    # again on a later round, after looking for what the first call may have made.
+    return openai.OpenAI(
+        api_key=endpoint.api_key or "none",
+        base_url=endpoint.base_url,
+        max_retries=0,
+        timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0),
+    )
+
+
+# The poller
+
+
+def poll(window: float | None = None) -> dict:
+    """Rounds every second until no remote work is left or `window` seconds have passed; one poller at a time."""
+    window = settings.BATCHSITE_REMOTE_POLL_WINDOW if window is None else window
+    rounds = 0
+    while True:
+        token = uuid.uuid4().hex
+        if not cache.add(LOCK, token, timeout=int(window) + 120):
+            return {"skipped": "another poller is running", "rounds": rounds}
+        end = time.monotonic() + window
+        try:
+            while True:
+                close_old_connections()
+                rounds += 1
+                if not poll_round() or time.monotonic() >= end:
+                    break
+                time.sleep(1.0)
+        finally:
+            if cache.get(LOCK) == token:
+                cache.delete(LOCK)
+        # A job started while this poller was finishing found the lock taken and left its work to us.
+        if time.monotonic() >= end or not jobs_with_remote_work():
+            return {"rounds": rounds}
+
+
+def jobs_with_remote_work() -> list[int]:
+    sending = Q(mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID], switched_at__isnull=True, n_pending__gt=0) & Q(
+        status__in=[Job.Status.QUEUED, Job.Status.RUNNING]
+    )
+    out = Q(remote_batches__collected_at__isnull=True)
+    return sorted(set(Job.objects.filter(sending | out).values_list("pk", flat=True)))
+
+
+def poll_round() -> bool:
+    """One pass over every job with remote work. True while some is left."""
+    busy = False
+    for job_id in jobs_with_remote_work():
+        try:
+            busy |= advance(job_id)
+        except Exception:  # one job's trouble (a database hiccup, a bug) must not stop the others
+            log.exception("remote job %s: round failed", job_id)
+            busy = True
+    return busy
+
+
+def advance(job_id: int) -> bool:
+    """Everything due for one job: plan, send, follow, collect, cancel, switch. True while work is left."""
+    job = Job.objects.select_related("endpoint").filter(pk=job_id).first()
+    if job is None:
+        return False
+    endpoint = job.endpoint or Endpoint.default()
+    if endpoint is None:
+        pause_job(
+            job_id, "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume."
+        )
+        return False
+    try:
+        endpoint.api_key  # noqa: B018 - decrypting now turns a changed SECRET_KEY into a clear pause
+        egress.check_base_url(endpoint.base_url)
+    except (ValueError, egress.UnsafeURL) as e:
+        pause_job(job_id, f"The endpoint cannot be used: {e}")
+        return False
+    if job.status == Job.Status.QUEUED and job.runs_remotely:
+        try:
+            job.transition(Job.Status.RUNNING, started_at=job.started_at or timezone.now())
+        except InvalidTransition:
+            job.refresh_from_db()
+    if job.status == Job.Status.RUNNING and job.runs_remotely:
+        plan_chunks(job, endpoint)
+    remote = RemoteJob(job, endpoint)
+    if job.mode == Job.Mode.HYBRID and job.switched_at is None and job.status == Job.Status.RUNNING:
+        remote.plan_switch()
+    for chunk in job.remote_batches.filter(collected_at__isnull=True).order_by("number"):
+        remote.step(chunk)
+    remote.after_round()
+    return (
+        Job.objects.filter(pk=job_id)
+        .filter(
+            Q(remote_batches__collected_at__isnull=True)
+            | Q(
+                status__in=[Job.Status.QUEUED, Job.Status.RUNNING],
+                n_pending__gt=0,
+                mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID],
+                switched_at__isnull=True,
+            )
+        )
+        .exists()
+    )
+
+
+def _refused_for_tokens(errors: list) -> bool:
+    return bool(errors) and all(e.get("code") == "token_limit_exceeded" for e in errors)
+
+
+# Planning
+
+
+def plan_chunks(job: Job, endpoint: Endpoint) -> int:
+    """Pending items into new chunks (running, no lease, held by their chunk); returns how many chunks."""
+    limits = remoteplan.Limits(endpoint.batch_max_requests, endpoint.batch_max_bytes, endpoint.effective_token_limit)
+    fixed = len(job.url) + 40  # {"custom_id":..,"method":"POST","url":..,"body":..}
+    pending = Item.objects.filter(job=job, status=Item.Status.PENDING).order_by("line")
+    requests = []
+    for item_id, custom_id, body, est in pending.values_list("id", "custom_id", "body", "est_tokens").iterator(
+        PLAN_ROWS
+    ):
+        data = json.loads(body)
+        model = data.get("model") if isinstance(data.get("model"), str) else ""
+        size = fixed + len(body.encode()) + len(json.dumps(custom_id).encode())
+        requests.append(remoteplan.Request(item_id, model, size, remoteplan.request_tokens(data, est)))
+    if not requests:
+        return 0
+    made = 0
+    with transaction.atomic():
+        if Job.lock(job.pk) != Job.Status.RUNNING:
+            return 0
+        number = job.remote_batches.count()
+        for chunk_requests in remoteplan.split(requests, limits):
+            number += 1
+            chunk = RemoteBatch.objects.create(
+                job=job,
+                number=number,
+                model=chunk_requests[0].model,
+                n_items=len(chunk_requests),
+                est_tokens=sum(r.tokens for r in chunk_requests),
+                bytes=sum(r.bytes for r in chunk_requests),
+            )
+            ids = [r.id for r in chunk_requests]
+            taken = 0
+            for start in range(0, len(ids), 900):  # SQLite's limit on query parameters
+                taken += Item.objects.filter(id__in=ids[start : start + 900], status=Item.Status.PENDING).update(
+                    status=Item.Status.RUNNING, remote_batch=chunk, lease_token=None, lease_until=None
+                )
+            if taken != len(ids):
+                RemoteBatch.objects.filter(pk=chunk.pk).update(n_items=taken)
+            job.add_to_counters(n_pending=-taken, n_running=taken)
+            made += 1
+    return made
+
+
+class RemoteJob:
+    """One round's work on one job's chunks."""
+
+    def __init__(self, job: Job, endpoint: Endpoint):
+        self.job, self.endpoint = job, endpoint
+        self.client = client_for(endpoint)
+        self.now = timezone.now()
+        self.released = 0  # items handed back to pending for live slices (hybrid)
+        self.prices: PriceBook | None = None
+
+    @property
+    def cancel_wanted(self) -> bool:
+        return self.job.status == Job.Status.CANCELLING or self.job.switched_at is not None
+
+    # Hybrid
+
+    def plan_switch(self) -> None:
+        job = self.job
+        if job.deadline is None:
+            return
+        done = job.n_succeeded + job.n_failed + job.n_expired + job.n_cancelled
+        in_remote = job.remote_batches.filter(collected_at__isnull=True).exclude(status__in=RemoteBatch.FINAL)
+        answered_remote = sum(c.n_answered for c in in_remote)
+        remaining = max(job.total - done - answered_remote, 0)
+        per_request = (job.est_input_tokens / job.total) if job.total else 0.0
+        rate, basis = remoteplan.live_rate(
+            self.endpoint.concurrency, self.endpoint.effective_rpm, self.endpoint.effective_tpm, per_request
+        )
+        live = remaining / rate if rate else 0.0
+        margin = remoteplan.margin_for(live, settings.BATCHSITE_HYBRID_MARGIN_SECONDS)
+        plan = remoteplan.switch_time(
+            job.deadline, remaining, rate, self.endpoint.effective_cancel_seconds, margin, basis
+        )
+        fields: dict = {}
+        if (
+            job.switch_at is None
+            or abs((job.switch_at - plan.at).total_seconds()) >= 1
+            or job.switch_note != plan.reason
+        ):
+            fields.update(switch_at=plan.at, switch_note=plan.reason)
+        if remaining and self.now >= plan.at:
+            fields.update(
+                switched_at=self.now, switch_note=f"{plan.reason} Switched to live at {self.now:%H:%M:%S} UTC."
+            )
+            log.info("job %s: switching to live (%s)", job.pk, plan.reason)
+        if fields:
+            Job.objects.filter(pk=job.pk).update(**fields)
+            for name, value in fields.items():
+                setattr(job, name, value)
+        if job.switched_at is not None:
+            Job.start_slices(job.pk)  # the pending items now; the rest as their batches settle (after_round)
+
+    # One chunk
+
+    def step(self, chunk: RemoteBatch) -> None:
+        if chunk.next_poll_at > self.now:
+            return
+        try:
+            self._step(chunk)
+        except openai.APIStatusError as e:
+            self._failed_call(chunk, e, f"{e.status_code}: {e.message}")
+        except (openai.APIConnectionError, openai.APITimeoutError, httpx2.HTTPError) as e:
+            self._failed_call(chunk, e, f"Could not reach the endpoint: {e}")
+
+    def _step(self, chunk: RemoteBatch) -> None:
+        if chunk.status in RemoteBatch.NOT_SENT:
+            if chunk.status == RB.CREATING:
+                self._find_batch(chunk)
+            if chunk.status in RemoteBatch.NOT_SENT:
+                if self.cancel_wanted:
+                    self._settle_unsent(chunk)
+                    return
+                if self.job.status != Job.Status.RUNNING or not self._budget_allows(chunk):
+                    return  # paused, or the endpoint's enqueued-token budget is spoken for: later
+                self._send(chunk)
+                return
+        if chunk.status in RemoteBatch.FINAL:
+            self._collect(chunk)
+            return
+        if self.cancel_wanted and chunk.cancel_requested_at is None and chunk.status != RB.CANCELLING:
+            batch = self.client.batches.cancel(chunk.batch_id)
+            chunk.cancel_requested_at = self.now
+            self._update(chunk, batch)
+        else:
+            self._update(chunk, self.client.batches.retrieve(chunk.batch_id))
+        if chunk.status in RemoteBatch.FINAL:
+            self._collect(chunk)
+
+    def _failed_call(self, chunk: RemoteBatch, error: Exception, text: str) -> None:
+        status = getattr(error, "status_code", None)
+        if status in (401, 403):
+            pause_job(
+                self.job.pk, f"The endpoint refused the key ({status}). Fix the key on the Endpoints page, then resume."
+            )
+        if status == 400 and chunk.status in (RB.UPLOADED, RB.CREATING):
+            # The endpoint refused the batch itself (an endpoint path it does not batch, say): it will not
+            # change its mind, so the chunk's items fail saying why.
+            self._finish_chunk(chunk, RB.FAILED, errors=[{"code": "invalid_request", "line": None, "message": text}])
+            return
+        chunk.failures += 1
+        delay = min(settings.BATCHSITE_REMOTE_POLL_SECONDS * 2**chunk.failures, BACKOFF_CAP)
+        chunk.last_error = text[:2000]
+        chunk.next_poll_at = self.now + timedelta(seconds=delay)
+        chunk.save(update_fields=["failures", "last_error", "next_poll_at"])
+        log.warning("job %s chunk %s: %s (next try in %.0f s)", self.job.pk, chunk.number, text, delay)
+
+    def _set_status(self, chunk: RemoteBatch, status: str, **fields) -> None:
+        if status != chunk.status:
+            fields["status_since"] = self.now
+        fields.update(status=status, failures=0, last_error="", next_poll_at=self.now)
+        for name, value in fields.items():
+            setattr(chunk, name, value)
+        chunk.save(update_fields=list(fields))
+
+    # Sending, each step saved before the next call
+
+    def _enqueued_tokens(self, chunk: RemoteBatch) -> int:
+        """Tokens of the same model's other batches at this endpoint that are not finished (any job's)."""
+        on_endpoint = Q(job__endpoint=self.endpoint)
+        if self.endpoint.is_default:
+            on_endpoint |= Q(job__endpoint__isnull=True)
+        active = [RB.CREATING, *RemoteBatch.REMOTE_ACTIVE]
+        others = RemoteBatch.objects.filter(on_endpoint, model=chunk.model, status__in=active).exclude(pk=chunk.pk)
+        return others.aggregate(n=Sum("est_tokens"))["n"] or 0
+
+    def _budget_allows(self, chunk: RemoteBatch) -> bool:
+        limit = self.endpoint.effective_token_limit
+        if not limit:
+            return True
+        enqueued = self._enqueued_tokens(chunk)
+        # A chunk over the limit by itself still goes when nothing else is enqueued: the endpoint then says why.
+        return enqueued == 0 or enqueued + chunk.est_tokens <= limit
+
+    def _send(self, chunk: RemoteBatch) -> None:
+        if chunk.status in (RB.PLANNED, RB.UPLOADING):
+            file_id = self._find_upload(chunk) if chunk.status == RB.UPLOADING else None
+            if file_id is None:
+                self._set_status(chunk, RB.UPLOADING)
+                file_id = self._upload(chunk)
+            self._set_status(chunk, RB.UPLOADED, input_file_id=file_id)
+        self._set_status(chunk, RB.CREATING)
+        batch = self.client.batches.create(
+            input_file_id=chunk.input_file_id,
+            endpoint=self.job.url,  # type: ignore[arg-type]
+            completion_window="24h",
+            metadata={
+                "batchsite_job": str(self.job.pk),
+                "batchsite_chunk": str(chunk.key),
+                "description": f"{self.job.name} ({chunk.number})"[:512],
+            },
+        )
+        chunk.batch_id = batch.id
+        self._update(chunk, batch)
+        log.info("job %s chunk %s: batch %s created (%s items)", self.job.pk, chunk.number, batch.id, chunk.n_items)
+
+    def _upload(self, chunk: RemoteBatch) -> str:
+        """The chunk's input file, written to a spooled temporary file (never whole in memory) and uploaded."""
+        url = json.dumps(self.job.url)
+        with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as out:
+            rows = Item.objects.filter(remote_batch=chunk).order_by("line").values_list("custom_id", "body")
+            for custom_id, body in rows.iterator(PLAN_ROWS):
+                out.write(
+                    f'{{"custom_id":{json.dumps(custom_id)},"method":"POST","url":{url},"body":{body}}}\n'.encode()
+                )
+            out.seek(0)
+            uploaded = self.client.files.create(file=(chunk.filename(), out, "application/jsonl"), purpose="batch")
+        return uploaded.id
+
+    def _find_upload(self, chunk: RemoteBatch) -> str | None:
+        """The file an interrupted upload may have made, found by its name among the endpoint's batch files."""
+        seen = 0
+        for f in self.client.files.list(purpose="batch", order="desc", limit=1000):
+            if f.filename == chunk.filename():
+                return f.id
+            seen += 1
+            if seen >= LIST_PAGES * 1000 or f.created_at < chunk.created_at.timestamp() - 3600:
+                break
+        return None
+
+    def _find_batch(self, chunk: RemoteBatch) -> None:
+        """The batch an interrupted create may have made, found by the chunk's key in its metadata."""
+        seen = 0
+        for batch in self.client.batches.list(limit=100):
+            if (batch.metadata or {}).get("batchsite_chunk") == str(chunk.key):
+                chunk.batch_id = batch.id
+                self._update(chunk, batch)
+                log.info("job %s chunk %s: found batch %s made before a crash", self.job.pk, chunk.number, batch.id)
+                return
+            seen += 1
+            if seen >= LIST_PAGES * 100 or batch.created_at < chunk.status_since.timestamp() - 3600:
+                break
+        self._set_status(chunk, RB.UPLOADED)  # no batch was made: create it (this round, as uploaded)
+
+    def _update(self, chunk: RemoteBatch, batch) -> None:
+        counts = batch.request_counts
+        fields = {
+            "batch_id": batch.id,
+            "n_completed": counts.completed if counts else 0,
+            "n_failed": counts.failed if counts else 0,
+            "output_file_id": batch.output_file_id or "",
+            "error_file_id": batch.error_file_id or "",
+            "errors": [e.model_dump() for e in batch.errors.data or []] if batch.errors else [],
+            "cancel_requested_at": chunk.cancel_requested_at,
+        }
+        status = batch.status if batch.status in RB.values else chunk.status
+        if status == RB.CANCELLED and chunk.cancel_requested_at and chunk.status != RB.CANCELLED:
+            settle = math.ceil((self.now - chunk.cancel_requested_at).total_seconds())
+            Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=max(settle, 1))
+        self._set_status(chunk, status, **fields)
+        delay = settings.BATCHSITE_REMOTE_POLL_SECONDS
+        RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=delay))
+
+    def _settle_unsent(self, chunk: RemoteBatch) -> None:
+        """A chunk never sent, on cancel or switch: its items are cancelled, or pending for live slices."""
+        self._finish_chunk(chunk, RB.CANCELLED)
+
+    # Collecting
+
+    def _collect(self, chunk: RemoteBatch) -> None:
+        seen: set[str] = set()
+        for file_id in (chunk.output_file_id, chunk.error_file_id):
+            if file_id:
+                self._join_file(chunk, file_id, seen)
+        self._finish_chunk(chunk, chunk.status, errors=chunk.errors)
+
+    def _join_file(self, chunk: RemoteBatch, file_id: str, seen: set[str]) -> None:
+        """Stream a result file and join its lines to the chunk's items, JOIN_LINES per transaction."""
+        with self.client.files.with_streaming_response.content(file_id) as response:
+            lines: list[dict] = []
+            for raw in response.iter_lines():
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    log.warning("job %s chunk %s: a result line is not JSON", self.job.pk, chunk.number)
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
+                    seen.add(record["custom_id"])
+                    lines.append(record)
+                if len(lines) >= JOIN_LINES:
+                    self._join(chunk, lines)
+                    lines = []
+            self._join(chunk, lines)
+
+    def _join(self, chunk: RemoteBatch, records: list[dict]) -> None:
+        if not records:
+            return
+        if self.prices is None:
+            self.prices = PriceBook.load()
+        discount = Decimal(self.endpoint.batch_discount)
+        now = timezone.now()
+        deltas: Counter = Counter()
+        cost = Decimal(0)
+        with transaction.atomic():
+            Job.lock(self.job.pk)
+            for record in records:
+                fields = self._result_fields(chunk, record, discount)
+                n = Item.objects.filter(
+                    job_id=self.job.pk, custom_id=record["custom_id"], remote_batch=chunk, status=Item.Status.RUNNING
+                ).update(**fields, finished_at=now)
+                if n:
+                    deltas[f"n_{fields['status']}"] += 1
+                    deltas["n_running"] -= 1
+                    for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+                        deltas[key] += fields.get(key, 0)
+                    cost += fields.get("cost", Decimal(0))
+            if deltas:
+                self.job.add_to_counters(**deltas, cost=cost)
+                JobTick.add(
+                    self.job.pk,
+                    now,
+                    {
+                        "succeeded": deltas["n_succeeded"],
+                        "failed": deltas["n_failed"] + deltas["n_expired"],
+                        "prompt_tokens": deltas["prompt_tokens"],
+                        "completion_tokens": deltas["completion_tokens"],
+                    },
+                )
+
+    def _result_fields(self, chunk: RemoteBatch, record: dict, discount: Decimal) -> dict:
+        """An output or error line as the item's result. A 4xx or 5xx `response.status_code` is a failure
+        even when `error` is null (OpenAI puts such answers in the output file)."""
+        response = record.get("response") if isinstance(record.get("response"), dict) else None
+        error = record.get("error") if isinstance(record.get("error"), dict) else None
+        status_code = response.get("status_code") if response else None
+        body = response.get("body") if response else None
+        request_id = str((response or {}).get("request_id") or "")[:200]
+        text = one_line(json.dumps(body, ensure_ascii=False)) if body is not None else ""
+        fields: dict = {"attempts": 1, "http_status": status_code if isinstance(status_code, int) else None}
+        fields.update(request_id=request_id, response=text.replace("\x00", "\ufffd"))
+        if error is None and isinstance(status_code, int) and 200 <= status_code < 300 and isinstance(body, dict):
+            prompt, completion, cached = usage_of(self.job.url, body)
+            model = body.get("model") if isinstance(body.get("model"), str) else chunk.model
+            assert self.prices is not None
+            fields.update(
+                status=Item.Status.SUCCEEDED,
+                error_code="",
+                error_message="",
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost=self.prices.cost(model, prompt, completion, cached, discount=discount),
+            )
+            return fields
+        detail = error or ((body or {}).get("error") if isinstance(body, dict) else None) or {}
+        if not isinstance(detail, dict):
+            detail = {"message": str(detail)}
+        code = str(detail.get("code") or (f"http_{status_code}" if status_code else "batch_error"))[:100]
+        message = str(detail.get("message") or "The batch reported this request as failed.")[:2000]
+        expired = code == "batch_expired"
+        fields.update(
+            status=Item.Status.EXPIRED if expired else Item.Status.FAILED, error_code=code, error_message=message
+        )
+        return fields
+
+    def _finish_chunk(self, chunk: RemoteBatch, status: str, errors: list | None = None) -> None:
+        """Settle the items no result line mentioned, by the batch's final status, and mark the chunk collected."""
+        leftover = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING)
+        with transaction.atomic():
+            current = Job.lock(self.job.pk)
+            switched = Job.objects.filter(pk=self.job.pk, switched_at__isnull=False).exists()
+            now = timezone.now()
+            changes: dict[str, int] = defaultdict(int)
+            if status == RB.CANCELLED:
+                target = Item.Status.PENDING if switched and current != Job.Status.CANCELLING else Item.Status.CANCELLED
+                n = leftover.update(status=target, remote_batch=None if target == Item.Status.PENDING else chunk)
+                changes[f"n_{target}"] += n
+                if target == Item.Status.PENDING:
+                    self.released += n
+            elif status == RB.EXPIRED:
+                n = leftover.update(
+                    status=Item.Status.EXPIRED,
+                    error_code="batch_expired",
+                    error_message="This request could not be executed before the completion window expired.",
+                    finished_at=now,
+                )
+                changes["n_expired"] += n
+            elif status == RB.FAILED and _refused_for_tokens(errors or []):
+                # "Try again once some in_progress batches have been completed": the items wait for a new
+                # chunk, planned under a budget lowered to what was refused.
+                self._learn_token_limit(chunk)
+                n = leftover.update(status=Item.Status.PENDING, remote_batch=None)
+                changes["n_pending"] += n
+            elif status == RB.FAILED:
+                n = self._fail_by_line(chunk, errors or [], now)
+                changes["n_failed"] += n
+            else:
+                n = leftover.update(
+                    status=Item.Status.FAILED,
+                    error_code="missing_result",
+                    error_message="The batch ended without a result for this request.",
+                    finished_at=now,
+                )
+                changes["n_failed"] += n
+            changes["n_running"] -= n
+            if n:
+                self.job.add_to_counters(**changes)
+            RemoteBatch.objects.filter(pk=chunk.pk).update(status=status, collected_at=now, errors=errors or [])
+        chunk.collected_at = now
+        log.info("job %s chunk %s: %s, collected", self.job.pk, chunk.number, status)
+
+    def _learn_token_limit(self, chunk: RemoteBatch) -> None:
+        refused_at = self._enqueued_tokens(chunk) + chunk.est_tokens
+        limit = max(1, int(min(refused_at, self.endpoint.effective_token_limit or refused_at) * 0.9))
+        Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_token_limit=limit)
+        self.endpoint.learned_token_limit = limit
+        log.info("endpoint %s: enqueued-token limit for %s now taken as %s", self.endpoint.pk, chunk.model, limit)
+
+    def _fail_by_line(self, chunk: RemoteBatch, errors: list, now) -> int:
+        """A batch that failed validation: each item fails with the error naming its line of the chunk's file
+        (1-based), or with the batch's general error (a token limit, say)."""
+        general = [e for e in errors if not e.get("line")]
+        fallback = (
+            general[0]
+            if general
+            else (errors[0] if errors else {"code": "batch_failed", "message": "The batch failed."})
+        )
+        by_line = {e["line"]: e for e in errors if isinstance(e.get("line"), int)}
+        n = 0
+        rows = Item.objects.filter(remote_batch=chunk).order_by("line").values_list("id", "status")
+        for position, (item_id, status) in enumerate(rows, start=1):  # the chunk's file lists its items by line
+            if status != Item.Status.RUNNING:
+                continue
+            error = by_line.get(position, fallback)
+            message = str(error.get("message") or "")
+            if error.get("line"):
+                message = f"Line {error['line']} of batch {chunk.batch_id or chunk.number}: {message}"
+            n += Item.objects.filter(id=item_id, status=Item.Status.RUNNING).update(
+                status=Item.Status.FAILED,
+                error_code=str(error.get("code") or "invalid_request")[:100],
+                error_message=message[:2000],
+                attempts=1,
+                finished_at=now,
+            )
+        return n
+
+    # After the round
+
+    def after_round(self) -> None:
+        """The job's view of its remote batches, a live start for items handed back, and the end of the job."""
+        active = self.job.remote_batches.filter(collected_at__isnull=True).exclude(status__in=RemoteBatch.FINAL)
+        sums = active.aggregate(c=Sum("n_completed"), f=Sum("n_failed"))
+        Job.objects.filter(pk=self.job.pk).update(remote_completed=sums["c"] or 0, remote_failed=sums["f"] or 0)
+        if self.released and self.job.switched_at is not None:
+            Job.start_slices(self.job.pk)
+        Job.finalize_if_done(self.job.pk)

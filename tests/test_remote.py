@@ -1,0 +1,318 @@
+"""Remote and hybrid jobs against the simulator's Files + Batches API, over real HTTP with the official SDK.
+
+The poller's rounds are driven here one by one (remote.poll_round), and a hybrid job's live part by running
+its slices in this process: each test decides when the engine looks, so none waits on a schedule."""
+
+import json
+import time
+from datetime import timedelta
+from decimal import Decimal
+
+import openai
+import pytest
+from django.utils import timezone
+
+from jobs import ingest
+from jobs.engine import remote, runner
+from jobs.models import Item, Job, RemoteBatch
+from jobs.pricing import PriceBook
+from simulator import SimConfig, serve_in_thread
+from tests.factories import chat_line, make_endpoint, seed_prices
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def quick_polls(settings, monkeypatch):
+    settings.BATCHSITE_REMOTE_POLL_SECONDS = 0
+    settings.BATCHSITE_HYBRID_MARGIN_SECONDS = 1
+    started = []
+    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: started.append(a))  # rounds run here
+    seed_prices()
+    return started
+
+
+@pytest.fixture
+def sim():
+    config = SimConfig(batch_seconds=1.0, seed=1)
+    with serve_in_thread(config) as base_url:
+        yield config, base_url
+
+
+def stats(base_url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/_sim/stats") as response:
+        return json.loads(response.read())
+
+
+def live_requests(base_url: str) -> int:
+    return stats(base_url)["by_path"].get("/v1/chat/completions", 0)
+
+
+def remote_job(write, owner, endpoint, n: int, mode=Job.Mode.REMOTE, text=lambda i: f"Question {i}", **kw) -> Job:
+    lines = [chat_line(f"req-{i}", text(i), max_tokens=20) for i in range(n)]
+    plan = ingest.validate(write(f"remote-{n}.jsonl", lines))
+    assert plan.ok, plan.errors
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, mode=mode, **kw)
+    job.start()
+    return job
+
+
+def drive(job: Job, until=lambda j: j.is_finished, timeout: float = 60, live: bool = False) -> Job:
+    """Poller rounds (and, for a switched hybrid job, live slices) until `until(job)`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        remote.poll_round()
+        job.refresh_from_db()
+        if live and job.switched_at and job.n_pending:
+            runner.run_slice(job.pk, budget=2)
+            job.refresh_from_db()
+        if until(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job.pk} still {job.status}: {job.counts()} {list(job.remote_batches.values())}")
+
+
+def one_result_each(job: Job) -> None:
+    items = list(job.items.all())
+    assert len({i.custom_id for i in items}) == job.total
+    assert all(i.status in Item.FINAL for i in items)
+    job.recount()
+    assert job.n_pending == job.n_running == 0
+
+
+def test_full_remote_cycle_answers_every_item_at_half_price(sim, write, owner):
+    config, base_url = sim
+    endpoint = make_endpoint(base_url)
+    job = remote_job(write, owner, endpoint, 30)
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 30
+    chunk = job.remote_batches.get()
+    assert chunk.status == RemoteBatch.Status.COMPLETED and chunk.batch_id.startswith("batch_")
+    assert chunk.input_file_id and chunk.output_file_id and chunk.n_completed == 30
+    assert live_requests(base_url) == 0
+    item = job.items.get(custom_id="req-7")
+    assert json.loads(item.response)["choices"][0]["message"]["content"]
+    full = sum(PriceBook.load().cost("gpt-4o-mini", i.prompt_tokens, i.completion_tokens) for i in job.items.all())
+    assert full > 0 and job.cost == pytest.approx(full / 2, abs=Decimal("0.000001"))
+    one_result_each(job)
+
+
+def test_request_counts_show_as_progress_before_results_are_joined(sim, write, owner):
+    config, base_url = sim
+    config.batch_seconds = 4
+    job = remote_job(write, owner, make_endpoint(base_url), 40)
+
+    job = drive(job, until=lambda j: j.remote_completed > 0, timeout=10)
+
+    assert job.n_succeeded == 0 and 0 < job.progress() < 100
+    drive(job)
+
+
+def test_a_job_above_the_request_limit_is_split_into_several_batches(sim, write, owner):
+    config, base_url = sim
+    endpoint = make_endpoint(base_url)  # OpenAI's 50,000 requests per batch
+    n = 50_001
+    path = write("big.jsonl", [chat_line(f"r{i}", "hi") for i in range(n)])
+    plan = ingest.validate(path)
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, mode=Job.Mode.REMOTE)
+    job.start()
+
+    job = drive(job, timeout=240)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == n
+    assert list(job.remote_batches.values_list("n_items", flat=True)) == [50_000, 1]
+    assert len(set(job.remote_batches.values_list("batch_id", flat=True))) == 2
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 80  # ~800 tokens
+
+
+def test_the_enqueued_token_budget_splits_long_prompts_and_is_never_passed(sim, write, owner):
+    config, base_url = sim
+    config.batch_token_limit = 4000  # the endpoint counts tokens its own way: the budget set leaves room
+    endpoint = make_endpoint(base_url, batch_token_limit=3000)
+    job = remote_job(write, owner, endpoint, 12, text=lambda i: LONG)
+
+    job = drive(job, timeout=90)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 12
+    chunks = list(job.remote_batches.all())
+    assert len(chunks) >= 4 and all(c.est_tokens <= 3000 for c in chunks)
+    assert all(c.status == RemoteBatch.Status.COMPLETED for c in chunks)  # none refused by the endpoint
+    assert 0 < stats(base_url)["batch_peak_enqueued_tokens"]["gpt-4o-mini"] <= 4000
+
+
+def test_a_refused_token_budget_is_learned_and_the_items_wait_for_room(sim, write, owner):
+    config, base_url = sim
+    config.batch_token_limit = 3000
+    endpoint = make_endpoint(base_url)  # no budget set: the first refusals teach it
+    job = remote_job(write, owner, endpoint, 12, text=lambda i: LONG)
+
+    job = drive(job, timeout=120)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 12 and job.n_failed == 0
+    endpoint.refresh_from_db()
+    assert endpoint.learned_token_limit and endpoint.learned_token_limit < 3000 * 1.2
+    refused = job.remote_batches.filter(status=RemoteBatch.Status.FAILED)
+    assert refused.exists() and all(c.errors[0]["code"] == "token_limit_exceeded" for c in refused)
+    one_result_each(job)
+
+
+def test_expiry_keeps_partial_results_and_a_retry_sends_only_the_expired(sim, write, owner):
+    config, base_url = sim
+    config.batch_expire = True
+    job = remote_job(write, owner, make_endpoint(base_url), 20)
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED
+    assert job.n_succeeded == 10 and job.n_expired == 10
+    expired = set(job.items.filter(status=Item.Status.EXPIRED).values_list("custom_id", flat=True))
+    assert job.items.filter(status=Item.Status.EXPIRED, error_code="batch_expired").count() == 10
+
+    config.batch_expire = False
+    assert job.retry_failed() == 10
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 20
+    second = job.remote_batches.get(number=2)
+    assert second.n_items == 10
+    assert set(second.items.values_list("custom_id", flat=True)) == expired
+    one_result_each(job)
+
+
+def test_expired_items_can_be_retried_live(sim, write, owner):
+    config, base_url = sim
+    config.batch_expire = True
+    job = remote_job(write, owner, make_endpoint(base_url), 10)
+    job = drive(job)
+    assert job.n_expired == 5
+
+    assert job.retry_failed(mode=Job.Mode.LIVE) == 5
+    job.refresh_from_db()
+    runner.run_slice(job.pk, budget=5)
+    job.refresh_from_db()
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 10 and job.mode == Job.Mode.LIVE
+    assert live_requests(base_url) == 5
+
+
+def test_a_remote_validation_failure_shows_its_lines(sim, write, owner):
+    config, base_url = sim
+    config.batch_reject = True
+    job = remote_job(write, owner, make_endpoint(base_url), 5)
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_failed == 5
+    chunk = job.remote_batches.get()
+    assert chunk.status == RemoteBatch.Status.FAILED and chunk.errors
+    first = job.items.get(custom_id="req-0")
+    assert first.error_message.startswith("Line 1 of batch ") and first.error_code
+
+
+def test_client_errors_in_the_output_file_fail_their_items(sim, write, owner):
+    config, base_url = sim
+    config.batch_client_error_rate = 0.5
+    job = remote_job(write, owner, make_endpoint(base_url), 20)
+
+    job = drive(job)
+
+    failed = list(job.items.filter(status=Item.Status.FAILED))
+    assert failed and job.n_succeeded + len(failed) == 20
+    assert all(i.http_status == 400 and i.error_code for i in failed)
+
+
+class Killed(BaseException):
+    """A worker killed at this very moment: not an Exception, so nothing in the engine catches it."""
+
+
+@pytest.mark.parametrize("call", ["files.create", "batches.create"])
+def test_a_crash_right_after_a_call_never_sends_the_chunk_twice(sim, write, owner, monkeypatch, call):
+    config, base_url = sim
+    real = remote.client_for
+    crashed = []
+
+    def crashing_client(endpoint):
+        client = real(endpoint)
+        group, name = call.split(".")
+        api = getattr(client, group)
+        made = getattr(api, name)
+
+        def then_die(*args, **kwargs):
+            result = made(*args, **kwargs)
+            if not crashed:
+                crashed.append(result.id)
+                raise Killed
+            return result
+
+        setattr(api, name, then_die)
+        return client
+
+    monkeypatch.setattr(remote, "client_for", crashing_client)
+    job = remote_job(write, owner, make_endpoint(base_url), 8)
+
+    with pytest.raises(Killed):
+        remote.poll_round()
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 8
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    assert len(list(client.batches.list())) == 1
+    assert len([f for f in client.files.list(purpose="batch")]) == 1
+    chunk = job.remote_batches.get()
+    assert crashed[0] in (chunk.input_file_id, chunk.batch_id)
+
+
+def test_cancel_mid_flight_keeps_what_finished(sim, write, owner):
+    config, base_url = sim
+    config.batch_seconds = 6
+    job = remote_job(write, owner, make_endpoint(base_url), 40)
+    job = drive(job, until=lambda j: j.remote_completed >= 5, timeout=20)
+
+    job.cancel()
+    job = drive(job)
+
+    assert job.status == Job.Status.CANCELLED
+    assert job.n_succeeded >= 5 and job.n_cancelled > 0 and job.n_succeeded + job.n_cancelled == 40
+    assert job.remote_batches.get().status == RemoteBatch.Status.CANCELLED
+    one_result_each(job)
+
+
+def test_hybrid_switches_to_live_and_meets_a_deadline_shorter_than_the_batch(sim, write, owner):
+    config, base_url = sim
+    config.batch_seconds = 30
+    endpoint = make_endpoint(base_url, rpm=6000, batch_cancel_seconds=1)
+    deadline = timezone.now() + timedelta(seconds=8)
+    job = remote_job(write, owner, endpoint, 40, mode=Job.Mode.HYBRID, deadline=deadline)
+
+    job = drive(job, live=True, timeout=30)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 40
+    assert job.finished_at <= deadline
+    assert job.switched_at is not None and job.switch_note
+    remote_items = job.items.filter(latency_ms__isnull=True)
+    live_items = job.items.filter(latency_ms__isnull=False)
+    assert remote_items.count() > 0 and live_items.count() > 0
+    assert live_requests(base_url) == live_items.count()  # nothing sent live twice, nothing answered twice
+    book = PriceBook.load()
+    for item in remote_items:
+        full = book.cost("gpt-4o-mini", item.prompt_tokens, item.completion_tokens)
+        assert abs(item.cost - full / 2) < Decimal("1e-8")
+    one_result_each(job)
+
+
+def test_hybrid_whose_remote_part_finishes_first_sends_nothing_live(sim, write, owner):
+    config, base_url = sim
+    endpoint = make_endpoint(base_url, rpm=6000, batch_cancel_seconds=1)
+    job = remote_job(write, owner, endpoint, 20, mode=Job.Mode.HYBRID, deadline=timezone.now() + timedelta(minutes=10))
+
+    job = drive(job, live=True)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 20
+    assert job.switched_at is None and job.switch_at is not None
+    assert live_requests(base_url) == 0
