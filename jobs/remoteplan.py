@@ -23,7 +23,7 @@ class Limits:
     tokens: int | None = None  # None: no budget known
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a job may have a million: slots keep each small
 class Request:
     """One item as the splitter sees it: its model, its line's size in the input file, and its tokens
     (estimated input plus the most it may generate: what OpenAI counts against the enqueued budget)."""

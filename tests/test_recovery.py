@@ -23,7 +23,11 @@ from jobs.models import Item, Job
 from tests.factories import answers, make_endpoint, make_job, seed_prices
 from tests.servers import ROOT, Cluster, wait_until
 
-SCHEDULES = [("batchsite-clean-up", "jobs.engine.tasks.clean_up"), ("batchsite-sweeper", "jobs.engine.tasks.sweep")]
+SCHEDULES = [
+    ("batchsite-clean-up", "jobs.engine.tasks.clean_up"),
+    ("batchsite-remote-poller", "jobs.engine.tasks.poll_remote"),
+    ("batchsite-sweeper", "jobs.engine.tasks.sweep"),
+]
 LATENCY = 0.3  # seconds the simulator takes to answer, so a request was in flight from t - LATENCY to t
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

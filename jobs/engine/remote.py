@@ -72,7 +72,9 @@ def client_for(endpoint: Endpoint) -> openai.OpenAI:
 
 
 def poll(window: float | None = None) -> dict:
-    """Rounds every second until no remote work is left or `window` seconds have passed; one poller at a time."""
+    """Rounds every second while some remote work is due within seconds, for up to `window` seconds; one
+    poller at a time. Batches that run for hours are looked at less often (RemoteJob._update), so most
+    minutes the poller takes a worker for one round only, and the schedule's next start does the next."""
     window = settings.BATCHSITE_REMOTE_POLL_WINDOW if window is None else window
     rounds = 0
     while True:
@@ -84,23 +86,42 @@ def poll(window: float | None = None) -> dict:
             while True:
                 close_old_connections()
                 rounds += 1
-                if not poll_round() or time.monotonic() >= end:
+                if not poll_round() or time.monotonic() >= end or not due_soon():
                     break
                 time.sleep(1.0)
         finally:
             if cache.get(LOCK) == token:
                 cache.delete(LOCK)
         # A job started while this poller was finishing found the lock taken and left its work to us.
-        if time.monotonic() >= end or not jobs_with_remote_work():
+        if time.monotonic() >= end or not due_soon():
             return {"rounds": rounds}
 
 
+# Jobs with items to plan into chunks.
+SENDING = Q(
+    mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID],
+    switched_at__isnull=True,
+    n_pending__gt=0,
+    status__in=[Job.Status.QUEUED, Job.Status.RUNNING],
+)
+
+
 def jobs_with_remote_work() -> list[int]:
-    sending = Q(mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID], switched_at__isnull=True, n_pending__gt=0) & Q(
-        status__in=[Job.Status.QUEUED, Job.Status.RUNNING]
-    )
     out = Q(remote_batches__collected_at__isnull=True)
-    return sorted(set(Job.objects.filter(sending | out).values_list("pk", flat=True)))
+    return sorted(set(Job.objects.filter(SENDING | out).values_list("pk", flat=True)))
+
+
+def due_soon() -> bool:
+    """Whether a round within the next few seconds has something to do: a job to plan, a chunk to look at,
+    or a hybrid job near its switch."""
+    now = timezone.now()
+    soon = now + timedelta(seconds=2 * settings.BATCHSITE_REMOTE_POLL_SECONDS + 1)
+    switching = Q(mode=Job.Mode.HYBRID, status=Job.Status.RUNNING, switched_at__isnull=True)
+    return (
+        Job.objects.filter(SENDING).exists()
+        or RemoteBatch.objects.filter(collected_at__isnull=True, next_poll_at__lte=soon).exists()
+        or Job.objects.filter(switching, switch_at__lte=now + timedelta(seconds=70)).exists()
+    )
 
 
 def poll_round() -> bool:
@@ -145,19 +166,7 @@ def advance(job_id: int) -> bool:
     for chunk in job.remote_batches.filter(collected_at__isnull=True).order_by("number"):
         remote.step(chunk)
     remote.after_round()
-    return (
-        Job.objects.filter(pk=job_id)
-        .filter(
-            Q(remote_batches__collected_at__isnull=True)
-            | Q(
-                status__in=[Job.Status.QUEUED, Job.Status.RUNNING],
-                n_pending__gt=0,
-                mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID],
-                switched_at__isnull=True,
-            )
-        )
-        .exists()
-    )
+    return Job.objects.filter(Q(remote_batches__collected_at__isnull=True) | SENDING, pk=job_id).exists()
 
 
 def _refused_for_tokens(errors: list) -> bool:
@@ -283,7 +292,10 @@ class RemoteJob:
                     self._settle_unsent(chunk)
                     return
                 if self.job.status != Job.Status.RUNNING or not self._budget_allows(chunk):
-                    return  # paused, or the endpoint's enqueued-token budget is spoken for: later
+                    # Paused, or the endpoint's enqueued-token budget is spoken for: look again later.
+                    wait = max(settings.BATCHSITE_REMOTE_POLL_SECONDS, min(30, self._interval(chunk)))
+                    RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=wait))
+                    return
                 self._send(chunk)
                 return
         if chunk.status in RemoteBatch.FINAL:
@@ -419,8 +431,13 @@ class RemoteJob:
             settle = math.ceil((self.now - chunk.cancel_requested_at).total_seconds())
             Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=max(settle, 1))
         self._set_status(chunk, status, **fields)
-        delay = settings.BATCHSITE_REMOTE_POLL_SECONDS
-        RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=delay))
+        RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=self._interval(chunk)))
+
+    def _interval(self, chunk: RemoteBatch) -> float:
+        """Seconds to the next look: every BATCHSITE_REMOTE_POLL_SECONDS at first, then a tenth of the time the
+        batch has spent in its status, up to a minute (a batch in progress for an hour is not polled every 5 s)."""
+        age = (self.now - chunk.status_since).total_seconds()
+        return min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, age / 10), 60.0)
 
     def _settle_unsent(self, chunk: RemoteBatch) -> None:
         """A chunk never sent, on cancel or switch: its items are cancelled, or pending for live slices."""
@@ -429,13 +446,12 @@ class RemoteJob:
     # Collecting
 
     def _collect(self, chunk: RemoteBatch) -> None:
-        seen: set[str] = set()
         for file_id in (chunk.output_file_id, chunk.error_file_id):
             if file_id:
-                self._join_file(chunk, file_id, seen)
+                self._join_file(chunk, file_id)
         self._finish_chunk(chunk, chunk.status, errors=chunk.errors)
 
-    def _join_file(self, chunk: RemoteBatch, file_id: str, seen: set[str]) -> None:
+    def _join_file(self, chunk: RemoteBatch, file_id: str) -> None:
         """Stream a result file and join its lines to the chunk's items, JOIN_LINES per transaction."""
         with self.client.files.with_streaming_response.content(file_id) as response:
             lines: list[dict] = []
@@ -448,7 +464,6 @@ class RemoteJob:
                     log.warning("job %s chunk %s: a result line is not JSON", self.job.pk, chunk.number)
                     continue
                 if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
-                    seen.add(record["custom_id"])
                     lines.append(record)
                 if len(lines) >= JOIN_LINES:
                     self._join(chunk, lines)
@@ -503,7 +518,7 @@ class RemoteJob:
         fields.update(request_id=request_id, response=text.replace("\x00", "\ufffd"))
         if error is None and isinstance(status_code, int) and 200 <= status_code < 300 and isinstance(body, dict):
             prompt, completion, cached = usage_of(self.job.url, body)
-            model = body.get("model") if isinstance(body.get("model"), str) else chunk.model
+            model = body["model"] if isinstance(body.get("model"), str) else chunk.model
             assert self.prices is not None
             fields.update(
                 status=Item.Status.SUCCEEDED,

@@ -367,6 +367,7 @@ class Job(models.Model):
             "url",
             "model",
             "mode",
+            "deadline",
             "endpoint",
             "source_name",
             "source_format",
