@@ -110,6 +110,10 @@ def test_create_makes_a_job_of_the_tokens_user_and_an_openai_batch(client, owner
         "status": "queued",
         "status_reason": "",
         "url": f"http://testserver/jobs/{job.pk}/",
+        "mode": "live",
+        "deadline": None,
+        "switch_at": None,
+        "switched_at": None,
     }
     assert job.batch.public_id == batch["id"] and job.batch.input_file.public_id == batch["input_file_id"]
     assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json() == batch

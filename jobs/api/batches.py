@@ -4,11 +4,16 @@ OpenAI's statuses from a Job's: a job waiting for its first worker is `validatin
 already validated, but that is the state clients expect first), running or paused is
 `in_progress` (the API has no paused; `batchsite.status` tells), then `cancelling`, `cancelled`,
 `completed`, or `failed` for an input file with errors. Batchsite never expires a batch.
+
+Metadata picks how the job runs: `batchsite_mode` live (the default), remote (the endpoint's own Batch
+API) or hybrid (remote until the last safe moment before `batchsite_deadline`, then live). The Batch
+object reads the same in every mode; `batchsite` tells the mode and, for hybrid, the switch.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from django.db import connection, transaction
@@ -27,6 +32,7 @@ from jobs.models import SUPPORTED_URLS, Batch, Endpoint, File, InvalidTransition
 COMPLETION_WINDOW = "24h"
 LIST_DEFAULT, LIST_MAX = 20, 100
 ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by name
+MODE_KEY, DEADLINE_KEY = "batchsite_mode", "batchsite_deadline"  # how the job runs; hybrid's deadline
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 STATUS: dict[str, str] = {
@@ -79,8 +85,13 @@ def batch_object(request: ApiRequest, batch: Batch) -> dict:
         "expired_at": None,
         "cancelling_at": _ts(cancelling),
         "cancelled_at": finished if status == "cancelled" else None,
-        # Like OpenAI's: requests never sent because of a cancel count as neither.
-        "request_counts": {"total": job.total, "completed": job.n_succeeded, "failed": job.n_failed + job.n_expired},
+        # Like OpenAI's: requests never sent because of a cancel count as neither. The remote counts are
+        # what the endpoint reports done in remote batches whose results are not joined to the items yet.
+        "request_counts": {
+            "total": job.total,
+            "completed": job.n_succeeded + job.remote_completed,
+            "failed": job.n_failed + job.n_expired + job.remote_failed,
+        },
         "usage": {
             "input_tokens": job.prompt_tokens,
             "input_tokens_details": {"cached_tokens": job.cached_tokens},
@@ -96,6 +107,11 @@ def batch_object(request: ApiRequest, batch: Batch) -> dict:
             "status": job.status,
             "status_reason": job.status_reason,
             "url": request.build_absolute_uri(job.get_absolute_url()),
+            "mode": job.mode,
+            "deadline": _ts(job.deadline),
+            # Hybrid: when the rest is planned to go live (moves as the job goes), and when it did.
+            "switch_at": _ts(job.switch_at),
+            "switched_at": _ts(job.switched_at),
         },
     }
 
@@ -111,6 +127,7 @@ UNUSED = [
     "job__slice_gen",
     "job__slice_enqueued_at",
     "job__slice_picked_at",
+    "job__switch_note",
 ]
 
 
@@ -255,6 +272,61 @@ def _upstream(metadata: dict) -> Endpoint | None:
     return endpoint
 
 
+def _invalid_metadata(key: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=f"metadata.{key}", code=code)
+
+
+def _mode(metadata: dict) -> tuple[str, datetime | None]:
+    """The job's mode and, for hybrid, its deadline (a deadline means nothing to the other modes)."""
+    mode = metadata.get(MODE_KEY) or Job.Mode.LIVE.value
+    if mode not in Job.Mode.values:
+        raise _invalid_metadata(
+            MODE_KEY,
+            f"Invalid value for 'metadata.{MODE_KEY}': {mode!r}. Supported values are: {', '.join(Job.Mode.values)}.",
+        )
+    text = metadata.get(DEADLINE_KEY)
+    if mode != Job.Mode.HYBRID:
+        if text:
+            raise _invalid_metadata(
+                DEADLINE_KEY,
+                f"'metadata.{DEADLINE_KEY}' applies to hybrid mode only, and this batch's mode is {mode!r}: "
+                f"set 'metadata.{MODE_KEY}' to 'hybrid' or leave the deadline out.",
+            )
+        return mode, None
+    if not text:
+        raise _invalid_metadata(
+            DEADLINE_KEY,
+            f"Hybrid mode needs 'metadata.{DEADLINE_KEY}': the time by which every request must be answered, "
+            "as an ISO 8601 time (UTC unless it has an offset) or Unix seconds.",
+            code="missing_required_parameter",
+        )
+    deadline = _moment(text)
+    if deadline is None:
+        raise _invalid_metadata(
+            DEADLINE_KEY,
+            f"Invalid value for 'metadata.{DEADLINE_KEY}': {text!r}. Give an ISO 8601 time, such as "
+            "'2027-06-30T18:00:00+02:00' (UTC without an offset), or Unix seconds, such as '1814371200'.",
+        )
+    if deadline <= timezone.now():
+        raise _invalid_metadata(
+            DEADLINE_KEY,
+            f"'metadata.{DEADLINE_KEY}' is {deadline:%Y-%m-%d %H:%M:%S} UTC, which has passed: "
+            "a hybrid deadline must be in the future.",
+        )
+    return mode, deadline
+
+
+def _moment(text: str) -> datetime | None:
+    """An ISO 8601 time (naive means UTC) or Unix seconds, as an aware datetime; None if it is neither."""
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return datetime.fromtimestamp(float(text), tz=UTC)
+        moment = datetime.fromisoformat(text)
+    except (ValueError, OverflowError, OSError):  # not a time, or one out of datetime's range
+        return None
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _create(request: ApiRequest) -> JsonResponse:
     body = json_body(request)
     input_file_id = _required(body, "input_file_id")
@@ -275,6 +347,7 @@ def _create(request: ApiRequest) -> JsonResponse:
         )
     metadata = _metadata(body.get("metadata"))
     endpoint = _upstream(metadata)
+    mode, deadline = _mode(metadata)
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
         raise ApiError(
@@ -294,16 +367,26 @@ def _create(request: ApiRequest) -> JsonResponse:
     name = metadata.get("description") or Path(file.filename).stem or "API batch"
     with transaction.atomic():
         if plan.ok:
-            job = ingest.create_job(plan, owner=request.user, name=name, endpoint=endpoint, metadata=metadata)
+            job = ingest.create_job(
+                plan, owner=request.user, name=name, endpoint=endpoint, mode=mode, deadline=deadline, metadata=metadata
+            )
             job.start()
         else:
-            job = _failed_job(request, plan, name, url, endpoint, metadata, file)
+            job = _failed_job(request, plan, name, url, endpoint, mode, deadline, metadata, file)
         batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
     return JsonResponse(batch_object(request, get_batch(request, batch.public_id)))
 
 
 def _failed_job(
-    request: ApiRequest, plan: ingest.Plan, name: str, url: str, endpoint: Endpoint | None, metadata: dict, file: File
+    request: ApiRequest,
+    plan: ingest.Plan,
+    name: str,
+    url: str,
+    endpoint: Endpoint | None,
+    mode: str,
+    deadline: datetime | None,
+    metadata: dict,
+    file: File,
 ) -> Job:
     """A failed Job with no items: the team sees the rejected batch and its errors in the dashboard."""
     errors = [error.as_dict() for error in plan.errors]
@@ -324,6 +407,8 @@ def _failed_job(
         url=url,
         model=plan.model,
         endpoint=endpoint,
+        mode=mode,
+        deadline=deadline,
         status=Job.Status.FAILED,
         status_reason=f"The input file has {plan.error_count:,} error{'s' if plan.error_count != 1 else ''}: {first}",
         source_name=file.filename[:255],
