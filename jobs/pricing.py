@@ -1,7 +1,12 @@
 """Cost of a request from the editable price table (the longest matching model prefix wins)."""
 
+from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
+from django.utils import timezone
+
+from jobs import remoteplan
 from jobs.models import Price
 
 ZERO = Decimal(0)
@@ -33,28 +38,53 @@ class PriceBook:
         return cost * (1 - discount) if discount else cost
 
 
-def estimate(plan, endpoint) -> dict:
-    """Tokens, cost and time a validated plan will take at the endpoint's limits."""
+def estimate(plan, endpoint, now: datetime | None = None) -> dict:
+    """Tokens, cost and time a validated plan will take at the endpoint: live, at the Batch API, and the
+    earliest hybrid deadline that still leaves the Batch API part of the work."""
     book = PriceBook.load()
     model = plan.models.most_common(1)[0][0] if plan.models else ""
     price = book.price(model)
     input_cost = book.cost(model, plan.est_input_tokens, 0)
     max_cost = book.cost(model, plan.est_input_tokens, plan.max_output_tokens) if plan.max_output_tokens else None
-    minutes, basis = None, "limits not known yet: they are learned from the first answers"
-    rpm = endpoint.effective_rpm if endpoint else None
-    tpm = endpoint.effective_tpm if endpoint else None
-    if rpm or tpm:
-        by_requests = plan.count / rpm if rpm else 0
-        by_tokens = (plan.est_input_tokens + plan.max_output_tokens) / tpm if tpm else 0
-        minutes = max(by_requests, by_tokens)
-        basis = f"at {rpm:,} requests/min" if by_requests >= by_tokens else f"at {tpm:,} tokens/min"
-    return {
+    result = {
         "input_tokens": plan.est_input_tokens,
         "max_output_tokens": plan.max_output_tokens,
         "priced": price is not None,
         "model": model,
         "input_cost": input_cost,
         "max_cost": max_cost,
-        "minutes": minutes,
-        "basis": basis,
+        "basis": "not known: no endpoint to run it on",
+        "live_seconds": None,
+        "remote_discount": None,
+        "remote_input_cost": None,
+        "remote_max_cost": None,
+        "hybrid_earliest": None,
+        "hybrid_cancel_seconds": None,
+        "hybrid_margin_seconds": None,
     }
+    if endpoint is None:
+        return result
+    # The live run time by the rule a hybrid job plans its switch with (remoteplan.live_rate); against a
+    # tokens-per-minute limit a request weighs its input plus its most output (max_tokens counts at OpenAI).
+    per_request = (plan.est_input_tokens + plan.max_output_tokens) / plan.count if plan.count else 0.0
+    rate, basis = remoteplan.live_rate(
+        endpoint.concurrency, endpoint.effective_rpm, endpoint.effective_tpm, per_request
+    )
+    if not (endpoint.effective_rpm or endpoint.effective_tpm):
+        basis += " (limits and latency are learned from the first answers)"
+    live_seconds = plan.count / rate
+    cancel_seconds = endpoint.effective_cancel_seconds
+    margin = remoteplan.margin_for(live_seconds, settings.BATCHSITE_HYBRID_MARGIN_SECONDS)
+    discount = Decimal(endpoint.batch_discount)
+    result.update(
+        live_seconds=live_seconds,
+        basis=f"at {basis}",
+        remote_discount=discount,
+        remote_input_cost=input_cost * (1 - discount),
+        remote_max_cost=max_cost * (1 - discount) if max_cost is not None else None,
+        # With an earlier deadline a hybrid job's last safe moment to switch to live has passed at its start.
+        hybrid_earliest=(now or timezone.now()) + timedelta(seconds=live_seconds + cancel_seconds + margin),
+        hybrid_cancel_seconds=cancel_seconds,
+        hybrid_margin_seconds=margin,
+    )
+    return result

@@ -316,3 +316,65 @@ def test_hybrid_whose_remote_part_finishes_first_sends_nothing_live(sim, write, 
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 20
     assert job.switched_at is None and job.switch_at is not None
     assert live_requests(base_url) == 0
+
+
+def test_endpoint_errors_back_off_then_recover(sim, write, owner, monkeypatch):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 5)
+    remote.poll_round()  # sent
+    real = remote.client_for
+    outages = []
+
+    def flaky(endpoint):
+        client = real(endpoint)
+        retrieve = client.batches.retrieve
+
+        def unreachable(*args, **kwargs):
+            if len(outages) < 2:
+                outages.append(1)
+                raise openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+            return retrieve(*args, **kwargs)
+
+        client.batches.retrieve = unreachable  # type: ignore[method-assign]
+        return client
+
+    monkeypatch.setattr(remote, "client_for", flaky)
+    chunk = job.remote_batches.get()
+    RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
+    remote.poll_round()
+    chunk.refresh_from_db()
+    assert chunk.failures == 1 and "Could not reach" in chunk.last_error
+    assert chunk.next_poll_at > timezone.now()  # backs off instead of hammering the endpoint
+
+    RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
+    remote.poll_round()
+    chunk.refresh_from_db()
+    assert chunk.failures == 2
+    assert (chunk.next_poll_at - timezone.now()).total_seconds() > 2  # twice as long as the first wait
+
+    RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
+    job = drive(job)
+    assert job.status == Job.Status.COMPLETED and job.remote_batches.get().failures == 0
+
+
+def test_a_refused_key_pauses_the_job_saying_why(sim, write, owner):
+    config, base_url = sim
+    config.batch_seconds = 5
+    job = remote_job(write, owner, make_endpoint(base_url), 5)
+    remote.poll_round()
+    config.api_key = "sk-another-key"  # the endpoint no longer takes ours
+
+    job = drive(job, until=lambda j: j.status == Job.Status.PAUSED, timeout=10)
+
+    assert "refused the key" in job.status_reason
+
+
+def test_only_one_poller_runs_at_a_time(settings):
+    from django.core.cache import cache
+
+    cache.add(remote.LOCK, "someone else", timeout=30)
+    try:
+        assert remote.poll(window=1)["skipped"]
+    finally:
+        cache.delete(remote.LOCK)
+    assert "skipped" not in remote.poll(window=1)

@@ -243,7 +243,10 @@ class RemoteJob:
         in_remote = job.remote_batches.filter(collected_at__isnull=True).exclude(status__in=RemoteBatch.FINAL)
         answered_remote = sum(c.n_answered for c in in_remote)
         remaining = max(job.total - done - answered_remote, 0)
-        per_request = (job.est_input_tokens / job.total) if job.total else 0.0
+        # Tokens per request as a tokens-per-minute limit counts them: input plus the most it may generate,
+        # as the chunks recorded them (remoteplan.request_tokens).
+        sent = job.remote_batches.aggregate(tokens=Sum("est_tokens"), items=Sum("n_items"))
+        per_request = (sent["tokens"] or 0) / sent["items"] if sent["items"] else 0.0
         rate, basis = remoteplan.live_rate(
             self.endpoint.concurrency, self.endpoint.effective_rpm, self.endpoint.effective_tpm, per_request
         )
@@ -260,9 +263,7 @@ class RemoteJob:
         ):
             fields.update(switch_at=plan.at, switch_note=plan.reason)
         if remaining and self.now >= plan.at:
-            fields.update(
-                switched_at=self.now, switch_note=f"{plan.reason} Switched to live at {self.now:%H:%M:%S} UTC."
-            )
+            fields.update(switched_at=self.now, switch_note=plan.reason)
             log.info("job %s: switching to live (%s)", job.pk, plan.reason)
         if fields:
             Job.objects.filter(pk=job.pk).update(**fields)
@@ -322,7 +323,7 @@ class RemoteJob:
             self._finish_chunk(chunk, RB.FAILED, errors=[{"code": "invalid_request", "line": None, "message": text}])
             return
         chunk.failures += 1
-        delay = min(settings.BATCHSITE_REMOTE_POLL_SECONDS * 2**chunk.failures, BACKOFF_CAP)
+        delay = min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1) * 2**chunk.failures, BACKOFF_CAP)
         chunk.last_error = text[:2000]
         chunk.next_poll_at = self.now + timedelta(seconds=delay)
         chunk.save(update_fields=["failures", "last_error", "next_poll_at"])

@@ -2,7 +2,9 @@ import json
 from typing import Any
 
 from django import forms
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import transaction
+from django.utils import timezone
 
 from jobs import egress
 from jobs.ingest import MAX_DEPTH, MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, schema_format
@@ -23,7 +25,13 @@ class JobForm(forms.Form):
     # Labels as the review page shows them: the Check panel lists refused fields by these names.
     name = forms.CharField(label="Job name", max_length=200, required=False)
     endpoint = forms.ModelChoiceField(queryset=Endpoint.objects.all(), required=False, empty_label=None)
-    mode = forms.ChoiceField(choices=Job.Mode.choices, initial=Job.Mode.LIVE)
+    mode = forms.ChoiceField(choices=Job.Mode.choices, initial=Job.Mode.LIVE, required=False)
+    # A browser's datetime-local input sends a time without a zone: it is read in the server's TIME_ZONE.
+    deadline = forms.DateTimeField(
+        label="Deadline",
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+    )
     max_attempts = forms.IntegerField(
         min_value=1,
         max_value=20,
@@ -70,10 +78,25 @@ class JobForm(forms.Form):
             choices = [("", "(row number)")] + [(c, c) for c in self.csv_columns]
             self.fields["custom_id_column"].widget = forms.Select(choices=choices)
             self.fields["input_column"].widget = forms.Select(choices=[("", "(choose)")] + choices[1:])
-        self.fields["mode"].disabled = True  # remote (OpenAI Batch API) mode is not available yet
+        zone = timezone.get_current_timezone_name()
+        self.fields["deadline"].help_text = f"Hybrid: every answer is in by then. In server time ({zone})."
 
     def clean_mode(self):
-        return Job.Mode.LIVE
+        return self.cleaned_data["mode"] or Job.Mode.LIVE
+
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        data = self.cleaned_data
+        if data.get("mode") != Job.Mode.HYBRID:
+            self.errors.pop("deadline", None)  # ignored, even if it is not a date
+            data["deadline"] = None
+        elif "deadline" in self.errors:
+            pass  # not a date: that error says enough
+        elif data.get("deadline") is None:
+            self.add_error("deadline", "A hybrid job needs a deadline: the time by which every answer must be in.")
+        elif data["deadline"] <= timezone.now():
+            self.add_error("deadline", "The deadline has passed: choose a time in the future.")
+        return data
 
     def clean_json_schema(self):
         text = self.cleaned_data["json_schema"].strip()
@@ -107,6 +130,11 @@ class JobForm(forms.Form):
         )
 
 
+# An endpoint's Batch API settings (remote and hybrid jobs) have defaults that fit OpenAI: left empty, or not
+# sent at all, they keep the default or the stored value.
+BATCH_FIELDS = ["batch_max_requests", "batch_max_bytes", "batch_token_limit", "batch_discount", "batch_cancel_seconds"]
+
+
 class EndpointForm(forms.ModelForm):
     api_key = forms.CharField(
         label="API key",
@@ -124,11 +152,27 @@ class EndpointForm(forms.ModelForm):
 
     class Meta:
         model = Endpoint
-        fields = ["name", "base_url", "concurrency", "rpm", "tpm"]
-        labels = {"base_url": "Base URL", "rpm": "Requests per minute", "tpm": "Tokens per minute"}
+        fields = ["name", "base_url", "concurrency", "rpm", "tpm", *BATCH_FIELDS]
+        labels = {
+            "base_url": "Base URL",
+            "rpm": "Requests per minute",
+            "tpm": "Tokens per minute",
+            "batch_max_requests": "Requests per batch",
+            "batch_max_bytes": "Bytes per batch file",
+            "batch_token_limit": "Enqueued tokens per model",
+            "batch_discount": "Discount",
+            "batch_cancel_seconds": "Seconds a cancel may take",
+        }
         help_texts = {
             "rpm": "Leave empty to learn it from the server's x-ratelimit-* headers.",
             "tpm": "Leave empty to learn it from the server's x-ratelimit-* headers.",
+            "batch_max_requests": "A job is split into remote batches of at most this many requests (OpenAI: 50,000).",
+            "batch_max_bytes": "And at most this many bytes of input file each (OpenAI: 200 MB, 209,715,200 bytes).",
+            "batch_token_limit": "Input plus maximum output tokens one model may have queued at once (OpenAI's "
+            "depends on the model and your tier). Empty: no limit; a batch refused for tokens lowers it.",
+            "batch_discount": "The Batch API's price cut, for the cost of remote answers: 0.5 is half price.",
+            "batch_cancel_seconds": "How long a cancelled batch may take to stop. Hybrid jobs switch to live this "
+            "much before the deadline, until a cancel has been measured.",
         }
 
     def __init__(self, *args, **kwargs):
@@ -136,7 +180,20 @@ class EndpointForm(forms.ModelForm):
         self.fields["make_default"].initial = self.instance.is_default
         if self.instance.api_key_encrypted:
             self.fields["api_key"].help_text = "Leave empty to keep the stored key."
-        self.order_fields(["name", "base_url", "api_key", "concurrency", "rpm", "tpm", "make_default"])
+        for name in BATCH_FIELDS:
+            self.fields[name].required = False
+        for name, low, high in [
+            ("batch_max_requests", 1, None),
+            ("batch_max_bytes", 1, None),
+            ("batch_discount", 0, 1),
+        ]:
+            field = self.fields[name]
+            field.validators.append(MinValueValidator(low))
+            field.widget.attrs["min"] = low
+            if high is not None:
+                field.validators.append(MaxValueValidator(high))
+                field.widget.attrs["max"] = high
+        self.order_fields(["name", "base_url", "api_key", "concurrency", "rpm", "tpm", "make_default", *BATCH_FIELDS])
 
     def clean_base_url(self):
         url = self.cleaned_data["base_url"].strip()
@@ -149,6 +206,9 @@ class EndpointForm(forms.ModelForm):
     def clean(self) -> dict[str, Any]:
         super().clean()
         data = self.cleaned_data
+        for name in BATCH_FIELDS:
+            if data.get(name) is None and name != "batch_token_limit":  # an empty token limit means none
+                data[name] = getattr(self.instance, name)  # the default, or what is stored
         # The stored key goes only to the server it was entered for: else anyone who may edit endpoints
         # could point one at their own server, press "Test connection" and read the key there.
         old, new = self.instance.base_url, data.get("base_url")

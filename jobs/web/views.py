@@ -16,7 +16,14 @@ from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate, TruncMonth
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -25,7 +32,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from jobs import egress, export, ingest, presets, timeline
-from jobs.models import Endpoint, InvalidTransition, Item, Job
+from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch
 from jobs.pricing import estimate
 from jobs.web.forms import EndpointForm, JobForm, UploadForm
 from jobs.web.requests import AuthenticatedHttpRequest
@@ -194,6 +201,8 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 owner=request.user,
                 name=form.cleaned_data["name"],
                 endpoint=endpoint,
+                mode=form.cleaned_data["mode"],
+                deadline=form.cleaned_data["deadline"],
                 max_attempts=form.cleaned_data["max_attempts"],
             )
             job.start()
@@ -216,6 +225,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
         "preview": [json.dumps(line, indent=2, ensure_ascii=False) for line in plan.preview[:3]] if plan else [],
         "presets": presets.load(),
         "is_csv": fmt == Job.Format.CSV,
+        "time_zone": timezone.get_current_timezone_name(),
     }
     if request.htmx:
         return render(request, "jobs/_review.html", context)
@@ -300,7 +310,14 @@ def _progress_context(job: Job) -> dict:
 
     line, drawn = _reuse(("chart", job.pk, job.created_at, job.status), chart)
     groups = _reuse(("errors", job.pk, job.created_at, job.n_failed, job.n_expired), lambda: _error_groups(job))
-    return {"job": job, "timeline": line, "chart": drawn, "error_groups": groups}
+    return {"job": job, "timeline": line, "chart": drawn, "error_groups": groups, "chunks": _chunks(job)}
+
+
+def _chunks(job: Job) -> list[RemoteBatch]:
+    """The job's remote batches as the chunk table shows them, in one query (none for a live job)."""
+    if job.mode == Job.Mode.LIVE:
+        return []
+    return list(RemoteBatch.objects.filter(job=job).order_by("number"))
 
 
 @require_GET
@@ -358,7 +375,17 @@ def job_cancel(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
 @require_POST
 @login_required
 def job_retry(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
-    return _control(request, pk, Job.retry_failed, lambda n: f"{n:,} failed items are queued again.")
+    # A finished remote or hybrid job's failed items may run live or at the Batch API this time.
+    mode = request.POST.get("mode") or None
+    if mode is not None and mode not in Job.Mode.values:
+        return HttpResponseBadRequest("No such mode.")
+    where = {Job.Mode.LIVE.value: " to run live", Job.Mode.REMOTE.value: " for the Batch API"}.get(mode or "", "")
+    return _control(
+        request,
+        pk,
+        lambda job: job.retry_failed(mode=mode),
+        lambda n: f"{n:,} failed items are queued again{where}.",
+    )
 
 
 @require_POST
