@@ -289,3 +289,41 @@ def test_csp_stops_injected_inline_script_and_the_admin_keeps_working(
     page.goto(f"{live_server.url}/?scope=all")
     page.check("input[name=scope][value=mine]")  # filters submit themselves, from static JS
     page.wait_for_url(re.compile(r"scope=mine"))
+
+
+def test_a_hybrid_job_from_the_form_shows_its_batches_and_switch_then_completes(
+    page, live_server, users, tmp_path, cluster, simulator
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    sim = simulator("--batch-seconds", "120", "--latency-ms", "20")
+    make_endpoint(sim.base_url, rpm=6000, batch_cancel_seconds=2)
+    cluster(BATCHSITE_REMOTE_POLL_SECONDS="1", BATCHSITE_HYBRID_MARGIN_SECONDS="2")
+    sign_in(page, live_server, "alice", "alice-pass-123")
+    path = tmp_path / "nightly.jsonl"
+    path.write_text("".join(json.dumps(chat_line(f"q{i}", f"Question {i}")) + "\n" for i in range(80)))
+    page.goto(f"{live_server.url}/jobs/new/")
+    page.set_input_files("#id_file", str(path))
+    page.click("text=Upload and check")
+    page.wait_for_selector("text=All 80 requests are valid")
+    assert page.locator(".estimate-modes").inner_text().startswith("Batch API: 50% off the live price")
+    assert page.locator(".hybrid-earliest").count() == 1
+
+    page.select_option("#id_mode", "hybrid")
+    deadline = timezone.localtime(timezone.now() + timedelta(seconds=100))  # the form reads TIME_ZONE
+    page.fill("#id_deadline", deadline.strftime("%Y-%m-%dT%H:%M"))  # whole minutes: 40 to 100 s away
+    page.click("button[value=launch]")
+    page.wait_for_url(re.compile(r"/jobs/\d+/$"))
+    page.wait_for_selector("text=Batches at the Batch API", timeout=30_000)
+    assert "Switches to live at" in page.locator(".hybrid-plan").inner_text()
+    shot(page, "hybrid-job")
+    page.wait_for_selector("#progress [data-status=completed]", timeout=120_000)
+
+    job = Job.objects.get()
+    assert (job.mode, job.n_succeeded, job.n_failed) == (Job.Mode.HYBRID, 80, 0), job.counts()
+    assert job.finished_at <= job.deadline, (job.finished_at, job.deadline, job.switched_at, job.switch_note)
+    assert "Switched to live at" in page.locator(".hybrid-plan").inner_text()
+    assert "cancelled" in page.locator("table.chunks").inner_text()
+    assert sim.stats()["by_path"].get("/v1/chat/completions", 0) == job.items.filter(latency_ms__isnull=False).count()

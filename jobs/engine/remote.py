@@ -117,9 +117,12 @@ def due_soon() -> bool:
     now = timezone.now()
     soon = now + timedelta(seconds=2 * settings.BATCHSITE_REMOTE_POLL_SECONDS + 1)
     switching = Q(mode=Job.Mode.HYBRID, status=Job.Status.RUNNING, switched_at__isnull=True)
+    to_cancel = Q(job__status=Job.Status.CANCELLING) | Q(job__switched_at__isnull=False)
+    uncollected = RemoteBatch.objects.filter(collected_at__isnull=True)
     return (
         Job.objects.filter(SENDING).exists()
-        or RemoteBatch.objects.filter(collected_at__isnull=True, next_poll_at__lte=soon).exists()
+        or uncollected.filter(next_poll_at__lte=soon).exists()
+        or uncollected.filter(to_cancel, cancel_requested_at__isnull=True).exists()
         or Job.objects.filter(switching, switch_at__lte=now + timedelta(seconds=70)).exists()
     )
 
@@ -270,6 +273,7 @@ class RemoteJob:
             for name, value in fields.items():
                 setattr(job, name, value)
         if job.switched_at is not None:
+            job.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=self.now)  # cancel them now
             Job.start_slices(job.pk)  # the pending items now; the rest as their batches settle (after_round)
 
     # One chunk

@@ -279,7 +279,8 @@ class Job(models.Model):
             self.transition(Job.Status.CANCELLING, reason="")
             n = self.items.filter(status=Item.Status.PENDING).update(status=Item.Status.CANCELLED, next_attempt_at=None)
             self.add_to_counters(n_pending=-n, n_cancelled=n)
-            if self.mode != Job.Mode.LIVE:  # the poller cancels the remote batches, keeping what they finished
+            if self.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=timezone.now()):
+                # The poller cancels the remote batches at once, keeping what they finished.
                 transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
         Job.finalize_if_done(self.pk)
         self.refresh_from_db()
