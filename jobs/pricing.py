@@ -68,7 +68,7 @@ def estimate(plan, endpoint, now: datetime | None = None) -> dict:
     # tokens-per-minute limit a request weighs its input plus its most output (max_tokens counts at OpenAI).
     per_request = (plan.est_input_tokens + plan.max_output_tokens) / plan.count if plan.count else 0.0
     rate, basis = remoteplan.live_rate(
-        endpoint.concurrency, endpoint.effective_rpm, endpoint.effective_tpm, per_request
+        endpoint.concurrency, endpoint.effective_rpm, endpoint.effective_tpm, per_request, endpoint.latency_seconds
     )
     if not (endpoint.effective_rpm or endpoint.effective_tpm):
         basis += " (limits and latency are learned from the first answers)"

@@ -199,6 +199,8 @@ def test_expired_items_can_be_retried_live(sim, write, owner):
 
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 10 and job.mode == Job.Mode.LIVE
     assert live_requests(base_url) == 5
+    job.endpoint.refresh_from_db()
+    assert job.endpoint.learned_latency_ms  # what a hybrid job's plan takes a live request to cost
 
 
 def test_a_remote_validation_failure_shows_its_lines(sim, write, owner):
@@ -280,6 +282,8 @@ def test_cancel_mid_flight_keeps_what_finished(sim, write, owner):
     assert job.status == Job.Status.CANCELLED
     assert job.n_succeeded >= 5 and job.n_cancelled > 0 and job.n_succeeded + job.n_cancelled == 40
     assert job.remote_batches.get().status == RemoteBatch.Status.CANCELLED
+    job.endpoint.refresh_from_db()
+    assert job.endpoint.learned_cancel_seconds is not None  # hybrid plans use it from now on
     one_result_each(job)
 
 
@@ -378,3 +382,20 @@ def test_only_one_poller_runs_at_a_time(settings):
     finally:
         cache.delete(remote.LOCK)
     assert "skipped" not in remote.poll(window=1)
+
+
+def test_a_cancel_that_arrives_after_the_batch_finished_keeps_every_result(sim, write, owner):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 6)
+    remote.poll_round()  # sent
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    batch_id = job.remote_batches.get().batch_id
+    end = time.monotonic() + 10
+    while client.batches.retrieve(batch_id).status != "completed" and time.monotonic() < end:
+        time.sleep(0.1)
+
+    job.cancel()  # the endpoint answers the cancel with 409: the batch is already completed
+    job = drive(job)
+
+    assert job.status == Job.Status.CANCELLED and job.n_succeeded == 6
+    assert job.remote_batches.get().status == RemoteBatch.Status.COMPLETED

@@ -251,7 +251,11 @@ class RemoteJob:
         sent = job.remote_batches.aggregate(tokens=Sum("est_tokens"), items=Sum("n_items"))
         per_request = (sent["tokens"] or 0) / sent["items"] if sent["items"] else 0.0
         rate, basis = remoteplan.live_rate(
-            self.endpoint.concurrency, self.endpoint.effective_rpm, self.endpoint.effective_tpm, per_request
+            self.endpoint.concurrency,
+            self.endpoint.effective_rpm,
+            self.endpoint.effective_tpm,
+            per_request,
+            self.endpoint.latency_seconds,
         )
         live = remaining / rate if rate else 0.0
         margin = remoteplan.margin_for(live, settings.BATCHSITE_HYBRID_MARGIN_SECONDS)
@@ -306,12 +310,16 @@ class RemoteJob:
         if chunk.status in RemoteBatch.FINAL:
             self._collect(chunk)
             return
+        batch = None
         if self.cancel_wanted and chunk.cancel_requested_at is None and chunk.status != RB.CANCELLING:
-            batch = self.client.batches.cancel(chunk.batch_id)
             chunk.cancel_requested_at = self.now
-            self._update(chunk, batch)
-        else:
-            self._update(chunk, self.client.batches.retrieve(chunk.batch_id))
+            try:
+                batch = self.client.batches.cancel(chunk.batch_id)
+            except openai.APIStatusError as e:
+                if e.status_code not in (400, 409):
+                    raise
+                # It ended meanwhile (a batch that finished cannot be cancelled): what it says now is final.
+        self._update(chunk, batch or self.client.batches.retrieve(chunk.batch_id))
         if chunk.status in RemoteBatch.FINAL:
             self._collect(chunk)
 
@@ -321,9 +329,9 @@ class RemoteJob:
             pause_job(
                 self.job.pk, f"The endpoint refused the key ({status}). Fix the key on the Endpoints page, then resume."
             )
-        if status == 400 and chunk.status in (RB.UPLOADED, RB.CREATING):
-            # The endpoint refused the batch itself (an endpoint path it does not batch, say): it will not
-            # change its mind, so the chunk's items fail saying why.
+        if status in (400, 413, 422) and chunk.status in (RB.UPLOADING, RB.UPLOADED, RB.CREATING):
+            # The endpoint refused the file or the batch itself (too big, or a path it does not batch): it will
+            # not change its mind, so the chunk's items fail saying why.
             self._finish_chunk(chunk, RB.FAILED, errors=[{"code": "invalid_request", "line": None, "message": text}])
             return
         chunk.failures += 1
@@ -433,8 +441,12 @@ class RemoteJob:
         }
         status = batch.status if batch.status in RB.values else chunk.status
         if status == RB.CANCELLED and chunk.cancel_requested_at and chunk.status != RB.CANCELLED:
-            settle = math.ceil((self.now - chunk.cancel_requested_at).total_seconds())
-            Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=max(settle, 1))
+            # The endpoint's own times when it gives them; else what this poller saw.
+            if batch.cancelled_at and batch.cancelling_at:
+                settle = batch.cancelled_at - batch.cancelling_at
+            else:
+                settle = math.ceil((self.now - chunk.cancel_requested_at).total_seconds())
+            Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=max(int(settle), 1))
         self._set_status(chunk, status, **fields)
         RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=self._interval(chunk)))
 
@@ -442,6 +454,9 @@ class RemoteJob:
         """Seconds to the next look: every BATCHSITE_REMOTE_POLL_SECONDS at first, then a tenth of the time the
         batch has spent in its status, up to a minute (a batch in progress for an hour is not polled every 5 s)."""
         age = (self.now - chunk.status_since).total_seconds()
+        if chunk.status == RB.CANCELLING and age < 60:
+            # A hybrid job waits on this to go live: every second, for the first minute.
+            return min(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1.0)
         return min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, age / 10), 60.0)
 
     def _settle_unsent(self, chunk: RemoteBatch) -> None:

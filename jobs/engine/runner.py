@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import uuid
 
 from django.conf import settings
@@ -84,7 +85,7 @@ def run_slice(
         # Even after a crash: the chain must go on while items are pending.
         finished = with_db_retries(continue_or_finish, job_id, generation, work.slices, work.handed_over)
         try:
-            _remember_learned_limits(endpoint, work.pacing.limiter)
+            _remember_learned_limits(endpoint, work.pacing.limiter, work.sender.latencies)
         except Exception:  # a nicety: the next slice learns them again
             log.exception("Job %s: could not store the learned limits", job_id)
     return {
@@ -113,8 +114,10 @@ def continue_or_finish(job_id: int, generation: int, slices: int, handed_over: b
     return False
 
 
-def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter) -> None:
-    learned = {}
+def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter, latencies) -> None:
+    learned: dict[str, int] = {}
+    if latencies:
+        learned["learned_latency_ms"] = max(1, int(statistics.median(latencies)))
     if limiter.learned.rpm and limiter.learned.rpm != endpoint.learned_rpm:
         learned["learned_rpm"] = limiter.learned.rpm
     if limiter.learned.tpm and limiter.learned.tpm != endpoint.learned_tpm:

@@ -11,6 +11,7 @@ slot: another one is sent in its place.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -69,6 +70,7 @@ class Sender:
         self.results = results
         self.heartbeat = heartbeat
         self.sent = 0
+        self.latencies: collections.deque[int] = collections.deque(maxlen=1000)  # ms, successful requests
         self.stop_reason = ""
         self.in_flight: set[asyncio.Task] = set()  # the slice's requests: being sent, or waiting for a retry
         self.waiting = 0  # requests in flight that wait for a retry: they hold no concurrency slot
@@ -243,6 +245,7 @@ class Sender:
     ) -> Outcome:
         data, text = upstream.success_body(response.text)
         self.pacing.limiter.observe(response.headers)
+        self.latencies.append(latency)
         usage = upstream.usage_of(self.url, data)
         return Outcome.succeeded(
             item.id,

@@ -39,6 +39,8 @@ class Endpoint(models.Model):
         default=600, help_text="How long a batch cancel may take to settle (hybrid plans with it until one is seen)"
     )
     learned_cancel_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # The median time of a successful live request in the last slice: how fast the rest of a hybrid job runs live.
+    learned_latency_ms = models.PositiveIntegerField(null=True, blank=True, editable=False)
     # Lowered each time the endpoint refuses a batch with token_limit_exceeded (its count and ours differ).
     learned_token_limit = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     is_default = models.BooleanField(default=False)
@@ -83,6 +85,10 @@ class Endpoint(models.Model):
     def effective_token_limit(self) -> int | None:
         limits = [n for n in (self.batch_token_limit, self.learned_token_limit) if n]
         return min(limits) if limits else None
+
+    @property
+    def latency_seconds(self) -> float | None:
+        return self.learned_latency_ms / 1000 if self.learned_latency_ms else None
 
     @property
     def effective_cancel_seconds(self) -> int:
