@@ -1,10 +1,11 @@
 from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.db.models import Q
 from django_q.admin import ScheduleAdmin
 from django_q.models import Schedule
 
-from jobs.models import ApiToken, Batch, Endpoint, Job, Price
+from jobs.models import ApiToken, Batch, Endpoint, Job, Price, RemoteBatch
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -35,6 +36,12 @@ class EndpointAdmin(ReadOnlyAdmin):
     readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "cooldown_until")
 
 
+def _first(job: Job) -> str:
+    if job.status in Job.ACTIVE:
+        return "cancel or pause it first"
+    return "its batches still run at the endpoint: cancel it first"
+
+
 class RefuseActiveJobs(admin.ModelAdmin):
     """The admin's delete pages (one object or the bulk action, for jobs and for users, whose jobs go with
     them) keep the dashboard's rule: a job whose slices may be sending requests is cancelled or paused
@@ -42,12 +49,13 @@ class RefuseActiveJobs(admin.ModelAdmin):
 
     def get_deleted_objects(self, objs, request):
         deletable, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
-        jobs = Job.objects.filter(status__in=Job.ACTIVE)
+        at_endpoint = Q(pk__in=RemoteBatch.objects.filter(collected_at__isnull=True).values("job_id"))
+        jobs = Job.objects.filter(Q(status__in=Job.ACTIVE) | at_endpoint)
         if self.model is Job:
             jobs = jobs.filter(pk__in=[o.pk for o in objs])
         else:
             jobs = jobs.filter(owner__in=[o.pk for o in objs])
-        protected = [*protected, *(f"{job} ({job.status}: cancel or pause it first)" for job in jobs)]
+        protected = [*protected, *(f"{job} ({job.status}: {_first(job)})" for job in jobs)]
         return deletable, counts, perms_needed, protected
 
 

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from jobs import ingest
 from jobs.engine import remote, runner
-from jobs.models import Item, Job, RemoteBatch
+from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests.factories import chat_line, make_endpoint, seed_prices
@@ -65,6 +65,7 @@ def drive(job: Job, until=lambda j: j.is_finished, timeout: float = 60, live: bo
     while time.monotonic() < end:
         remote.poll_round()
         job.refresh_from_db()
+        assert job.n_answered <= job.total, job.counts()  # remote counts never add to joined results
         if live and job.switched_at and job.n_pending:
             runner.run_slice(job.pk, budget=2)
             job.refresh_from_db()
@@ -92,6 +93,8 @@ def test_full_remote_cycle_answers_every_item_at_half_price(sim, write, owner):
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 30
     chunk = job.remote_batches.get()
     assert chunk.status == RemoteBatch.Status.COMPLETED and chunk.batch_id.startswith("batch_")
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    assert client.files.retrieve(chunk.input_file_id).bytes == chunk.bytes  # the byte limit counts true sizes
     assert chunk.input_file_id and chunk.output_file_id and chunk.n_completed == 30
     assert live_requests(base_url) == 0
     item = job.items.get(custom_id="req-7")
@@ -156,7 +159,7 @@ def test_a_refused_token_budget_is_learned_and_the_items_wait_for_room(sim, writ
 
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 12 and job.n_failed == 0
     endpoint.refresh_from_db()
-    assert endpoint.learned_token_limit and endpoint.learned_token_limit < 3000 * 1.2
+    assert 0 < endpoint.learned_token_limits["gpt-4o-mini"] < 3000 * 1.2
     refused = job.remote_batches.filter(status=RemoteBatch.Status.FAILED)
     assert refused.exists() and all(c.errors[0]["code"] == "token_limit_exceeded" for c in refused)
     one_result_each(job)
@@ -399,3 +402,130 @@ def test_a_cancel_that_arrives_after_the_batch_finished_keeps_every_result(sim, 
 
     assert job.status == Job.Status.CANCELLED and job.n_succeeded == 6
     assert job.remote_batches.get().status == RemoteBatch.Status.COMPLETED
+
+
+def test_a_chunk_another_poller_holds_is_left_alone(sim, write, owner):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 4)
+    remote.poll_round()  # planned and sent
+    chunk = job.remote_batches.get()
+    RemoteBatch.objects.filter(pk=chunk.pk).update(
+        claimed_until=timezone.now() + timedelta(minutes=5), next_poll_at=timezone.now()
+    )
+    time.sleep(1.5)  # the batch completes meanwhile
+
+    remote.poll_round()
+    chunk.refresh_from_db()
+    assert chunk.status != RemoteBatch.Status.COMPLETED and chunk.collected_at is None  # not looked at
+
+    RemoteBatch.objects.filter(pk=chunk.pk).update(claimed_until=timezone.now() - timedelta(seconds=1))
+    assert drive(job).n_succeeded == 4  # a claim whose holder died runs out, and the work goes on
+
+
+def test_a_paused_remote_job_resumed_after_its_batches_ended_completes(sim, write, owner):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 6)
+    remote.poll_round()
+    job.refresh_from_db()
+    job.pause()
+    job = drive(job, until=lambda j: j.remote_batches.filter(collected_at__isnull=False).exists())
+    assert job.status == Job.Status.PAUSED and job.n_succeeded == 6
+
+    job.resume()
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED
+
+
+def test_a_paused_remote_job_with_batches_out_cannot_be_deleted(sim, write, owner):
+    config, base_url = sim
+    config.batch_seconds = 30
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    remote.poll_round()
+    job.refresh_from_db()
+    job.pause()
+
+    assert not job.deletable()
+
+
+def test_a_token_refusal_while_cancelling_ends_cancelled(sim, write, owner):
+    config, base_url = sim
+    config.batch_token_limit = 10  # every batch is refused
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    remote.poll_round()
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    batch_id = job.remote_batches.get().batch_id
+    end = time.monotonic() + 10
+    while client.batches.retrieve(batch_id).status != "failed" and time.monotonic() < end:
+        time.sleep(0.05)
+    job.refresh_from_db()
+
+    job.cancel()
+    job = drive(job)
+
+    assert job.status == Job.Status.CANCELLED and job.n_cancelled == 3
+
+
+def test_a_batch_the_endpoint_no_longer_has_fails_its_items_saying_so(sim, write, owner):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    remote.poll_round()
+    RemoteBatch.objects.update(batch_id="batch_gone", failures=remote.GONE_AFTER - 1, next_poll_at=timezone.now())
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_failed == 3
+    assert "no longer has this batch" in job.items.first().error_message
+
+
+def test_hybrid_runs_what_the_batch_api_let_expire_again(sim, write, owner):
+    config, base_url = sim
+    config.batch_expire = True
+    endpoint = make_endpoint(base_url, rpm=6000, batch_cancel_seconds=1)
+    job = remote_job(write, owner, endpoint, 20, mode=Job.Mode.HYBRID, deadline=timezone.now() + timedelta(hours=2))
+    job = drive(job, until=lambda j: j.remote_batches.filter(collected_at__isnull=False).exists())
+    config.batch_expire = False
+
+    job = drive(job, live=True)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 20 and job.n_expired == 0
+    assert job.remote_batches.count() == 2  # the expired half went in a second batch
+
+
+def test_a_poller_with_an_unusable_endpoint_neither_spins_nor_stays(sim, write, owner):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    remote.poll_round()
+    Endpoint.objects.all().delete()  # the job's endpoint is gone and there is no default
+
+    started = time.monotonic()
+    result = remote.poll(window=5)
+
+    job.refresh_from_db()
+    assert job.status == Job.Status.PAUSED and "No endpoint" in job.status_reason
+    assert result["rounds"] <= 2 and time.monotonic() - started < 4
+
+
+def test_a_hybrid_retry_is_refused_live_and_remote_are_the_choices(sim, write, owner):
+    config, base_url = sim
+    config.batch_expire = True
+    job = drive(remote_job(write, owner, make_endpoint(base_url), 4))
+
+    with pytest.raises(InvalidTransition):
+        job.retry_failed(mode=Job.Mode.HYBRID)
+
+
+def test_the_admin_protects_a_paused_job_whose_batches_are_out(sim, write, owner, client, staff):
+    config, base_url = sim
+    config.batch_seconds = 30
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    remote.poll_round()
+    job.refresh_from_db()
+    job.pause()
+    staff.is_superuser = True
+    staff.save()
+    client.force_login(staff)
+
+    page = client.get(f"/admin/jobs/job/{job.pk}/delete/").content.decode()
+
+    assert "its batches still run at the endpoint: cancel it first" in page

@@ -29,6 +29,7 @@ import math
 import tempfile
 import time
 import uuid
+from array import array
 from collections import Counter, defaultdict
 from datetime import timedelta
 from decimal import Decimal
@@ -38,7 +39,8 @@ import openai
 from django.conf import settings
 from django.core.cache import cache
 from django.db import close_old_connections, transaction
-from django.db.models import Q, Sum
+from django.db.models import F, Max, Q, Sum
+from django.db.models.functions import Least
 from django.utils import timezone
 
 from jobs import egress, remoteplan
@@ -55,6 +57,14 @@ JOIN_LINES = 1000  # result lines joined per transaction
 LIST_PAGES = 20  # pages of the endpoint's batches (or files) searched when recovering a chunk
 BACKOFF_CAP = 600.0
 PLAN_ROWS = 5000
+GONE_AFTER = 5  # 404s in a row before a batch counts as gone
+# How long a poller may hold a chunk: an upload or a collection may take up to the request timeout.
+CLAIM_SECONDS = settings.BATCHSITE_REQUEST_TIMEOUT + 120
+
+
+def _error(message: str) -> dict:
+    """An entry of a chunk's errors, in the shape of a batch's errors.data."""
+    return {"code": "batch_failed", "line": None, "message": message[:2000]}
 
 
 def client_for(endpoint: Endpoint) -> openai.OpenAI:
@@ -72,21 +82,25 @@ def client_for(endpoint: Endpoint) -> openai.OpenAI:
 
 
 def poll(window: float | None = None) -> dict:
-    """Rounds every second while some remote work is due within seconds, for up to `window` seconds; one
-    poller at a time. Batches that run for hours are looked at less often (RemoteJob._update), so most
-    minutes the poller takes a worker for one round only, and the schedule's next start does the next."""
+    """Rounds every second while some remote work is due within seconds, for up to `window` seconds.
+
+    Batches that run for hours are looked at less often (RemoteJob._interval), so most minutes the poller
+    takes a worker for a round or two, and the schedule's next start does the next. The cache lock keeps
+    pollers from doubling each other's work; correctness does not rest on it (chunks are claimed one by
+    one, RemoteJob.step)."""
     window = settings.BATCHSITE_REMOTE_POLL_WINDOW if window is None else window
+    end = time.monotonic() + window
     rounds = 0
     while True:
         token = uuid.uuid4().hex
         if not cache.add(LOCK, token, timeout=int(window) + 120):
             return {"skipped": "another poller is running", "rounds": rounds}
-        end = time.monotonic() + window
         try:
             while True:
                 close_old_connections()
                 rounds += 1
-                if not poll_round() or time.monotonic() >= end or not due_soon():
+                poll_round()
+                if time.monotonic() >= end or not due_soon():
                     break
                 time.sleep(1.0)
         finally:
@@ -95,81 +109,94 @@ def poll(window: float | None = None) -> dict:
         # A job started while this poller was finishing found the lock taken and left its work to us.
         if time.monotonic() >= end or not due_soon():
             return {"rounds": rounds}
+        time.sleep(1.0)
 
 
-# Jobs with items to plan into chunks.
-SENDING = Q(
-    mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID],
-    switched_at__isnull=True,
-    n_pending__gt=0,
-    status__in=[Job.Status.QUEUED, Job.Status.RUNNING],
-)
+def _sending(now) -> Q:
+    """Jobs whose pending items go to the Batch API: to plan into chunks, or queued to be started."""
+    remote = Q(mode__in=[Job.Mode.REMOTE, Job.Mode.HYBRID], switched_at__isnull=True)
+    return remote & (Q(status=Job.Status.QUEUED) | Q(status=Job.Status.RUNNING, n_pending__gt=0))
 
 
-def jobs_with_remote_work() -> list[int]:
-    out = Q(remote_batches__collected_at__isnull=True)
-    return sorted(set(Job.objects.filter(SENDING | out).values_list("pk", flat=True)))
+def _hybrid_near_switch(now) -> Q:
+    running = Q(mode=Job.Mode.HYBRID, status=Job.Status.RUNNING, switched_at__isnull=True)
+    return running & (Q(switch_at__isnull=True) | Q(switch_at__lte=now + timedelta(seconds=70)))
+
+
+def _due_chunks(until):
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now())
+    return RemoteBatch.objects.filter(free, collected_at__isnull=True, next_poll_at__lte=until)
+
+
+def jobs_due(now=None) -> list[int]:
+    """Jobs with remote work due now: planning, a chunk to look at, or a hybrid switch near. Indexed queries,
+    so jobs waiting on long batches cost nothing between their looks."""
+    now = now or timezone.now()
+    due = set(Job.objects.filter(_sending(now)).values_list("pk", flat=True))
+    due.update(_due_chunks(now).values_list("job_id", flat=True))
+    due.update(Job.objects.filter(_hybrid_near_switch(now)).values_list("pk", flat=True))
+    return sorted(due)
 
 
 def due_soon() -> bool:
-    """Whether a round within the next few seconds has something to do: a job to plan, a chunk to look at,
-    or a hybrid job near its switch."""
+    """Whether a round within the next few seconds has something to do."""
     now = timezone.now()
     soon = now + timedelta(seconds=2 * settings.BATCHSITE_REMOTE_POLL_SECONDS + 1)
-    switching = Q(mode=Job.Mode.HYBRID, status=Job.Status.RUNNING, switched_at__isnull=True)
-    to_cancel = Q(job__status=Job.Status.CANCELLING) | Q(job__switched_at__isnull=False)
-    uncollected = RemoteBatch.objects.filter(collected_at__isnull=True)
     return (
-        Job.objects.filter(SENDING).exists()
-        or uncollected.filter(next_poll_at__lte=soon).exists()
-        or uncollected.filter(to_cancel, cancel_requested_at__isnull=True).exists()
-        or Job.objects.filter(switching, switch_at__lte=now + timedelta(seconds=70)).exists()
+        _due_chunks(soon).exists()
+        or Job.objects.filter(_sending(now)).exists()
+        or Job.objects.filter(_hybrid_near_switch(now)).exists()
     )
 
 
 def poll_round() -> bool:
-    """One pass over every job with remote work. True while some is left."""
-    busy = False
-    for job_id in jobs_with_remote_work():
+    """One pass over the jobs with remote work due. True if there were any."""
+    due = jobs_due()
+    for job_id in due:
         try:
-            busy |= advance(job_id)
+            advance(job_id)
         except Exception:  # one job's trouble (a database hiccup, a bug) must not stop the others
             log.exception("remote job %s: round failed", job_id)
-            busy = True
-    return busy
+    return bool(due)
 
 
-def advance(job_id: int) -> bool:
-    """Everything due for one job: plan, send, follow, collect, cancel, switch. True while work is left."""
+def advance(job_id: int) -> None:
+    """Everything due for one job: plan, send, follow, collect, cancel, switch."""
     job = Job.objects.select_related("endpoint").filter(pk=job_id).first()
     if job is None:
-        return False
+        return
     endpoint = job.endpoint or Endpoint.default()
-    if endpoint is None:
-        pause_job(
-            job_id, "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume."
-        )
-        return False
-    try:
-        endpoint.api_key  # noqa: B018 - decrypting now turns a changed SECRET_KEY into a clear pause
-        egress.check_base_url(endpoint.base_url)
-    except (ValueError, egress.UnsafeURL) as e:
-        pause_job(job_id, f"The endpoint cannot be used: {e}")
-        return False
+    problem = _unusable(endpoint)
+    if problem or endpoint is None:
+        pause_job(job_id, problem)
+        # Looked at again in a minute (a fixed endpoint, a resume), not every second.
+        later = timezone.now() + timedelta(seconds=60)
+        job.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=later)
+        return
     if job.status == Job.Status.QUEUED and job.runs_remotely:
         try:
             job.transition(Job.Status.RUNNING, started_at=job.started_at or timezone.now())
         except InvalidTransition:
             job.refresh_from_db()
-    if job.status == Job.Status.RUNNING and job.runs_remotely:
+    if job.status == Job.Status.RUNNING and job.runs_remotely and job.n_pending:
         plan_chunks(job, endpoint)
     remote = RemoteJob(job, endpoint)
     if job.mode == Job.Mode.HYBRID and job.switched_at is None and job.status == Job.Status.RUNNING:
         remote.plan_switch()
-    for chunk in job.remote_batches.filter(collected_at__isnull=True).order_by("number"):
+    for chunk in _due_chunks(remote.now).filter(job=job).order_by("number"):
         remote.step(chunk)
     remote.after_round()
-    return Job.objects.filter(Q(remote_batches__collected_at__isnull=True) | SENDING, pk=job_id).exists()
+
+
+def _unusable(endpoint: Endpoint | None) -> str:
+    if endpoint is None:
+        return "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume."
+    try:
+        endpoint.api_key  # noqa: B018 - decrypting now turns a changed SECRET_KEY into a clear pause
+        egress.check_base_url(endpoint.base_url)
+    except (ValueError, egress.UnsafeURL) as e:
+        return f"The endpoint cannot be used: {e}"
+    return ""
 
 
 def _refused_for_tokens(errors: list) -> bool:
@@ -178,48 +205,71 @@ def _refused_for_tokens(errors: list) -> bool:
 
 # Planning
 
+# The bytes a request's line adds to the input file beyond its custom_id, URL and body:
+# {"custom_id":,"method":"POST","url":,"body":} and a newline.
+LINE_OVERHEAD = len('{"custom_id":,"method":"POST","url":"","body":}\n')
+
 
 def plan_chunks(job: Job, endpoint: Endpoint) -> int:
-    """Pending items into new chunks (running, no lease, held by their chunk); returns how many chunks."""
-    limits = remoteplan.Limits(endpoint.batch_max_requests, endpoint.batch_max_bytes, endpoint.effective_token_limit)
-    fixed = len(job.url) + 40  # {"custom_id":..,"method":"POST","url":..,"body":..}
+    """Pending items into new chunks (running, no lease, held by their chunk), one transaction per chunk;
+    returns how many chunks. A million pending items take a few compact arrays, not a million objects."""
+    fixed = LINE_OVERHEAD + len(job.url.encode())
+    ids, sizes, tokens, model_of = array("q"), array("q"), array("q"), array("l")
+    models: dict[str, int] = {}
     pending = Item.objects.filter(job=job, status=Item.Status.PENDING).order_by("line")
-    requests = []
-    for item_id, custom_id, body, est in pending.values_list("id", "custom_id", "body", "est_tokens").iterator(
-        PLAN_ROWS
-    ):
+    rows = pending.values_list("id", "custom_id", "body", "est_tokens").iterator(PLAN_ROWS)
+    for item_id, custom_id, body, est in rows:
         data = json.loads(body)
         model = data.get("model") if isinstance(data.get("model"), str) else ""
-        size = fixed + len(body.encode()) + len(json.dumps(custom_id).encode())
-        requests.append(remoteplan.Request(item_id, model, size, remoteplan.request_tokens(data, est)))
-    if not requests:
+        ids.append(item_id)
+        sizes.append(fixed + len(body.encode()) + len(json.dumps(custom_id).encode()))
+        tokens.append(remoteplan.request_tokens(data, est))
+        model_of.append(models.setdefault(model, len(models)))
+    if not ids:
         return 0
+    names = {index: name for name, index in models.items()}
     made = 0
-    with transaction.atomic():
-        if Job.lock(job.pk) != Job.Status.RUNNING:
-            return 0
-        number = job.remote_batches.count()
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for position in range(len(ids)):
+        by_model[names[model_of[position]]].append(position)
+    for model, positions in by_model.items():
+        # 2% below the byte limit: a limit of "200 MB" may be counted in decimal megabytes.
+        limits = remoteplan.Limits(
+            endpoint.batch_max_requests, int(endpoint.batch_max_bytes * 0.98), endpoint.token_limit(model)
+        )
+        requests = (remoteplan.Request(ids[p], model, sizes[p], tokens[p]) for p in positions)
         for chunk_requests in remoteplan.split(requests, limits):
-            number += 1
-            chunk = RemoteBatch.objects.create(
-                job=job,
-                number=number,
-                model=chunk_requests[0].model,
-                n_items=len(chunk_requests),
-                est_tokens=sum(r.tokens for r in chunk_requests),
-                bytes=sum(r.bytes for r in chunk_requests),
-            )
-            ids = [r.id for r in chunk_requests]
-            taken = 0
-            for start in range(0, len(ids), 900):  # SQLite's limit on query parameters
-                taken += Item.objects.filter(id__in=ids[start : start + 900], status=Item.Status.PENDING).update(
-                    status=Item.Status.RUNNING, remote_batch=chunk, lease_token=None, lease_until=None
-                )
-            if taken != len(ids):
-                RemoteBatch.objects.filter(pk=chunk.pk).update(n_items=taken)
-            job.add_to_counters(n_pending=-taken, n_running=taken)
+            if not _make_chunk(job, endpoint, model, chunk_requests):
+                return made
             made += 1
     return made
+
+
+def _make_chunk(job: Job, endpoint: Endpoint, model: str, requests: list[remoteplan.Request]) -> bool:
+    """One chunk and its items, in one transaction; False if the job no longer runs."""
+    with transaction.atomic():
+        if Job.lock(job.pk) != Job.Status.RUNNING:
+            return False
+        number = (job.remote_batches.aggregate(n=Max("number"))["n"] or 0) + 1
+        chunk = RemoteBatch.objects.create(
+            job=job,
+            endpoint=endpoint,
+            number=number,
+            model=model,
+            n_items=len(requests),
+            est_tokens=sum(r.tokens for r in requests),
+            bytes=sum(r.bytes for r in requests),
+        )
+        taken = 0
+        for start in range(0, len(requests), 900):  # SQLite's limit on query parameters
+            batch_ids = [r.id for r in requests[start : start + 900]]
+            taken += Item.objects.filter(id__in=batch_ids, status=Item.Status.PENDING).update(
+                status=Item.Status.RUNNING, remote_batch=chunk, lease_token=None, lease_until=None
+            )
+        if taken != len(requests):  # some were cancelled meanwhile
+            RemoteBatch.objects.filter(pk=chunk.pk).update(n_items=taken)
+        job.add_to_counters(n_pending=-taken, n_running=taken)
+    return True
 
 
 class RemoteJob:
@@ -227,7 +277,8 @@ class RemoteJob:
 
     def __init__(self, job: Job, endpoint: Endpoint):
         self.job, self.endpoint = job, endpoint
-        self.client = client_for(endpoint)
+        self.clients: dict[int, openai.OpenAI] = {}
+        self.client = self._client_of(endpoint)  # the chunk's own, while a step runs
         self.now = timezone.now()
         self.released = 0  # items handed back to pending for live slices (hybrid)
         self.prices: PriceBook | None = None
@@ -280,36 +331,65 @@ class RemoteJob:
             job.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=self.now)  # cancel them now
             Job.start_slices(job.pk)  # the pending items now; the rest as their batches settle (after_round)
 
+    def _client_of(self, endpoint: Endpoint) -> openai.OpenAI:
+        if endpoint.pk not in self.clients:
+            self.clients[endpoint.pk] = client_for(endpoint)
+        return self.clients[endpoint.pk]
+
     # One chunk
 
     def step(self, chunk: RemoteBatch) -> None:
-        if chunk.next_poll_at > self.now:
+        """Claim the chunk (compare-and-set: a second poller skips it), do what is due, then let go of it with
+        the time of its next look. A poller killed meanwhile leaves the claim to run out (CLAIM_SECONDS)."""
+        now = timezone.now()
+        free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+        hold = now + timedelta(seconds=CLAIM_SECONDS)
+        # next_poll_at moves to the end of the claim too: a cancel meanwhile brings it forward (Job.cancel),
+        # and letting go keeps the earlier of the two.
+        if not RemoteBatch.objects.filter(free, pk=chunk.pk, collected_at__isnull=True).update(
+            claimed_until=hold, next_poll_at=hold
+        ):
             return
+        chunk.refresh_from_db()
+        delay: float = 0.0
         try:
-            self._step(chunk)
+            delay = self._step(chunk)
         except openai.APIStatusError as e:
-            self._failed_call(chunk, e, f"{e.status_code}: {e.message}")
+            delay = self._failed_call(chunk, e, f"{e.status_code}: {e.message}")
         except (openai.APIConnectionError, openai.APITimeoutError, httpx2.HTTPError) as e:
-            self._failed_call(chunk, e, f"Could not reach the endpoint: {e}")
+            delay = self._failed_call(chunk, e, f"Could not reach the endpoint: {e}")
+        finally:
+            next_look = timezone.now() + timedelta(seconds=delay)
+            RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=hold).update(
+                claimed_until=None, next_poll_at=Least(F("next_poll_at"), next_look)
+            )
 
-    def _step(self, chunk: RemoteBatch) -> None:
+    def _step(self, chunk: RemoteBatch) -> float:
+        """What is due for the chunk; returns the seconds until its next look."""
+        if chunk.endpoint_id is not None and chunk.endpoint_id != self.endpoint.pk:
+            endpoint = Endpoint.objects.filter(pk=chunk.endpoint_id).first()
+            problem = _unusable(endpoint)
+            if problem or endpoint is None:
+                self._finish_chunk(chunk, RB.FAILED, errors=[_error(f"The batch's endpoint is gone: {problem}")])
+                return 0.0
+            self.client = self._client_of(endpoint)
+        else:
+            self.client = self._client_of(self.endpoint)
         if chunk.status in RemoteBatch.NOT_SENT:
             if chunk.status == RB.CREATING:
                 self._find_batch(chunk)
             if chunk.status in RemoteBatch.NOT_SENT:
                 if self.cancel_wanted:
-                    self._settle_unsent(chunk)
-                    return
+                    self._finish_chunk(chunk, RB.CANCELLED)  # never sent: cancelled, or pending for live slices
+                    return 0.0
                 if self.job.status != Job.Status.RUNNING or not self._budget_allows(chunk):
                     # Paused, or the endpoint's enqueued-token budget is spoken for: look again later.
-                    wait = max(settings.BATCHSITE_REMOTE_POLL_SECONDS, min(30, self._interval(chunk)))
-                    RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=wait))
-                    return
+                    return max(settings.BATCHSITE_REMOTE_POLL_SECONDS, min(30, self._interval(chunk)))
                 self._send(chunk)
-                return
+                return self._interval(chunk)
         if chunk.status in RemoteBatch.FINAL:
             self._collect(chunk)
-            return
+            return 0.0
         batch = None
         if self.cancel_wanted and chunk.cancel_requested_at is None and chunk.status != RB.CANCELLING:
             chunk.cancel_requested_at = self.now
@@ -322,8 +402,10 @@ class RemoteJob:
         self._update(chunk, batch or self.client.batches.retrieve(chunk.batch_id))
         if chunk.status in RemoteBatch.FINAL:
             self._collect(chunk)
+        return self._interval(chunk)
 
-    def _failed_call(self, chunk: RemoteBatch, error: Exception, text: str) -> None:
+    def _failed_call(self, chunk: RemoteBatch, error: Exception, text: str) -> float:
+        """Record a failed call and return the backoff before the next look."""
         status = getattr(error, "status_code", None)
         if status in (401, 403):
             pause_job(
@@ -332,19 +414,23 @@ class RemoteJob:
         if status in (400, 413, 422) and chunk.status in (RB.UPLOADING, RB.UPLOADED, RB.CREATING):
             # The endpoint refused the file or the batch itself (too big, or a path it does not batch): it will
             # not change its mind, so the chunk's items fail saying why.
-            self._finish_chunk(chunk, RB.FAILED, errors=[{"code": "invalid_request", "line": None, "message": text}])
-            return
+            self._finish_chunk(chunk, RB.FAILED, errors=[_error(text)])
+            return 0.0
         chunk.failures += 1
+        if status == 404 and chunk.batch_id and chunk.failures >= GONE_AFTER:
+            # The endpoint does not know the batch (or its files) any more: deleted, or another project's key.
+            self._finish_chunk(chunk, RB.FAILED, errors=[_error(f"The endpoint no longer has this batch: {text}")])
+            return 0.0
         delay = min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1) * 2**chunk.failures, BACKOFF_CAP)
         chunk.last_error = text[:2000]
-        chunk.next_poll_at = self.now + timedelta(seconds=delay)
-        chunk.save(update_fields=["failures", "last_error", "next_poll_at"])
+        chunk.save(update_fields=["failures", "last_error"])
         log.warning("job %s chunk %s: %s (next try in %.0f s)", self.job.pk, chunk.number, text, delay)
+        return delay
 
     def _set_status(self, chunk: RemoteBatch, status: str, **fields) -> None:
         if status != chunk.status:
-            fields["status_since"] = self.now
-        fields.update(status=status, failures=0, last_error="", next_poll_at=self.now)
+            fields["status_since"] = timezone.now()
+        fields.update(status=status, failures=0, last_error="")
         for name, value in fields.items():
             setattr(chunk, name, value)
         chunk.save(update_fields=list(fields))
@@ -353,15 +439,12 @@ class RemoteJob:
 
     def _enqueued_tokens(self, chunk: RemoteBatch) -> int:
         """Tokens of the same model's other batches at this endpoint that are not finished (any job's)."""
-        on_endpoint = Q(job__endpoint=self.endpoint)
-        if self.endpoint.is_default:
-            on_endpoint |= Q(job__endpoint__isnull=True)
         active = [RB.CREATING, *RemoteBatch.REMOTE_ACTIVE]
-        others = RemoteBatch.objects.filter(on_endpoint, model=chunk.model, status__in=active).exclude(pk=chunk.pk)
-        return others.aggregate(n=Sum("est_tokens"))["n"] or 0
+        others = RemoteBatch.objects.filter(endpoint=chunk.endpoint_id, model=chunk.model, status__in=active)
+        return others.exclude(pk=chunk.pk).aggregate(n=Sum("est_tokens"))["n"] or 0
 
     def _budget_allows(self, chunk: RemoteBatch) -> bool:
-        limit = self.endpoint.effective_token_limit
+        limit = self.endpoint.token_limit(chunk.model)
         if not limit:
             return True
         enqueued = self._enqueued_tokens(chunk)
@@ -441,31 +524,35 @@ class RemoteJob:
         }
         status = batch.status if batch.status in RB.values else chunk.status
         if status == RB.CANCELLED and chunk.cancel_requested_at and chunk.status != RB.CANCELLED:
-            # The endpoint's own times when it gives them; else what this poller saw.
-            if batch.cancelled_at and batch.cancelling_at:
-                settle = batch.cancelled_at - batch.cancelling_at
-            else:
-                settle = math.ceil((self.now - chunk.cancel_requested_at).total_seconds())
-            Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=max(int(settle), 1))
+            self._learn_cancel_time(chunk, batch)
         self._set_status(chunk, status, **fields)
-        RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=self.now + timedelta(seconds=self._interval(chunk)))
+
+    def _learn_cancel_time(self, chunk: RemoteBatch, batch) -> None:
+        """The slowest cancel of a batch that was working (a validating batch cancels at once, and would teach
+        hybrid plans too short a time): the endpoint's own times when it gives them, else what the poller saw."""
+        if batch.in_progress_at is None or chunk.cancel_requested_at is None:
+            return
+        if batch.cancelled_at and batch.cancelling_at:
+            settle = batch.cancelled_at - batch.cancelling_at
+        else:
+            settle = math.ceil((timezone.now() - chunk.cancel_requested_at).total_seconds())
+        settle = max(int(settle), 1, self.endpoint.learned_cancel_seconds or 0)
+        Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=settle)
+        self.endpoint.learned_cancel_seconds = settle
 
     def _interval(self, chunk: RemoteBatch) -> float:
         """Seconds to the next look: every BATCHSITE_REMOTE_POLL_SECONDS at first, then a tenth of the time the
         batch has spent in its status, up to a minute (a batch in progress for an hour is not polled every 5 s)."""
-        age = (self.now - chunk.status_since).total_seconds()
+        age = (timezone.now() - chunk.status_since).total_seconds()
         if chunk.status == RB.CANCELLING and age < 60:
             # A hybrid job waits on this to go live: every second, for the first minute.
             return min(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1.0)
         return min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, age / 10), 60.0)
 
-    def _settle_unsent(self, chunk: RemoteBatch) -> None:
-        """A chunk never sent, on cancel or switch: its items are cancelled, or pending for live slices."""
-        self._finish_chunk(chunk, RB.CANCELLED)
-
     # Collecting
 
     def _collect(self, chunk: RemoteBatch) -> None:
+        self._show_remote_counts(chunk)  # its items are counted as they are joined, not also as remote counts
         for file_id in (chunk.output_file_id, chunk.error_file_id):
             if file_id:
                 self._join_file(chunk, file_id)
@@ -503,10 +590,20 @@ class RemoteJob:
             Job.lock(self.job.pk)
             for record in records:
                 fields = self._result_fields(chunk, record, discount)
-                n = Item.objects.filter(
-                    job_id=self.job.pk, custom_id=record["custom_id"], remote_batch=chunk, status=Item.Status.RUNNING
-                ).update(**fields, finished_at=now)
-                if n:
+                if fields["status"] == Item.Status.EXPIRED and self.job.mode == Job.Mode.HYBRID:
+                    # A hybrid job promised everything by its deadline: what the Batch API let expire runs live.
+                    fields = {"status": Item.Status.PENDING, "remote_batch": None}
+                    self.released += 1
+                else:
+                    fields["finished_at"] = now
+                held = Item.objects.filter(
+                    job_id=self.job.pk,
+                    custom_id=record["custom_id"],
+                    remote_batch=chunk,
+                    status=Item.Status.RUNNING,
+                    lease_token__isnull=True,  # not an item a live slice holds (retried since)
+                )
+                if held.update(**fields):
                     deltas[f"n_{fields['status']}"] += 1
                     deltas["n_running"] -= 1
                     for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):
@@ -563,18 +660,28 @@ class RemoteJob:
 
     def _finish_chunk(self, chunk: RemoteBatch, status: str, errors: list | None = None) -> None:
         """Settle the items no result line mentioned, by the batch's final status, and mark the chunk collected."""
-        leftover = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING)
+        leftover = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING, lease_token__isnull=True)
         with transaction.atomic():
             current = Job.lock(self.job.pk)
             switched = Job.objects.filter(pk=self.job.pk, switched_at__isnull=False).exists()
             now = timezone.now()
             changes: dict[str, int] = defaultdict(int)
-            if status == RB.CANCELLED:
-                target = Item.Status.PENDING if switched and current != Job.Status.CANCELLING else Item.Status.CANCELLED
-                n = leftover.update(status=target, remote_batch=None if target == Item.Status.PENDING else chunk)
-                changes[f"n_{target}"] += n
-                if target == Item.Status.PENDING:
-                    self.released += n
+            # Requests the Batch API did not answer and that are still wanted go back to pending: live slices
+            # take them (a switched hybrid job), or a new chunk does.
+            again = current != Job.Status.CANCELLING and (
+                switched
+                or (status == RB.FAILED and _refused_for_tokens(errors or []))
+                or (status == RB.EXPIRED and self.job.mode == Job.Mode.HYBRID)
+            )
+            if status == RB.FAILED and _refused_for_tokens(errors or []):
+                self._learn_token_limit(chunk)
+            if again:
+                n = leftover.update(status=Item.Status.PENDING, remote_batch=None)
+                changes["n_pending"] += n
+                self.released += n
+            elif status == RB.CANCELLED or current == Job.Status.CANCELLING:
+                n = leftover.update(status=Item.Status.CANCELLED, finished_at=now)
+                changes["n_cancelled"] += n
             elif status == RB.EXPIRED:
                 n = leftover.update(
                     status=Item.Status.EXPIRED,
@@ -583,12 +690,6 @@ class RemoteJob:
                     finished_at=now,
                 )
                 changes["n_expired"] += n
-            elif status == RB.FAILED and _refused_for_tokens(errors or []):
-                # "Try again once some in_progress batches have been completed": the items wait for a new
-                # chunk, planned under a budget lowered to what was refused.
-                self._learn_token_limit(chunk)
-                n = leftover.update(status=Item.Status.PENDING, remote_batch=None)
-                changes["n_pending"] += n
             elif status == RB.FAILED:
                 n = self._fail_by_line(chunk, errors or [], now)
                 changes["n_failed"] += n
@@ -608,10 +709,16 @@ class RemoteJob:
         log.info("job %s chunk %s: %s, collected", self.job.pk, chunk.number, status)
 
     def _learn_token_limit(self, chunk: RemoteBatch) -> None:
+        """ "Try again once some in_progress batches have been completed": the items wait for a new chunk, planned
+        under the model's budget lowered to 90% of what was refused."""
         refused_at = self._enqueued_tokens(chunk) + chunk.est_tokens
-        limit = max(1, int(min(refused_at, self.endpoint.effective_token_limit or refused_at) * 0.9))
-        Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_token_limit=limit)
-        self.endpoint.learned_token_limit = limit
+        limit = max(1, int(min(refused_at, self.endpoint.token_limit(chunk.model) or refused_at) * 0.9))
+        with transaction.atomic():
+            learned = Endpoint.objects.select_for_update().values_list("learned_token_limits", flat=True)
+            limits = dict(learned.get(pk=self.endpoint.pk) or {})
+            limits[chunk.model] = min(limit, limits.get(chunk.model) or limit)
+            Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_token_limits=limits)
+        self.endpoint.learned_token_limits = limits
         log.info("endpoint %s: enqueued-token limit for %s now taken as %s", self.endpoint.pk, chunk.model, limit)
 
     def _fail_by_line(self, chunk: RemoteBatch, errors: list, now) -> int:
@@ -644,11 +751,22 @@ class RemoteJob:
 
     # After the round
 
+    def _show_remote_counts(self, collecting: RemoteBatch | None = None) -> None:
+        """The job's remote_completed/remote_failed: what its batches still out report done (not a batch being
+        collected: its items count as they are joined, and must not count twice meanwhile)."""
+        active = self.job.remote_batches.filter(collected_at__isnull=True).exclude(status__in=RemoteBatch.FINAL)
+        if collecting is not None:
+            active = active.exclude(pk=collecting.pk)
+        sums = active.aggregate(c=Sum("n_completed"), f=Sum("n_failed"))
+        counts = {"remote_completed": sums["c"] or 0, "remote_failed": sums["f"] or 0}
+        changed = ~Q(**counts)
+        Job.objects.filter(changed, pk=self.job.pk).update(**counts)
+
     def after_round(self) -> None:
         """The job's view of its remote batches, a live start for items handed back, and the end of the job."""
-        active = self.job.remote_batches.filter(collected_at__isnull=True).exclude(status__in=RemoteBatch.FINAL)
-        sums = active.aggregate(c=Sum("n_completed"), f=Sum("n_failed"))
-        Job.objects.filter(pk=self.job.pk).update(remote_completed=sums["c"] or 0, remote_failed=sums["f"] or 0)
+        self._show_remote_counts()
         if self.released and self.job.switched_at is not None:
-            Job.start_slices(self.job.pk)
-        Job.finalize_if_done(self.job.pk)
+            Job.start_slices(self.job.pk)  # live slices for them (else a new chunk takes them, next round)
+        done = Q(n_pending=0, n_running=0, status__in=[Job.Status.RUNNING, Job.Status.CANCELLING])
+        if Job.objects.filter(done, pk=self.job.pk).exists():
+            Job.finalize_if_done(self.job.pk)

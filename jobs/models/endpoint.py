@@ -41,8 +41,9 @@ class Endpoint(models.Model):
     learned_cancel_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False)
     # The median time of a successful live request in the last slice: how fast the rest of a hybrid job runs live.
     learned_latency_ms = models.PositiveIntegerField(null=True, blank=True, editable=False)
-    # Lowered each time the endpoint refuses a batch with token_limit_exceeded (its count and ours differ).
-    learned_token_limit = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
+    # {model: enqueued tokens}, lowered each time the endpoint refuses a batch of that model with
+    # token_limit_exceeded (its count and ours differ; each model has its own budget).
+    learned_token_limits = models.JSONField(default=dict, blank=True, editable=False)
     is_default = models.BooleanField(default=False)
     from_env = models.BooleanField(default=False, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -81,9 +82,9 @@ class Endpoint(models.Model):
     def effective_tpm(self) -> int | None:
         return self.tpm or self.learned_tpm
 
-    @property
-    def effective_token_limit(self) -> int | None:
-        limits = [n for n in (self.batch_token_limit, self.learned_token_limit) if n]
+    def token_limit(self, model: str) -> int | None:
+        """The enqueued-token budget a batch of `model` plans with: the setting, or less if the endpoint taught so."""
+        limits = [n for n in (self.batch_token_limit, (self.learned_token_limits or {}).get(model)) if n]
         return min(limits) if limits else None
 
     @property

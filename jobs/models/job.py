@@ -290,6 +290,7 @@ class Job(models.Model):
         live or at the Batch API this time (the job's mode changes)."""
         reset = dict(
             status=Item.Status.PENDING,
+            remote_batch=None,  # no longer the old chunk's: collecting it again must not touch the item
             attempts=0,
             http_status=None,
             response="",
@@ -316,6 +317,8 @@ class Job(models.Model):
                 raise InvalidTransition("This job has no failed items to retry.")
             self.add_to_counters(n_failed=-n_failed, n_expired=-n_expired, n_pending=n)
             if mode and mode != self.mode:
+                if mode not in (Job.Mode.LIVE, Job.Mode.REMOTE):
+                    raise InvalidTransition("Failed items are retried live or at the Batch API.")
                 if self.status not in Job.FINISHED:
                     raise InvalidTransition("The mode of a retry can change only once the job has finished.")
                 # A hybrid retry starts remotely again, with a new switch plan.
@@ -359,8 +362,11 @@ class Job(models.Model):
         return True
 
     def deletable(self) -> bool:
-        """Whether a person may delete it now: not while its slices may be sending requests."""
-        return self.status not in Job.ACTIVE
+        """Whether a person may delete it now: not while its slices may be sending requests, nor while a batch
+        of it runs at an endpoint (it would go on, paid for, with nobody to collect it)."""
+        if self.status in Job.ACTIVE:
+            return False
+        return self.mode == Job.Mode.LIVE or not self.remote_batches.filter(collected_at__isnull=True).exists()
 
     def duplicate(self, owner) -> "Job":
         """A new queued job with the same requests, owned by `owner`, started."""

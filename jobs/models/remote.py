@@ -55,6 +55,10 @@ class RemoteBatch(models.Model):
     failures = models.PositiveSmallIntegerField(default=0, help_text="Failed calls in a row (backoff)")
     next_poll_at = models.DateTimeField(default=timezone.now)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # The endpoint the chunk was sent to: it is followed there even if the job's endpoint changes.
+    endpoint = models.ForeignKey("jobs.Endpoint", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # A poller working on the chunk holds it until then (a compare-and-set), so two pollers never send it twice.
+    claimed_until = models.DateTimeField(null=True, blank=True, editable=False)
     collected_at = models.DateTimeField(null=True, blank=True, help_text="Results joined to the items")
     created_at = models.DateTimeField(default=timezone.now)
 

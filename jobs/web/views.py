@@ -402,7 +402,10 @@ def job_duplicate(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
 def job_delete(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk, write=True)
     if not job.deletable():
-        messages.error(request, "Cancel or pause the job before deleting it.")
+        if job.status in Job.ACTIVE:
+            messages.error(request, "Cancel or pause the job before deleting it.")
+        else:
+            messages.error(request, "Cancel the job before deleting it: its batches still run at the endpoint.")
         return redirect(job)
     job.delete()
     messages.success(request, f"Deleted “{job.name}”.")
