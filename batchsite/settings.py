@@ -71,9 +71,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "django_htmx",
+    "jobs",  # before django_q: its `qcluster` command (a graceful stop) is the one manage.py runs
     "django_q",
     "axes",
-    "jobs",
 ]
 
 MIDDLEWARE = [
@@ -223,6 +223,9 @@ BATCHSITE_REQUEST_TIMEOUT = envint("BATCHSITE_REQUEST_TIMEOUT", 600)
 # Server errors, timeouts and lost connections are tried at least this often, whatever a job's max attempts.
 BATCHSITE_TRANSIENT_ATTEMPTS = envint("BATCHSITE_TRANSIENT_ATTEMPTS", 10)
 BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_WORKERS", 2))
+# On SIGTERM (or Ctrl-C) a worker's slices stop claiming and give back what they did not send at once; the
+# requests in flight get this long to finish before they are handed back too (jobs/engine/shutdown.py).
+BATCHSITE_SHUTDOWN_SECONDS = envint("BATCHSITE_SHUTDOWN_SECONDS", 10)
 # Remote and hybrid jobs (the Batch API): how often each remote batch is looked at, how long one poller task
 # keeps polling before the next takes over (the schedule starts one a minute), and the least safety margin
 # a hybrid job keeps before its deadline.

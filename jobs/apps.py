@@ -24,6 +24,7 @@ def _register_schedules(sender, using, apps=None, **kwargs):
 
 
 def _watch(sender, **kwargs):
-    from jobs.engine import tasks
+    from jobs.engine import shutdown, tasks
 
+    shutdown.install_in_worker()
     tasks.watch()

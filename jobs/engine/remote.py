@@ -44,6 +44,7 @@ from django.db.models.functions import Least
 from django.utils import timezone
 
 from jobs import egress, remoteplan
+from jobs.engine import shutdown
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
@@ -100,14 +101,14 @@ def poll(window: float | None = None) -> dict:
                 close_old_connections()
                 rounds += 1
                 poll_round()
-                if time.monotonic() >= end or not due_soon():
+                if time.monotonic() >= end or shutdown.requested() or not due_soon():
                     break
                 time.sleep(1.0)
         finally:
             if cache.get(LOCK) == token:
                 cache.delete(LOCK)
         # A job started while this poller was finishing found the lock taken and left its work to us.
-        if time.monotonic() >= end or not due_soon():
+        if time.monotonic() >= end or shutdown.requested() or not due_soon():
             return {"rounds": rounds}
         time.sleep(1.0)
 

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from jobs import egress
+from jobs.engine import shutdown
 from jobs.engine.database import DatabaseThread, pause_job, with_db_retries
 from jobs.engine.leases import TRANSIENT_DB_ERRORS
 from jobs.engine.ratelimit import Limiter
@@ -41,6 +42,9 @@ def run_slice(
         return {"job": job_id, "skipped": "superseded"}
     if job.runs_remotely:
         return {"job": job_id, "skipped": "runs at the Batch API"}
+    if shutdown.requested():  # taken from the queue as the node stops: another node runs it
+        Job.enqueue_next_slice(job_id, slices or settings.BATCHSITE_SLICES_PER_JOB, generation)
+        return {"job": job_id, "skipped": "node shutting down"}
     if job.status == Job.Status.QUEUED:
         try:
             job.transition(Job.Status.RUNNING, started_at=job.started_at or timezone.now())

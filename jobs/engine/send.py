@@ -150,6 +150,10 @@ class Sender:
     async def _send_safely(self, item: Claimed) -> None:
         try:
             outcome = await self._send(item)
+        except asyncio.CancelledError:
+            # Handed back on shutdown (Slice._finish_in_flight): another node sends it again.
+            self.results.add(Outcome.released(item.id, item.attempts))
+            raise
         except Exception as e:
             # A bug must neither strand the item as running until its lease expires nor send it forever:
             # the crash counts as an attempt, and the item fails once it is out of attempts.

@@ -16,9 +16,10 @@ import uuid
 from collections import deque
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
-from jobs.engine import database, leases
+from jobs.engine import database, leases, shutdown
 from jobs.engine.database import DatabaseThread
 from jobs.engine.heartbeat import Heartbeat
 from jobs.engine.leases import TRANSIENT_DB_ERRORS, Claimed
@@ -52,6 +53,7 @@ class Slice:
         self.deadline = time.monotonic() + budget
         self.draining = asyncio.Event()  # set: pause, cancel, stop or superseded; nothing new is sent
         self.handed_over = False
+        self.leaving = False  # the node is shutting down (shutdown.py)
         self.more_to_claim = True
         self.queue: deque[Claimed] = deque()  # claimed, not sent yet
         self.heartbeat = Heartbeat(self.job_id, lease, self.draining)
@@ -87,6 +89,13 @@ class Slice:
         last_check = 0.0
         while not self.draining.is_set():
             now = time.monotonic()
+            if shutdown.requested():
+                # The node is going: the chain goes on elsewhere (this node reads the broker no more), and
+                # what this slice holds goes back now, in flight after BATCHSITE_SHUTDOWN_SECONDS.
+                await self._hand_over()
+                self.leaving = True
+                self.draining.set()
+                return
             if now - last_check >= STATUS_CHECK_SECONDS:
                 last_check = now
                 if not await self.db.call(database.job_wants_slice, self.job_id, self.generation):
@@ -157,9 +166,19 @@ class Slice:
             )
 
     async def _finish_in_flight(self) -> None:
-        """Wait for the requests in flight; a pause (or cancel) still stops those not sent yet."""
+        """Wait for the requests in flight; a pause (or cancel) still stops those not sent yet. When the node
+        is shutting down, those still out after BATCHSITE_SHUTDOWN_SECONDS are handed back (their items run
+        again elsewhere: requests are at-least-once, results exactly-once)."""
         in_flight = self.sender.in_flight
+        give_up = None
         while in_flight:
+            if give_up is None and (self.leaving or shutdown.requested()):
+                give_up = time.monotonic() + settings.BATCHSITE_SHUTDOWN_SECONDS
+            if give_up is not None and time.monotonic() >= give_up:
+                for task in list(in_flight):
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+                return
             await asyncio.wait(in_flight, timeout=STATUS_CHECK_SECONDS)
             if in_flight and not self.draining.is_set():
                 try:
