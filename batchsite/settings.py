@@ -275,15 +275,40 @@ CONTENT_SECURITY_POLICY = {
 # this says so; loopback and private networks are always allowed (self-hosted servers live there).
 BATCHSITE_ALLOW_PRIVATE_ENDPOINTS = envbool("BATCHSITE_ALLOW_PRIVATE_ENDPOINTS", False)
 
-LOGGING = {
+# Operations (jobs/web/ops.py): /healthz answers 503 when no qcluster heartbeat is younger than this; /metrics
+# is served to this machine only, or also to whoever sends `Authorization: Bearer <BATCHSITE_METRICS_TOKEN>`.
+BATCHSITE_HEALTH_MAX_HEARTBEAT_AGE = envint("BATCHSITE_HEALTH_MAX_HEARTBEAT_AGE", 60)
+BATCHSITE_METRICS_TOKEN = envsecret("BATCHSITE_METRICS_TOKEN")
+
+# `text` for people, `json` (one object per line) for log collectors; read strictly, like the booleans.
+BATCHSITE_LOG_FORMAT = os.environ.get("BATCHSITE_LOG_FORMAT", "").strip().lower() or "text"
+if BATCHSITE_LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(
+        f"Unexpected value BATCHSITE_LOG_FORMAT={os.environ['BATCHSITE_LOG_FORMAT']!r}: use text or json."
+    )
+
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {"()": "batchsite.jsonlog.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if BATCHSITE_LOG_FORMAT == "json" else "plain",
+        }
+    },
     "loggers": {
         "jobs": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+        # A 500's traceback: Django's default sends it only by mail to ADMINS, and there are none.
+        "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
         # httpx2 logs every request at INFO with its URL (the OpenAI SDK's aiohttp transport goes through it
         # too); nothing secret, but far too chatty.
         "httpx2": {"level": "WARNING"},
     },
 }
+if BATCHSITE_LOG_FORMAT == "json":
+    # django-q2 gives its logger a text handler of its own unless it has one: the cluster's lines would stay text.
+    LOGGING["loggers"]["django-q"] = {"handlers": ["console"], "level": "INFO", "propagate": False}

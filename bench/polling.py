@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class Gunicorn(Server):
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2).read()
+                return
+            except urllib.error.HTTPError:  # it answers (/healthz says 503 until a cluster is up)
                 return
             except OSError:
                 if not self.alive() or time.monotonic() > deadline:

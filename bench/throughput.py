@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -247,6 +248,8 @@ class Simulator(Server):
             try:
                 self.stats()
                 return
+            except urllib.error.HTTPError:  # it answers (/healthz says 503 until a cluster is up)
+                return
             except OSError:
                 if not self.alive() or time.monotonic() > deadline:
                     raise SystemExit("the simulator did not start:\n" + self.tail()) from None
@@ -290,6 +293,8 @@ class WebServer(Server):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5):
                     return
+            except urllib.error.HTTPError:  # it answers (/healthz says 503 until a cluster is up)
+                return
             except OSError:
                 if not self.alive() or time.monotonic() > deadline:
                     raise SystemExit("the web server did not start:\n" + self.tail()) from None

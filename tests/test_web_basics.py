@@ -20,13 +20,6 @@ def test_pages_need_login(client, url):
     assert response.status_code == 302 and response.url.startswith("/login/")
 
 
-def test_healthz(client):
-    response = client.get("/healthz")
-    assert response.status_code == 200
-    assert response.json()["database"] == "ok"
-    assert isinstance(response.json()["workers"], int)
-
-
 @pytest.fixture
 def job(owner, write):
     """A job whose name and request would run as HTML if a page did not escape them."""

@@ -18,10 +18,8 @@ from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate, TruncMonth
 from django.http import (
     Http404,
-    HttpRequest,
     HttpResponse,
     HttpResponseBadRequest,
-    JsonResponse,
     StreamingHttpResponse,
 )
 from django.shortcuts import get_object_or_404, redirect, render
@@ -56,24 +54,6 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
         return view(request, *args, **kwargs)
 
     return wrapper
-
-
-@require_GET
-def healthz(request: HttpRequest) -> JsonResponse:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        database = "ok"
-    except Exception as e:  # the point of a health check is to report, not to raise
-        database = f"error: {type(e).__name__}"
-    try:
-        from django_q.status import Stat
-
-        workers = sum(len(stat.workers) for stat in Stat.get_all())
-    except Exception:
-        workers = 0
-    status = 200 if database == "ok" else 503
-    return JsonResponse({"database": database, "workers": workers}, status=status)
 
 
 def _get_job(request: AuthenticatedHttpRequest, pk: int, write: bool = False) -> Job:

@@ -1,10 +1,14 @@
 """django-q2's `qcluster`, with a graceful stop: on SIGTERM or Ctrl-C the workers are told first, so their
 slices hand their work to other nodes at once (jobs/engine/shutdown.py), then django-q stops as it does."""
 
+import logging
+
 from django_q.cluster import Cluster
 from django_q.management.commands.qcluster import Command as QClusterCommand
 
 from jobs.engine import shutdown
+
+log = logging.getLogger(__name__)
 
 
 class Command(QClusterCommand):
@@ -14,7 +18,7 @@ class Command(QClusterCommand):
 
         def tell_workers_then_stop(cluster, signum, frame):
             told = shutdown.tell_workers()
-            self.stderr.write(f"Stopping: {told} cluster processes told to hand their work over.")
+            log.info("Stopping: %s cluster processes told to hand their work over.", told)
             stop(cluster, signum, frame)
 
         Cluster.sig_handler = tell_workers_then_stop
