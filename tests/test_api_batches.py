@@ -10,6 +10,7 @@ from openai.types import Batch as SdkBatch
 from openai.types import FileObject
 
 from jobs import export
+from jobs.engine.tasks import validate_batch
 from jobs.models import Batch, Endpoint, File, Item, Job
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 
@@ -39,12 +40,19 @@ def create(client, headers, file_id, **fields):
     return client.post("/v1/batches", body, content_type="application/json", headers=headers)
 
 
+def validated(client, headers, batch: dict) -> dict:
+    """The batch once a worker has validated its file (the task run here), as /v1 answers then."""
+    validate_batch(batch["batchsite"]["job_id"])
+    return client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+
+
 def good_batch(client, headers, n=3, **fields) -> dict:
+    """A batch of `n` good requests, validated."""
     response = create(
         client, headers, upload(client, headers, jsonl([chat_line(f"req-{i}", f"Q{i}") for i in range(n)])), **fields
     )
     assert response.status_code == 200, response.content
-    return response.json()
+    return validated(client, headers, response.json())
 
 
 def answer(text: str) -> str:
@@ -88,12 +96,14 @@ def run_to_the_end(job: Job, failed=()) -> Job:
 
 
 def test_create_makes_a_job_of_the_tokens_user_and_an_openai_batch(client, owner, headers, endpoint):
-    batch = good_batch(client, headers, metadata={"description": "nightly eval", "team": "search"})
+    lines = jsonl([chat_line(f"req-{i}", f"Q{i}") for i in range(3)])
+    metadata = {"description": "nightly eval", "team": "search"}
+    batch = create(client, headers, upload(client, headers, lines), metadata=metadata).json()
     SdkBatch.model_validate(batch)  # every field the SDK requires, with the right types
     assert batch["id"].startswith("batch_") and batch["object"] == "batch"
     assert batch["status"] == "validating" and batch["endpoint"] == "/v1/chat/completions"
-    assert batch["completion_window"] == "24h" and batch["model"] == "gpt-4o-mini"
-    assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    assert batch["completion_window"] == "24h" and batch["model"] is None  # known once the file is read
+    assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
     assert batch["expires_at"] == batch["created_at"] + 86400
     assert batch["output_file_id"] is None and batch["error_file_id"] is None and batch["errors"] is None
     assert batch["metadata"] == {"description": "nightly eval", "team": "search"}
@@ -102,12 +112,12 @@ def test_create_makes_a_job_of_the_tokens_user_and_an_openai_batch(client, owner
         owner,
         endpoint,
         "nightly eval",
-        3,
-        Job.Status.QUEUED,
+        0,
+        Job.Status.VALIDATING,
     )
     assert batch["batchsite"] == {
         "job_id": job.pk,
-        "status": "queued",
+        "status": "validating",
         "status_reason": "",
         "url": f"http://testserver/jobs/{job.pk}/",
         "mode": "live",
@@ -117,6 +127,15 @@ def test_create_makes_a_job_of_the_tokens_user_and_an_openai_batch(client, owner
     }
     assert job.batch.public_id == batch["id"] and job.batch.input_file.public_id == batch["input_file_id"]
     assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json() == batch
+
+    batch = validated(client, headers, batch)
+    SdkBatch.model_validate(batch)
+    # Validated, and waiting for its first worker: still `validating` to OpenAI's clients.
+    assert (batch["status"], batch["batchsite"]["status"], batch["model"]) == ("validating", "queued", "gpt-4o-mini")
+    assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    job.refresh_from_db()
+    assert (job.total, job.n_pending, job.status) == (3, 3, Job.Status.QUEUED) and job.est_input_tokens > 0
+    assert list(job.items.values_list("custom_id", flat=True)) == ["req-0", "req-1", "req-2"]
 
 
 def test_metadata_picks_an_endpoint_by_name(client, headers, endpoint):
@@ -136,8 +155,8 @@ def test_invalid_file_gives_a_failed_batch_with_line_numbers(client, owner, head
         + jsonl([chat_line("a"), {**chat_line("c"), "url": "/v1/embeddings"}])
     )
     response = create(client, headers, upload(client, headers, lines))
-    assert response.status_code == 200
-    batch = response.json()
+    assert response.status_code == 200 and response.json()["status"] == "validating"
+    batch = validated(client, headers, response.json())
     SdkBatch.model_validate(batch)
     assert batch["status"] == "failed" and batch["failed_at"] and batch["in_progress_at"] is None
     errors = batch["errors"]
@@ -157,7 +176,7 @@ def test_invalid_file_gives_a_failed_batch_with_line_numbers(client, owner, head
 
 
 def test_empty_file_fails_without_a_line(client, headers, endpoint):
-    batch = create(client, headers, upload(client, headers, b"\n\n")).json()
+    batch = validated(client, headers, create(client, headers, upload(client, headers, b"\n\n")).json())
     assert batch["status"] == "failed"
     assert [(e["code"], e["line"]) for e in batch["errors"]["data"]] == [("empty_file", None)]
 

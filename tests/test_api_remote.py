@@ -8,8 +8,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 from openai.types import Batch as SdkBatch
 
+from jobs.engine.tasks import validate_batch
 from jobs.models import ApiToken, Batch, Job
-from jobs.models.job import REMOTE_TASK, SLICE_TASK
+from jobs.models.job import REMOTE_TASK, SLICE_TASK, VALIDATE_TASK
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
@@ -42,10 +43,16 @@ def submit(client, headers, metadata: dict, content: bytes = b""):
     return client.post("/v1/batches", body, content_type="application/json", headers=headers)
 
 
+def validated(client, headers, batch: dict) -> dict:
+    """The batch once a worker has validated its file (the task run here), as /v1 answers then."""
+    validate_batch(batch["batchsite"]["job_id"])
+    return client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+
+
 def good_batch(client, headers, metadata: dict) -> dict:
     response = submit(client, headers, metadata)
     assert response.status_code == 200, response.content
-    return response.json()
+    return validated(client, headers, response.json())
 
 
 def in_two_hours() -> datetime:
@@ -65,10 +72,10 @@ def test_sdk_asks_for_remote_and_hybrid_through_metadata(web_server, owner, endp
         )
 
     remote = create(batchsite_mode="remote")
-    assert remote.status == "validating" and remote.request_counts.total == 3
+    assert remote.status == "validating" and remote.request_counts.total == 0  # no worker validates it here
     assert remote.batchsite["mode"] == "remote" and remote.batchsite["deadline"] is None
     job = Job.objects.get(pk=remote.batchsite["job_id"])
-    assert (job.mode, job.deadline, job.total) == (Job.Mode.REMOTE, None, 3)
+    assert (job.mode, job.deadline, job.status) == (Job.Mode.REMOTE, None, Job.Status.VALIDATING)
 
     deadline = in_two_hours()
     by_iso = create(batchsite_mode="hybrid", batchsite_deadline=deadline.astimezone(UTC_PLUS_2).isoformat())
@@ -115,9 +122,9 @@ def test_mode_decides_who_runs_the_job(
     enqueued = []
     monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: enqueued.append(func))
     with django_capture_on_commit_callbacks(execute=True):
-        batch = good_batch(client, headers, metadata=metadata)
+        batch = good_batch(client, headers, metadata=metadata)  # validated here, as the enqueued task would
     assert Job.objects.get().mode == mode and batch["batchsite"]["mode"] == mode
-    assert enqueued and set(enqueued) == {task}
+    assert enqueued[0] == VALIDATE_TASK and set(enqueued[1:]) == {task}
 
 
 @pytest.mark.parametrize(
@@ -170,7 +177,7 @@ def test_bad_mode_or_deadline_is_a_400_that_creates_nothing(client, headers, end
 def test_a_rejected_file_keeps_the_mode_it_asked_for(client, headers, endpoint):
     deadline = in_two_hours()
     metadata = {"batchsite_mode": "hybrid", "batchsite_deadline": deadline.isoformat()}
-    batch = submit(client, headers, metadata, content=b"not json\n").json()
+    batch = validated(client, headers, submit(client, headers, metadata, content=b"not json\n").json())
     assert batch["status"] == "failed" and batch["batchsite"]["mode"] == "hybrid"
     assert batch["batchsite"]["deadline"] == int(deadline.timestamp())
 

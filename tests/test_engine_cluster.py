@@ -212,6 +212,7 @@ def test_rate_limit_reaches_95_percent_with_few_429s(cluster, simulator, write, 
     assert 0.95 * 3000 <= rate <= 1.03 * 3000, f"{rate:.0f} requests/min"
     job.endpoint.refresh_from_db()
     assert job.endpoint.learned_rpm == 3000
+    assert job.endpoint.rate_limited_total == limited  # each 429 counted once, for /metrics
 
 
 def test_token_limit_reaches_90_percent_with_few_429s(cluster, simulator, write, owner):

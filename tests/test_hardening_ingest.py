@@ -15,6 +15,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from jobs import ingest
+from jobs.engine.tasks import validate_batch
 from jobs.models import Item, Job
 from tests.factories import api_headers, chat_line, make_endpoint
 
@@ -298,7 +299,8 @@ def test_deeply_nested_json_gives_a_failed_batch_over_the_api(client, owner, end
     body = {"input_file_id": response.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     response = client.post("/v1/batches", body, content_type="application/json", headers=headers)
     assert response.status_code == 200, response.content[:500]  # was a 500 (RecursionError)
-    batch = response.json()
+    validate_batch(response.json()["batchsite"]["job_id"])  # the worker's part, here
+    batch = client.get(f"/v1/batches/{response.json()['id']}", headers=headers).json()
     assert batch["status"] == "failed"
     assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [(n, "invalid_json_line") for n in (2, 3, 4, 5)]
     assert "4300" in batch["errors"]["data"][3]["message"].replace(",", "")  # a number too long for Python

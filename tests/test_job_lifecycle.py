@@ -70,7 +70,7 @@ def test_deleting_a_user_locks_each_of_their_jobs_first(owner, jobs, locks):
 @pytest.mark.parametrize("status", Job.Status.values)
 def test_only_a_job_without_running_slices_is_deletable(jobs, status):
     job = set_status(jobs[0], status)
-    assert job.deletable() == (status not in (Job.Status.QUEUED, Job.Status.RUNNING, Job.Status.CANCELLING))
+    assert job.deletable() == (status not in Job.ACTIVE)
 
 
 def test_dashboard_refuses_to_delete_a_running_job(client, owner, jobs):

@@ -159,8 +159,9 @@ def test_metric_values_match_the_jobs_in_the_database(client, owner, write, hear
         OrmQ.objects.create(key=get_broker().list_key, payload="-", lock=waiting_since)
         OrmQ.objects.create(key=get_broker().list_key, payload="-", lock=timezone.now() + timedelta(hours=1))  # taken
     heartbeat(workers=3)
+    Endpoint.objects.filter(pk=fast.pk).update(rate_limited_total=7)
 
-    with django_assert_max_num_queries(4):
+    with django_assert_max_num_queries(5):
         response = client.get("/metrics")
     metrics = _samples(response)
 
@@ -174,6 +175,8 @@ def test_metric_values_match_the_jobs_in_the_database(client, owner, write, hear
     assert value("batchsite_requests_total", endpoint="slow", outcome="succeeded") == 3
     assert value("batchsite_retries_total", endpoint="fast") == 6
     assert value("batchsite_retries_total", endpoint="slow") == 1
+    assert value("batchsite_rate_limited_total", endpoint="fast") == 7
+    assert value("batchsite_rate_limited_total", endpoint="slow") == 0
     assert value("batchsite_remote_batches", status="in_progress") == 1
     assert value("batchsite_remote_batches", status="planned") == 0
     assert value("batchsite_jobs_with_live_slices") == 1

@@ -830,6 +830,7 @@ def test_a_slice_whose_heartbeats_fail_stops_sending_before_its_leases_can_run_o
     summary, elapsed = slice_run(job, budget=20.0)
     log = sim_get(url, "/_sim/log?limit=1000")
     entries = log if isinstance(log, list) else log.get("data", log.get("entries", []))
-    assert entries and max(e["t"] for e in entries) < started + 3.2
+    # Three quarters of the lease (3 s) plus one answer (0.2 s), and slack for a loaded machine: under the lease.
+    assert entries and max(e["t"] for e in entries) < started + 3.6
     assert 0 < summary["sent"] < 200 and elapsed < 6
     assert job.n_running == 0 and job.n_succeeded + job.n_pending == 200  # the rest given back unsent

@@ -1,9 +1,10 @@
 """/v1/batches: a batch is a Job run live by the cluster, described the way OpenAI describes batches.
 
-OpenAI's statuses from a Job's: a job waiting for its first worker is `validating` (its file was
-already validated, but that is the state clients expect first), running or paused is
-`in_progress` (the API has no paused; `batchsite.status` tells), then `cancelling`, `cancelled`,
-`completed`, or `failed` for an input file with errors. Batchsite never expires a batch.
+OpenAI's statuses from a Job's: `validating` while a worker checks the input file and creates the
+job's items (POST answers before that, whatever the file's size), and until a worker first takes the
+job up; running or paused is `in_progress` (the API has no paused; `batchsite.status` tells), then
+`cancelling`, `cancelled`, `completed`, or `failed` for an input file with errors (listed with their
+lines in `errors`). Batchsite never expires a batch.
 
 Metadata picks how the job runs: `batchsite_mode` live (the default), remote (the endpoint's own Batch
 API) or hybrid (remote until the last safe moment before `batchsite_deadline`, then live). The Batch
@@ -36,6 +37,7 @@ MODE_KEY, DEADLINE_KEY = "batchsite_mode", "batchsite_deadline"  # how the job r
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 STATUS: dict[str, str] = {
+    Job.Status.VALIDATING: "validating",
     Job.Status.QUEUED: "in_progress",
     Job.Status.RUNNING: "in_progress",
     Job.Status.PAUSED: "in_progress",
@@ -361,61 +363,21 @@ def _create(request: ApiRequest) -> JsonResponse:
             400, f"The content of {input_file_id} is no longer stored; upload it again.", param="input_file_id"
         )
 
-    # Validation reads the whole file (about 2-3 s for 50,000 lines): done here, so a file with
-    # errors gives a batch that is failed from the start, with every error and its line.
-    plan = ingest.validate(file.full_path, format=Job.Format.JSONL, expected_url=url, source_name=file.filename)
+    # Validation reads the whole file (about 30 s for a million lines): a worker does it (validate_batch),
+    # and a file with errors gives a batch that fails then, with every error and its line.
     name = metadata.get("description") or Path(file.filename).stem or "API batch"
     with transaction.atomic():
-        if plan.ok:
-            job = ingest.create_job(
-                plan, owner=request.user, name=name, endpoint=endpoint, mode=mode, deadline=deadline, metadata=metadata
-            )
-            job.start()
-        else:
-            job = _failed_job(request, plan, name, url, endpoint, mode, deadline, metadata, file)
-        batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
-    return JsonResponse(batch_object(request, get_batch(request, batch.public_id)))
-
-
-def _failed_job(
-    request: ApiRequest,
-    plan: ingest.Plan,
-    name: str,
-    url: str,
-    endpoint: Endpoint | None,
-    mode: str,
-    deadline: datetime | None,
-    metadata: dict,
-    file: File,
-) -> Job:
-    """A failed Job with no items: the team sees the rejected batch and its errors in the dashboard."""
-    errors = [error.as_dict() for error in plan.errors]
-    if plan.error_count > len(errors):
-        errors.append(
-            {
-                "code": "too_many_errors",
-                "line": None,
-                "param": None,
-                "message": f"{plan.error_count - len(errors):,} more errors are not listed.",
-            }
+        job = ingest.create_job_to_validate(
+            file.full_path,
+            owner=request.user,
+            name=name,
+            url=url,
+            source_name=file.filename,
+            endpoint=endpoint,
+            mode=mode,
+            deadline=deadline,
+            metadata=metadata,
         )
-    first = plan.errors[0].message if plan.errors else ""
-    now = timezone.now()
-    return Job.objects.create(
-        owner=request.user,
-        name=name[:200],
-        url=url,
-        model=plan.model,
-        endpoint=endpoint,
-        mode=mode,
-        deadline=deadline,
-        status=Job.Status.FAILED,
-        status_reason=f"The input file has {plan.error_count:,} error{'s' if plan.error_count != 1 else ''}: {first}",
-        source_name=file.filename[:255],
-        source_format=Job.Format.JSONL,
-        source_file=file.path,
-        errors=errors,
-        metadata=metadata,
-        created_at=now,
-        finished_at=now,
-    )
+        batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
+        Job.validate_later(job.pk)
+    return JsonResponse(batch_object(request, get_batch(request, batch.public_id)))

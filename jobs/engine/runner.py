@@ -14,6 +14,7 @@ import statistics
 import uuid
 
 from django.conf import settings
+from django.db.models import F
 from django.utils import timezone
 
 from jobs import egress
@@ -90,6 +91,10 @@ def run_slice(
         finished = with_db_retries(continue_or_finish, job_id, generation, work.slices, work.handed_over)
         try:
             _remember_learned_limits(endpoint, work.pacing.limiter, work.sender.latencies)
+            if work.sender.rate_limited:
+                Endpoint.objects.filter(pk=endpoint.pk).update(
+                    rate_limited_total=F("rate_limited_total") + work.sender.rate_limited
+                )
         except Exception:  # a nicety: the next slice learns them again
             log.exception("Job %s: could not store the learned limits", job_id)
     return {

@@ -71,6 +71,7 @@ class Sender:
         self.heartbeat = heartbeat
         self.sent = 0
         self.latencies: collections.deque[int] = collections.deque(maxlen=1000)  # ms, successful requests
+        self.rate_limited = 0  # 429s answered to this slice
         self.stop_reason = ""
         self.in_flight: set[asyncio.Task] = set()  # the slice's requests: being sent, or waiting for a retry
         self.waiting = 0  # requests in flight that wait for a retry: they hold no concurrency slot
@@ -224,6 +225,7 @@ class Sender:
                 # Back-pressure, not the request's failure: it costs no attempt, and the request is tried
                 # again for as long as the job runs. Only a spent budget holds back every sender.
                 limited += 1
+                self.rate_limited += 1
                 delay = last.retry_delay(limited)
                 await self.pacing.after_429(headers, cost, delay)
             else:

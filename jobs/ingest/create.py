@@ -1,4 +1,5 @@
-"""The second pass: a Plan without errors -> the Job and all its Items, in one transaction.
+"""The second pass: a Plan without errors -> the Job and all its Items, in one transaction; or, for a job
+made before its file was validated (an API batch, `validating`), its Items.
 
 The file is read again rather than kept in memory, and the items go in by chunks of raw
 executemany INSERTs rather than bulk_create (see _insert_items).
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from django.conf import settings
@@ -44,54 +44,109 @@ def create_job(
             owner=owner,
             name=(name or Path(plan.source_name).stem or "Untitled job")[:200],
             url=plan.url,
-            model=plan.model,
             mode=mode,
             deadline=deadline,
             endpoint=endpoint,
             source_name=plan.source_name[:255],
             source_format=plan.format,
             source_file=str(_relative(plan.path)),
-            columns=plan.columns,
             template=template.as_dict() if template else {},
             metadata=metadata or {},
             max_attempts=max_attempts,
-            total=plan.count,
-            n_pending=plan.count,
-            est_input_tokens=plan.est_input_tokens,
             created_at=timezone.now(),
+            **_counts(plan),
         )
-        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-        estimates = plan.est_tokens
-        rows = (
-            (
-                job.pk,
-                request.line,
-                request.custom_id,
-                dumps(request.body),
-                dumps(request.input_row) if request.input_row is not None else "",
-                estimates[i] if i < len(estimates) else 0,
-            )
-            for i, request in enumerate(plan.requests())
-        )
-        _insert_items(rows)
+        _insert_items(job.pk, plan)
     return job
 
 
-def _insert_items(rows: Iterator[tuple]) -> None:
-    """INSERT items in chunks with executemany.
+def create_job_to_validate(
+    path: Path,
+    *,
+    owner,
+    name: str,
+    url: str,
+    source_name: str,
+    endpoint=None,
+    mode: str = Job.Mode.LIVE,
+    deadline=None,
+    metadata: dict | None = None,
+) -> Job:
+    """A JSONL job whose file a worker validates later (Job.validate_later): `validating`, with no items yet."""
+    return Job.objects.create(
+        owner=owner,
+        name=name[:200],
+        url=url,
+        mode=mode,
+        deadline=deadline,
+        endpoint=endpoint,
+        status=Job.Status.VALIDATING,
+        source_name=source_name[:255],
+        source_format=Job.Format.JSONL,
+        source_file=str(_relative(path)),
+        metadata=metadata or {},
+        created_at=timezone.now(),
+    )
+
+
+def add_items(job: Job, plan: Plan) -> None:
+    """The Items of a job made before its file was validated, and the counts and model they give it: all in
+    one transaction, so a crash leaves the job without any."""
+    if not plan.ok:
+        raise ValueError("A plan with errors cannot fill a job.")
+    counts = _counts(plan)
+    with transaction.atomic():
+        Job.objects.filter(pk=job.pk).update(**counts)
+        _insert_items(job.pk, plan)
+    for name, value in counts.items():
+        setattr(job, name, value)
+
+
+def _counts(plan: Plan) -> dict:
+    """The Job's fields that come from its validated requests."""
+    return dict(
+        model=plan.model,
+        columns=plan.columns,
+        total=plan.count,
+        n_pending=plan.count,
+        est_input_tokens=plan.est_input_tokens,
+    )
+
+
+def _insert_items(job_id: int, plan: Plan) -> None:
+    """INSERT the plan's requests as the job's items: in chunks with executemany, or on Postgres with COPY.
 
     bulk_create spends ~90% of its time turning each value into SQL parameters one field at a
     time; the values here are plain strings and ints, and every other column takes its default.
+    On Postgres executemany still sends one INSERT a row (90 s for a million items, against 24 s
+    on SQLite); COPY streams the rows.
     """
     given = ("job_id", "line", "custom_id", "body", "input_row", "est_tokens")
     defaults = Item.column_defaults(given)
     columns = [*given, *defaults]
     constants = tuple(defaults.values())
     quote = connection.ops.quote_name
-    sql = "INSERT INTO {} ({}) VALUES ({})".format(
-        quote(Item._meta.db_table), ", ".join(quote(c) for c in columns), ", ".join(["%s"] * len(columns))
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    estimates = plan.est_tokens
+    rows = (
+        (
+            job_id,
+            request.line,
+            request.custom_id,
+            dumps(request.body),
+            dumps(request.input_row) if request.input_row is not None else "",
+            estimates[i] if i < len(estimates) else 0,
+        )
+        for i, request in enumerate(plan.requests())
     )
+    table, names = quote(Item._meta.db_table), ", ".join(quote(c) for c in columns)
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            with cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row + constants)
+            return
+        sql = f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * len(columns))})"
         while chunk := list(itertools.islice(rows, CHUNK)):
             cursor.executemany(sql, [row + constants for row in chunk])
 

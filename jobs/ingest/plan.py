@@ -8,7 +8,7 @@ import json
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from hashlib import blake2b
 from pathlib import Path
@@ -21,6 +21,7 @@ from jobs.ingest.template import Template
 from jobs.models import Job
 
 PREVIEW_SIZE = 5
+PROGRESS_EVERY = 20_000  # requests between two calls of validate()'s `progress`: about half a second
 
 
 @dataclass
@@ -47,6 +48,26 @@ class Plan:
     @property
     def model(self) -> str:
         return ", ".join(m for m, _ in self.models.most_common())[:200]
+
+    def error_list(self) -> list[dict]:
+        """The errors as a failed OpenAI batch lists them (`errors.data`), the ones not kept counted last."""
+        errors = [error.as_dict() for error in self.errors]
+        if self.error_count > len(errors):
+            more = self.error_count - len(errors)
+            errors.append(
+                {
+                    "code": "too_many_errors",
+                    "line": None,
+                    "param": None,
+                    "message": f"{more:,} more errors are not listed.",
+                }
+            )
+        return errors
+
+    def failure(self) -> str:
+        """Why a job of this file failed, in a sentence: the count of errors and the first one."""
+        first = self.errors[0].message if self.errors else ""
+        return f"The input file has {self.error_count:,} error{'s' if self.error_count != 1 else ''}: {first}"
 
     def requests(self) -> Iterator[Request]:
         """The requests again, read from the file; only for a plan without errors."""
@@ -81,8 +102,12 @@ def validate(
     expected_url: str | None = None,
     single_model: bool = False,
     limits: Limits | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> Plan:
-    """Check every line; the Plan holds either errors or what a job from this file would be."""
+    """Check every line; the Plan holds either errors or what a job from this file would be.
+
+    `progress` is called with the count of requests read so far every PROGRESS_EVERY requests: a worker
+    validating a big file shows it is alive, and may stop by raising."""
     limits = limits or Limits.from_settings()
     path = Path(path)
     plan = Plan(path=path, format=format, source_name=source_name or path.name, template=template)
@@ -95,10 +120,10 @@ def validate(
             errors.add(None, "missing_template", "A CSV file needs a prompt template.")
         else:
             plan.url = template.url
-            _consume(plan, csv_requests(path, template, limits, errors, plan.columns))
+            _consume(plan, csv_requests(path, template, limits, errors, plan.columns), progress)
     else:
         plan.url = expected_url or ""
-        _consume(plan, jsonl_requests(path, limits, errors, expected_url, plan))
+        _consume(plan, jsonl_requests(path, limits, errors, expected_url, plan), progress)
 
     if not errors and plan.count == 0:
         errors.add(None, "empty_file", "The file has no requests.")
@@ -166,9 +191,11 @@ def _restore(path: Path, summary: dict, template: Template | None) -> Plan:
     return plan
 
 
-def _consume(plan: Plan, requests: Iterator[Request]) -> None:
+def _consume(plan: Plan, requests: Iterator[Request], progress: Callable[[int], object] | None) -> None:
     for request in requests:
         plan.count += 1
+        if progress is not None and plan.count % PROGRESS_EVERY == 0:
+            progress(plan.count)
         plan.models[request.body.get("model", "")] += 1
         est = tokens.estimate_request(plan.url, request.body)
         plan.est_tokens.append(min(est, 2**32 - 1))

@@ -41,6 +41,8 @@ class Endpoint(models.Model):
     learned_cancel_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False)
     # The median time of a successful live request in the last slice: how fast the rest of a hybrid job runs live.
     learned_latency_ms = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # 429s (rate_limit_exceeded) the endpoint has answered live requests with, for /metrics: added after each slice.
+    rate_limited_total = models.PositiveBigIntegerField(default=0, editable=False)
     # {model: enqueued tokens}, lowered each time the endpoint refuses a batch of that model with
     # token_limit_exceeded (its count and ours differ; each model has its own budget).
     learned_token_limits = models.JSONField(default=dict, blank=True, editable=False)

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # in the worker that runs the task).
 SLICE_TASK = "jobs.engine.tasks.run_slice"
 REMOTE_TASK = "jobs.engine.tasks.poll_remote"
+VALIDATE_TASK = "jobs.engine.tasks.validate_batch"
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
@@ -32,6 +33,7 @@ class InvalidTransition(Exception):
 
 class Job(models.Model):
     class Status(models.TextChoices):
+        VALIDATING = "validating"  # an API batch whose file a worker is checking; no items yet
         QUEUED = "queued"
         RUNNING = "running"
         PAUSED = "paused"
@@ -49,12 +51,16 @@ class Job(models.Model):
         JSONL = "jsonl", "OpenAI batch JSONL"
         CSV = "csv", "CSV + prompt template"
 
-    ACTIVE = (Status.QUEUED, Status.RUNNING, Status.CANCELLING)  # slices may be running: not deleted
+    # Slices, or a validation writing items, may be running: not deleted.
+    ACTIVE = (Status.VALIDATING, Status.QUEUED, Status.RUNNING, Status.CANCELLING)
     FINISHED = (Status.COMPLETED, Status.CANCELLED, Status.FAILED)
     # Which states each state may move to. Everything that changes a job's status goes
     # through transition(), a compare-and-set on this table, so two clicks or a click racing
     # a worker cannot produce a state the diagram does not have.
     TRANSITIONS = {
+        # Items created then started, or the file's errors. cancel() goes by cancelling as for any job, and
+        # with nothing in flight, on to cancelled in the same call.
+        Status.VALIDATING: {Status.QUEUED, Status.FAILED, Status.CANCELLING},
         Status.QUEUED: {Status.RUNNING, Status.PAUSED, Status.CANCELLING, Status.CANCELLED, Status.FAILED},
         Status.RUNNING: {Status.PAUSED, Status.CANCELLING, Status.CANCELLED, Status.COMPLETED, Status.FAILED},
         Status.PAUSED: {Status.QUEUED, Status.RUNNING, Status.CANCELLING, Status.CANCELLED},
@@ -109,7 +115,9 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life from a slice")
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life from a slice, or from the validation of the job's file"
+    )
     # Slice bookkeeping (see start_slices() below): the generation of slices allowed to run, when the newest
     # slice was enqueued, and the enqueue time of the newest one that has started.
     slice_gen = models.PositiveIntegerField(default=0, editable=False)
@@ -163,7 +171,9 @@ class Job(models.Model):
 
     def progress(self) -> float:
         """Percent of items answered: a job cancelled half-way stays at half, it does not read as done."""
-        return 100.0 * self.n_answered / self.total if self.total else 100.0
+        if not self.total:  # no items yet (its file is being checked), or a job with none
+            return 0.0 if self.status == Job.Status.VALIDATING else 100.0
+        return 100.0 * self.n_answered / self.total
 
     def cancelled_percent(self) -> float:
         return 100.0 * self.n_cancelled / self.total if self.total else 0.0
@@ -218,6 +228,12 @@ class Job(models.Model):
             transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
         else:
             transaction.on_commit(lambda: Job.start_slices(self.pk))
+
+    @classmethod
+    def validate_later(cls, job_id: int) -> None:
+        """Enqueue the check of a validating job's file, which creates its items and starts it (or fails it),
+        once the surrounding transaction commits. The sweeper enqueues it again if it is lost."""
+        transaction.on_commit(lambda: async_task(VALIDATE_TASK, job_id, task_name=f"job-{job_id}-validate"))
 
     # Slices. A job runs as a few chains of slice tasks, each slice enqueueing its successor. Every start
     # (start, resume, a retry of a finished job, the sweeper's restart) is a new *generation*: slices of an
@@ -370,6 +386,8 @@ class Job(models.Model):
 
     def duplicate(self, owner) -> "Job":
         """A new queued job with the same requests, owned by `owner`, started."""
+        if self.status == Job.Status.VALIDATING:
+            raise InvalidTransition("Its file is still being checked: duplicate it once it has its requests.")
         fields = [
             "url",
             "model",

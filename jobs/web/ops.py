@@ -20,7 +20,7 @@ from django_q.status import Stat
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from jobs.models import Item, Job, JobTick, RemoteBatch
+from jobs.models import Endpoint, Item, Job, JobTick, RemoteBatch
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 class TableCollector:
-    """Batchsite's gauges and counters, read from its own tables at each scrape: four aggregate queries
-    (three with Redis), whatever the number of jobs."""
+    """Batchsite's gauges and counters, read from its own tables at each scrape: five aggregate queries
+    (four with Redis), whatever the number of jobs."""
 
     def collect(self) -> Iterator[Metric]:
         yield from self._jobs_and_items()
@@ -157,6 +157,14 @@ class TableCollector:
             retries.add_metric([endpoint], row["retried"] or 0)
         yield requests
         yield retries
+        limited = CounterMetricFamily(
+            "batchsite_rate_limited",
+            "429 rate_limit_exceeded answers to live requests per endpoint (counted as each slice ends)",
+            labels=["endpoint"],
+        )
+        for name, total in Endpoint.objects.values_list("name", "rate_limited_total"):
+            limited.add_metric([name], total)
+        yield limited
 
     def _remote_batches(self) -> Metric:
         counts = {s.value: 0 for s in RemoteBatch.Status}

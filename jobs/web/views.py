@@ -372,7 +372,11 @@ def job_retry(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
 @login_required
 def job_duplicate(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk)  # anyone who sees a job may run it again as their own
-    copy = job.duplicate(request.user)
+    try:
+        copy = job.duplicate(request.user)
+    except InvalidTransition as e:
+        messages.error(request, str(e))
+        return redirect(job)
     messages.success(request, f"Started a copy of “{job.name}”.")
     return redirect(copy)
 
@@ -383,7 +387,12 @@ def job_delete(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     job = _get_job(request, pk, write=True)
     if not job.deletable():
         if job.status in Job.ACTIVE:
-            messages.error(request, "Cancel or pause the job before deleting it.")
+            messages.error(
+                request,
+                "Cancel the job before deleting it."
+                if job.status == Job.Status.VALIDATING
+                else "Cancel or pause the job before deleting it.",
+            )
         else:
             messages.error(request, "Cancel the job before deleting it: its batches still run at the endpoint.")
         return redirect(job)
