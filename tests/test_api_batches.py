@@ -17,6 +17,12 @@ from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
 
 
+@pytest.fixture(autouse=True)
+def off_the_request_path(settings):
+    """These tests follow a batch through its worker-side validation, whatever the file's size."""
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = -1
+
+
 @pytest.fixture
 def endpoint():
     return make_endpoint("http://127.0.0.1:9/v1")

@@ -18,6 +18,12 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
 UTC_PLUS_2 = timezone.get_fixed_timezone(120)
 
 
+@pytest.fixture(autouse=True)
+def off_the_request_path(settings):
+    """These tests follow a batch through its worker-side validation, whatever the file's size."""
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = -1
+
+
 @pytest.fixture
 def endpoint():
     return make_endpoint("http://127.0.0.1:9/v1")  # never called: nothing runs the jobs here
@@ -62,7 +68,7 @@ def in_two_hours() -> datetime:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sdk_asks_for_remote_and_hybrid_through_metadata(web_server, owner, endpoint):
-    web = web_server()
+    web = web_server(BATCHSITE_INLINE_VALIDATION_BYTES="-1")  # a worker validates, whatever the size
     client = openai.OpenAI(base_url=web.base_url, api_key=ApiToken.create_for(owner, "sdk")[1], max_retries=0)
     file = client.files.create(file=("in.jsonl", jsonl([chat_line(f"req-{i}") for i in range(3)])), purpose="batch")
 

@@ -160,7 +160,7 @@ def test_async_client_completes_one_batch_and_cancels_another_mid_run(cluster, s
 
 def test_sdk_sees_failed_validation_lists_pages_and_token_errors(web_server, owner, teammate, write, settings):
     make_endpoint("http://127.0.0.1:9/v1")  # never called: no cluster runs here, the test validates
-    web = web_server()
+    web = web_server(BATCHSITE_INLINE_VALIDATION_BYTES="-1")  # a worker validates, whatever the size
     token = token_for(owner)
     client = openai.OpenAI(base_url=web.base_url, api_key=token, max_retries=0)
 

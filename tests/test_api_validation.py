@@ -10,7 +10,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
 from jobs.engine import tasks
-from jobs.engine.tasks import VALIDATION_QUIET, sweep, validate_batch
+from jobs.engine.tasks import sweep, validate_batch
+from jobs.ingest import VALIDATION_QUIET
 from jobs.models import ApiToken, Item, Job
 from jobs.models.job import SLICE_TASK, VALIDATE_TASK
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
@@ -20,6 +21,11 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
 
 GOOD = jsonl([chat_line(f"req-{i}", f"Q{i}") for i in range(4)])
 BAD = jsonl([chat_line("a")]) + b'{"custom_id": "b",\n' + jsonl([chat_line("a"), chat_line("c", model="")])
+
+
+@pytest.fixture(autouse=True)
+def off_the_request_path(settings):
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = -1  # every file, however small, goes to a worker here
 
 
 @pytest.fixture
@@ -140,7 +146,7 @@ def test_cancel_while_the_file_is_read_stops_the_reading(client, headers, endpoi
 
         return real_validate(*args, progress=cancel_then_report, **kwargs)
 
-    monkeypatch.setattr(tasks.ingest, "validate", cancelled_on_the_way)
+    monkeypatch.setattr("jobs.ingest.validating.validate", cancelled_on_the_way)
     assert validate_batch(batch["batchsite"]["job_id"]) == {
         "job": batch["batchsite"]["job_id"],
         "skipped": "cancelled while validating",
@@ -255,3 +261,11 @@ def test_a_million_lines_are_answered_in_under_a_second_then_run(cluster, web_se
     )
     assert client.batches.retrieve(batch.id).batchsite["status"] == "running"
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+
+
+def test_a_small_file_is_checked_in_the_request(client, headers, endpoint, settings):
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 2 * 1024 * 1024
+    batch = submit(client, headers, jsonl([chat_line("a"), chat_line("b")]))
+
+    job = Job.objects.get(pk=batch["batchsite"]["job_id"])
+    assert job.status == Job.Status.QUEUED and job.items.count() == 2  # no worker's turn before its first request

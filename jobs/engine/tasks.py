@@ -21,8 +21,7 @@ import time
 from datetime import timedelta
 
 from django.apps import apps as global_apps
-from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, router, transaction
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, router
 from django.db.models import Max, Q
 from django.utils import timezone
 from django_q.models import Schedule
@@ -36,9 +35,6 @@ log = logging.getLogger(__name__)
 # The queue is first in, first out, but workers take turns and clocks differ a little: a slice counts as
 # lost only when one enqueued this much later than it has started.
 QUEUE_ORDER_SLACK = timedelta(seconds=30)
-# A validation shows life (Job.heartbeat_at) every PROGRESS_EVERY requests it reads, and holds the job's
-# lock while it writes the items: one quiet this long, and not enqueued again this long ago, is lost.
-VALIDATION_QUIET = timedelta(seconds=60)
 
 
 def run_slice(job_id: int, slices: int | None = None, generation: int | None = None, enqueued_at=None) -> dict:
@@ -50,50 +46,11 @@ def run_slice(job_id: int, slices: int | None = None, generation: int | None = N
     return result
 
 
-class _NoLongerValidating(Exception):
-    """Cancelled (or deleted) while its file was being read: the rest is not worth reading."""
-
-
 def validate_batch(job_id: int) -> dict:
-    """A validating job's file checked off the request path (Job.validate_later): its items created and the
-    job started, or the job failed with the file's line errors, in one transaction with the job's lock.
-
-    Safe to enqueue twice: one run at a time claims the job (compare-and-set on its heartbeat), and only a
-    job still validating and without items is written. A cancel meanwhile leaves the job as it is."""
-    now = timezone.now()
-    validating = Job.objects.filter(pk=job_id, status=Job.Status.VALIDATING)
-    quiet = Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=now - VALIDATION_QUIET)
-    if not validating.filter(quiet).update(heartbeat_at=now):
-        return {"job": job_id, "skipped": "not validating, or another worker validates it"}
-    job = Job.objects.get(pk=job_id)
-
-    def alive(count: int) -> None:
-        if not validating.update(heartbeat_at=timezone.now()):
-            raise _NoLongerValidating
-
-    path = settings.DATA_DIR / job.source_file
-    try:
-        plan = ingest.validate(
-            path, format=job.source_format, expected_url=job.url, source_name=job.source_name, progress=alive
-        )
-    except _NoLongerValidating:
-        return {"job": job_id, "skipped": "cancelled while validating"}
-    except FileNotFoundError:  # kept while a job names it as its source, unless removed by hand
-        missing = ingest.LineError(None, "file_not_found", "The input file is no longer stored; upload it again.")
-        plan = ingest.Plan(path=path, format=job.source_format, errors=[missing], error_count=1)
-    with transaction.atomic():
-        if Job.lock(job_id) != Job.Status.VALIDATING or job.items.exists():
-            return {"job": job_id, "skipped": "cancelled or validated meanwhile"}
-        if plan.ok:
-            ingest.add_items(job, plan)
-            job.transition(Job.Status.QUEUED, heartbeat_at=None)  # the heartbeat is the slices' from now on
-            job.start()
-        else:
-            job.transition(
-                Job.Status.FAILED, reason=plan.failure(), errors=plan.error_list(), model=plan.model, heartbeat_at=None
-            )
-    log.info("validated job %s: %s requests, %s errors", job_id, plan.count, plan.error_count)
-    return {"job": job_id, "requests": plan.count, "errors": plan.error_count, "status": job.status}
+    """A validating job's file checked off the request path (Job.validate_later): jobs/ingest/validating.py."""
+    result = ingest.validate_job(job_id)
+    log.info("validated %s", result)
+    return result
 
 
 def poll_remote() -> dict:
@@ -133,8 +90,8 @@ def sweep() -> dict:
 
 def _revalidate(now) -> list[int]:
     """Validating jobs whose validation is lost (its worker died, or a Redis broker dropped the task): no life
-    shown and not enqueued for VALIDATION_QUIET. Enqueued again, once whichever sweeps run side by side."""
-    quiet = now - VALIDATION_QUIET
+    shown and not enqueued for ingest.VALIDATION_QUIET. Enqueued again, once whichever sweeps run side by side."""
+    quiet = now - ingest.VALIDATION_QUIET
     lost = Job.objects.filter(status=Job.Status.VALIDATING, updated_at__lt=quiet).filter(
         Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=quiet)
     )

@@ -1,0 +1,66 @@
+"""A job whose file is still to be checked (an API batch: Job.Status.VALIDATING): the check and the items,
+done by a worker (jobs.engine.tasks.validate_batch) or, for a small file, in the request itself."""
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from jobs.ingest.create import add_items
+from jobs.ingest.lines import LineError
+from jobs.ingest.plan import Plan, validate
+from jobs.models import Job
+
+log = logging.getLogger(__name__)
+
+# A validation shows life (Job.heartbeat_at) every PROGRESS_EVERY requests it reads, and holds the job's
+# lock while it writes the items: one quiet this long, and not enqueued again this long ago, is lost.
+VALIDATION_QUIET = timedelta(seconds=60)
+
+
+class _NoLongerValidating(Exception):
+    """Cancelled (or deleted) while its file was being read: the rest is not worth reading."""
+
+
+def validate_job(job_id: int) -> dict:
+    """A validating job's file checked off the request path (Job.validate_later): its items created and the
+    job started, or the job failed with the file's line errors, in one transaction with the job's lock.
+
+    Safe to enqueue twice: one run at a time claims the job (compare-and-set on its heartbeat), and only a
+    job still validating and without items is written. A cancel meanwhile leaves the job as it is."""
+    now = timezone.now()
+    validating = Job.objects.filter(pk=job_id, status=Job.Status.VALIDATING)
+    quiet = Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=now - VALIDATION_QUIET)
+    if not validating.filter(quiet).update(heartbeat_at=now):
+        return {"job": job_id, "skipped": "not validating, or another worker validates it"}
+    job = Job.objects.get(pk=job_id)
+
+    def alive(count: int) -> None:
+        if not validating.update(heartbeat_at=timezone.now()):
+            raise _NoLongerValidating
+
+    path = settings.DATA_DIR / job.source_file
+    try:
+        plan = validate(
+            path, format=job.source_format, expected_url=job.url, source_name=job.source_name, progress=alive
+        )
+    except _NoLongerValidating:
+        return {"job": job_id, "skipped": "cancelled while validating"}
+    except FileNotFoundError:  # kept while a job names it as its source, unless removed by hand
+        missing = LineError(None, "file_not_found", "The input file is no longer stored; upload it again.")
+        plan = Plan(path=path, format=job.source_format, errors=[missing], error_count=1)
+    with transaction.atomic():
+        if Job.lock(job_id) != Job.Status.VALIDATING or job.items.exists():
+            return {"job": job_id, "skipped": "cancelled or validated meanwhile"}
+        if plan.ok:
+            add_items(job, plan)
+            job.transition(Job.Status.QUEUED, heartbeat_at=None)  # the heartbeat is the slices' from now on
+            job.start()
+        else:
+            job.transition(
+                Job.Status.FAILED, reason=plan.failure(), errors=plan.error_list(), model=plan.model, heartbeat_at=None
+            )
+    return {"job": job_id, "requests": plan.count, "errors": plan.error_count, "status": job.status}
