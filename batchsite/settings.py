@@ -213,7 +213,7 @@ BATCHSITE_MAX_LINES = envint("BATCHSITE_MAX_LINES", 1_000_000)
 BATCHSITE_MAX_LINE_KB = envint("BATCHSITE_MAX_LINE_KB", 10_240)
 # POST /v1/batches checks a file up to this size at once; a bigger one is checked by a worker (the batch stays
 # `validating` meanwhile), so the request answers in well under a second whatever the size.
-BATCHSITE_INLINE_VALIDATION_BYTES = envint("BATCHSITE_INLINE_VALIDATION_BYTES", 2 * 1024 * 1024)
+BATCHSITE_INLINE_VALIDATION_BYTES = envint("BATCHSITE_INLINE_VALIDATION_BYTES", 4 * 1024 * 1024)
 # Files uploaded through /v1/files without OpenAI's `expires_after` are removed after this many days (0: never).
 BATCHSITE_FILE_EXPIRY_DAYS = envint("BATCHSITE_FILE_EXPIRY_DAYS", 30)
 # The engine: how long a worker's claim on items lasts without a heartbeat, how long one slice
