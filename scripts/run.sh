@@ -27,16 +27,13 @@ stop() {
   trap - EXIT INT TERM HUP
   [ ${#groups[@]} -gt 0 ] || return 0
   echo "Stopping..."
-  # SIGTERM to each service's main process only, which stops its own children the graceful way: the
-  # qcluster tells its workers to hand their work back (jobs/engine/shutdown.py), gunicorn lets its
-  # requests finish. Sent to a whole group, it would kill the cluster's workers mid-request.
-  for g in "${groups[@]}"; do kill -TERM -- "$g" 2>/dev/null; done
-  for _ in $(seq 1 40); do
+  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null; done
+  for _ in $(seq 1 20); do
     alive || break
     sleep 0.5
   done
-  # Whatever is left after 20 s (BATCHSITE_SHUTDOWN_SECONDS is 10) goes now. Safe by design: leases
-  # expire and the sweeper hands the items to the next start.
+  # qcluster waits for running slices to end, which can take a minute. Cutting them short is
+  # safe by design: their leases expire and the sweeper hands the items to the next start.
   for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null; done
   wait 2>/dev/null
 }
