@@ -291,6 +291,23 @@ def test_csp_stops_injected_inline_script_and_the_admin_keeps_working(
     page.wait_for_url(re.compile(r"scope=mine"))
 
 
+def hybrid_timeline(job) -> str:
+    """When a hybrid job misses its deadline: where the time went, in seconds before the deadline."""
+    from django.db.models import Max, Min
+
+    def t(moment):
+        return None if moment is None else round((job.deadline - moment).total_seconds(), 2)
+
+    items = job.items.filter(latency_ms__isnull=False).aggregate(first=Min("finished_at"), last=Max("finished_at"))
+    chunks = [(c.status, t(c.cancel_requested_at), t(c.collected_at)) for c in job.remote_batches.all()]
+    return (
+        f"seconds before the deadline: switch planned {t(job.switch_at)}, switched {t(job.switched_at)}, "
+        f"chunks (status, cancel asked, collected) {chunks}, slice enqueued {t(job.slice_enqueued_at)} "
+        f"picked {t(job.slice_picked_at)}, live items {t(items['first'])}..{t(items['last'])}, "
+        f"finished {t(job.finished_at)}; {job.switch_note}"
+    )
+
+
 def test_a_hybrid_job_from_the_form_shows_its_batches_and_switch_then_completes(
     page, live_server, users, tmp_path, cluster, simulator
 ):
@@ -323,7 +340,7 @@ def test_a_hybrid_job_from_the_form_shows_its_batches_and_switch_then_completes(
 
     job = Job.objects.get()
     assert (job.mode, job.n_succeeded, job.n_failed) == (Job.Mode.HYBRID, 80, 0), job.counts()
-    assert job.finished_at <= job.deadline, (job.finished_at, job.deadline, job.switched_at, job.switch_note)
+    assert job.finished_at <= job.deadline, hybrid_timeline(job)
     assert "Switched to live at" in page.locator(".hybrid-plan").inner_text()
     assert "cancelled" in page.locator("table.chunks").inner_text()
     assert sim.stats()["by_path"].get("/v1/chat/completions", 0) == job.items.filter(latency_ms__isnull=False).count()

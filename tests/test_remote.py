@@ -387,6 +387,21 @@ def test_only_one_poller_runs_at_a_time(settings):
     assert "skipped" not in remote.poll(window=1)
 
 
+def test_a_poller_whose_window_ends_with_work_due_hands_over_to_a_successor(sim, write, owner, monkeypatch):
+    config, base_url = sim
+    config.batch_seconds = 30
+    successors = []
+    monkeypatch.setattr("jobs.engine.remote.async_task", lambda func, **options: successors.append(func))
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+
+    result = remote.poll(window=0)  # sends the batch; its next look is due within seconds
+
+    assert result["handed_over"] and successors == ["jobs.engine.tasks.poll_remote"]
+    assert job.remote_batches.get().batch_id
+    RemoteBatch.objects.update(next_poll_at=timezone.now() + timedelta(minutes=5))  # nothing due soon: no successor
+    assert "handed_over" not in remote.poll(window=0) and len(successors) == 1
+
+
 def test_a_cancel_that_arrives_after_the_batch_finished_keeps_every_result(sim, write, owner):
     config, base_url = sim
     job = remote_job(write, owner, make_endpoint(base_url), 6)

@@ -42,12 +42,14 @@ from django.db import close_old_connections, transaction
 from django.db.models import F, Max, Q, Sum
 from django.db.models.functions import Least
 from django.utils import timezone
+from django_q.tasks import async_task
 
 from jobs import egress, remoteplan
 from jobs.engine import shutdown
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
+from jobs.models.job import REMOTE_TASK
 from jobs.pricing import PriceBook
 
 log = logging.getLogger(__name__)
@@ -107,9 +109,14 @@ def poll(window: float | None = None) -> dict:
         finally:
             if cache.get(LOCK) == token:
                 cache.delete(LOCK)
-        # A job started while this poller was finishing found the lock taken and left its work to us.
-        if time.monotonic() >= end or shutdown.requested() or not due_soon():
+        if not due_soon():
             return {"rounds": rounds}
+        if time.monotonic() >= end or shutdown.requested():
+            # Work is still due: hand over to a successor now rather than leave it to the schedule's next start
+            # (up to a minute away, past a hybrid switch). The worker is freed for other tasks meanwhile.
+            async_task(REMOTE_TASK, task_name="remote-poller-successor")
+            return {"rounds": rounds, "handed_over": True}
+        # A job started while this poller was finishing found the lock taken and left its work to us.
         time.sleep(1.0)
 
 
