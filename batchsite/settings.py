@@ -207,6 +207,29 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
+# Uploads and /v1 files (jobs/storage.py): the data dir, or an S3-compatible bucket every node reads. Keys
+# come the way boto3 finds them: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or an instance role.
+BATCHSITE_S3_BUCKET = os.environ.get("BATCHSITE_S3_BUCKET", "")
+_uploads: dict = {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR}}
+if BATCHSITE_S3_BUCKET:
+    _uploads = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": BATCHSITE_S3_BUCKET,
+            "endpoint_url": os.environ.get("BATCHSITE_S3_ENDPOINT_URL") or None,  # MinIO, R2, Ceph...
+            "region_name": os.environ.get("BATCHSITE_S3_REGION") or None,
+            "location": os.environ.get("BATCHSITE_S3_PREFIX", "batchsite").strip("/"),
+            "file_overwrite": True,  # names are unique folders already
+            "default_acl": None,  # the bucket's own policy: private
+            "querystring_auth": True,
+        },
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "uploads": _uploads,
+}
+
 # Uploads: Django spools anything over 2.5 MB to disk, so a 200 MB file never sits in memory.
 BATCHSITE_MAX_UPLOAD_MB = envint("BATCHSITE_MAX_UPLOAD_MB", 512)
 BATCHSITE_MAX_LINES = envint("BATCHSITE_MAX_LINES", 1_000_000)

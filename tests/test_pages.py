@@ -301,11 +301,12 @@ def test_revoking_an_unknown_token_is_404(client, owner):
 
 def test_review_of_an_upload_gone_from_disk_asks_for_it_again(client, owner, endpoint):
     import shutil
-    from pathlib import Path
+
+    from django.conf import settings
 
     client.force_login(owner)
     url = upload(client, "a.jsonl", jsonl([chat_line("a")]))
-    path = Path(client.session["uploads"][url.rstrip("/").split("/")[-1]]["path"])
+    path = settings.DATA_DIR / client.session["uploads"][url.rstrip("/").split("/")[-1]]["file"]
     shutil.rmtree(path.parent)
     response = client.get(url, follow=True)
     assert "no longer on the server" in response.content.decode()

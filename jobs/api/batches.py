@@ -24,7 +24,7 @@ from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import conditional_page
 
-from jobs import ingest
+from jobs import ingest, storage
 from jobs.api.auth import ApiRequest, api_view, json_body
 from jobs.api.files import get_file
 from jobs.api.pagination import cursor_page
@@ -359,7 +359,7 @@ def _create(request: ApiRequest) -> JsonResponse:
             param="input_file_id",
             code="invalid_value",
         )
-    if not file.full_path.exists():
+    if not storage.exists(file.path):
         raise ApiError(
             400, f"The content of {input_file_id} is no longer stored; upload it again.", param="input_file_id"
         )

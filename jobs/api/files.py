@@ -11,7 +11,7 @@ from django.http import FileResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.utils.http import content_disposition_header
 
-from jobs import ingest
+from jobs import ingest, storage
 from jobs.api.auth import ApiRequest, api_view
 from jobs.api.pagination import cursor_page
 from jobs.errors import ApiError
@@ -76,6 +76,8 @@ def _upload(request: ApiRequest) -> JsonResponse:
         raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     lifetime = _expires_after(request)
     path, error = ingest.store_upload(upload.chunks(), upload.name or "")
+    if error and error.code == ingest.STORAGE_UNAVAILABLE:
+        raise ApiError(503, error.message, code=error.code)  # the SDK retries a 503
     if error:
         raise ApiError(400, error.message, param="file", code=error.code)
     assert path is not None  # store_upload gives a path whenever it gives no error
@@ -134,9 +136,14 @@ def content(request: ApiRequest, file_id: str) -> StreamingHttpResponse:
     file = get_file(request, file_id)
     response: StreamingHttpResponse
     if file.job_id is None:
-        if not file.full_path.exists():
+        if file.full_path.exists():
+            response = FileResponse(open(file.full_path, "rb"), content_type="application/octet-stream")
+        elif storage.exists(file.path):  # uploaded through another node: streamed from the shared bucket
+            response = StreamingHttpResponse(file.chunks(), content_type="application/octet-stream")
+            if file.bytes is not None:
+                response["Content-Length"] = str(file.bytes)
+        else:
             raise ApiError(404, f"The content of {file_id} is no longer stored.", param="id")
-        response = FileResponse(open(file.full_path, "rb"), content_type="application/octet-stream")
     else:
         response = StreamingHttpResponse(file.chunks(), content_type="application/octet-stream")
     # The stubs say str | None; None only comes without as_attachment and without a filename.

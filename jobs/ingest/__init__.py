@@ -17,11 +17,12 @@ from jobs.ingest.jsonl import MAX_DEPTH
 from jobs.ingest.lines import MAX_ERRORS, Limits, LineError, Request
 from jobs.ingest.plan import CHECKED_NAME, Plan, checked, detect_format, validate
 from jobs.ingest.template import MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, _render, schema_format, template_columns
-from jobs.ingest.uploads import remove_stale_uploads, store_upload
+from jobs.ingest.uploads import STORAGE_UNAVAILABLE, remove_stale_uploads, store_upload
 from jobs.ingest.validating import VALIDATION_QUIET, validate_job
 
 __all__ = [
     "CHECKED_NAME",
+    "STORAGE_UNAVAILABLE",
     "VALIDATION_QUIET",
     "MAX_DEPTH",
     "MAX_ERRORS",

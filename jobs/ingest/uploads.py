@@ -4,6 +4,7 @@ and removed a day later if no job or /v1 file came to point at it.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -13,8 +14,13 @@ from pathlib import Path
 
 from django.conf import settings
 
+from jobs import storage
 from jobs.ingest.lines import Limits, LineError
 from jobs.models import File, Job
+
+log = logging.getLogger(__name__)
+
+STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 def store_upload(
@@ -36,6 +42,14 @@ def store_upload(
                 mb = limits.max_file_bytes // (1024 * 1024)
                 return None, LineError(None, "file_too_large", f"The file is larger than the {mb} MB limit.")
             out.write(chunk)
+    try:
+        storage.publish(path)  # every node reads it from the shared bucket, when there is one
+    except Exception:
+        log.exception("could not store upload %s in the uploads storage", path)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None, LineError(
+            None, STORAGE_UNAVAILABLE, "The file could not be stored (the uploads storage failed); try again."
+        )
     return path, None
 
 
@@ -46,11 +60,14 @@ def remove_stale_uploads(max_age_hours: float = 24) -> int:
     folder keeps it, whatever its age.
     """
     root = settings.DATA_DIR / "uploads"
-    if not root.is_dir():
-        return 0
     cutoff = time.time() - max_age_hours * 3600
-    old = [folder for folder in root.iterdir() if folder.is_dir() and folder.stat().st_mtime < cutoff]
-    if not old:
+    old = (
+        [folder for folder in root.iterdir() if folder.is_dir() and folder.stat().st_mtime < cutoff]
+        if root.is_dir()
+        else []
+    )
+    shared = [name for name, modified in storage.shared_uploads() if modified.timestamp() < cutoff]
+    if not old and not shared:
         return 0
     kept = {
         Path(p).parts[1]
@@ -61,8 +78,12 @@ def remove_stale_uploads(max_age_hours: float = 24) -> int:
         for p in File.objects.filter(path__startswith="uploads/", deleted_at=None).values_list("path", flat=True)
     }
     removed = 0
-    for folder in old:
+    for folder in old:  # this node's uploads, or its copies of the bucket's
         if folder.name not in kept:
             shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    for name in shared:
+        if Path(name).parts[1] not in kept:
+            storage.remove(name)
             removed += 1
     return removed

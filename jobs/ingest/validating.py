@@ -9,6 +9,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from jobs import storage
 from jobs.ingest.create import add_items
 from jobs.ingest.lines import LineError
 from jobs.ingest.plan import Plan, validate
@@ -44,6 +45,7 @@ def validate_job(job_id: int) -> dict:
 
     path = settings.DATA_DIR / job.source_file
     try:
+        path = storage.local_path(job.source_file)  # fetched from the shared bucket if another node took it
         plan = validate(
             path, format=job.source_format, expected_url=job.url, source_name=job.source_name, progress=alive
         )

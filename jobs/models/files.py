@@ -1,7 +1,6 @@
 """File and Batch: the /v1 API's objects. A Batch is a Job seen through OpenAI's Batch API."""
 
 import secrets
-import shutil
 from pathlib import Path
 
 from django.conf import settings
@@ -9,6 +8,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from jobs import storage
 from jobs.models.job import Job
 
 
@@ -121,7 +121,7 @@ class File(models.Model):
         for file in expired.exclude(path__in=busy):
             File.objects.filter(pk=file.pk).update(deleted_at=now)
             if file.path.startswith("uploads/"):
-                shutil.rmtree(file.full_path.parent, ignore_errors=True)
+                storage.remove(file.path)
             removed += 1
         return removed
 
@@ -132,19 +132,13 @@ class File(models.Model):
         if self.job is not None:
             writer = export.results_jsonl if self.kind == self.RESULTS else export.errors_jsonl
             return writer(self.job)
-        return _read_chunks(self.full_path)
+        return storage.read_chunks(self.path)
 
     def delete_content(self) -> None:
         """Mark deleted, and remove an upload from disk unless a job still names it as its source."""
         File.objects.filter(pk=self.pk).update(deleted_at=timezone.now())
         if self.path.startswith("uploads/") and not Job.objects.filter(source_file=self.path).exists():
-            shutil.rmtree(self.full_path.parent, ignore_errors=True)
-
-
-def _read_chunks(path, size: int = 64 * 1024):
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
+            storage.remove(self.path)
 
 
 class Batch(models.Model):

@@ -29,7 +29,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
-from jobs import egress, export, ingest, presets, timeline
+from jobs import egress, export, ingest, presets, storage, timeline
 from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch
 from jobs.pricing import estimate
 from jobs.web.forms import EndpointForm, JobForm, UploadForm
@@ -129,7 +129,8 @@ def job_new(request: AuthenticatedHttpRequest) -> HttpResponse:
             assert path is not None  # store_upload gives a path whenever it gives no error
             token = path.parent.name
             fmt = ingest.detect_format(upload.name, path)
-            _uploads(request)[token] = {"path": str(path), "name": upload.name, "format": fmt}
+            # The name under the data dir, not this node's path: the review may be served by another web node.
+            _uploads(request)[token] = {"file": storage.name_of(path), "name": upload.name, "format": fmt}
             request.session.modified = True
             return redirect("job_review", token=token)
     limit = settings.BATCHSITE_MAX_UPLOAD_MB
@@ -154,8 +155,12 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     if upload is None:
         messages.error(request, "That upload has expired. Please upload the file again.")
         return redirect("job_new")
-    path, fmt = Path(upload["path"]), upload["format"]
-    if not path.exists():  # cleaned up after a day, or the data dir was reset
+    fmt = upload["format"]
+    try:
+        path = storage.local_path(upload.get("file") or storage.name_of(Path(upload["path"])))
+        if not path.exists():
+            raise FileNotFoundError(path)
+    except (FileNotFoundError, ValueError):  # cleaned up after a day, or the data dir was reset
         _uploads(request).pop(token, None)
         request.session.modified = True
         messages.error(request, f"The upload of {upload['name']} is no longer on the server. Please upload it again.")
