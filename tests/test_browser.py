@@ -109,7 +109,10 @@ def test_bad_file_shows_line_numbered_errors(page, live_server, users, tmp_path)
     assert Job.objects.count() == 0
 
 
-def test_upload_launch_and_watch_to_completion_then_download(page, live_server, users, tmp_path, cluster, simulator):
+def test_upload_launch_and_watch_to_completion_then_download(
+    page, live_server, users, tmp_path, cluster, simulator, settings
+):
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 1000  # the JSONL launches off the request path, the CSV inline
     sim = simulator("--latency-ms", "30")
     make_endpoint(sim.base_url)
     cluster()
@@ -128,6 +131,7 @@ def test_upload_launch_and_watch_to_completion_then_download(page, live_server, 
     shot(page, "review-jsonl")
     page.click("button[value=launch]")
     page.wait_for_url(re.compile(r"/jobs/\d+/$"))
+    assert page.locator("text=a worker is checking the file").count() == 1
     # Progress reaches 100% by htmx polling alone: no reload.
     page.evaluate("window.__marker = 'same page'")
     page.wait_for_selector("#progress [data-status=completed]", timeout=120_000)

@@ -393,3 +393,92 @@ def test_not_found_page_speaks_plainly(client, owner):
     page = response.content.decode()
     assert response.status_code == 404
     assert "This page does not exist, or it was deleted." in page and "matches the given query" not in page
+
+
+def test_a_big_file_launches_at_once_and_a_worker_adds_its_requests_with_progress(
+    client, owner, endpoint, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Above BATCHSITE_INLINE_VALIDATION_BYTES, Launch answers without reading the file: the job is
+    `validating`, and the worker's check (run here as the task would) renders the CSV template, shows how
+    far it has got, creates the items and starts the job."""
+    from jobs import ingest
+    from jobs.ingest import plan as plan_module
+    from jobs.ingest import validating
+
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 100
+    rows = "".join(f"T{i},Ticket number {i}\n" for i in range(300))
+    client.force_login(owner)
+    url = upload(client, "tickets.csv", f"id,ticket\n{rows}".encode())
+    form = {
+        "name": "Tickets",
+        "endpoint": endpoint.pk,
+        "max_attempts": 3,
+        "url": "/v1/chat/completions",
+        "model": "gpt-4o-mini",
+        "user_prompt": "Classify: {{ ticket }}",
+        "custom_id_column": "id",
+        "mode": "live",
+        "action": "check",
+    }
+    assert "All 300 requests are valid" in client.post(url, form).content.decode()
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = client.post(url, {**form, "action": "launch"})
+    job = Job.objects.get()
+    assert response.status_code == 302 and response.url == f"/jobs/{job.pk}/"
+    assert (job.status, job.items.count(), job.max_attempts, job.url) == (
+        Job.Status.VALIDATING,
+        0,
+        3,
+        "/v1/chat/completions",
+    )
+    assert len(callbacks) == 1  # the check is enqueued once the job is committed
+    page = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true").content.decode()
+    assert "Waiting for a worker to check the file" in page
+
+    seen, seen_on_page = [], []
+    show = validating._show_progress
+    monkeypatch.setattr(plan_module, "PROGRESS_EVERY", 50)
+    monkeypatch.setattr("jobs.ingest.create.CHUNK", 100)
+
+    def look(job_id, f):
+        seen.append(f)
+        show(job_id, f)
+        if 0 < f < 1:
+            seen_on_page.append(client.get(f"/jobs/{job.pk}/progress").content.decode())
+
+    monkeypatch.setattr(validating, "_show_progress", look)
+    ingest.validate_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED and job.total == 300 and job.columns == ["id", "ticket"]
+    assert json.loads(job.items.get(custom_id="T7").body)["messages"][-1]["content"] == "Classify: Ticket number 7"
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] == 1.0 and len(seen) >= 6
+    assert any(
+        "Checking the file and adding its requests" in p and re.search(r'class="percent">([1-9]\d?)%<', p)
+        for p in seen_on_page
+    )
+    assert ingest.validation_progress(job.pk) is None  # done: the job page shows its requests now
+
+
+def test_a_big_file_that_fails_its_check_at_launch_fails_the_job_with_its_lines(client, owner, endpoint, settings):
+    from jobs import ingest
+
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 10
+    client.force_login(owner)
+    good = jsonl([chat_line(f"r{i}") for i in range(5)])
+    url = upload(client, "calls.jsonl", good)
+    assert "All 5 requests are valid" in client.get(url).content.decode()
+    token = url.rstrip("/").split("/")[-1]
+    from django.conf import settings as live
+
+    path = live.DATA_DIR / client.session["uploads"][token]["file"]
+    path.write_bytes(good + b'{"custom_id": "broken",\n')  # changed on disk after the review
+    client.post(url, {"name": "", "endpoint": endpoint.pk, "max_attempts": 5, "action": "launch", "mode": "live"})
+    job = Job.objects.get()
+    ingest.validate_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.status == Job.Status.FAILED and job.items.count() == 0
+    assert [e["line"] for e in job.errors] == [6]
+    assert "Line" in client.get(f"/jobs/{job.pk}/").content.decode()

@@ -18,7 +18,7 @@ from jobs.ingest.lines import MAX_ERRORS, Limits, LineError, Request
 from jobs.ingest.plan import CHECKED_NAME, Plan, checked, detect_format, validate
 from jobs.ingest.template import MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, _render, schema_format, template_columns
 from jobs.ingest.uploads import STORAGE_UNAVAILABLE, remove_stale_uploads, store_upload
-from jobs.ingest.validating import VALIDATION_QUIET, validate_job
+from jobs.ingest.validating import VALIDATION_QUIET, validate_job, validation_progress
 
 __all__ = [
     "CHECKED_NAME",
@@ -40,6 +40,7 @@ __all__ = [
     "create_job_to_validate",
     "detect_format",
     "validate_job",
+    "validation_progress",
     "remove_stale_uploads",
     "schema_format",
     "store_upload",

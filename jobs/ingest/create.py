@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
@@ -36,9 +37,6 @@ def create_job(
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
         raise ValueError("A plan with errors cannot become a job.")
-    template = plan.template
-    if template is not None and isinstance(template.json_schema, str) and template.json_schema.strip():
-        template = Template.from_dict({**template.as_dict(), "json_schema": json.loads(template.json_schema)})
     with transaction.atomic():
         job = Job.objects.create(
             owner=owner,
@@ -50,7 +48,7 @@ def create_job(
             source_name=plan.source_name[:255],
             source_format=plan.format,
             source_file=str(_relative(plan.path)),
-            template=template.as_dict() if template else {},
+            template=_stored(plan.template),
             metadata=metadata or {},
             max_attempts=max_attempts,
             created_at=timezone.now(),
@@ -58,6 +56,13 @@ def create_job(
         )
         _insert_items(job.pk, plan)
     return job
+
+
+def _stored(template: Template | None) -> dict:
+    """The template as the job keeps it, its JSON schema parsed (a form gives it as text)."""
+    if template is not None and isinstance(template.json_schema, str) and template.json_schema.strip():
+        template = Template.from_dict({**template.as_dict(), "json_schema": json.loads(template.json_schema)})
+    return template.as_dict() if template else {}
 
 
 def create_job_to_validate(
@@ -71,8 +76,12 @@ def create_job_to_validate(
     mode: str = Job.Mode.LIVE,
     deadline=None,
     metadata: dict | None = None,
+    format: str = Job.Format.JSONL,
+    template: Template | None = None,
+    max_attempts: int = 5,
 ) -> Job:
-    """A JSONL job whose file a worker validates later (Job.validate_later): `validating`, with no items yet."""
+    """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
+    job keeps its template, which the validation renders each row with."""
     return Job.objects.create(
         owner=owner,
         name=name[:200],
@@ -82,14 +91,16 @@ def create_job_to_validate(
         endpoint=endpoint,
         status=Job.Status.VALIDATING,
         source_name=source_name[:255],
-        source_format=Job.Format.JSONL,
+        source_format=format,
         source_file=str(_relative(path)),
+        template=_stored(template),
         metadata=metadata or {},
+        max_attempts=max_attempts,
         created_at=timezone.now(),
     )
 
 
-def add_items(job: Job, plan: Plan) -> None:
+def add_items(job: Job, plan: Plan, progress: Callable[[int], object] | None = None) -> None:
     """The Items of a job made before its file was validated, and the counts and model they give it: all in
     one transaction, so a crash leaves the job without any."""
     if not plan.ok:
@@ -97,7 +108,7 @@ def add_items(job: Job, plan: Plan) -> None:
     counts = _counts(plan)
     with transaction.atomic():
         Job.objects.filter(pk=job.pk).update(**counts)
-        _insert_items(job.pk, plan)
+        _insert_items(job.pk, plan, progress)
     for name, value in counts.items():
         setattr(job, name, value)
 
@@ -113,7 +124,7 @@ def _counts(plan: Plan) -> dict:
     )
 
 
-def _insert_items(job_id: int, plan: Plan) -> None:
+def _insert_items(job_id: int, plan: Plan, progress: Callable[[int], object] | None = None) -> None:
     """INSERT the plan's requests as the job's items: in chunks with executemany, or on Postgres with COPY.
 
     bulk_create spends ~90% of its time turning each value into SQL parameters one field at a
@@ -143,12 +154,18 @@ def _insert_items(job_id: int, plan: Plan) -> None:
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             with cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-                for row in rows:
+                for n, row in enumerate(rows, start=1):
                     copy.write_row(row + constants)
+                    if progress is not None and n % CHUNK == 0:
+                        progress(n)
             return
         sql = f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * len(columns))})"
+        done = 0
         while chunk := list(itertools.islice(rows, CHUNK)):
             cursor.executemany(sql, [row + constants for row in chunk])
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
 
 
 def _relative(path: Path) -> Path:

@@ -13,7 +13,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate, TruncMonth
 from django.http import (
@@ -175,6 +175,8 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         template = form.template() if fmt == Job.Format.CSV else None
         launch = request.POST.get("action") == "launch"
+        if launch and path.stat().st_size > settings.BATCHSITE_INLINE_VALIDATION_BYTES:
+            return _launch_later(request, token, upload, path, form, template)
         # Checking shows the remembered result when file and template are unchanged; launching
         # validates afresh, as creating the job needs every request's estimate.
         check = ingest.validate if launch else ingest.checked
@@ -215,6 +217,36 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     if request.htmx:
         return render(request, "jobs/_review.html", context)
     return render(request, "jobs/review.html", context)
+
+
+def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, template) -> HttpResponse:
+    """Launch a big file without reading it in the request (a million lines take a minute to check and
+    insert): the job starts `validating`, a worker checks the file again and creates the items, and the
+    job page shows how far it has got. The review page has shown this file's check already; a file that
+    fails now fails the job with its line errors."""
+    fmt = upload["format"]
+    url = template.url if template is not None else (ingest.checked(path, format=fmt, source_name=upload["name"]).url)
+    with transaction.atomic():
+        job = ingest.create_job_to_validate(
+            path,
+            owner=request.user,
+            name=form.cleaned_data["name"] or Path(upload["name"]).stem,
+            url=url,
+            source_name=upload["name"],
+            endpoint=form.cleaned_data["endpoint"] or Endpoint.default(),
+            mode=form.cleaned_data["mode"],
+            deadline=form.cleaned_data["deadline"],
+            format=fmt,
+            template=template,
+            max_attempts=form.cleaned_data["max_attempts"],
+        )
+        Job.validate_later(job.pk)
+    _uploads(request).pop(token, None)
+    request.session.modified = True
+    messages.success(request, "Job created: a worker is checking the file and adding its requests.")
+    if request.htmx:
+        return HttpResponseClientRedirect(job.get_absolute_url())
+    return redirect(job)
 
 
 # Job detail and control
@@ -295,7 +327,15 @@ def _progress_context(job: Job) -> dict:
 
     line, drawn = _reuse(("chart", job.pk, job.created_at, job.status), chart)
     groups = _reuse(("errors", job.pk, job.created_at, job.n_failed, job.n_expired), lambda: _error_groups(job))
-    return {"job": job, "timeline": line, "chart": drawn, "error_groups": groups, "chunks": _chunks(job)}
+    checking = ingest.validation_progress(job.pk) if job.status == Job.Status.VALIDATING else None
+    return {
+        "job": job,
+        "timeline": line,
+        "chart": drawn,
+        "error_groups": groups,
+        "chunks": _chunks(job),
+        "checking": None if checking is None else 100 * checking,
+    }
 
 
 def _chunks(job: Job) -> list[RemoteBatch]:
