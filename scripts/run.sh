@@ -24,16 +24,24 @@ alive() {
 }
 
 stop() {
-  trap - EXIT INT TERM HUP
+  trap - EXIT TERM HUP
+  trap 'force=1' INT  # a second Ctrl-C: stop at once
   [ ${#groups[@]} -gt 0 ] || return 0
-  echo "Stopping..."
-  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null; done
-  for _ in $(seq 1 20); do
-    alive || break
-    sleep 0.5
+  echo "Stopping... (Ctrl-C again to stop at once)"
+  # The cluster stops the way a service manager stops it (jobs/engine/shutdown.py): SIGTERM to its main
+  # process only, which tells the workers to hand their claimed items back at once and gives requests in
+  # flight BATCHSITE_SHUTDOWN_SECONDS. The web server and the simulator stop as a group.
+  for g in "${groups[@]}"; do
+    if [ "$g" = "${cluster:-}" ]; then kill -TERM "$g" 2>/dev/null; else kill -TERM -- "-$g" 2>/dev/null; fi
   done
-  # qcluster waits for running slices to end, which can take a minute. Cutting them short is
-  # safe by design: their leases expire and the sweeper hands the items to the next start.
+  local bound=$(( ${BATCHSITE_SHUTDOWN_SECONDS:-10} + 2 ))
+  for _ in $(seq 1 $(( bound * 4 ))); do
+    alive || break
+    [ -z "${force:-}" ] || break
+    sleep 0.25
+  done
+  # Past the bound, or asked twice: whatever is left goes now. Still safe: the leases of items not handed
+  # back expire and the sweeper gives them to the next start.
   for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null; done
   wait 2>/dev/null
 }
@@ -49,6 +57,7 @@ if [ -z "${OPENAI_API_KEY:-}" ]; then
 fi
 
 start "$PY" manage.py qcluster
+cluster=${groups[-1]}
 start "$PY" -m gunicorn --config gunicorn.conf.py --bind "$BIND"
 
 sleep 1
