@@ -108,7 +108,14 @@ def errors_jsonl(job: Job) -> Iterator[str]:
     def lines():
         for pk, custom_id, status, http_status, upstream_id, body, code, message in _items(job, ERROR_STATUSES, fields):
             head = f'{{"id":"{request_id(job.pk, pk)}","custom_id":{dumps(custom_id, ensure_ascii=False)},'
-            if status == Item.Status.FAILED and http_status:
+            if status == Item.Status.FAILED and code == "invalid_output":
+                # The endpoint answered 200 with what its schema forbids: the answer, and why it was refused.
+                error = {"code": code, "message": message}
+                yield (
+                    f'{head}"response":{{"status_code":{http_status or 200},"request_id":{dumps(upstream_id)},'
+                    f'"body":{_error_body(body, http_status or 200)}}},"error":{dumps(error, ensure_ascii=False)}}}\n'
+                )
+            elif status == Item.Status.FAILED and http_status:
                 yield (
                     f'{head}"response":{{"status_code":{http_status},"request_id":{dumps(upstream_id)},'
                     f'"body":{_error_body(body, http_status)}}},"error":null}}\n'
@@ -256,7 +263,7 @@ def results_csv(job: Job) -> Iterator[str]:
             error = ""
             if status in ERROR_STATUSES:
                 error = message or code or NOT_RUN.get(status, ("", ""))[1]
-                if http_status:
+                if http_status and code != "invalid_output":  # a 200 whose answer broke its schema
                     error = f"HTTP {http_status}: {error}"
             row += [status, _safe_cell(error), p, c, "" if latency is None else latency]
             writer.writerow(row)

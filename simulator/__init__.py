@@ -8,6 +8,9 @@ exhaustion, latency and the Files/Batches API behave like OpenAI's, closely enou
 For tests:
 - a model named "bad-model" gets 404 model_not_found; a prompt containing SIMULATE_400 or
   SIMULATE_500 gets that status (live and in batches), so single items can fail on purpose;
+- SimConfig.bad_output_rate breaks that fraction of structured answers (JSON mode or a JSON schema, live
+  and in batches), alternately invalid JSON (cut half-way; chat says finish_reason "length") and valid
+  JSON off the schema; /_sim/stats counts them as `bad_outputs`;
 - GET /_sim/stats, GET /_sim/log (?limit=N), GET|POST /_sim/config, POST /_sim/reset;
 - every retry of a request answered 429 is audited: /_sim/stats counts `retries_checked` and lists
   `retry_after_violations` (a retry that arrived before the Retry-After it was given had passed,

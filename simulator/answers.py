@@ -3,7 +3,8 @@
 
 Answers are deterministic echoes of the request ("Echo: " + last user message), so a test can check
 that each answer reached the item that asked for it; structured outputs get a value valid for their
-JSON schema, embeddings a unit vector hashed from the input.
+JSON schema (but for the fraction SimConfig.bad_output_rate, broken by `BadOutputs`), embeddings a unit
+vector hashed from the input.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import hashlib
 import json
 import math
 import os
+import random
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from simulator.config import SimConfig
 from simulator.errors import ApiError, prompt_error
 
 # path -> the kind of request it answers
@@ -136,17 +139,21 @@ _STRING_FORMATS: dict[Any, str] = {
 }
 
 
+def _ref_target(ref: str, root: dict) -> dict:
+    target = root
+    for part in ref.lstrip("#/").split("/"):
+        if part:
+            target = target[part]
+    return target
+
+
 def schema_example(schema: dict, text: str, root: dict | None = None, depth: int = 0):
     """A value valid for a JSON schema (the subset structured outputs use), strings set to `text`."""
     root = schema if root is None else root
     if depth > 32:  # a recursive schema: stop at a null leaf
         return None
     if "$ref" in schema:
-        target = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            if part:
-                target = target[part]
-        return schema_example(target, text, root, depth + 1)
+        return schema_example(_ref_target(schema["$ref"], root), text, root, depth + 1)
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
@@ -176,17 +183,82 @@ def schema_example(schema: dict, text: str, root: dict | None = None, depth: int
     return _STRING_FORMATS.get(schema.get("format"), text)
 
 
-def _structured_text(fmt, echo: str) -> str:
-    """The answer text for a chat response_format / responses text.format."""
-    if not isinstance(fmt, dict):
-        return echo
-    if fmt.get("type") == "json_schema":
+class BadOutputs:
+    """Decides which structured answers are broken (SimConfig.bad_output_rate), and counts them for /_sim/stats.
+
+    One draw per structured answer from a generator seeded from SimConfig.seed, so a seed breaks the same
+    number of answers for the same number of requests. Broken answers alternate between invalid JSON and
+    valid JSON that breaks the schema, so a test sees both after two."""
+
+    def __init__(self, config: SimConfig):
+        self.config = config
+        self.count = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the start of the seeded sequence (the count is kept)."""
+        self._rng = random.Random(f"{self.config.seed}:bad_output")
+        self._broken = 0
+
+    def draw(self) -> str | None:
+        """How to break the next structured answer: "truncated", "off_schema", or None to leave it valid."""
+        rate = self.config.bad_output_rate
+        if rate <= 0 or self._rng.random() >= rate:
+            return None
+        self.count += 1
+        self._broken += 1
+        return "truncated" if self._broken % 2 else "off_schema"
+
+
+def _off_schema(schema: dict | None, value):
+    """`value` changed into valid JSON its schema rejects (None: json_object, which wants any object), or
+    None if no simple change does."""
+    if schema is None:
+        return [value]
+    target, hops = schema, 0
+    while isinstance(target.get("$ref"), str) and hops < 8:
+        target, hops = _ref_target(target["$ref"], schema), hops + 1
+    required = target.get("required")
+    if isinstance(value, dict) and isinstance(required, list):
+        for name in required:
+            if name in value:  # the usual strict-mode miss: a required property left out
+                return {k: v for k, v in value.items() if k != name}
+    if target.get("type") == "object":
+        return [value]
+    return None
+
+
+def _truncated(text: str) -> str:
+    """The text cut half-way, as a max_tokens limit cuts it: never valid JSON."""
+    cut = text[: len(text) // 2]
+    try:
+        json.loads(cut)  # a prefix of a number ("12" -> "1") can still parse
+    except ValueError:
+        return cut
+    return ""
+
+
+def _structured_text(fmt, echo: str, bad: BadOutputs | None = None) -> tuple[str, bool]:
+    """The answer text for a chat response_format / responses text.format, and whether it was cut short."""
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_schema", "json_object"):
+        return echo, False
+    schema: dict | None = None
+    if fmt["type"] == "json_schema":
         # chat nests the schema under "json_schema"; the Responses API puts it on the format itself
         schema = (fmt.get("json_schema") or fmt).get("schema") or {}
-        return json.dumps(schema_example(schema, echo))
-    if fmt.get("type") == "json_object":
-        return json.dumps({"echo": echo})
-    return echo
+        value = schema_example(schema, echo)
+    else:
+        value = {"echo": echo}
+    fault = bad.draw() if bad else None
+    if fault == "off_schema":
+        broken = _off_schema(schema, value)
+        if broken is not None:
+            return json.dumps(broken), False
+        fault = "truncated"  # nothing simple breaks this schema: break the JSON instead
+    text = json.dumps(value)
+    if fault == "truncated":
+        return _truncated(text), True
+    return text, False
 
 
 def _embedding(text: str, dims: int, as_base64: bool):
@@ -198,8 +270,8 @@ def _embedding(text: str, dims: int, as_base64: bool):
     return vector
 
 
-def respond(kind: str, body: dict, prep: Prepared) -> tuple[int, dict]:
-    """The answer to a validated request: (status, JSON body)."""
+def respond(kind: str, body: dict, prep: Prepared, bad: BadOutputs | None = None) -> tuple[int, dict]:
+    """The answer to a validated request: (status, JSON body); `bad` breaks a fraction of structured ones."""
     error = prompt_error(prep.echo)
     if error:
         return error.status, error.body()
@@ -234,7 +306,7 @@ def respond(kind: str, body: dict, prep: Prepared) -> tuple[int, dict]:
             "system_fingerprint": "fp_simulator",
         }
     if kind == "chat":
-        content = _structured_text(body.get("response_format"), echo)
+        content, cut = _structured_text(body.get("response_format"), echo, bad)
         out = _tokens(content)
         usage = {
             "prompt_tokens": prep.prompt_tokens,
@@ -254,13 +326,17 @@ def respond(kind: str, body: dict, prep: Prepared) -> tuple[int, dict]:
             "object": "chat.completion",
             "created": now,
             "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": "length" if cut else "stop"}
+            ],
             "usage": usage,
             "service_tier": "default",
             "system_fingerprint": "fp_simulator",
         }
     text_config = body["text"] if isinstance(body.get("text"), dict) else {}
-    content = _structured_text(text_config.get("format"), echo)
+    # A cut answer stays "completed" here: the Responses API would say "incomplete", but the point is an
+    # answer that claims success and is not valid JSON.
+    content, _ = _structured_text(text_config.get("format"), echo, bad)
     out = _tokens(content)
     output = [
         {
@@ -303,7 +379,7 @@ def respond(kind: str, body: dict, prep: Prepared) -> tuple[int, dict]:
     }
 
 
-def answer(kind: str, body) -> tuple[int, dict]:
+def answer(kind: str, body, bad: BadOutputs | None = None) -> tuple[int, dict]:
     """Validate and answer one request, without rate limits or injected errors (batch lines)."""
     try:
         if not isinstance(body, dict):
@@ -311,4 +387,4 @@ def answer(kind: str, body) -> tuple[int, dict]:
         prep = prepare(kind, body)
     except ApiError as e:
         return e.status, e.body()
-    return respond(kind, body, prep)
+    return respond(kind, body, prep, bad)

@@ -20,7 +20,7 @@ import time
 
 from aiohttp import web
 
-from simulator.answers import INFERENCE_ROUTES, answer, new_id, prepare
+from simulator.answers import INFERENCE_ROUTES, BadOutputs, answer, new_id, prepare
 from simulator.batch_input import rejection_errors, validate_batch_file
 from simulator.config import SimConfig
 from simulator.errors import ApiError, injected_error, json_response
@@ -69,8 +69,9 @@ async def _sleep_unless_cancelling(batch: dict, seconds: float) -> None:
 class Batches:
     """The batches and their running tasks; its async methods are the /v1/batches handlers."""
 
-    def __init__(self, config: SimConfig, files: Files):
+    def __init__(self, config: SimConfig, files: Files, bad_outputs: BadOutputs | None = None):
         self.config, self.files = config, files
+        self.bad_outputs = bad_outputs  # breaks a fraction of structured answers, as on the live routes
         self.by_id: dict[str, dict] = {}  # id -> batch object, in creation order
         self._tokens: dict[str, int] = {}  # id -> estimated tokens, for batches that passed validation
         self._tasks: set[asyncio.Task] = set()
@@ -261,7 +262,7 @@ class Batches:
                 elif draw < cfg.batch_fail_rate + cfg.batch_client_error_rate:
                     status, payload = 400, injected_error(400).body()
                 else:
-                    status, payload = answer(kind, line["body"])
+                    status, payload = answer(kind, line["body"], self.bad_outputs)
                 result = {
                     "id": new_id("batch_req_"),
                     "custom_id": line["custom_id"],

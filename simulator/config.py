@@ -29,6 +29,9 @@ class SimConfig:
     # tokens, plus those of the same model's batches still running, would pass it.
     batch_token_limit: int | None = None
     batch_cancel_seconds: float = 0.0  # how long a cancelled batch stays `cancelling`
+    # Fraction of structured answers (JSON mode or a JSON schema; live and batch) broken on purpose, as by a
+    # server without a strict mode: alternately cut half-way (invalid JSON) and valid JSON off the schema.
+    bad_output_rate: float = 0.0
     seed: int = 0  # injected errors, jitter and batch failures repeat exactly for a given seed
     log_path: str | None = None
 
@@ -51,4 +54,5 @@ RUNTIME_KEYS = {
     "batch_reject": bool,
     "batch_token_limit": int,
     "batch_cancel_seconds": float,
+    "bad_output_rate": float,
 }

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
-from simulator.answers import INFERENCE_ROUTES, MODELS, new_id, prepare, respond
+from simulator.answers import INFERENCE_ROUTES, MODELS, BadOutputs, new_id, prepare, respond
 from simulator.batches import Batches
 from simulator.config import RUNTIME_KEYS, SimConfig
 from simulator.errors import ApiError, ErrorInjector, api_errors, injected_error, json_response
@@ -40,7 +40,8 @@ class Simulator:
     def __init__(self, config: SimConfig):
         self.config = config
         self.files = Files()
-        self.batches = Batches(config, self.files)
+        self.bad_outputs = BadOutputs(config)  # shared with batches: /_sim/stats counts both
+        self.batches = Batches(config, self.files, self.bad_outputs)
         self._log_file = open(config.log_path, "a", buffering=1) if config.log_path else None
         self.in_flight = 0
         self.reset()
@@ -51,7 +52,7 @@ class Simulator:
         self.reset_limits()
         self._jitter_rng = random.Random(f"{cfg.seed}:jitter")
         self.batches.reset()
-        self.total = self.rate_limited = 0
+        self.total = self.rate_limited = self.bad_outputs.count = 0
         self.first_arrival: float | None = None  # unix time the first inference request arrived (start-up benches)
         self.max_in_flight = self.in_flight
         self.by_path: collections.Counter = collections.Counter()
@@ -65,6 +66,7 @@ class Simulator:
         cfg = self.config
         self.limiter = Limiter(cfg.rpm, cfg.tpm, cfg.start_empty)
         self.errors = ErrorInjector(cfg.error_rates, cfg.seed)
+        self.bad_outputs.restart()
 
     async def close(self) -> None:
         """Stop batches still running and close the log file."""
@@ -163,7 +165,7 @@ class Simulator:
             await asyncio.sleep(delay / 1000)
         if injected is not None:
             return json_response(injected, injected_error(injected).body(), headers)
-        status, payload = respond(kind, body, prep)
+        status, payload = respond(kind, body, prep, self.bad_outputs)
         return json_response(status, payload, headers)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -208,6 +210,7 @@ class Simulator:
                 "retry_after_violations": len(self.retry_audit.violations),
                 "retry_after_violation_details": self.retry_audit.violations[:20],
                 "batch_peak_enqueued_tokens": self.batches.peak_enqueued_tokens,
+                "bad_outputs": self.bad_outputs.count,
             },
         )
 

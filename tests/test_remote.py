@@ -104,6 +104,33 @@ def test_full_remote_cycle_answers_every_item_at_half_price(sim, write, owner):
     one_result_each(job)
 
 
+def test_answers_from_the_batch_api_that_break_their_schema_fail_as_invalid_output(sim, write, owner):
+    config, base_url = sim
+    config.bad_output_rate = 0.5
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    lines = [chat_line(f"req-{i}", f"Question {i}", max_tokens=20, response_format=fmt) for i in range(20)]
+    lines += [chat_line(f"free-{i}", f"Question {i}", max_tokens=20) for i in range(10)]  # free text: never judged
+    plan = ingest.validate(write("mixed.jsonl", lines))
+    job = ingest.create_job(plan, owner=owner, endpoint=make_endpoint(base_url), mode=Job.Mode.REMOTE)
+    job.start()
+
+    job = drive(job)
+
+    bad = job.items.filter(status=Item.Status.FAILED)
+    assert 3 <= bad.count() <= 17 and job.n_succeeded == 30 - bad.count(), job.counts()
+    assert set(bad.values_list("error_code", flat=True)) == {"invalid_output"}
+    assert all(i.custom_id.startswith("req-") and json.loads(i.response)["choices"] for i in bad)
+    assert all(i.cost > 0 for i in bad)  # the Batch API charged for them
+    assert job.cost == pytest.approx(sum(i.cost for i in job.items.all()), abs=Decimal("0.000001"))
+    one_result_each(job)
+
+
 def test_request_counts_show_as_progress_before_results_are_joined(sim, write, owner):
     config, base_url = sim
     config.batch_seconds = 4

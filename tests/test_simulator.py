@@ -15,6 +15,7 @@ import openai
 import pydantic
 import pytest
 
+from jobs.engine.schemacheck import problem, wanted
 from simulator import SimConfig, go_duration, serve_in_thread
 
 MODEL = "gpt-4o-mini"
@@ -558,3 +559,87 @@ def test_first_arrival_is_reported_for_start_up_benches(start):
     before = time.time()
     ask(client(url), "hello")
     assert before <= admin(url, "/_sim/stats")["first_arrival"] <= time.time()
+
+
+# A typical structured-output schema: strict mode, every property required.
+TICKET = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "priority": {"type": "string", "enum": ["low", "high"]},
+        "score": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["title", "priority", "score", "tags"],
+    "additionalProperties": False,
+}
+TICKET_FORMAT = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": TICKET, "strict": True}}
+
+
+def check(url, path, body, data):
+    """schemacheck's verdict on one answer, as the engine would give it."""
+    want = wanted(url + path, body)
+    assert want is not None
+    return problem(want, url + path, data)
+
+
+def test_bad_output_rate_breaks_a_fraction_of_structured_answers(start):
+    url = start(bad_output_rate=0.5, seed=3)
+    c = client(url)
+
+    def structured(n, response_format=TICKET_FORMAT):
+        verdicts = []
+        for i in range(n):
+            answer = ask(c, f"ticket {i}", response_format=response_format)
+            choice = answer.choices[0]
+            assert answer.usage.completion_tokens == len(choice.message.content) // 4 + 1  # counts the text sent
+            verdict = check(url, "/chat/completions", {"response_format": response_format}, answer.model_dump())
+            # only a cut answer says it was cut
+            assert (choice.finish_reason == "length") == bool(verdict and "not valid JSON" in verdict)
+            verdicts.append(verdict)
+        return verdicts
+
+    verdicts = structured(40)
+    bad = [v for v in verdicts if v]
+    assert 12 <= len(bad) <= 28  # half of 40, give or take
+    assert any("not valid JSON" in v for v in bad) and any("breaks the schema" in v for v in bad)
+    assert admin(url, "/_sim/stats")["bad_outputs"] == len(bad)
+
+    objects = [v for v in structured(10, {"type": "json_object"}) if v]
+    assert objects and any("not an object" in v for v in objects)  # an array instead of an object
+    assert admin(url, "/_sim/stats")["bad_outputs"] == len(bad) + len(objects)
+
+    for i in range(20):  # free text is never touched, and draws nothing
+        assert ask(c, f"plain {i}").choices[0].message.content == f"Echo: plain {i}"
+    assert admin(url, "/_sim/stats")["bad_outputs"] == len(bad) + len(objects)
+
+    admin(url, "/_sim/reset", {})  # same seed, same requests: the same answers broken
+    assert structured(40) == verdicts
+
+    admin(url, "/_sim/config", {"bad_output_rate": 0})
+    assert not any(structured(20))
+    assert admin(url, "/_sim/stats")["bad_outputs"] == len(bad)
+
+
+def test_bad_outputs_reach_the_responses_api_and_batches(start):
+    url = start(bad_output_rate=1.0, batch_seconds=0.3)
+    c = client(url)
+    fmt = {"type": "json_schema", "name": "ticket", "schema": TICKET, "strict": True}
+    verdicts = []
+    for i in range(2):  # broken answers alternate: first cut short, then off the schema
+        response = c.responses.create(model=MODEL, input=f"ticket {i}", text={"format": fmt})
+        assert response.status == "completed"
+        assert response.usage.output_tokens == len(response.output_text) // 4 + 1
+        verdicts.append(check(url, "/responses", {"text": {"format": fmt}}, response.model_dump()))
+    assert "not valid JSON" in verdicts[0] and "breaks the schema" in verdicts[1]
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "t"}], "response_format": TICKET_FORMAT}
+    lines = [
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        for i in range(2)
+    ]
+    batch = run_batch(c, lines)
+    assert batch.status == "completed"
+    outputs = jsonl(c, batch.output_file_id)
+    assert all(check(url, "/chat/completions", body, o["response"]["body"]) for o in outputs)
+    assert admin(url, "/_sim/stats")["bad_outputs"] == 4

@@ -35,6 +35,7 @@ COMPLETION_WINDOW = "24h"
 LIST_DEFAULT, LIST_MAX = 20, 100
 ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by name
 MODE_KEY, DEADLINE_KEY = "batchsite_mode", "batchsite_deadline"  # how the job runs; hybrid's deadline
+OUTPUT_RETRIES_KEY = "batchsite_output_retries"  # sends more for an answer that breaks its JSON schema
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 STATUS: dict[str, str] = {
@@ -319,6 +320,19 @@ def _mode(metadata: dict) -> tuple[str, datetime | None]:
     return mode, deadline
 
 
+def _output_retries(metadata: dict) -> int:
+    text = metadata.get(OUTPUT_RETRIES_KEY)
+    if text is None or text == "":
+        return 2
+    if not (isinstance(text, str) and text.isascii() and text.isdigit() and int(text) <= 10):
+        raise _invalid_metadata(
+            OUTPUT_RETRIES_KEY,
+            f"Invalid value for 'metadata.{OUTPUT_RETRIES_KEY}': {text!r}. Give a whole number from 0 to 10: how "
+            "many more times a request is sent when its answer is not the JSON its schema asks for.",
+        )
+    return int(text)
+
+
 def _moment(text: str) -> datetime | None:
     """An ISO 8601 time (naive means UTC) or Unix seconds, as an aware datetime; None if it is neither."""
     try:
@@ -351,6 +365,7 @@ def _create(request: ApiRequest) -> JsonResponse:
     metadata = _metadata(body.get("metadata"))
     endpoint = _upstream(metadata)
     mode, deadline = _mode(metadata)
+    output_retries = _output_retries(metadata)
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
         raise ApiError(
@@ -380,6 +395,7 @@ def _create(request: ApiRequest) -> JsonResponse:
             mode=mode,
             deadline=deadline,
             metadata=metadata,
+            output_retries=output_retries,
         )
         batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
         if not inline:

@@ -45,7 +45,7 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from jobs import egress, remoteplan
-from jobs.engine import shutdown
+from jobs.engine import schemacheck, shutdown
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
@@ -594,10 +594,11 @@ class RemoteJob:
         now = timezone.now()
         deltas: Counter = Counter()
         cost = Decimal(0)
+        wants = self._structured(chunk, records)
         with transaction.atomic():
             Job.lock(self.job.pk)
             for record in records:
-                fields = self._result_fields(chunk, record, discount)
+                fields = self._result_fields(chunk, record, discount, wants.get(record.get("custom_id")))
                 if fields["status"] == Item.Status.EXPIRED and self.job.mode == Job.Mode.HYBRID:
                     # A hybrid job promised everything by its deadline: what the Batch API let expire runs live.
                     fields = {"status": Item.Status.PENDING, "remote_batch": None}
@@ -630,9 +631,26 @@ class RemoteJob:
                     },
                 )
 
-    def _result_fields(self, chunk: RemoteBatch, record: dict, discount: Decimal) -> dict:
+    def _structured(self, chunk: RemoteBatch, records: list[dict]) -> dict:
+        """custom_id -> the structured output its request asks for, for the records' requests that ask for one
+        (one query; bodies without a JSON response format are not even read)."""
+        ids = [r["custom_id"] for r in records if isinstance(r.get("custom_id"), str)]
+        asking = Q(body__contains='"json_schema"') | Q(body__contains='"json_object"')
+        rows = Item.objects.filter(asking, job_id=self.job.pk, remote_batch=chunk, custom_id__in=ids)
+        wants = {}
+        for custom_id, body in rows.values_list("custom_id", "body"):
+            want = schemacheck.wanted(self.job.url, json.loads(body))
+            if want is not None:
+                wants[custom_id] = want
+        return wants
+
+    def _result_fields(
+        self, chunk: RemoteBatch, record: dict, discount: Decimal, want: schemacheck.Wanted | None = None
+    ) -> dict:
         """An output or error line as the item's result. A 4xx or 5xx `response.status_code` is a failure
-        even when `error` is null (OpenAI puts such answers in the output file)."""
+        even when `error` is null (OpenAI puts such answers in the output file). An answer that is not the
+        JSON its request asked for fails as invalid_output, paid for (the Batch API cannot be asked again
+        here: "retry failed" sends it again, at the Batch API or live)."""
         response = record.get("response") if isinstance(record.get("response"), dict) else None
         error = record.get("error") if isinstance(record.get("error"), dict) else None
         status_code = response.get("status_code") if response else None
@@ -654,6 +672,9 @@ class RemoteJob:
                 cached_tokens=cached,
                 cost=self.prices.cost(model, prompt, completion, cached, discount=discount),
             )
+            why = schemacheck.problem(want, self.job.url, body) if want is not None else None
+            if why is not None:
+                fields.update(status=Item.Status.FAILED, error_code=schemacheck.INVALID_OUTPUT, error_message=why)
             return fields
         detail = error or ((body or {}).get("error") if isinstance(body, dict) else None) or {}
         if not isinstance(detail, dict):

@@ -13,19 +13,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import ssl
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 
 import httpx2
 import openai
 from django.conf import settings
 
 from jobs import tokens
-from jobs.engine import database, upstream
+from jobs.engine import database, schemacheck, upstream
 from jobs.engine.database import DatabaseThread
 from jobs.engine.heartbeat import Heartbeat
 from jobs.engine.leases import Claimed, Outcome
@@ -62,6 +64,7 @@ class Sender:
         self.url = job.url
         self.path = job.url.removeprefix("/v1")
         self.max_attempts = job.max_attempts
+        self.output_retries = job.output_retries
         self.endpoint = endpoint
         self.deadline = deadline
         self.draining = draining
@@ -181,6 +184,8 @@ class Sender:
         # than with a rate-limit 429: what a job's max_attempts limits, and what the item shows.
         attempts, retries, limited = item.attempts, 0, 0
         last: UpstreamError | None = None
+        want = schemacheck.wanted(self.url, body)
+        invalid, spent = 0, _Spent()  # answers that broke their schema: sent again, but paid for
         while True:
             probe = self.pacing.start_probe()
             if not await self.pacing.wait_for_slot(cost, probe) or self.heartbeat.lapsing():
@@ -196,7 +201,15 @@ class Sender:
                 answered = True
                 latency = int((time.perf_counter() - started) * 1000)
                 self.pacing.count_answer(limited=False)
-                return self._succeeded(item, model, response, attempts + 1, retries, latency)
+                outcome = self._succeeded(item, model, response, attempts + 1, retries, latency, want)
+                if outcome.error_code != schemacheck.INVALID_OUTPUT:
+                    return spent.added_to(outcome)
+                invalid += 1
+                if invalid > self.output_retries:
+                    return spent.added_to(outcome)
+                spent.add(outcome)
+                attempts, retries = attempts + 1, retries + 1
+                continue  # at once: the answer was wrong, not the server busy
             except openai.APIStatusError as e:
                 answered = True
                 headers = e.response.headers
@@ -247,12 +260,37 @@ class Sender:
                 return Outcome.retry_later(item.id, attempts, retries, last, due - time.monotonic())
 
     def _succeeded(
-        self, item: Claimed, model: str, response: httpx2.Response, attempts: int, retries: int, latency: int
+        self,
+        item: Claimed,
+        model: str,
+        response: httpx2.Response,
+        attempts: int,
+        retries: int,
+        latency: int,
+        want: schemacheck.Wanted | None = None,
     ) -> Outcome:
+        """The outcome of a 200: succeeded, or failed with invalid_output when its answer is not the JSON the
+        request asked for (the caller decides whether to send it again)."""
         data, text = upstream.success_body(response.text)
         self.pacing.limiter.observe(response.headers)
         self.latencies.append(latency)
         usage = upstream.usage_of(self.url, data)
+        cost = self.prices.cost(data.get("model") or model, *usage)
+        why = schemacheck.problem(want, self.url, data) if want is not None else None
+        if why is not None:
+            error = UpstreamError(
+                PERMANENT,
+                why,
+                http_status=response.status_code,
+                body=text,
+                code=schemacheck.INVALID_OUTPUT,
+                request_id=response.headers.get("x-request-id", ""),
+            )
+            failed = Outcome.failed(item.id, attempts, error, retries, latency)
+            prompt, completion, cached = usage
+            return dataclasses.replace(
+                failed, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, cost=cost
+            )
         return Outcome.succeeded(
             item.id,
             attempts,
@@ -261,7 +299,7 @@ class Sender:
             response=text,
             request_id=response.headers.get("x-request-id", ""),
             usage=usage,
-            cost=self.prices.cost(data.get("model") or model, *usage),
+            cost=cost,
             latency_ms=latency,
         )
 
@@ -270,6 +308,34 @@ class Sender:
             self.stop_reason = reason
             self.draining.set()
             await self.db.call(database.pause_job, self.job_id, reason)
+
+
+@dataclasses.dataclass
+class _Spent:
+    """Tokens and cost of answers thrown away for breaking their schema: the item's final outcome carries
+    them, as the endpoint charged for them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+    def add(self, outcome: Outcome) -> None:
+        self.prompt_tokens += outcome.prompt_tokens
+        self.completion_tokens += outcome.completion_tokens
+        self.cached_tokens += outcome.cached_tokens
+        self.cost += outcome.cost
+
+    def added_to(self, outcome: Outcome) -> Outcome:
+        if not self.cost and not self.prompt_tokens and not self.completion_tokens:
+            return outcome
+        return dataclasses.replace(
+            outcome,
+            prompt_tokens=outcome.prompt_tokens + self.prompt_tokens,
+            completion_tokens=outcome.completion_tokens + self.completion_tokens,
+            cached_tokens=outcome.cached_tokens + self.cached_tokens,
+            cost=outcome.cost + self.cost,
+        )
 
 
 @functools.cache

@@ -33,6 +33,7 @@ def create_job(
     deadline=None,
     metadata: dict | None = None,
     max_attempts: int = 5,
+    output_retries: int = 2,
 ) -> Job:
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
@@ -51,6 +52,7 @@ def create_job(
             template=_stored(plan.template),
             metadata=metadata or {},
             max_attempts=max_attempts,
+            output_retries=output_retries,
             created_at=timezone.now(),
             **_counts(plan),
         )
@@ -79,6 +81,7 @@ def create_job_to_validate(
     format: str = Job.Format.JSONL,
     template: Template | None = None,
     max_attempts: int = 5,
+    output_retries: int = 2,
 ) -> Job:
     """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
     job keeps its template, which the validation renders each row with."""
@@ -96,6 +99,7 @@ def create_job_to_validate(
         template=_stored(template),
         metadata=metadata or {},
         max_attempts=max_attempts,
+        output_retries=output_retries,
         created_at=timezone.now(),
     )
 

@@ -87,6 +87,9 @@ class Job(models.Model):
     errors = models.JSONField(default=list, blank=True, help_text="Validation errors (API batches that failed)")
     metadata = models.JSONField(default=dict, blank=True)
     max_attempts = models.PositiveSmallIntegerField(default=5)
+    output_retries = models.PositiveSmallIntegerField(
+        default=2, help_text="Sends more for an answer that is not the JSON its request's schema asks for"
+    )
     # Remote and hybrid jobs (jobs/engine/remote.py). A hybrid job runs remotely until `switch_at`, the last
     # safe moment (recomputed as it goes, `switch_note` says why), then cancels its remote batches and runs
     # the rest live from `switched_at`.
@@ -401,6 +404,7 @@ class Job(models.Model):
             "template",
             "metadata",
             "max_attempts",
+            "output_retries",
             "total",
             "est_input_tokens",
         ]

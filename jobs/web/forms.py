@@ -39,6 +39,15 @@ class JobForm(forms.Form):
         help_text="Times a request is sent before it "
         "fails. A 429 rate limit never counts; server errors, timeouts and lost connections get at least 10 tries.",
     )
+    output_retries = forms.IntegerField(
+        label="Retries for invalid JSON",
+        min_value=0,
+        max_value=10,
+        initial=2,
+        required=False,
+        help_text="When a request asks for a JSON schema, every answer is checked against it; one that is not "
+        "valid JSON or breaks the schema is sent again this many times, then fails as invalid_output.",
+    )
     # CSV template
     url = forms.ChoiceField(
         choices=[("/v1/chat/completions", "Chat completions"), ("/v1/embeddings", "Embeddings")],

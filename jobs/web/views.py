@@ -191,6 +191,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 mode=form.cleaned_data["mode"],
                 deadline=form.cleaned_data["deadline"],
                 max_attempts=form.cleaned_data["max_attempts"],
+                output_retries=_output_retries(form),
             )
             job.start()
             _uploads(request).pop(token, None)
@@ -219,6 +220,11 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     return render(request, "jobs/review.html", context)
 
 
+def _output_retries(form: JobForm) -> int:
+    value = form.cleaned_data.get("output_retries")
+    return 2 if value is None else value
+
+
 def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, template) -> HttpResponse:
     """Launch a big file without reading it in the request (a million lines take a minute to check and
     insert): the job starts `validating`, a worker checks the file again and creates the items, and the
@@ -239,6 +245,7 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
             format=fmt,
             template=template,
             max_attempts=form.cleaned_data["max_attempts"],
+            output_retries=_output_retries(form),
         )
         Job.validate_later(job.pk)
     _uploads(request).pop(token, None)

@@ -58,6 +58,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--batch-cancel-seconds", type=float, default=0.0, help="how long a cancelled batch stays 'cancelling'"
         )
+        parser.add_argument(
+            "--bad-output-rate",
+            type=float,
+            default=0.0,
+            help="fraction of structured (JSON) answers broken: alternately invalid JSON and JSON off the schema",
+        )
         parser.add_argument("--seed", type=int, default=0, help="seed for injected errors, jitter and batch failures")
         parser.add_argument("--log", help="append one JSON line per request to this file")
 
@@ -79,6 +85,7 @@ class Command(BaseCommand):
             batch_reject=options["batch_reject"],
             batch_token_limit=options["batch_token_limit"],
             batch_cancel_seconds=options["batch_cancel_seconds"],
+            bad_output_rate=options["bad_output_rate"],
             seed=options["seed"],
             log_path=options["log"],
         )

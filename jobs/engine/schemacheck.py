@@ -1,0 +1,113 @@
+"""Answers checked against the JSON schema their request asked for (issue 14): pure rules, no Django.
+
+A request asks for structured output with chat's `response_format` ({"type": "json_schema", "json_schema":
+{"schema": ...}}, or {"type": "json_object"}) or the Responses API's `text.format` ({"type": "json_schema",
+"schema": ...}); a CSV template's schema becomes the former. Every answer of such a request (each of chat's
+`n` choices, each output_text of a response) must parse as JSON and, given a schema, validate against it.
+A servers' "strict" mode promises this; many OpenAI-compatible servers do not keep the promise, and a
+truncated answer (finish_reason "length") breaks it anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import jsonschema_rs
+
+INVALID_OUTPUT = "invalid_output"
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a request asked its answers to be: a JSON object (json_object), or valid under a schema."""
+
+    schema_text: str | None  # canonical JSON of the schema, the compiled validator's key; None: json_object
+
+
+def wanted(url: str, body: dict) -> Wanted | None:
+    """The structured output a request asks for, or None when it asks for free text."""
+    if url.endswith("/responses"):
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        schema = fmt.get("schema") if isinstance(fmt, dict) else None
+    else:
+        fmt = body.get("response_format")
+        block = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        schema = block.get("schema") if isinstance(block, dict) else None
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_object":
+        return Wanted(None)
+    if fmt.get("type") == "json_schema" and isinstance(schema, dict):
+        return Wanted(json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    return None
+
+
+def answers(url: str, data: dict) -> list[str | None]:
+    """The answer texts of a response (None for a choice without text: a refusal, or a tool call)."""
+    if url.endswith("/responses"):
+        texts: list[str | None] = []
+        for item in data.get("output") or []:
+            if isinstance(item, dict) and item.get("type") == "message":
+                for part in item.get("content") or []:
+                    if isinstance(part, dict) and part.get("type") == "output_text":
+                        texts.append(part.get("text"))
+                    elif isinstance(part, dict) and part.get("type") == "refusal":
+                        texts.append(None)
+        return texts or [None]
+    choices = data.get("choices") or []
+    return [(c.get("message") or {}).get("content") if isinstance(c, dict) else None for c in choices] or [None]
+
+
+def problem(want: Wanted, url: str, data: dict) -> str | None:
+    """Why the response's answers are not what the request asked for, in plain words; None when they are."""
+    for n, text in enumerate(answers(url, data)):
+        where = f"Answer {n + 1}" if n else "The answer"
+        if not isinstance(text, str):
+            return f"{where} has no text (a refusal or a tool call), not the JSON asked for."
+        try:
+            value = json.loads(text, parse_constant=_not_json)
+        except json.JSONDecodeError as e:
+            return f"{where} is not valid JSON ({e.msg} at character {e.pos})."
+        except ValueError as e:  # NaN or Infinity, or an integer of more digits than Python reads
+            return f"{where} is not valid JSON ({e})."
+        except RecursionError:
+            return f"{where} is JSON nested too deeply to check."
+        if want.schema_text is None:
+            if not isinstance(value, dict):
+                return f"{where} is JSON but not an object."
+            continue
+        validator = _validator(want.schema_text)
+        if validator is None:
+            return None  # a schema we cannot compile: the server judged it; nothing to check against
+        error = next(iter(validator.iter_errors(value)), None)
+        if error is not None:
+            path = "/" + "/".join(str(p) for p in error.instance_path)
+            return f"{where} breaks the schema at {path}: {_short(error.message)}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_text: str):
+    # A schema comes from the user's file: no fetching of remote $refs (this machine's network is not theirs
+    # to probe), and patterns in a linear-time regex engine (no catastrophic backtracking).
+    try:
+        return jsonschema_rs.validator_for(
+            json.loads(schema_text), retriever=_no_remote_refs, pattern_options=jsonschema_rs.RegexOptions()
+        )
+    except (ValueError, jsonschema_rs.ValidationError):
+        return None
+
+
+def _no_remote_refs(uri: str):
+    raise ValueError(f"remote $ref {uri} is not fetched")
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

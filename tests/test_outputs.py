@@ -1,0 +1,158 @@
+"""Structured output, checked (issue 14): every answer of a request that asks for JSON is parsed and
+validated against its schema; a broken one is sent again up to the job's output_retries, then fails as
+invalid_output with the raw answer kept. The rules alone, then a real qcluster against the simulator's
+switch that breaks a fraction of structured answers."""
+
+import json
+import time
+
+import pytest
+
+from jobs.engine import schemacheck
+from jobs.models import Item, Job
+from tests.factories import make_endpoint, make_job
+from tests.test_engine_cluster import wait_status
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["sentiment", "confidence"],
+    "additionalProperties": False,
+}
+CHAT = "/v1/chat/completions"
+
+
+def chat_format(schema=SCHEMA) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "review", "schema": schema, "strict": True}}
+
+
+def chat_answer(*texts) -> dict:
+    return {"choices": [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)]}
+
+
+def check(texts, body=None, url=CHAT):
+    want = schemacheck.wanted(url, body or {"response_format": chat_format()})
+    return schemacheck.problem(want, url, chat_answer(*texts) if url == CHAT else texts)
+
+
+def test_what_a_request_asks_for():
+    assert schemacheck.wanted(CHAT, {"messages": []}) is None
+    assert schemacheck.wanted(CHAT, {"response_format": {"type": "text"}}) is None
+    assert schemacheck.wanted(CHAT, {"response_format": {"type": "json_object"}}) is not None
+    assert schemacheck.wanted(CHAT, {"response_format": chat_format()}) is not None
+    responses = {"text": {"format": {"type": "json_schema", "name": "r", "schema": SCHEMA}}}
+    assert schemacheck.wanted("/v1/responses", responses) is not None
+    assert schemacheck.wanted("/v1/responses", {"text": {"format": {"type": "text"}}}) is None
+    assert schemacheck.wanted(CHAT, {"response_format": "json"}) is None  # not ours to judge
+
+
+def test_answers_valid_invalid_json_and_schema_breaks_are_told_apart():
+    assert check(['{"sentiment": "positive", "confidence": 0.9}']) is None
+    assert "not valid JSON" in check(['{"sentiment": "positive", "confid'])
+    assert check(['{"sentiment": "great", "confidence": 0.9}']).startswith("The answer breaks the schema at /sentiment")
+    assert "at /:" in check(['{"sentiment": "positive"}'])  # a required property missing
+    assert "no text" in check([None])  # a refusal
+    # Every choice of n > 1 is checked.
+    assert check(['{"sentiment": "positive", "confidence": 1}', '{"sentiment": 1, "confidence": 1}']).startswith(
+        "Answer 2 breaks the schema"
+    )
+    json_object = {"response_format": {"type": "json_object"}}
+    assert check(['{"anything": [1, 2]}'], json_object) is None
+    assert "not an object" in check(["[1, 2]"], json_object)
+
+
+def test_the_responses_api_answers_are_checked():
+    body = {"text": {"format": {"type": "json_schema", "name": "r", "schema": SCHEMA}}}
+
+    def response(text):
+        return {"output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+
+    assert check(response('{"sentiment": "neutral", "confidence": 0.5}'), body, "/v1/responses") is None
+    assert "breaks the schema" in check(response('{"sentiment": "neutral"}'), body, "/v1/responses")
+
+
+def test_hostile_schemas_and_answers_cost_nothing_and_reach_nowhere():
+    # A remote $ref is not fetched (the schema cannot make this machine call another), and the answer is
+    # then not judged against a schema we could not build.
+    remote = {"$ref": "http://169.254.169.254/latest/meta-data/"}
+    started = time.perf_counter()
+    assert check(['{"a": 1}'], {"response_format": chat_format(remote)}) is None
+    # A catastrophic-backtracking pattern runs in a linear-time engine.
+    evil = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a+)+$"}}}
+    assert "breaks the schema" in check([json.dumps({"a": "a" * 50_000 + "!"})], {"response_format": chat_format(evil)})
+    # JSON nested past the parser's recursion limit is an invalid answer, not a crash.
+    assert "nested too deeply" in check(["[" * 200_000 + "]" * 200_000])
+    assert "not valid JSON" in check(['{"sentiment": "positive", "confidence": ' + "1" * 5000 + "}"])
+    assert "NaN is not a JSON value" in check(['{"sentiment": "positive", "confidence": NaN}'])
+    assert check(["[1]"], {"response_format": chat_format({})}) is None  # an empty schema takes anything
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_broken_answers_are_sent_again_then_fail_as_invalid_output_with_the_raw_answer(
+    cluster, simulator, write, owner
+):
+    sim = simulator("--latency-ms", "10", "--bad-output-rate", "0.4", "--seed", "3")
+    cluster()
+    n = 200
+    job = make_job(write, owner, make_endpoint(sim.base_url), n, start=False, response_format=chat_format())
+    Job.objects.filter(pk=job.pk).update(output_retries=2)
+    job.start()
+    wait_status(job, Job.Status.COMPLETED, 180)
+
+    sends = {}
+    for entry in sim.requests():
+        sends[entry["marker"]] = sends.get(entry["marker"], 0) + 1
+    bad = job.items.filter(status=Item.Status.FAILED)
+    # At 40% broken, about 0.4^3 = 6% of the items get three broken answers in a row.
+    assert 1 <= bad.count() <= 30 and job.n_succeeded == n - bad.count(), job.counts()
+    for item in bad:
+        assert item.error_code == "invalid_output" and item.http_status == 200
+        assert "not valid JSON" in item.error_message or "breaks the schema" in item.error_message
+        raw = json.loads(item.response)["choices"][0]["message"]["content"]
+        assert schemacheck.problem(schemacheck.wanted(CHAT, json.loads(item.body)), CHAT, json.loads(item.response))
+        assert raw is not None
+        assert sends[f"Question {item.custom_id[4:]}"] == 3  # the first send and output_retries more
+    for item in job.items.filter(status=Item.Status.SUCCEEDED):
+        data = json.loads(item.response)
+        assert schemacheck.problem(schemacheck.wanted(CHAT, json.loads(item.body)), CHAT, data) is None
+    retried = job.items.filter(status=Item.Status.SUCCEEDED, attempts__gt=1)
+    assert retried.count() >= 40  # about 40% needed a second send
+    # Every broken answer was paid for: the job's tokens count every send.
+    answered = sum(sends.values())
+    assert answered == sum(job.items.values_list("attempts", flat=True))
+    assert job.completion_tokens > 0 and job.prompt_tokens >= answered  # at least a token per send
+
+    groups = {(g["error_code"]) for g in job.items.filter(status=Item.Status.FAILED).values("error_code")}
+    assert groups == {"invalid_output"}
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("data_dir")
+def test_v1_metadata_sets_the_retries_for_invalid_json(client, owner):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.factories import api_headers, chat_line, jsonl
+
+    make_endpoint("http://127.0.0.1:9/v1")
+    headers = api_headers(owner)
+    content = jsonl([chat_line("a", response_format=chat_format())])
+
+    def create(metadata):
+        file = client.post(
+            "/v1/files", {"file": SimpleUploadedFile("in.jsonl", content), "purpose": "batch"}, headers=headers
+        ).json()
+        body = {"input_file_id": file["id"], "endpoint": CHAT, "completion_window": "24h", "metadata": metadata}
+        return client.post("/v1/batches", body, content_type="application/json", headers=headers)
+
+    for bad in ("-1", "11", "two", "²"):
+        response = create({"batchsite_output_retries": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "metadata.batchsite_output_retries"
+    assert Job.objects.count() == 0
+    assert create({"batchsite_output_retries": "0"}).status_code == 200
+    assert create({}).status_code == 200
+    assert list(Job.objects.order_by("pk").values_list("output_retries", flat=True)) == [0, 2]
