@@ -5,9 +5,10 @@ from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.db.models import Count
 
 from jobs import export, ingest
-from jobs.models import Endpoint, Job
+from jobs.models import Endpoint, Item, Job
 
 
 class Command(BaseCommand):
@@ -71,6 +72,12 @@ class Command(BaseCommand):
         self.stdout.write(
             f"  {job.n_succeeded:,} succeeded, {job.n_failed:,} failed; {job.prompt_tokens + job.completion_tokens:,} tokens, ${job.cost:.4f}"
         )
+        again = job.items.filter(attempts__gt=1).count()
+        if again:
+            self.stdout.write(f"  {again:,} sent more than once (answers that broke their JSON schema, server errors)")
+        kinds = job.items.filter(status=Item.Status.FAILED).values("error_code").annotate(n=Count("id")).order_by("-n")
+        if job.n_failed:
+            self.stdout.write("  failed: " + ", ".join(f"{k['n']:,} {k['error_code'] or 'error'}" for k in kinds[:5]))
         if options["output"]:
             out = Path(options["output"])
             out.mkdir(parents=True, exist_ok=True)
