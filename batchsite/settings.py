@@ -252,6 +252,9 @@ BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_
 # On SIGTERM (or Ctrl-C) a worker's slices stop claiming and give back what they did not send at once; the
 # requests in flight get this long to finish before they are handed back too (jobs/engine/shutdown.py).
 BATCHSITE_SHUTDOWN_SECONDS = envint("BATCHSITE_SHUTDOWN_SECONDS", 10)
+# The answer cache (jobs with use_cache): answers older than this are not reused; at most this many are kept.
+BATCHSITE_CACHE_MAX_AGE_HOURS = envint("BATCHSITE_CACHE_MAX_AGE_HOURS", 24 * 7)
+BATCHSITE_CACHE_MAX_ENTRIES = envint("BATCHSITE_CACHE_MAX_ENTRIES", 200_000)
 # Remote and hybrid jobs (the Batch API): how often each remote batch is looked at, how long one poller task
 # keeps polling before the next takes over (the schedule starts one a minute), and the least safety margin
 # a hybrid job keeps before its deadline.

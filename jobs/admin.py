@@ -5,7 +5,7 @@ from django.db.models import Q
 from django_q.admin import ScheduleAdmin
 from django_q.models import Schedule
 
-from jobs.models import ApiToken, Batch, Endpoint, Job, Price, RemoteBatch
+from jobs.models import ApiToken, Batch, CachedAnswer, Endpoint, Job, Price, RemoteBatch
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -34,6 +34,15 @@ class EndpointAdmin(ReadOnlyAdmin):
 
     list_display = ("name", "base_url", "masked_key", "concurrency", "rpm", "tpm", "is_default")
     readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "cooldown_until")
+
+
+@admin.register(CachedAnswer)
+class CachedAnswerAdmin(ReadOnlyAdmin):
+    """The answer cache: staff may look and delete (one answer, or all from the Endpoints page)."""
+
+    list_display = ("url", "model", "endpoint", "answered_at", "hits", "last_hit_at", "cost")
+    list_filter = ("endpoint", "model")
+    search_fields = ("key", "model")
 
 
 def _first(job: Job) -> str:

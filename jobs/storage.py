@@ -31,9 +31,9 @@ def uploads() -> Storage:
 
 
 def is_shared() -> bool:
-    """Whether uploads live somewhere other than this node's data dir (a bucket): then they are copied."""
-    store = uploads()
-    return not (isinstance(store, FileSystemStorage) and Path(store.location).resolve() == settings.DATA_DIR)
+    """Whether uploads live somewhere other than this node's data dir (a bucket): then they are copied. The
+    default storage is the data dir (settings.STORAGES), however the data dir is set."""
+    return not isinstance(uploads(), FileSystemStorage)
 
 
 def name_of(path: Path) -> str:

@@ -36,6 +36,7 @@ LIST_DEFAULT, LIST_MAX = 20, 100
 ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by name
 MODE_KEY, DEADLINE_KEY = "batchsite_mode", "batchsite_deadline"  # how the job runs; hybrid's deadline
 OUTPUT_RETRIES_KEY = "batchsite_output_retries"  # sends more for an answer that breaks its JSON schema
+CACHE_KEY = "batchsite_cache"  # "true": answers from the team's answer cache, duplicates sent once
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 STATUS: dict[str, str] = {
@@ -320,6 +321,15 @@ def _mode(metadata: dict) -> tuple[str, datetime | None]:
     return mode, deadline
 
 
+def _flag(metadata: dict, key: str) -> bool:
+    text = metadata.get(key)
+    if text is None or text.lower() in ("", "false", "0", "no", "off"):
+        return False
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    raise _invalid_metadata(key, f"Invalid value for 'metadata.{key}': {text!r}. Give 'true' or 'false'.")
+
+
 def _output_retries(metadata: dict) -> int:
     text = metadata.get(OUTPUT_RETRIES_KEY)
     if text is None or text == "":
@@ -366,6 +376,7 @@ def _create(request: ApiRequest) -> JsonResponse:
     endpoint = _upstream(metadata)
     mode, deadline = _mode(metadata)
     output_retries = _output_retries(metadata)
+    use_cache = _flag(metadata, CACHE_KEY)
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
         raise ApiError(
@@ -396,6 +407,7 @@ def _create(request: ApiRequest) -> JsonResponse:
             deadline=deadline,
             metadata=metadata,
             output_retries=output_retries,
+            use_cache=use_cache,
         )
         batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
         if not inline:

@@ -31,7 +31,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from jobs.engine.upstream import PERMANENT, UpstreamError
-from jobs.models import Item, Job, JobTick
+from jobs.models import CachedAnswer, Item, Job, JobTick
 
 ITEM = Item._meta.db_table
 # Statuses in the raw SQL below: constants of Item.Status, never user input.
@@ -45,6 +45,7 @@ class Claimed:
     body: str
     est_tokens: int
     attempts: int
+    cache_key: str = ""  # set when this slice sends the request for the answer cache (answercache.sort_out)
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Outcome:
     latency_ms: int | None = None
     next_attempt_at: datetime | None = None
     retries: int = 0  # failed attempts to be tried again, decided during this claim (the timeline's "retried")
+    cache_key: str = ""  # the answer goes into the answer cache (answercache.sort_out)
+    from_cache: bool = False  # answered from the answer cache: not sent
+    saved: Decimal = Decimal(0)  # with from_cache: what the answer cost when it was sent
 
     @classmethod
     def succeeded(
@@ -203,7 +207,8 @@ def heartbeat(lease: uuid.UUID) -> None:
 _FINAL_SQL = f"""
     UPDATE {ITEM} SET status = %s, attempts = %s, http_status = %s, response = %s, request_id = %s,
         error_code = %s, error_message = %s, prompt_tokens = %s, completion_tokens = %s, cached_tokens = %s,
-        cost = %s, latency_ms = %s, finished_at = %s, lease_token = NULL, lease_until = NULL, next_attempt_at = NULL
+        cost = %s, latency_ms = %s, finished_at = %s, from_cache = %s, lease_token = NULL, lease_until = NULL,
+        next_attempt_at = NULL
     WHERE id = %s AND lease_token = %s AND status = '{RUNNING}'
 """
 _RELEASE_SQL = f"""
@@ -263,6 +268,7 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
                         adapt_decimal(o.cost, 12, 8),
                         o.latency_ms,
                         _dt(now),
+                        o.from_cache,
                         o.item_id,
                         token,
                     ],
@@ -275,6 +281,9 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
                 deltas["completion_tokens"] += o.completion_tokens
                 deltas["cached_tokens"] += o.cached_tokens
                 deltas["cost"] += o.cost
+                if o.from_cache:
+                    deltas["cache_hits"] += 1
+                    deltas["cache_saved"] += o.saved
                 tick[o.status] += 1
                 tick["retried"] += o.retries
                 tick["prompt_tokens"] += o.prompt_tokens
@@ -283,7 +292,39 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
             Job(pk=job_id).add_to_counters(**deltas)
         if tick:
             JobTick.add(job_id, now, tick)
+        _remember_answers(lease, outcomes, now)
     return deltas
+
+
+def _remember_answers(lease: uuid.UUID, outcomes: list[Outcome], now: datetime) -> None:
+    """With the results: the answers of requests sent for the answer cache go into it, and the cache rows of
+    sends that ended without one are let go (the items waiting on them then send their own)."""
+    for o in outcomes:
+        if not o.cache_key:
+            continue
+        mine = CachedAnswer.objects.filter(key=o.cache_key, sending_lease=lease)
+        if o.status == Item.Status.SUCCEEDED:
+            mine.update(
+                response=o.response,
+                model=_model_of(o.response),
+                prompt_tokens=o.prompt_tokens,
+                completion_tokens=o.completion_tokens,
+                cost=o.cost,
+                answered_at=now,
+                sending_lease=None,
+                sending_until=None,
+            )
+        else:  # failed, handed back, or to be tried later: whichever item of this request comes first sends it
+            mine.update(sending_lease=None, sending_until=None)
+
+
+def _model_of(response: str) -> str:
+    marker = '"model":"'
+    start = response.find(marker)
+    if start < 0:
+        return ""
+    start += len(marker)
+    return response[start : response.find('"', start)][:200]
 
 
 def write_each(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:

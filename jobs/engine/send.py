@@ -156,7 +156,7 @@ class Sender:
             outcome = await self._send(item)
         except asyncio.CancelledError:
             # Handed back on shutdown (Slice._finish_in_flight): another node sends it again.
-            self.results.add(Outcome.released(item.id, item.attempts))
+            self.results.add(dataclasses.replace(Outcome.released(item.id, item.attempts), cache_key=item.cache_key))
             raise
         except Exception as e:
             # A bug must neither strand the item as running until its lease expires nor send it forever:
@@ -173,6 +173,7 @@ class Sender:
                 outcome = Outcome.retry_later(
                     item.id, attempts, retries=1, error=error, wait=INTERNAL_ERROR_RETRY_SECONDS
                 )
+        outcome.cache_key = item.cache_key  # its answer goes into the answer cache, or its claim there is let go
         self.results.add(outcome)
 
     async def _send(self, item: Claimed) -> Outcome:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from jobs.engine import database, leases, shutdown
+from jobs.engine import answercache, database, leases, shutdown
 from jobs.engine.database import DatabaseThread
 from jobs.engine.heartbeat import Heartbeat
 from jobs.engine.leases import TRANSIENT_DB_ERRORS, Claimed
@@ -43,6 +43,9 @@ class Slice:
         generation: int,
     ):
         self.job_id = job.pk
+        self.endpoint_id = endpoint.pk
+        self.url = job.url
+        self.use_cache = job.use_cache
         self.generation = generation
         self.lease = lease
         self.db = db
@@ -130,6 +133,11 @@ class Slice:
     async def _claim(self, limit: int) -> None:
         claimed = await self.db.call(leases.claim, self.job_id, self.lease, limit)
         self.more_to_claim = bool(claimed)
+        if claimed and self.use_cache:
+            # Answered before: from the cache. Being sent by another item right now: wait for its answer.
+            claimed, others = await self.db.call(answercache.sort_out, self.endpoint_id, self.url, self.lease, claimed)
+            for outcome in others:
+                self.results.add(outcome)
         self.queue.extend(claimed)
 
     async def _wait_for_due_work(self, now: float) -> bool:

@@ -27,7 +27,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 
 from jobs import ingest
-from jobs.engine import leases, remote, runner
+from jobs.engine import answercache, leases, remote, runner
 from jobs.models import File, Job
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,10 @@ def _orphans(now) -> list[tuple[int, int]]:
 def clean_up() -> dict:
     """Every hour: uploads nobody launched, or whose job was deleted, leave the disk after a day."""
     removed = ingest.remove_stale_uploads() + File.remove_expired()  # and /v1 files past their expires_at
-    if removed:
-        log.info("clean-up: removed %s stale uploads", removed)
-    return {"uploads_removed": removed}
+    answers = answercache.trim()  # past their age, or beyond the size bound
+    if removed or answers:
+        log.info("clean-up: removed %s stale uploads, %s cached answers", removed, answers)
+    return {"uploads_removed": removed, "cached_answers_removed": answers}
 
 
 def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:

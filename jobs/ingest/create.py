@@ -34,6 +34,7 @@ def create_job(
     metadata: dict | None = None,
     max_attempts: int = 5,
     output_retries: int = 2,
+    use_cache: bool = False,
 ) -> Job:
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
@@ -53,6 +54,7 @@ def create_job(
             metadata=metadata or {},
             max_attempts=max_attempts,
             output_retries=output_retries,
+            use_cache=use_cache,
             created_at=timezone.now(),
             **_counts(plan),
         )
@@ -82,6 +84,7 @@ def create_job_to_validate(
     template: Template | None = None,
     max_attempts: int = 5,
     output_retries: int = 2,
+    use_cache: bool = False,
 ) -> Job:
     """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
     job keeps its template, which the validation renders each row with."""
@@ -100,6 +103,7 @@ def create_job_to_validate(
         metadata=metadata or {},
         max_attempts=max_attempts,
         output_retries=output_retries,
+        use_cache=use_cache,
         created_at=timezone.now(),
     )
 

@@ -1,5 +1,6 @@
 """The core's data: endpoints, jobs and their items, prices, API tokens, and the /v1 files and batches."""
 
+from jobs.models.cache import CachedAnswer, cache_key
 from jobs.models.endpoint import Endpoint
 from jobs.models.files import Batch, File, _batch_id, _file_id
 from jobs.models.job import SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick
@@ -11,6 +12,7 @@ __all__ = [
     "SUPPORTED_URLS",
     "ApiToken",
     "Batch",
+    "CachedAnswer",
     "Endpoint",
     "File",
     "InvalidTransition",
@@ -20,5 +22,6 @@ __all__ = [
     "Price",
     "RemoteBatch",
     "_batch_id",
+    "cache_key",
     "_file_id",
 ]

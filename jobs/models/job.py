@@ -87,6 +87,12 @@ class Job(models.Model):
     errors = models.JSONField(default=list, blank=True, help_text="Validation errors (API batches that failed)")
     metadata = models.JSONField(default=dict, blank=True)
     max_attempts = models.PositiveSmallIntegerField(default=5)
+    use_cache = models.BooleanField(
+        default=False,
+        help_text="Answer requests answered before from the team's answer cache, and send duplicates once",
+    )
+    cache_hits = models.IntegerField(default=0)
+    cache_saved = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
     output_retries = models.PositiveSmallIntegerField(
         default=2, help_text="Sends more for an answer that is not the JSON its request's schema asks for"
     )
@@ -405,6 +411,7 @@ class Job(models.Model):
             "metadata",
             "max_attempts",
             "output_retries",
+            "use_cache",
             "total",
             "est_input_tokens",
         ]
@@ -514,6 +521,7 @@ class Item(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(max_digits=12, decimal_places=8, default=Decimal(0))
+    from_cache = models.BooleanField(default=False, help_text="Answered from the answer cache, not sent")
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -48,6 +48,13 @@ class JobForm(forms.Form):
         help_text="When a request asks for a JSON schema, every answer is checked against it; one that is not "
         "valid JSON or breaks the schema is sent again this many times, then fails as invalid_output.",
     )
+    use_cache = forms.BooleanField(
+        label="Reuse cached answers",
+        required=False,
+        help_text="A request answered before (same endpoint and exactly the same body) gets that answer again, "
+        "free and at once; requests repeated in this file are sent once. Cached answers repeat themselves: "
+        "at a temperature above 0 you get the same text, not a new sample.",
+    )
     # CSV template
     url = forms.ChoiceField(
         choices=[("/v1/chat/completions", "Chat completions"), ("/v1/embeddings", "Embeddings")],

@@ -37,6 +37,7 @@ urlpatterns = [
     path("endpoints/new/", views.endpoint_edit, name="endpoint_new"),
     path("endpoints/<int:pk>/", views.endpoint_edit, name="endpoint_edit"),
     path("endpoints/<int:pk>/test", views.endpoint_test, name="endpoint_test"),
+    path("endpoints/cache/clear", views.cache_clear, name="cache_clear"),
     path("usage/", views.usage, name="usage"),
     path("team/", team.team, name="team"),
     path("team/<int:pk>/<str:action>", team.person_action, name="person_action"),

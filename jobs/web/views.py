@@ -30,7 +30,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from jobs import egress, export, ingest, presets, storage, timeline
-from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch
+from jobs.models import CachedAnswer, Endpoint, InvalidTransition, Item, Job, RemoteBatch
 from jobs.pricing import estimate
 from jobs.web.forms import EndpointForm, JobForm, UploadForm
 from jobs.web.requests import AuthenticatedHttpRequest
@@ -192,6 +192,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 deadline=form.cleaned_data["deadline"],
                 max_attempts=form.cleaned_data["max_attempts"],
                 output_retries=_output_retries(form),
+                use_cache=bool(form.cleaned_data.get("use_cache")),
             )
             job.start()
             _uploads(request).pop(token, None)
@@ -246,6 +247,7 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
             template=template,
             max_attempts=form.cleaned_data["max_attempts"],
             output_retries=_output_retries(form),
+            use_cache=bool(form.cleaned_data.get("use_cache")),
         )
         Job.validate_later(job.pk)
     _uploads(request).pop(token, None)
@@ -485,6 +487,7 @@ def item_list(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
         "latency_ms",
         "prompt_tokens",
         "completion_tokens",
+        "from_cache",
     ).order_by("line")
     status = request.GET.get("status", "")
     q = request.GET.get("q", "").strip()
@@ -535,7 +538,21 @@ def item_detail(request: AuthenticatedHttpRequest, pk: int, item_pk: int) -> Htt
 @staff_required
 def endpoint_list(request: AuthenticatedHttpRequest) -> HttpResponse:
     Endpoint.sync_from_env()
-    return render(request, "jobs/endpoints.html", {"endpoints": Endpoint.objects.all()})
+    cache = CachedAnswer.objects.exclude(answered_at=None).aggregate(n=Count("id"), hits=Sum("hits"))
+    hours = settings.BATCHSITE_CACHE_MAX_AGE_HOURS
+    age = f"{hours // 24} days" if hours % 24 == 0 and hours >= 48 else f"{hours} hours"
+    context = {"endpoints": Endpoint.objects.all(), "cache": cache, "cache_max_age": age}
+    return render(request, "jobs/endpoints.html", context)
+
+
+@require_POST
+@login_required
+@staff_required
+def cache_clear(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """Empty the team's answer cache: jobs that ask for it send their requests again."""
+    removed = CachedAnswer.objects.filter(sending_lease=None).delete()[0]  # not the answers being fetched now
+    messages.success(request, f"Cleared the answer cache: {removed:,} answer{'' if removed == 1 else 's'} removed.")
+    return redirect("endpoint_list")
 
 
 @require_http_methods(["GET", "POST"])
