@@ -255,6 +255,20 @@ BATCHSITE_SHUTDOWN_SECONDS = envint("BATCHSITE_SHUTDOWN_SECONDS", 10)
 # The answer cache (jobs with use_cache): answers older than this are not reused; at most this many are kept.
 BATCHSITE_CACHE_MAX_AGE_HOURS = envint("BATCHSITE_CACHE_MAX_AGE_HOURS", 24 * 7)
 BATCHSITE_CACHE_MAX_ENTRIES = envint("BATCHSITE_CACHE_MAX_ENTRIES", 200_000)
+
+# Notifications (jobs/models/notify.py): email through Django's mail settings (the console without EMAIL_HOST),
+# links to the jobs at BATCHSITE_BASE_URL.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND") or (
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend"
+)
+EMAIL_PORT = envint("EMAIL_PORT", 587)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = envsecret("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", True)
+EMAIL_TIMEOUT = 20
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "Batchsite <batchsite@localhost>")
+BATCHSITE_BASE_URL = os.environ.get("BATCHSITE_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
 # Remote and hybrid jobs (the Batch API): how often each remote batch is looked at, how long one poller task
 # keeps polling before the next takes over (the schedule starts one a minute), and the least safety margin
 # a hybrid job keeps before its deadline.

@@ -7,7 +7,7 @@ asks from the machine, unless BATCHSITE_ALLOW_PRIVATE_ENDPOINTS is set.
 
 import ipaddress
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 from django.conf import settings
@@ -85,6 +85,13 @@ def check_base_url(url: str, resolve: bool = True) -> None:
                 check_address(address)
     else:
         check_address(host)
+
+
+def check_webhook_url(url: str) -> None:
+    """UnsafeURL unless a webhook's URL is plain http(s) to an allowed address (unlike a base URL, it may have
+    a query: some receivers take their token there)."""
+    parts = urlsplit(url.strip())
+    check_base_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
 
 
 def resolve_host(host: str) -> list[str]:

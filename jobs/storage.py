@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -24,6 +25,7 @@ from django.core.files.storage import FileSystemStorage, Storage, storages
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+UPLOAD_FOLDER = re.compile(r"[0-9a-f]{32}")
 
 
 def uploads() -> Storage:
@@ -97,7 +99,10 @@ def remove(name: str) -> None:
     their own stale-upload sweep."""
     import shutil
 
-    shutil.rmtree((settings.DATA_DIR / name).parent, ignore_errors=True)
+    folder = (settings.DATA_DIR / name).resolve().parent
+    if folder.parent != (settings.DATA_DIR / "uploads").resolve():  # only ever an upload's own folder
+        raise ValueError(f"{name!r} is not an upload's name")
+    shutil.rmtree(folder, ignore_errors=True)
     if is_shared():
         try:
             uploads().delete(name)
@@ -110,8 +115,13 @@ def shared_uploads() -> Iterator[tuple[str, datetime]]:
     if not is_shared():
         return
     store = uploads()
-    folders, _ = store.listdir("uploads")
+    try:
+        folders, _ = store.listdir("uploads")
+    except FileNotFoundError:
+        return
     for folder in folders:
+        if not UPLOAD_FOLDER.fullmatch(folder):  # ours are uuid4 hex; anything else in the bucket is not
+            continue
         for filename in store.listdir(f"uploads/{folder}")[1]:
             name = f"uploads/{folder}/{filename}"
             yield name, store.get_modified_time(name)

@@ -28,14 +28,20 @@ stop() {
   trap 'force=1' INT  # a second Ctrl-C: stop at once
   [ ${#groups[@]} -gt 0 ] || return 0
   echo "Stopping... (Ctrl-C again to stop at once)"
-  # The cluster stops the way a service manager stops it (jobs/engine/shutdown.py): SIGTERM to its main
-  # process only, which tells the workers to hand their claimed items back at once and gives requests in
-  # flight BATCHSITE_SHUTDOWN_SECONDS. The web server and the simulator stop as a group.
-  for g in "${groups[@]}"; do
-    if [ "$g" = "${cluster:-}" ]; then kill -TERM "$g" 2>/dev/null; else kill -TERM -- "-$g" 2>/dev/null; fi
-  done
-  local bound=$(( ${BATCHSITE_SHUTDOWN_SECONDS:-10} + 2 ))
-  for _ in $(seq 1 $(( bound * 4 ))); do
+  # The cluster stops first, the way a service manager stops it (jobs/engine/shutdown.py): SIGTERM to its
+  # main process only, which tells the workers to hand their claimed items back at once and gives requests
+  # in flight BATCHSITE_SHUTDOWN_SECONDS, while the simulator still answers them. Then the web server and
+  # the simulator, as groups.
+  if [ -n "${cluster:-}" ]; then
+    kill -TERM "$cluster" 2>/dev/null
+    for _ in $(seq 1 $(( (${BATCHSITE_SHUTDOWN_SECONDS:-10} + 1) * 4 ))); do
+      kill -0 -- "-$cluster" 2>/dev/null || break
+      [ -z "${force:-}" ] || break
+      sleep 0.25
+    done
+  fi
+  for g in "${groups[@]}"; do [ "$g" = "${cluster:-}" ] || kill -TERM -- "-$g" 2>/dev/null; done
+  for _ in $(seq 1 8); do
     alive || break
     [ -z "${force:-}" ] || break
     sleep 0.25

@@ -88,6 +88,12 @@ def test_hostile_schemas_and_answers_cost_nothing_and_reach_nowhere():
     assert "not valid JSON" in check(['{"sentiment": "positive", "confidence": ' + "1" * 5000 + "}"])
     assert "NaN is not a JSON value" in check(['{"sentiment": "positive", "confidence": NaN}'])
     assert check(["[1]"], {"response_format": chat_format({})}) is None  # an empty schema takes anything
+    # A body of another shape than documented is judged, never a crash (a crash would re-send, or stall a join).
+    want = schemacheck.wanted(CHAT, {"response_format": chat_format()})
+    for odd in ({"choices": [{"message": "hi"}]}, {"choices": 5}, [], {"choices": [{"message": {"content": 7}}]}):
+        assert "no text" in schemacheck.problem(want, CHAT, odd)
+    deep = json.dumps({"sentiment": "positive", "confidence": 1, "x": json.loads("[" * 300 + "]" * 300)})
+    assert schemacheck.problem(want, CHAT, chat_answer(deep)) is not None
     assert time.perf_counter() - started < 2
 
 

@@ -562,6 +562,7 @@ def test_schedules_are_registered_once_and_clean_up_runs(settings, tmp_path):
     tasks.ensure_schedules()
     assert sorted(Schedule.objects.values_list("name", "func")) == [
         ("batchsite-clean-up", "jobs.engine.tasks.clean_up"),
+        ("batchsite-notifications", "jobs.engine.tasks.send_notifications"),
         ("batchsite-remote-poller", "jobs.engine.tasks.poll_remote"),
         ("batchsite-sweeper", "jobs.engine.tasks.sweep"),
     ]

@@ -29,13 +29,14 @@ from jobs.api.auth import ApiRequest, api_view, json_body
 from jobs.api.files import get_file
 from jobs.api.pagination import cursor_page
 from jobs.errors import ApiError
-from jobs.models import SUPPORTED_URLS, Batch, Endpoint, File, InvalidTransition, Job
+from jobs.models import SUPPORTED_URLS, Batch, Endpoint, File, InvalidTransition, Job, NotificationSettings
 
 COMPLETION_WINDOW = "24h"
 LIST_DEFAULT, LIST_MAX = 20, 100
 ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by name
 MODE_KEY, DEADLINE_KEY = "batchsite_mode", "batchsite_deadline"  # how the job runs; hybrid's deadline
 OUTPUT_RETRIES_KEY = "batchsite_output_retries"  # sends more for an answer that breaks its JSON schema
+NOTIFY_KEY = "batchsite_notify"  # email the owner when the batch ends (default: their setting)
 CACHE_KEY = "batchsite_cache"  # "true": answers from the team's answer cache, duplicates sent once
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
@@ -321,9 +322,11 @@ def _mode(metadata: dict) -> tuple[str, datetime | None]:
     return mode, deadline
 
 
-def _flag(metadata: dict, key: str) -> bool:
+def _flag(metadata: dict, key: str, default: bool = False) -> bool:
     text = metadata.get(key)
-    if text is None or text.lower() in ("", "false", "0", "no", "off"):
+    if text is None or text == "":
+        return default
+    if text.lower() in ("false", "0", "no", "off"):
         return False
     if text.lower() in ("true", "1", "yes", "on"):
         return True
@@ -377,6 +380,7 @@ def _create(request: ApiRequest) -> JsonResponse:
     mode, deadline = _mode(metadata)
     output_retries = _output_retries(metadata)
     use_cache = _flag(metadata, CACHE_KEY)
+    notify = _flag(metadata, NOTIFY_KEY, default=NotificationSettings.email_default(request.user))
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
         raise ApiError(
@@ -408,6 +412,7 @@ def _create(request: ApiRequest) -> JsonResponse:
             metadata=metadata,
             output_retries=output_retries,
             use_cache=use_cache,
+            notify=notify,
         )
         batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
         if not inline:

@@ -33,6 +33,13 @@ def sort_out(
 ) -> tuple[list[Claimed], list[Outcome]]:
     """(items to send, outcomes of the others: answered from the cache, or back to pending for a moment
     while their twin is sent). Each item to send carries its cache key."""
+    with transaction.atomic():  # all or nothing: a retry after a locked database starts from a clean slate
+        return _sort_out(endpoint_id, url, lease, claimed)
+
+
+def _sort_out(
+    endpoint_id: int, url: str, lease: uuid.UUID, claimed: list[Claimed]
+) -> tuple[list[Claimed], list[Outcome]]:
     now = timezone.now()
     fresh_since = now - max_age()
     until = now + timedelta(seconds=lease_seconds())
@@ -93,7 +100,8 @@ def trim(now=None) -> int:
     stale = Q(answered_at__lt=now - max_age()) | Q(answered_at__isnull=True, sending_until__lt=now)
     removed = CachedAnswer.objects.filter(stale).delete()[0]
     keep = settings.BATCHSITE_CACHE_MAX_ENTRIES
-    cutoff = CachedAnswer.objects.order_by("-answered_at").values_list("answered_at", flat=True)[keep : keep + 1]
+    answered = CachedAnswer.objects.exclude(answered_at=None).order_by("-answered_at")
+    cutoff = answered.values_list("answered_at", flat=True)[keep : keep + 1]
     if cutoff:
         removed += CachedAnswer.objects.filter(answered_at__lte=cutoff[0]).delete()[0]
     return removed

@@ -202,6 +202,8 @@ def heartbeat(lease: uuid.UUID) -> None:
             f"UPDATE {ITEM} SET lease_until = %s WHERE lease_token = %s AND status = '{RUNNING}'",
             [_dt(until), _uuid(lease)],
         )
+    # The answer-cache rows this slice is sending for stay its own as long as its items do.
+    CachedAnswer.objects.filter(sending_lease=lease).update(sending_until=until)
 
 
 _FINAL_SQL = f"""
@@ -356,7 +358,12 @@ def _text(value: str) -> str:
 
 def release(job_id: int, lease: uuid.UUID, items: list[Claimed]) -> None:
     """Give back claimed items that were never sent (pause, shutdown)."""
-    write(job_id, lease, [Outcome.released(i.id, i.attempts) for i in items])
+    write(job_id, lease, [_with_key(Outcome.released(i.id, i.attempts), i.cache_key) for i in items])
+
+
+def _with_key(outcome: Outcome, key: str) -> Outcome:
+    outcome.cache_key = key  # its row in the answer cache is let go too
+    return outcome
 
 
 def expire(now: datetime | None = None) -> int:

@@ -45,24 +45,42 @@ def wanted(url: str, body: dict) -> Wanted | None:
     return None
 
 
-def answers(url: str, data: dict) -> list[str | None]:
-    """The answer texts of a response (None for a choice without text: a refusal, or a tool call)."""
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def answers(url: str, data) -> list[str | None]:
+    """The answer texts of a response (None for a choice without text: a refusal, a tool call, a body of
+    another shape: the server's JSON is not trusted to have the documented one)."""
+    if not isinstance(data, dict):
+        return [None]
     if url.endswith("/responses"):
         texts: list[str | None] = []
-        for item in data.get("output") or []:
+        for item in _list(data.get("output")):
             if isinstance(item, dict) and item.get("type") == "message":
-                for part in item.get("content") or []:
+                for part in _list(item.get("content")):
                     if isinstance(part, dict) and part.get("type") == "output_text":
                         texts.append(part.get("text"))
                     elif isinstance(part, dict) and part.get("type") == "refusal":
                         texts.append(None)
         return texts or [None]
-    choices = data.get("choices") or []
-    return [(c.get("message") or {}).get("content") if isinstance(c, dict) else None for c in choices] or [None]
+    found: list[str | None] = []
+    for choice in _list(data.get("choices")):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        found.append(message.get("content") if isinstance(message, dict) else None)
+    return found or [None]
 
 
-def problem(want: Wanted, url: str, data: dict) -> str | None:
-    """Why the response's answers are not what the request asked for, in plain words; None when they are."""
+def problem(want: Wanted, url: str, data) -> str | None:
+    """Why the response's answers are not what the request asked for, in plain words; None when they are.
+    Never raises: whatever the server sent, the answer is judged."""
+    try:
+        return _problem(want, url, data)
+    except (ValueError, TypeError, RecursionError) as e:  # the validator on a value nested past its limits
+        return f"The answer could not be checked against its schema ({type(e).__name__}: {_short(str(e))})."
+
+
+def _problem(want: Wanted, url: str, data) -> str | None:
     for n, text in enumerate(answers(url, data)):
         where = f"Answer {n + 1}" if n else "The answer"
         if not isinstance(text, str):

@@ -230,7 +230,7 @@ class Sender:
             latency = int((time.perf_counter() - started) * 1000)
 
             if last.kind == PERMANENT:
-                return Outcome.failed(item.id, attempts + 1, last, retries, latency)
+                return spent.added_to(Outcome.failed(item.id, attempts + 1, last, retries, latency))
             if last.kind == STOP:
                 # Not the item's fault: no attempt counted; the job pauses.
                 await self._stop_job(last.message)
@@ -246,7 +246,7 @@ class Sender:
                 attempts += 1
                 delay = last.retry_delay(attempts)
                 if attempts >= max(self.max_attempts, settings.BATCHSITE_TRANSIENT_ATTEMPTS):
-                    return Outcome.failed(item.id, attempts, last, retries, latency)
+                    return spent.added_to(Outcome.failed(item.id, attempts, last, retries, latency))
             retries += 1  # counted once, here, whether the retry happens in this slice or a later one
             # Measured from the answer: the server asked for `delay` from then on, however long the
             # bookkeeping above took.

@@ -27,7 +27,7 @@ from django.utils import timezone
 from django_q.models import Schedule
 
 from jobs import ingest
-from jobs.engine import answercache, leases, remote, runner
+from jobs.engine import answercache, leases, notify, remote, runner
 from jobs.models import File, Job
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,23 @@ def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
             "schedule_type": Schedule.MINUTES,
             "minutes": 1,
         },
+        # Retries of emails and webhooks that failed (the first try is enqueued with the event).
+        "batchsite-notifications": {
+            "func": "jobs.engine.tasks.send_notifications",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 1,
+        },
     }
     for name, fields in schedules.items():
         model.objects.using(using).update_or_create(name=name, defaults={**fields, "repeats": -1})
+
+
+def send_notifications() -> dict:
+    """Emails and webhook deliveries that are due (jobs/engine/notify.py)."""
+    result = notify.send_due()
+    if any(result.values()):
+        log.info("notifications %s", result)
+    return result
 
 
 def sweep_seconds() -> float:

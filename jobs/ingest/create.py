@@ -35,6 +35,7 @@ def create_job(
     max_attempts: int = 5,
     output_retries: int = 2,
     use_cache: bool = False,
+    notify: bool = True,
 ) -> Job:
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
@@ -55,6 +56,7 @@ def create_job(
             max_attempts=max_attempts,
             output_retries=output_retries,
             use_cache=use_cache,
+            notify=notify,
             created_at=timezone.now(),
             **_counts(plan),
         )
@@ -85,6 +87,7 @@ def create_job_to_validate(
     max_attempts: int = 5,
     output_retries: int = 2,
     use_cache: bool = False,
+    notify: bool = True,
 ) -> Job:
     """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
     job keeps its template, which the validation renders each row with."""
@@ -104,6 +107,7 @@ def create_job_to_validate(
         max_attempts=max_attempts,
         output_retries=output_retries,
         use_cache=use_cache,
+        notify=notify,
         created_at=timezone.now(),
     )
 

@@ -4,6 +4,7 @@ from jobs.models.cache import CachedAnswer, cache_key
 from jobs.models.endpoint import Endpoint
 from jobs.models.files import Batch, File, _batch_id, _file_id
 from jobs.models.job import SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick
+from jobs.models.notify import JobEvent, NotificationSettings, Webhook, WebhookDelivery
 from jobs.models.price import Price
 from jobs.models.remote import RemoteBatch
 from jobs.models.token import ApiToken
@@ -18,9 +19,13 @@ __all__ = [
     "InvalidTransition",
     "Item",
     "Job",
+    "JobEvent",
     "JobTick",
+    "NotificationSettings",
     "Price",
     "RemoteBatch",
+    "Webhook",
+    "WebhookDelivery",
     "_batch_id",
     "cache_key",
     "_file_id",

@@ -30,7 +30,7 @@ class CachedAnswer(models.Model):
     answered_at = models.DateTimeField(null=True, blank=True, db_index=True)
     # A slice sending the request now: other items with the same key wait for its answer instead of
     # sending their own (duplicates inside a job, or identical jobs running at once).
-    sending_lease = models.UUIDField(null=True, blank=True)
+    sending_lease = models.UUIDField(null=True, blank=True, db_index=True)
     sending_until = models.DateTimeField(null=True, blank=True)
     hits = models.PositiveIntegerField(default=0)
     last_hit_at = models.DateTimeField(null=True, blank=True)

@@ -15,6 +15,7 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from jobs.models.endpoint import Endpoint
+from jobs.models.notify import EVENTS, PAUSED, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Job(models.Model):
     errors = models.JSONField(default=list, blank=True, help_text="Validation errors (API batches that failed)")
     metadata = models.JSONField(default=dict, blank=True)
     max_attempts = models.PositiveSmallIntegerField(default=5)
+    notify = models.BooleanField(default=True, help_text="Email the owner when the job ends or pauses by itself")
     use_cache = models.BooleanField(
         default=False,
         help_text="Answer requests answered before from the team's answer cache, and send duplicates once",
@@ -204,12 +206,15 @@ class Job(models.Model):
             changes["status_reason"] = reason
         if new in self.FINISHED:
             changes.setdefault("finished_at", timezone.now())
-        n = Job.objects.filter(pk=self.pk, status__in=allowed_from).update(**changes)
-        if n != 1:
-            current = Job.objects.filter(pk=self.pk).values_list("status", flat=True).first()
-            raise InvalidTransition(f"A {current or 'deleted'} job cannot become {new}.")
-        for name, value in changes.items():
-            setattr(self, name, value)
+        with transaction.atomic():
+            n = Job.objects.filter(pk=self.pk, status__in=allowed_from).update(**changes)
+            if n != 1:
+                current = Job.objects.filter(pk=self.pk).values_list("status", flat=True).first()
+                raise InvalidTransition(f"A {current or 'deleted'} job cannot become {new}.")
+            for name, value in changes.items():
+                setattr(self, name, value)
+            if new in EVENTS:  # the end of a run: emailed, and sent to the webhooks (jobs/models/notify.py)
+                JobEvent.record(self, EVENTS[new])
 
     def add_to_counters(self, **deltas) -> None:
         """Add to counters with F() so concurrent writers never lose an update."""
@@ -359,7 +364,9 @@ class Job(models.Model):
     def pause_itself(self, reason: str) -> None:
         """A slice found it cannot go on (no endpoint, a key it cannot read): paused, saying why."""
         try:
-            self.transition(Job.Status.PAUSED, reason=reason)
+            with transaction.atomic():
+                self.transition(Job.Status.PAUSED, reason=reason)
+                JobEvent.record(self, PAUSED)
             log.warning("Job %s paused itself: %s", self.pk, reason)
         except InvalidTransition:
             pass  # already paused or cancelled by someone else
@@ -412,6 +419,7 @@ class Job(models.Model):
             "max_attempts",
             "output_retries",
             "use_cache",
+            "notify",
             "total",
             "est_input_tokens",
         ]

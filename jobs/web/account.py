@@ -7,7 +7,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from jobs.models import ApiToken
+from jobs.models import ApiToken, NotificationSettings
 from jobs.web.requests import AuthenticatedHttpRequest
 
 
@@ -47,3 +47,29 @@ def _own_token(request: AuthenticatedHttpRequest, pk: str) -> ApiToken:
     if token is None:
         raise Http404("No such token.")
     return token
+
+
+class NotificationForm(forms.Form):
+    email = forms.EmailField(required=False, help_text="Where the emails about your jobs go.")
+    email_when_done = forms.BooleanField(
+        required=False,
+        label="Email me when my jobs end",
+        help_text="The default of “Email me when it ends” on the launch form, and for your /v1 batches "
+        "(metadata batchsite_notify overrides it).",
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def notification_settings(request: AuthenticatedHttpRequest) -> HttpResponse:
+    prefs, _ = NotificationSettings.objects.get_or_create(user=request.user)
+    initial = {"email": request.user.email, "email_when_done": prefs.email_when_done}
+    form = NotificationForm(request.POST or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        request.user.email = form.cleaned_data["email"]
+        request.user.save(update_fields=["email"])
+        prefs.email_when_done = form.cleaned_data["email_when_done"]
+        prefs.save(update_fields=["email_when_done"])
+        messages.success(request, "Saved your notification settings.")
+        return redirect("notification_settings")
+    return render(request, "jobs/notifications.html", {"form": form})

@@ -48,6 +48,12 @@ class JobForm(forms.Form):
         help_text="When a request asks for a JSON schema, every answer is checked against it; one that is not "
         "valid JSON or breaks the schema is sent again this many times, then fails as invalid_output.",
     )
+    notify = forms.BooleanField(
+        label="Email me when it ends",
+        required=False,
+        help_text="An email when the job completes, fails or is cancelled, or pauses by itself (your default is "
+        "in your account settings). The team's webhooks are told either way.",
+    )
     use_cache = forms.BooleanField(
         label="Reuse cached answers",
         required=False,

@@ -2,7 +2,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.messages.views import SuccessMessageMixin
 from django.urls import path
 
-from jobs.web import ops, team, views
+from jobs.web import hooks, ops, team, views
 
 
 class PasswordChangeView(SuccessMessageMixin, auth_views.PasswordChangeView):
@@ -40,5 +40,7 @@ urlpatterns = [
     path("endpoints/cache/clear", views.cache_clear, name="cache_clear"),
     path("usage/", views.usage, name="usage"),
     path("team/", team.team, name="team"),
+    path("team/webhooks/", hooks.webhooks, name="webhooks"),
+    path("team/webhooks/<int:pk>/toggle", hooks.webhook_toggle, name="webhook_toggle"),
     path("team/<int:pk>/<str:action>", team.person_action, name="person_action"),
 ]

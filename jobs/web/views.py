@@ -1,4 +1,5 @@
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -30,10 +31,12 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from jobs import egress, export, ingest, presets, storage, timeline
-from jobs.models import CachedAnswer, Endpoint, InvalidTransition, Item, Job, RemoteBatch
+from jobs.models import CachedAnswer, Endpoint, InvalidTransition, Item, Job, NotificationSettings, RemoteBatch
 from jobs.pricing import estimate
 from jobs.web.forms import EndpointForm, JobForm, UploadForm
 from jobs.web.requests import AuthenticatedHttpRequest
+
+log = logging.getLogger(__name__)
 
 DOWNLOADS = {
     "results": (export.results_jsonl, "application/jsonl", "{name}-results.jsonl"),
@@ -160,7 +163,8 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
         path = storage.local_path(upload.get("file") or storage.name_of(Path(upload["path"])))
         if not path.exists():
             raise FileNotFoundError(path)
-    except (FileNotFoundError, ValueError):  # cleaned up after a day, or the data dir was reset
+    except Exception:  # cleaned up after a day, the data dir reset, or the bucket unreachable
+        log.warning("upload %s could not be read", token, exc_info=True)
         _uploads(request).pop(token, None)
         request.session.modified = True
         messages.error(request, f"The upload of {upload['name']} is no longer on the server. Please upload it again.")
@@ -169,7 +173,11 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
         upload["columns"] = _csv_header(path)
         request.session.modified = True
     columns = upload.get("columns", [])
-    initial = {"name": Path(upload["name"]).stem, "endpoint": Endpoint.default()}
+    initial = {
+        "name": Path(upload["name"]).stem,
+        "endpoint": Endpoint.default(),
+        "notify": NotificationSettings.email_default(request.user),
+    }
     form = JobForm(request.POST or None, initial=initial, csv_columns=columns)
     plan = None
     if request.method == "POST" and form.is_valid():
@@ -193,6 +201,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 max_attempts=form.cleaned_data["max_attempts"],
                 output_retries=_output_retries(form),
                 use_cache=bool(form.cleaned_data.get("use_cache")),
+                notify=bool(form.cleaned_data.get("notify")),
             )
             job.start()
             _uploads(request).pop(token, None)
@@ -248,6 +257,7 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
             max_attempts=form.cleaned_data["max_attempts"],
             output_retries=_output_retries(form),
             use_cache=bool(form.cleaned_data.get("use_cache")),
+            notify=bool(form.cleaned_data.get("notify")),
         )
         Job.validate_later(job.pk)
     _uploads(request).pop(token, None)

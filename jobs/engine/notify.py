@@ -1,0 +1,169 @@
+"""Sending what jobs/models/notify.py records: the owner's email, and each webhook's delivery of OpenAI's event,
+signed as Standard Webhooks sign (webhook-id, webhook-timestamp, webhook-signature: v1,<base64 HMAC-SHA256
+of "id.timestamp.body" under the secret's bytes>).
+
+At least once: an attempt is claimed (compare-and-set on its count, which also sets the next try) before
+it is made, so two workers never make the same one, and a worker killed mid-send leaves it to be tried
+again. Receivers tell repeats apart by webhook-id, as the standard says.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from datetime import timedelta
+
+import httpx2
+from django.conf import settings
+from django.core.mail import send_mail
+from django.utils import timezone
+
+from jobs import egress
+from jobs.models import Batch, JobEvent, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+# Seconds before each next try: about a day in all, as Standard Webhooks suggests.
+BACKOFF = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600)
+MAX_ATTEMPTS = len(BACKOFF) + 1
+TIMEOUT = 10.0
+BATCH = 100  # of each kind per call; the next call (at once, or the schedule's) does the rest
+
+SUBJECTS = {
+    "batch.completed": "completed",
+    "batch.failed": "failed",
+    "batch.cancelled": "was cancelled",
+    "batch.paused": "paused and needs you",
+}
+
+
+def send_due(now=None) -> dict:
+    now = now or timezone.now()
+    counts = {"emailed": 0, "email_failed": 0, "delivered": 0, "delivery_failed": 0}
+    for event in JobEvent.objects.filter(email=JobEvent.Email.PENDING, next_attempt_at__lte=now).select_related(
+        "job", "job__owner"
+    )[:BATCH]:
+        claimed = JobEvent.objects.filter(
+            pk=event.pk, email_attempts=event.email_attempts, email=JobEvent.Email.PENDING
+        )
+        if not claimed.update(
+            email_attempts=event.email_attempts + 1, next_attempt_at=now + _backoff(event.email_attempts)
+        ):
+            continue  # another worker has it
+        counts["emailed" if _email(event) else "email_failed"] += 1
+    for delivery in WebhookDelivery.objects.filter(
+        status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now, webhook__active=True
+    ).select_related("webhook", "event", "event__job")[:BATCH]:
+        mine = WebhookDelivery.objects.filter(
+            pk=delivery.pk, attempts=delivery.attempts, status=WebhookDelivery.Status.PENDING
+        )
+        if not mine.update(attempts=delivery.attempts + 1, next_attempt_at=now + _backoff(delivery.attempts)):
+            continue
+        delivery.attempts += 1
+        counts["delivered" if _deliver(delivery) else "delivery_failed"] += 1
+    return counts
+
+
+def _backoff(attempts_before: int) -> timedelta:
+    return timedelta(seconds=BACKOFF[min(attempts_before, len(BACKOFF) - 1)])
+
+
+def _email(event: JobEvent) -> bool:
+    job = event.job
+    address = (job.owner.email or "").strip()
+    if not address:
+        JobEvent.objects.filter(pk=event.pk).update(
+            email=JobEvent.Email.SKIPPED, email_error="The owner has no address."
+        )
+        return False
+    name = " ".join(job.name.split())[:80]  # one line: a subject is a header
+    subject = f"Batchsite: job “{name}” {SUBJECTS.get(event.event, event.event)}"
+    url = f"{settings.BATCHSITE_BASE_URL}{job.get_absolute_url()}"
+    lines = [
+        f"Job “{name}” {SUBJECTS.get(event.event, event.event)}.",
+        "",
+        f"{job.n_succeeded:,} succeeded, {job.n_failed:,} failed, {job.n_cancelled:,} cancelled, "
+        f"{job.n_expired:,} expired, of {job.total:,} requests.",
+        f"Tokens: {job.prompt_tokens:,} in, {job.completion_tokens:,} out. Cost: ${job.cost:.4f}.",
+    ]
+    if job.status_reason:
+        lines += ["", job.status_reason]
+    lines += ["", f"The job: {url}", f"Results: {url}download/results", f"Errors: {url}download/errors"]
+    try:
+        send_mail(subject, "\n".join(lines), None, [address])
+    except Exception as e:  # SMTP down, refused: tried again later, up to MAX_ATTEMPTS
+        final = event.email_attempts + 1 >= MAX_ATTEMPTS
+        JobEvent.objects.filter(pk=event.pk).update(
+            email=JobEvent.Email.FAILED if final else JobEvent.Email.PENDING,
+            email_error=f"{type(e).__name__}: {e}"[:500],
+        )
+        log.warning("job %s: email to its owner failed: %s", job.pk, e)
+        return False
+    JobEvent.objects.filter(pk=event.pk).update(email=JobEvent.Email.SENT, email_error="")
+    return True
+
+
+def payload(event: JobEvent) -> bytes:
+    """OpenAI's webhook event (object, id, type, created_at, data.id: the batch's id), and Batchsite's view of
+    the job beside it."""
+    job = event.job
+    batch_id = Batch.objects.filter(job=job).values_list("public_id", flat=True).first() or f"job_{job.pk}"
+    body = {
+        "object": "event",
+        "id": event.event_id,
+        "type": event.event,
+        "created_at": int(event.created_at.timestamp()),
+        "data": {"id": batch_id},
+        "batchsite": {
+            "job": job.pk,
+            "name": job.name,
+            "status": job.status,
+            "url": f"{settings.BATCHSITE_BASE_URL}{job.get_absolute_url()}",
+            "request_counts": {"total": job.total, "completed": job.n_succeeded, "failed": job.n_failed},
+            "cost": str(job.cost),
+        },
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def _deliver(delivery: WebhookDelivery) -> bool:
+    hook, event = delivery.webhook, delivery.event
+    body = payload(event)
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Batchsite-Webhooks/1",
+        "webhook-id": event.event_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(hook.secret, event.event_id, timestamp, body),
+    }
+    status, error = None, ""
+    try:
+        egress.check_webhook_url(hook.url)  # again now: the name may resolve elsewhere than when it was saved
+        with httpx2.Client(timeout=TIMEOUT, follow_redirects=False) as client:
+            with client.stream("POST", hook.url, content=body, headers=headers) as response:
+                egress.check_peer(response)
+                status = response.status_code
+                response.read()
+    except Exception as e:  # refused, unreachable, timed out: tried again later
+        error = f"{type(e).__name__}: {e}"[:500]
+    ok = status is not None and 200 <= status < 300
+    fields: dict = {"last_status_code": status, "last_error": error if not ok else ""}
+    if ok:
+        fields.update(status=WebhookDelivery.Status.DELIVERED, delivered_at=timezone.now())
+    elif delivery.attempts >= MAX_ATTEMPTS:
+        fields.update(status=WebhookDelivery.Status.FAILED)
+    if not ok and status is not None:
+        fields["last_error"] = f"HTTP {status}"
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(**fields)
+    return ok
