@@ -25,6 +25,7 @@ from tests.servers import ROOT, Cluster, wait_until
 
 SCHEDULES = [
     ("batchsite-clean-up", "jobs.engine.tasks.clean_up"),
+    ("batchsite-notifications", "jobs.engine.tasks.send_notifications"),
     ("batchsite-remote-poller", "jobs.engine.tasks.poll_remote"),
     ("batchsite-sweeper", "jobs.engine.tasks.sweep"),
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from django.conf import settings
@@ -37,6 +38,7 @@ ENDPOINT_KEY = "batchsite_endpoint"  # metadata key that picks an endpoint by na
 MODE_KEY, DEADLINE_KEY = "batchsite_mode", "batchsite_deadline"  # how the job runs; hybrid's deadline
 OUTPUT_RETRIES_KEY = "batchsite_output_retries"  # sends more for an answer that breaks its JSON schema
 NOTIFY_KEY = "batchsite_notify"  # email the owner when the batch ends (default: their setting)
+COST_CAP_KEY = "batchsite_cost_cap"  # dollars: the job pauses before passing it
 CACHE_KEY = "batchsite_cache"  # "true": answers from the team's answer cache, duplicates sent once
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
@@ -322,6 +324,22 @@ def _mode(metadata: dict) -> tuple[str, datetime | None]:
     return mode, deadline
 
 
+def _cost_cap(metadata: dict) -> Decimal | None:
+    text = metadata.get(COST_CAP_KEY)
+    if text is None or text == "":
+        return None
+    try:
+        cap = Decimal(text)
+    except ArithmeticError:
+        cap = Decimal(-1)
+    if not cap.is_finite() or cap < 0 or cap >= Decimal("1e8"):
+        raise _invalid_metadata(
+            COST_CAP_KEY,
+            f"Invalid value for 'metadata.{COST_CAP_KEY}': {text!r}. Give an amount in dollars, such as '25.00'.",
+        )
+    return cap.quantize(Decimal("0.0001"))
+
+
 def _flag(metadata: dict, key: str, default: bool = False) -> bool:
     text = metadata.get(key)
     if text is None or text == "":
@@ -380,6 +398,7 @@ def _create(request: ApiRequest) -> JsonResponse:
     mode, deadline = _mode(metadata)
     output_retries = _output_retries(metadata)
     use_cache = _flag(metadata, CACHE_KEY)
+    cost_cap = _cost_cap(metadata)
     notify = _flag(metadata, NOTIFY_KEY, default=NotificationSettings.email_default(request.user))
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
@@ -413,6 +432,7 @@ def _create(request: ApiRequest) -> JsonResponse:
             output_retries=output_retries,
             use_cache=use_cache,
             notify=notify,
+            cost_cap=cost_cap,
         )
         batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
         if not inline:

@@ -20,6 +20,7 @@ cannot express UPDATE ... RETURNING.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -28,10 +29,13 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
+from jobs import tokens
 from jobs.engine.upstream import PERMANENT, UpstreamError
 from jobs.models import CachedAnswer, Item, Job, JobTick
+from jobs.pricing import PriceBook
 
 ITEM = Item._meta.db_table
 # Statuses in the raw SQL below: constants of Item.Status, never user input.
@@ -178,13 +182,42 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     with transaction.atomic():
         if Job.lock(job_id) != Job.Status.RUNNING:
             return []  # paused, cancelled or finished since the slice last looked: send nothing more
+        cap, spent, model = Job.objects.filter(pk=job_id).values_list("cost_cap", "cost", "model").get()
         with connection.cursor() as cursor:
             cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
+        rows.sort(key=lambda r: r[5])  # RETURNING order is not guaranteed; keep input order
+        if rows and cap is not None:
+            rows = _within_cap(job_id, rows, cap, spent, model)
         if rows:
             Job(pk=job_id).add_to_counters(n_pending=-len(rows), n_running=len(rows))
-    rows.sort(key=lambda r: r[5])  # RETURNING order is not guaranteed; keep input order
     return [Claimed(*row[:5]) for row in rows]
+
+
+def _within_cap(job_id: int, rows: list, cap: Decimal, spent: Decimal, model: str) -> list:
+    """The claimed rows whose requests fit under the job's cost cap, each at its most possible cost (input plus
+    all the output it may ask for), counting what the job has spent and what its running requests may still
+    cost. The first that does not fit, and those after it, go back to pending, and the job pauses, saying so."""
+    running = Item.objects.filter(job_id=job_id, status=Item.Status.RUNNING).exclude(id__in=[r[0] for r in rows])
+    committed = spent + (running.aggregate(s=Sum("est_cost"))["s"] or Decimal(0))
+    book = PriceBook.load()
+    kept: list = []
+    for row in rows:
+        body = json.loads(row[2])
+        most = book.cost(body.get("model") or model, row[3], tokens.max_output_tokens(body))
+        if committed + most > cap:
+            back = [r[0] for r in rows[len(kept) :]]
+            Item.objects.filter(id__in=back).update(status=Item.Status.PENDING, lease_token=None, lease_until=None)
+            Job.objects.get(pk=job_id).pause_itself(
+                f"The job's cost cap is ${cap:,.4f}: it has spent ${spent:,.4f}, its requests in flight may cost up "
+                f"to ${committed - spent:,.4f} more, and the next one (line {row[5]}) up to ${most:,.4f}. Raise "
+                "the cap (or remove it), then resume."
+            )
+            break
+        committed += most
+        Item.objects.filter(id=row[0]).update(est_cost=most)
+        kept.append(row)
+    return kept
 
 
 def next_due(job_id: int) -> datetime | None:

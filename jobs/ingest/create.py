@@ -36,6 +36,7 @@ def create_job(
     output_retries: int = 2,
     use_cache: bool = False,
     notify: bool = True,
+    cost_cap=None,
 ) -> Job:
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
@@ -57,6 +58,7 @@ def create_job(
             output_retries=output_retries,
             use_cache=use_cache,
             notify=notify,
+            cost_cap=cost_cap,
             created_at=timezone.now(),
             **_counts(plan),
         )
@@ -88,6 +90,7 @@ def create_job_to_validate(
     output_retries: int = 2,
     use_cache: bool = False,
     notify: bool = True,
+    cost_cap=None,
 ) -> Job:
     """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
     job keeps its template, which the validation renders each row with."""
@@ -108,6 +111,7 @@ def create_job_to_validate(
         output_retries=output_retries,
         use_cache=use_cache,
         notify=notify,
+        cost_cap=cost_cap,
         created_at=timezone.now(),
     )
 

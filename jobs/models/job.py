@@ -88,6 +88,13 @@ class Job(models.Model):
     errors = models.JSONField(default=list, blank=True, help_text="Validation errors (API batches that failed)")
     metadata = models.JSONField(default=dict, blank=True)
     max_attempts = models.PositiveSmallIntegerField(default=5)
+    cost_cap = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        help_text="The job pauses before a request whose estimated cost (input plus its most output) would pass this",
+    )
     notify = models.BooleanField(default=True, help_text="Email the owner when the job ends or pauses by itself")
     use_cache = models.BooleanField(
         default=False,
@@ -420,6 +427,7 @@ class Job(models.Model):
             "output_retries",
             "use_cache",
             "notify",
+            "cost_cap",
             "total",
             "est_input_tokens",
         ]
@@ -529,6 +537,9 @@ class Item(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(max_digits=12, decimal_places=8, default=Decimal(0))
+    est_cost = models.DecimalField(
+        max_digits=12, decimal_places=8, default=Decimal(0), help_text="While running: its most possible cost"
+    )
     from_cache = models.BooleanField(default=False, help_text="Answered from the answer cache, not sent")
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -48,6 +48,15 @@ class JobForm(forms.Form):
         help_text="When a request asks for a JSON schema, every answer is checked against it; one that is not "
         "valid JSON or breaks the schema is sent again this many times, then fails as invalid_output.",
     )
+    cost_cap = forms.DecimalField(
+        label="Cost cap ($)",
+        required=False,
+        min_value=0,
+        max_digits=12,
+        decimal_places=4,
+        help_text="Optional. The job pauses before a request whose most possible cost (input plus all the output "
+        "it may ask for) would take it past this; raise the cap and resume to go on.",
+    )
     notify = forms.BooleanField(
         label="Email me when it ends",
         required=False,
@@ -259,3 +268,7 @@ class EndpointForm(forms.ModelForm):
                 if self.cleaned_data["make_default"]:
                     endpoint.make_default()
         return endpoint
+
+
+class CostCapForm(forms.Form):
+    cost_cap = forms.DecimalField(required=False, min_value=0, max_digits=12, decimal_places=4)

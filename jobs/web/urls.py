@@ -31,6 +31,7 @@ urlpatterns = [
     path("jobs/<int:pk>/resume", views.job_resume, name="job_resume"),
     path("jobs/<int:pk>/cancel", views.job_cancel, name="job_cancel"),
     path("jobs/<int:pk>/retry", views.job_retry, name="job_retry"),
+    path("jobs/<int:pk>/cost-cap", views.job_cost_cap, name="job_cost_cap"),
     path("jobs/<int:pk>/duplicate", views.job_duplicate, name="job_duplicate"),
     path("jobs/<int:pk>/delete", views.job_delete, name="job_delete"),
     path("endpoints/", views.endpoint_list, name="endpoint_list"),

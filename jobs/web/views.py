@@ -33,7 +33,7 @@ from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 from jobs import egress, export, ingest, presets, storage, timeline
 from jobs.models import CachedAnswer, Endpoint, InvalidTransition, Item, Job, NotificationSettings, RemoteBatch
 from jobs.pricing import estimate
-from jobs.web.forms import EndpointForm, JobForm, UploadForm
+from jobs.web.forms import CostCapForm, EndpointForm, JobForm, UploadForm
 from jobs.web.requests import AuthenticatedHttpRequest
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 output_retries=_output_retries(form),
                 use_cache=bool(form.cleaned_data.get("use_cache")),
                 notify=bool(form.cleaned_data.get("notify")),
+                cost_cap=form.cleaned_data.get("cost_cap"),
             )
             job.start()
             _uploads(request).pop(token, None)
@@ -258,6 +259,7 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
             output_retries=_output_retries(form),
             use_cache=bool(form.cleaned_data.get("use_cache")),
             notify=bool(form.cleaned_data.get("notify")),
+            cost_cap=form.cleaned_data.get("cost_cap"),
         )
         Job.validate_later(job.pk)
     _uploads(request).pop(token, None)
@@ -382,6 +384,21 @@ def job_progress(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     if job.is_finished and request.htmx:
         return HttpResponseStopPolling(response.content)
     return response
+
+
+@require_POST
+@login_required
+def job_cost_cap(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    """Set, raise or remove a job's cost cap (then resume a job the cap paused)."""
+    job = _get_job(request, pk, write=True)
+    form = CostCapForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "The cost cap must be an amount in dollars, or empty for none.")
+        return redirect(job)
+    cap = form.cleaned_data["cost_cap"]
+    Job.objects.filter(pk=job.pk).update(cost_cap=cap)
+    messages.success(request, f"Cost cap set to ${cap:,.4f}." if cap is not None else "Cost cap removed.")
+    return redirect(job)
 
 
 def _control(
