@@ -96,3 +96,49 @@ def test_the_form_the_job_page_and_v1_set_the_cap(client, owner):
         body["metadata"] = {"batchsite_cost_cap": value}
         assert client.post("/v1/batches", body, content_type="application/json", headers=headers).status_code == status
     assert Job.objects.latest("pk").cost_cap == Decimal("12.5")
+
+
+def test_a_monthly_limit_of_the_owner_or_the_endpoint_pauses_the_job_and_the_usage_page_shows_it(
+    write, owner, staff, client, settings
+):
+    from jobs.models import SpendingLimit
+
+    settings.BATCHSITE_SLICES_PER_JOB = 1
+    with serve_in_thread(SimConfig(latency_ms=5)) as base_url:
+        endpoint = make_endpoint(base_url, concurrency=10)
+        earlier = make_job(write, owner, endpoint, 1, start=False)
+        Job.objects.filter(pk=earlier.pk).update(cost=Decimal("0.0010"))  # spent this month already
+        job = make_job(write, owner, endpoint, 10, start=False, max_tokens=4000)
+        item = job.items.get(line=1)
+        most = PriceBook.load().cost("gpt-4o-mini", item.est_tokens, tokens.max_output_tokens({"max_tokens": 4000}))
+        limit = SpendingLimit.objects.create(user=owner, monthly_usd=Decimal("0.01"))
+        fits = int((Decimal("0.01") - Decimal("0.0010")) / most)
+        assert 1 <= fits < 10
+        Job.start_slices(job.pk)
+
+        job = run_until(job, lambda j: j.status == Job.Status.PAUSED and j.n_running == 0)
+        assert job.n_succeeded == fits and f"line {fits + 1}" in job.status_reason, (fits, job.status_reason)
+        assert "owner's monthly spending limit" in job.status_reason or "monthly spending limit" in job.status_reason
+
+        client.force_login(owner)
+        page = client.get("/usage/").content.decode()
+        assert "Monthly limits" in page and "$0.01" in page and "Set limit" not in page  # staff set them
+        assert client.post("/usage/limits", {"target": f"user:{owner.pk}", "monthly_usd": "5"}).status_code == 403
+        client.force_login(staff)
+        client.post("/usage/limits", {"target": f"user:{owner.pk}", "monthly_usd": "5"})
+        limit.refresh_from_db()
+        assert limit.monthly_usd == Decimal("5")
+        client.post("/usage/limits", {"target": f"endpoint:{endpoint.pk}", "monthly_usd": "abc"})
+        assert not SpendingLimit.objects.filter(endpoint=endpoint).exists()
+
+        job.resume()
+        job = run_until(job, lambda j: j.is_finished)
+        assert (job.status, job.n_succeeded) == (Job.Status.COMPLETED, 10)
+
+        client.post("/usage/limits", {"target": f"endpoint:{endpoint.pk}", "monthly_usd": "0"})
+        again = make_job(write, owner, endpoint, 2, start=False)
+        Job.start_slices(again.pk)
+        again = run_until(again, lambda j: j.status == Job.Status.PAUSED)
+        assert "the endpoint" in again.status_reason.lower() and again.n_succeeded == 0
+        client.post("/usage/limits", {"target": f"user:{owner.pk}", "monthly_usd": ""})
+        assert not SpendingLimit.objects.filter(user=owner).exists()

@@ -29,12 +29,12 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from jobs import tokens
 from jobs.engine.upstream import PERMANENT, UpstreamError
-from jobs.models import CachedAnswer, Item, Job, JobTick
+from jobs.models import CachedAnswer, Item, Job, JobTick, SpendingLimit
 from jobs.pricing import PriceBook
 
 ITEM = Item._meta.db_table
@@ -182,39 +182,76 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     with transaction.atomic():
         if Job.lock(job_id) != Job.Status.RUNNING:
             return []  # paused, cancelled or finished since the slice last looked: send nothing more
-        cap, spent, model = Job.objects.filter(pk=job_id).values_list("cost_cap", "cost", "model").get()
+        job = Job.objects.only("cost_cap", "cost", "model", "owner_id", "endpoint_id").get(pk=job_id)
         with connection.cursor() as cursor:
             cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
         rows.sort(key=lambda r: r[5])  # RETURNING order is not guaranteed; keep input order
-        if rows and cap is not None:
-            rows = _within_cap(job_id, rows, cap, spent, model)
+        if rows:
+            rows = _within_budgets(job, rows)
         if rows:
             Job(pk=job_id).add_to_counters(n_pending=-len(rows), n_running=len(rows))
     return [Claimed(*row[:5]) for row in rows]
 
 
-def _within_cap(job_id: int, rows: list, cap: Decimal, spent: Decimal, model: str) -> list:
-    """The claimed rows whose requests fit under the job's cost cap, each at its most possible cost (input plus
-    all the output it may ask for), counting what the job has spent and what its running requests may still
-    cost. The first that does not fit, and those after it, go back to pending, and the job pauses, saying so."""
-    running = Item.objects.filter(job_id=job_id, status=Item.Status.RUNNING).exclude(id__in=[r[0] for r in rows])
-    committed = spent + (running.aggregate(s=Sum("est_cost"))["s"] or Decimal(0))
+@dataclass
+class _Budget:
+    cap: Decimal
+    committed: Decimal  # spent, plus the most the running requests in its scope may still cost
+    spent: Decimal
+    says: str  # "The job's cost cap", "alice's monthly spending limit"...
+    fix: str
+
+
+def _budgets(job: Job, claimed: list[int]) -> list[_Budget]:
+    """The job's cost cap and the monthly limits of its owner and its endpoint, each with what is committed."""
+    running = Item.objects.filter(status=Item.Status.RUNNING).exclude(id__in=claimed)
+    found = []
+    if job.cost_cap is not None:
+        flying = running.filter(job_id=job.pk).aggregate(s=Sum("est_cost"))["s"] or Decimal(0)
+        found.append(
+            _Budget(job.cost_cap, job.cost + flying, job.cost, "The job's cost cap", "Raise the cap (or remove it)")
+        )
+    scope = Q(user_id=job.owner_id) | Q(endpoint_id=job.endpoint_id) if job.endpoint_id else Q(user_id=job.owner_id)
+    for limit in SpendingLimit.objects.filter(scope).select_related("user", "endpoint"):
+        spent = limit.spent()
+        flying = running.filter(job__in=limit.jobs()).aggregate(s=Sum("est_cost"))["s"] or Decimal(0)
+        found.append(
+            _Budget(
+                limit.monthly_usd,
+                spent + flying,
+                spent,
+                f"{limit.label[0].upper()}{limit.label[1:]} monthly spending limit",
+                "Staff can raise it on the Usage page",
+            )
+        )
+    return found
+
+
+def _within_budgets(job: Job, rows: list) -> list:
+    """The claimed rows whose requests fit under every budget (the job's cost cap, its owner's and its
+    endpoint's monthly limits), each at its most possible cost: input plus all the output it may ask for. The
+    first that does not fit, and those after it, go back to pending, and the job pauses, saying which and why."""
+    budgets = _budgets(job, [r[0] for r in rows])
+    if not budgets:
+        return rows
     book = PriceBook.load()
     kept: list = []
     for row in rows:
         body = json.loads(row[2])
-        most = book.cost(body.get("model") or model, row[3], tokens.max_output_tokens(body))
-        if committed + most > cap:
+        most = book.cost(body.get("model") or job.model, row[3], tokens.max_output_tokens(body))
+        over = next((b for b in budgets if b.committed + most > b.cap), None)
+        if over is not None:
             back = [r[0] for r in rows[len(kept) :]]
             Item.objects.filter(id__in=back).update(status=Item.Status.PENDING, lease_token=None, lease_until=None)
-            Job.objects.get(pk=job_id).pause_itself(
-                f"The job's cost cap is ${cap:,.4f}: it has spent ${spent:,.4f}, its requests in flight may cost up "
-                f"to ${committed - spent:,.4f} more, and the next one (line {row[5]}) up to ${most:,.4f}. Raise "
-                "the cap (or remove it), then resume."
+            job.pause_itself(
+                f"{over.says} is ${over.cap:,.4f}: ${over.spent:,.4f} is spent, requests in flight may cost up to "
+                f"${over.committed - over.spent:,.4f} more, and the next one (line {row[5]}) up to ${most:,.4f}. "
+                f"{over.fix}, then resume."
             )
             break
-        committed += most
+        for b in budgets:
+            b.committed += most
         Item.objects.filter(id=row[0]).update(est_cost=most)
         kept.append(row)
     return kept

@@ -40,6 +40,7 @@ urlpatterns = [
     path("endpoints/<int:pk>/test", views.endpoint_test, name="endpoint_test"),
     path("endpoints/cache/clear", views.cache_clear, name="cache_clear"),
     path("usage/", views.usage, name="usage"),
+    path("usage/limits", views.spending_limit, name="spending_limit"),
     path("team/", team.team, name="team"),
     path("team/webhooks/", hooks.webhooks, name="webhooks"),
     path("team/webhooks/<int:pk>/toggle", hooks.webhook_toggle, name="webhook_toggle"),

@@ -3,6 +3,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,16 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from jobs import egress, export, ingest, presets, storage, timeline
-from jobs.models import CachedAnswer, Endpoint, InvalidTransition, Item, Job, NotificationSettings, RemoteBatch
+from jobs.models import (
+    CachedAnswer,
+    Endpoint,
+    InvalidTransition,
+    Item,
+    Job,
+    NotificationSettings,
+    RemoteBatch,
+    SpendingLimit,
+)
 from jobs.pricing import estimate
 from jobs.web.forms import CostCapForm, EndpointForm, JobForm, UploadForm
 from jobs.web.requests import AuthenticatedHttpRequest
@@ -665,8 +675,58 @@ def usage(request: AuthenticatedHttpRequest) -> HttpResponse:
         .annotate(**sums)
         .order_by("-month"),
         "total": Job.objects.aggregate(**sums),
+        "limits": _limits(),
+        "people": get_user_model().objects.filter(is_active=True).order_by("username"),
+        "endpoints": Endpoint.objects.order_by("name"),
     }
     return render(request, "jobs/usage.html", context)
+
+
+def _limits() -> list[dict]:
+    rows = []
+    for limit in SpendingLimit.objects.select_related("user", "endpoint"):
+        spent = limit.spent()
+        rows.append(
+            {
+                "limit": limit,
+                "who": limit.user.get_username() if limit.user else f"Endpoint: {limit.endpoint}",
+                "spent": spent,
+                "left": max(limit.monthly_usd - spent, Decimal(0)),
+                "percent": min(100, float(100 * spent / limit.monthly_usd)) if limit.monthly_usd else 100,
+            }
+        )
+    return rows
+
+
+@require_POST
+@login_required
+@staff_required
+def spending_limit(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """Set or remove (empty amount) the monthly limit of one person or one endpoint."""
+    target = request.POST.get("target", "")
+    kind, _, pk = target.partition(":")
+    amount = request.POST.get("monthly_usd", "").strip()
+    try:
+        value = Decimal(amount) if amount else None
+        if value is not None and (not value.is_finite() or value < 0 or value >= Decimal("1e10")):
+            raise ArithmeticError
+    except ArithmeticError:
+        messages.error(request, "The limit must be an amount in dollars, or empty to remove it.")
+        return redirect("usage")
+    if kind == "user":
+        scope: dict[str, Any] = {"user": get_object_or_404(get_user_model(), pk=int(pk) if pk.isdigit() else 0)}
+    elif kind == "endpoint":
+        scope = {"endpoint": get_object_or_404(Endpoint, pk=int(pk) if pk.isdigit() else 0)}
+    else:
+        messages.error(request, "Choose a person or an endpoint.")
+        return redirect("usage")
+    if value is None:
+        SpendingLimit.objects.filter(**scope).delete()
+        messages.success(request, "Monthly limit removed.")
+    else:
+        SpendingLimit.objects.update_or_create(defaults={"monthly_usd": value.quantize(Decimal("0.01"))}, **scope)
+        messages.success(request, f"Monthly limit set to ${value:,.2f}.")
+    return redirect("usage")
 
 
 def _last_days(sums: dict, n: int = 30) -> dict:
