@@ -146,6 +146,19 @@ class JobForm(forms.Form):
                 raise forms.ValidationError(str(e)) from None
         return text
 
+    def run_options(self) -> dict:
+        """How the job runs, as ingest.create_job and create_job_to_validate take it (either launch path)."""
+        data = self.cleaned_data
+        return {
+            "mode": data["mode"],
+            "deadline": data["deadline"],
+            "max_attempts": data["max_attempts"],
+            "output_retries": 2 if data.get("output_retries") is None else data["output_retries"],
+            "use_cache": bool(data.get("use_cache")),
+            "notify": bool(data.get("notify")),
+            "cost_cap": data.get("cost_cap"),
+        }
+
     def template(self) -> Template:
         data = self.cleaned_data
         return Template(

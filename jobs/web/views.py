@@ -206,13 +206,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 owner=request.user,
                 name=form.cleaned_data["name"],
                 endpoint=endpoint,
-                mode=form.cleaned_data["mode"],
-                deadline=form.cleaned_data["deadline"],
-                max_attempts=form.cleaned_data["max_attempts"],
-                output_retries=_output_retries(form),
-                use_cache=bool(form.cleaned_data.get("use_cache")),
-                notify=bool(form.cleaned_data.get("notify")),
-                cost_cap=form.cleaned_data.get("cost_cap"),
+                **form.run_options(),
             )
             job.start()
             _uploads(request).pop(token, None)
@@ -241,11 +235,6 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     return render(request, "jobs/review.html", context)
 
 
-def _output_retries(form: JobForm) -> int:
-    value = form.cleaned_data.get("output_retries")
-    return 2 if value is None else value
-
-
 def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, template) -> HttpResponse:
     """Launch a big file without reading it in the request (a million lines take a minute to check and
     insert): the job starts `validating`, a worker checks the file again and creates the items, and the
@@ -261,15 +250,9 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
             url=url,
             source_name=upload["name"],
             endpoint=form.cleaned_data["endpoint"] or Endpoint.default(),
-            mode=form.cleaned_data["mode"],
-            deadline=form.cleaned_data["deadline"],
             format=fmt,
             template=template,
-            max_attempts=form.cleaned_data["max_attempts"],
-            output_retries=_output_retries(form),
-            use_cache=bool(form.cleaned_data.get("use_cache")),
-            notify=bool(form.cleaned_data.get("notify")),
-            cost_cap=form.cleaned_data.get("cost_cap"),
+            **form.run_options(),
         )
         Job.validate_later(job.pk)
     _uploads(request).pop(token, None)
