@@ -114,7 +114,7 @@ def run(mode: str, path: Path, owner, endpoint, base_url: str, deadline_s: float
     sim_call(base_url, "/_sim/reset", {})
     plan = ingest.validate(path)
     assert plan.ok, plan.errors
-    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, mode=mode, name=mode)
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, name=mode, options=ingest.RunOptions(mode=mode))
     deadline = timezone.now() + timedelta(seconds=deadline_s) if deadline_s else None  # from the start on
     Job.objects.filter(pk=job.pk).update(deadline=deadline)
     job.start()

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 def start_job(write, owner, endpoint, n, **kw) -> Job:
     plan = ingest.validate(write("remote.jsonl", [chat_line(f"req-{i}", f"Question {i}") for i in range(n)]))
-    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, **kw)
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, options=ingest.RunOptions(**kw))
     job.start()
     return job
 

@@ -396,10 +396,15 @@ def _create(request: ApiRequest) -> JsonResponse:
     metadata = _metadata(body.get("metadata"))
     endpoint = _upstream(metadata)
     mode, deadline = _mode(metadata)
-    output_retries = _output_retries(metadata)
-    use_cache = _flag(metadata, CACHE_KEY)
-    cost_cap = _cost_cap(metadata)
-    notify = _flag(metadata, NOTIFY_KEY, default=NotificationSettings.email_default(request.user))
+    options = ingest.RunOptions(
+        mode=mode,
+        deadline=deadline,
+        metadata=metadata,
+        output_retries=_output_retries(metadata),
+        use_cache=_flag(metadata, CACHE_KEY),
+        cost_cap=_cost_cap(metadata),
+        notify=_flag(metadata, NOTIFY_KEY, default=NotificationSettings.email_default(request.user)),
+    )
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
         raise ApiError(
@@ -426,13 +431,7 @@ def _create(request: ApiRequest) -> JsonResponse:
             url=url,
             source_name=file.filename,
             endpoint=endpoint,
-            mode=mode,
-            deadline=deadline,
-            metadata=metadata,
-            output_retries=output_retries,
-            use_cache=use_cache,
-            notify=notify,
-            cost_cap=cost_cap,
+            options=options,
         )
         batch = Batch.objects.create(job=job, input_file=file, completion_window=COMPLETION_WINDOW)
         if not inline:

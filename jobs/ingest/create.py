@@ -10,6 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 from django.conf import settings
@@ -23,21 +26,35 @@ from jobs.models import Item, Job
 CHUNK = 5000
 
 
-def create_job(
-    plan: Plan,
-    *,
-    owner,
-    name: str = "",
-    endpoint=None,
-    mode: str = Job.Mode.LIVE,
-    deadline=None,
-    metadata: dict | None = None,
-    max_attempts: int = 5,
-    output_retries: int = 2,
-    use_cache: bool = False,
-    notify: bool = True,
-    cost_cap=None,
-) -> Job:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job runs, whichever way it was launched (review page, /v1 batch, a test): declared once here, so
+    a new option is a field below and a line where the form or the API reads it."""
+
+    mode: str = Job.Mode.LIVE
+    deadline: datetime | None = None  # hybrid only
+    metadata: dict = field(default_factory=dict)
+    max_attempts: int = 5
+    output_retries: int = 2
+    use_cache: bool = False
+    notify: bool = True
+    cost_cap: Decimal | None = None
+
+    def job_fields(self) -> dict:
+        """The Job fields these options set."""
+        return dict(
+            mode=self.mode,
+            deadline=self.deadline,
+            metadata=dict(self.metadata),  # a copy: the default RunOptions() is one shared instance
+            max_attempts=self.max_attempts,
+            output_retries=self.output_retries,
+            use_cache=self.use_cache,
+            notify=self.notify,
+            cost_cap=self.cost_cap,
+        )
+
+
+def create_job(plan: Plan, *, owner, name: str = "", endpoint=None, options: RunOptions = RunOptions()) -> Job:
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
         raise ValueError("A plan with errors cannot become a job.")
@@ -46,20 +63,13 @@ def create_job(
             owner=owner,
             name=(name or Path(plan.source_name).stem or "Untitled job")[:200],
             url=plan.url,
-            mode=mode,
-            deadline=deadline,
             endpoint=endpoint,
             source_name=plan.source_name[:255],
             source_format=plan.format,
             source_file=str(_relative(plan.path)),
             template=_stored(plan.template),
-            metadata=metadata or {},
-            max_attempts=max_attempts,
-            output_retries=output_retries,
-            use_cache=use_cache,
-            notify=notify,
-            cost_cap=cost_cap,
             created_at=timezone.now(),
+            **options.job_fields(),
             **_counts(plan),
         )
         _insert_items(job.pk, plan)
@@ -81,16 +91,9 @@ def create_job_to_validate(
     url: str,
     source_name: str,
     endpoint=None,
-    mode: str = Job.Mode.LIVE,
-    deadline=None,
-    metadata: dict | None = None,
     format: str = Job.Format.JSONL,
     template: Template | None = None,
-    max_attempts: int = 5,
-    output_retries: int = 2,
-    use_cache: bool = False,
-    notify: bool = True,
-    cost_cap=None,
+    options: RunOptions = RunOptions(),
 ) -> Job:
     """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
     job keeps its template, which the validation renders each row with."""
@@ -98,21 +101,14 @@ def create_job_to_validate(
         owner=owner,
         name=name[:200],
         url=url,
-        mode=mode,
-        deadline=deadline,
         endpoint=endpoint,
         status=Job.Status.VALIDATING,
         source_name=source_name[:255],
         source_format=format,
         source_file=str(_relative(path)),
         template=_stored(template),
-        metadata=metadata or {},
-        max_attempts=max_attempts,
-        output_retries=output_retries,
-        use_cache=use_cache,
-        notify=notify,
-        cost_cap=cost_cap,
         created_at=timezone.now(),
+        **options.job_fields(),
     )
 
 

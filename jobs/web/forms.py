@@ -7,7 +7,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs import egress
-from jobs.ingest import MAX_DEPTH, MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, schema_format
+from jobs.ingest import MAX_DEPTH, MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, RunOptions, Template, schema_format
 from jobs.models import Endpoint, Job
 
 
@@ -146,18 +146,18 @@ class JobForm(forms.Form):
                 raise forms.ValidationError(str(e)) from None
         return text
 
-    def run_options(self) -> dict:
-        """How the job runs, as ingest.create_job and create_job_to_validate take it (either launch path)."""
+    def run_options(self) -> RunOptions:
+        """How the job runs, for either launch path (ingest.create_job, create_job_to_validate)."""
         data = self.cleaned_data
-        return {
-            "mode": data["mode"],
-            "deadline": data["deadline"],
-            "max_attempts": data["max_attempts"],
-            "output_retries": 2 if data.get("output_retries") is None else data["output_retries"],
-            "use_cache": bool(data.get("use_cache")),
-            "notify": bool(data.get("notify")),
-            "cost_cap": data.get("cost_cap"),
-        }
+        return RunOptions(
+            mode=data["mode"],
+            deadline=data["deadline"],
+            max_attempts=data["max_attempts"],
+            output_retries=2 if data.get("output_retries") is None else data["output_retries"],
+            use_cache=bool(data.get("use_cache")),
+            notify=bool(data.get("notify")),
+            cost_cap=data.get("cost_cap"),
+        )
 
     def template(self) -> Template:
         data = self.cleaned_data
