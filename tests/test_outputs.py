@@ -3,14 +3,20 @@ validated against its schema; a broken one is sent again up to the job's output_
 invalid_output with the raw answer kept. The rules alone, then a real qcluster against the simulator's
 switch that breaks a fraction of structured answers."""
 
+import contextlib
 import json
 import time
+import urllib.request
+from decimal import Decimal
 
 import pytest
 
-from jobs.engine import schemacheck
+from jobs.engine import runner, schemacheck, upstream
 from jobs.models import Item, Job
-from tests.factories import make_endpoint, make_job
+from jobs.pricing import PriceBook
+from simulator import SimConfig, serve_in_thread
+from simulator.answers import respond
+from tests.factories import make_endpoint, make_job, seed_prices
 from tests.test_engine_cluster import wait_status
 
 SCHEMA = {
@@ -162,3 +168,123 @@ def test_v1_metadata_sets_the_retries_for_invalid_json(client, owner):
     assert create({"batchsite_output_retries": "0"}).status_code == 200
     assert create({}).status_code == 200
     assert list(Job.objects.order_by("pk").values_list("output_retries", flat=True)) == [0, 2]
+
+
+def _paid(answers: list[dict]) -> tuple[int, int, Decimal]:
+    """(prompt tokens, completion tokens, cost) of answers the simulator served."""
+    book = PriceBook.load()
+    usage = [upstream.usage_of(CHAT, a) for a in answers]
+    cost = sum((book.cost(a["model"], *u) for a, u in zip(answers, usage, strict=True)), Decimal(0))
+    return sum(u[0] for u in usage), sum(u[1] for u in usage), cost
+
+
+LONG = lambda i: "Question " + "long " * 200  # noqa: E731  a cost well above the job's last digit
+
+
+@pytest.fixture
+def rejected_then_handed_back(write, owner, settings, monkeypatch):
+    """rejected_then_handed_back(handback) -> (job, every answer served): a job of one structured request, run
+    in this process against the simulator. Its first answer breaks the schema, and the send meant to replace
+    it is handed back: "paused", the endpoint runs out of quota (the job pauses); "retry_later", a 429 whose
+    Retry-After outlasts the slice. Then the simulator answers well."""
+    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    seed_prices()
+    settings.BATCHSITE_SLICES_PER_JOB = 1
+    servers = contextlib.ExitStack()
+
+    def start(handback: str, use_cache: bool = False) -> tuple[Job, list[dict]]:
+        if handback == "paused":
+            config = SimConfig(bad_output_rate=1.0)
+        else:  # seed 8: the first request passes, the second gets the 429
+            config = SimConfig(bad_output_rate=1.0, error_rates={429: 0.5}, retry_after_ms=3000, seed=8)
+        served: list[dict] = []
+
+        def recording(kind, body, prep, bad=None):
+            status, payload = respond(kind, body, prep, bad)
+            served.append(payload)
+            if handback == "paused" and len(served) == 1:
+                config.insufficient_quota = True  # the account runs dry right after the first answer
+            return status, payload
+
+        monkeypatch.setattr("simulator.server.respond", recording)
+        base_url = servers.enter_context(serve_in_thread(config))
+        job = make_job(write, owner, make_endpoint(base_url), 1, text=LONG, start=False, response_format=chat_format())
+        Job.objects.filter(pk=job.pk).update(output_retries=2, use_cache=use_cache)
+        Job.start_slices(job.pk)
+        runner.run_slice(job.pk, budget=1, slices=1)
+
+        job.refresh_from_db()
+        item = job.items.get()
+        assert item.status == Item.Status.PENDING and len(served) == 1, (job.counts(), job.status_reason)
+        assert schemacheck.problem(schemacheck.wanted(CHAT, json.loads(item.body)), CHAT, served[0])
+        assert job.status == (Job.Status.PAUSED if handback == "paused" else Job.Status.RUNNING)
+        # Handed back, the rejected answer is counted already: on the item, and in the job's cost, which the
+        # cost cap and the monthly limits check the next claim against.
+        prompt, completion, cost = _paid(served)
+        assert cost > Decimal("0.00001")
+        assert (item.prompt_tokens, item.completion_tokens) == (prompt, completion)
+        assert abs(item.cost - cost) < Decimal("0.00000002") and abs(job.cost - cost) < Decimal("0.000002")
+        assert (job.prompt_tokens, job.completion_tokens) == (prompt, completion)
+
+        settle = {"bad_output_rate": 0, "insufficient_quota": False}  # also restarts the seeded errors: no 429
+        request = urllib.request.Request(base_url.removesuffix("/v1") + "/_sim/config", json.dumps(settle).encode())
+        request.add_header("content-type", "application/json")
+        urllib.request.urlopen(request, timeout=10).close()
+        return job, served
+
+    with servers:
+        yield start
+
+
+def _run_to_the_end(job: Job) -> Job:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        runner.run_slice(job.pk, budget=1, slices=1)
+        job.refresh_from_db()
+        if job.is_finished:
+            return job
+    raise AssertionError(job.counts())
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("handback", ["paused", "retry_later"])
+def test_a_rejected_answer_stays_paid_for_when_its_item_is_handed_back_then_finished(
+    handback, rejected_then_handed_back
+):
+    """The job's cost is every answer the simulator served, and the item's tokens include the rejected one,
+    counted once although the item was handed back in between."""
+    job, served = rejected_then_handed_back(handback)
+    if job.status == Job.Status.PAUSED:
+        job.resume()
+    job = _run_to_the_end(job)
+
+    item = job.items.get()
+    assert (job.status, item.status, len(served)) == (Job.Status.COMPLETED, Item.Status.SUCCEEDED, 2)
+    assert json.loads(item.response)["usage"] == served[1]["usage"]
+    prompt, completion, cost = _paid(served)
+    assert (item.prompt_tokens, item.completion_tokens) == (prompt, completion)
+    assert (job.prompt_tokens, job.completion_tokens) == (prompt, completion)
+    assert abs(item.cost - cost) < Decimal("0.00000002") and abs(job.cost - cost) < Decimal("0.000002")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rejected_answer_stays_paid_for_when_its_item_is_then_answered_from_the_cache(
+    rejected_then_handed_back, write, owner
+):
+    """While the job is paused after a rejected answer, another job sends the same request: on resume the
+    item is answered from the cache, which costs nothing, and the rejected answer still counts."""
+    job, served = rejected_then_handed_back("paused", use_cache=True)
+    rejected = _paid(served)
+    other = make_job(write, owner, job.endpoint, 1, text=LONG, start=False, response_format=chat_format())
+    Job.objects.filter(pk=other.pk).update(use_cache=True)
+    Job.start_slices(other.pk)
+    assert _run_to_the_end(other).n_succeeded == 1 and len(served) == 2
+    job.resume()
+    job = _run_to_the_end(job)
+
+    item = job.items.get()
+    assert (item.status, item.from_cache, len(served)) == (Item.Status.SUCCEEDED, True, 2)
+    assert (item.prompt_tokens, item.completion_tokens) == rejected[:2]
+    assert (job.prompt_tokens, job.completion_tokens, job.cache_hits) == (*rejected[:2], 1)
+    assert abs(item.cost - rejected[2]) < Decimal("0.00000002") and abs(job.cost - rejected[2]) < Decimal("0.000002")

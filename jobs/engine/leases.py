@@ -276,16 +276,20 @@ def heartbeat(lease: uuid.UUID) -> None:
     CachedAnswer.objects.filter(sending_lease=lease).update(sending_until=until)
 
 
+# Tokens and cost add up over an item's claims: a send handed back (or retried later) may have paid for
+# answers already (rejected for breaking their schema), and the job's counters, which a recount sums from
+# the items, took them in then.
+_SPENT = """prompt_tokens = prompt_tokens + %s, completion_tokens = completion_tokens + %s,
+        cached_tokens = cached_tokens + %s, cost = cost + %s"""
 _FINAL_SQL = f"""
     UPDATE {ITEM} SET status = %s, attempts = %s, http_status = %s, response = %s, request_id = %s,
-        error_code = %s, error_message = %s, prompt_tokens = %s, completion_tokens = %s, cached_tokens = %s,
-        cost = %s, latency_ms = %s, finished_at = %s, from_cache = %s, lease_token = NULL, lease_until = NULL,
-        next_attempt_at = NULL
+        error_code = %s, error_message = %s, {_SPENT}, latency_ms = %s, finished_at = %s, from_cache = %s,
+        lease_token = NULL, lease_until = NULL, next_attempt_at = NULL
     WHERE id = %s AND lease_token = %s AND status = '{RUNNING}'
 """
 _RELEASE_SQL = f"""
     UPDATE {ITEM} SET status = %s, attempts = %s, next_attempt_at = %s, error_code = %s, error_message = %s,
-        http_status = %s, lease_token = NULL, lease_until = NULL
+        http_status = %s, {_SPENT}, lease_token = NULL, lease_until = NULL
     WHERE id = %s AND lease_token = %s AND status = '{RUNNING}'
 """
 
@@ -315,6 +319,10 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
                             _text(o.error_code[:100]),
                             _text(o.error_message[:2000]),
                             o.http_status,
+                            o.prompt_tokens,
+                            o.completion_tokens,
+                            o.cached_tokens,
+                            adapt_decimal(o.cost, 12, 8),
                             o.item_id,
                             token,
                         ],
@@ -323,6 +331,7 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
                         deltas["n_running"] -= 1
                         deltas[f"n_{release_to}"] += 1
                         tick["retried"] += o.retries
+                        _count_spent(o, deltas, tick)
                     continue
                 cursor.execute(
                     _FINAL_SQL,
@@ -349,23 +358,27 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
                     continue  # the lease was lost: another slice owns this item now
                 deltas["n_running"] -= 1
                 deltas[f"n_{o.status}"] += 1
-                deltas["prompt_tokens"] += o.prompt_tokens
-                deltas["completion_tokens"] += o.completion_tokens
-                deltas["cached_tokens"] += o.cached_tokens
-                deltas["cost"] += o.cost
                 if o.from_cache:
                     deltas["cache_hits"] += 1
                     deltas["cache_saved"] += o.saved
                 tick[o.status] += 1
                 tick["retried"] += o.retries
-                tick["prompt_tokens"] += o.prompt_tokens
-                tick["completion_tokens"] += o.completion_tokens
+                _count_spent(o, deltas, tick)
         if deltas:
             Job(pk=job_id).add_to_counters(**deltas)
         if tick:
             JobTick.add(job_id, now, tick)
         _remember_answers(lease, outcomes, now)
     return deltas
+
+
+def _count_spent(o: Outcome, deltas: Deltas, tick: Counter[str]) -> None:
+    deltas["prompt_tokens"] += o.prompt_tokens
+    deltas["completion_tokens"] += o.completion_tokens
+    deltas["cached_tokens"] += o.cached_tokens
+    deltas["cost"] += o.cost
+    tick["prompt_tokens"] += o.prompt_tokens
+    tick["completion_tokens"] += o.completion_tokens
 
 
 def _remember_answers(lease: uuid.UUID, outcomes: list[Outcome], now: datetime) -> None:

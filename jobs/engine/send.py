@@ -152,11 +152,15 @@ class Sender:
             self.waiting -= 1
 
     async def _send_safely(self, item: Claimed) -> None:
+        # Answers rejected for breaking their schema were paid for: whatever the send ends in (a result, back
+        # to pending, a crash), its outcome carries them.
+        spent = _Spent()
         try:
-            outcome = await self._send(item)
+            outcome = await self._send(item, spent)
         except asyncio.CancelledError:
             # Handed back on shutdown (Slice._finish_in_flight): another node sends it again.
-            self.results.add(dataclasses.replace(Outcome.released(item.id, item.attempts), cache_key=item.cache_key))
+            released = dataclasses.replace(Outcome.released(item.id, item.attempts), cache_key=item.cache_key)
+            self.results.add(spent.added_to(released))
             raise
         except Exception as e:
             # A bug must neither strand the item as running until its lease expires nor send it forever:
@@ -173,10 +177,11 @@ class Sender:
                 outcome = Outcome.retry_later(
                     item.id, attempts, retries=1, error=error, wait=INTERNAL_ERROR_RETRY_SECONDS
                 )
+        outcome = spent.added_to(outcome)
         outcome.cache_key = item.cache_key  # its answer goes into the answer cache, or its claim there is let go
         self.results.add(outcome)
 
-    async def _send(self, item: Claimed) -> Outcome:
+    async def _send(self, item: Claimed, spent: _Spent) -> Outcome:
         body = json.loads(item.body)
         model = body.get("model", "")
         # What the endpoint charges against its token budget when the request arrives.
@@ -186,7 +191,7 @@ class Sender:
         attempts, retries, limited = item.attempts, 0, 0
         last: UpstreamError | None = None
         want = schemacheck.wanted(self.url, body)
-        invalid, spent = 0, _Spent()  # answers that broke their schema: sent again, but paid for
+        invalid = 0  # answers that broke their schema: sent again, and added to `spent`
         while True:
             probe = self.pacing.start_probe()
             if not await self.pacing.wait_for_slot(cost, probe) or self.heartbeat.lapsing():
@@ -204,10 +209,10 @@ class Sender:
                 self.pacing.count_answer(limited=False)
                 outcome = self._succeeded(item, model, response, attempts + 1, retries, latency, want)
                 if outcome.error_code != schemacheck.INVALID_OUTPUT:
-                    return spent.added_to(outcome)
+                    return outcome
                 invalid += 1
                 if invalid > self.output_retries:
-                    return spent.added_to(outcome)
+                    return outcome
                 spent.add(outcome)
                 attempts, retries = attempts + 1, retries + 1
                 continue  # at once: the answer was wrong, not the server busy
@@ -230,7 +235,7 @@ class Sender:
             latency = int((time.perf_counter() - started) * 1000)
 
             if last.kind == PERMANENT:
-                return spent.added_to(Outcome.failed(item.id, attempts + 1, last, retries, latency))
+                return Outcome.failed(item.id, attempts + 1, last, retries, latency)
             if last.kind == STOP:
                 # Not the item's fault: no attempt counted; the job pauses.
                 await self._stop_job(last.message)
@@ -246,7 +251,7 @@ class Sender:
                 attempts += 1
                 delay = last.retry_delay(attempts)
                 if attempts >= max(self.max_attempts, settings.BATCHSITE_TRANSIENT_ATTEMPTS):
-                    return spent.added_to(Outcome.failed(item.id, attempts, last, retries, latency))
+                    return Outcome.failed(item.id, attempts, last, retries, latency)
             retries += 1  # counted once, here, whether the retry happens in this slice or a later one
             # Measured from the answer: the server asked for `delay` from then on, however long the
             # bookkeeping above took.
@@ -313,8 +318,8 @@ class Sender:
 
 @dataclasses.dataclass
 class _Spent:
-    """Tokens and cost of answers thrown away for breaking their schema: the item's final outcome carries
-    them, as the endpoint charged for them."""
+    """Tokens and cost of answers thrown away for breaking their schema: the send's outcome carries them,
+    final or not, as the endpoint charged for them (leases.write adds them to the item and the job)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
