@@ -32,6 +32,8 @@ class SimConfig:
     # Fraction of structured answers (JSON mode or a JSON schema; live and batch) broken on purpose, as by a
     # server without a strict mode: alternately cut half-way (invalid JSON) and valid JSON off the schema.
     bad_output_rate: float = 0.0
+    # False: no Files or Batches API at all, as llama.cpp, vLLM and Ollama: /v1/files and /v1/batches are 404s.
+    batch_api: bool = True
     seed: int = 0  # injected errors, jitter and batch failures repeat exactly for a given seed
     log_path: str | None = None
 
@@ -55,4 +57,5 @@ RUNTIME_KEYS = {
     "batch_token_limit": int,
     "batch_cancel_seconds": float,
     "bad_output_rate": float,
+    "batch_api": bool,
 }

@@ -91,6 +91,8 @@ class Simulator:
                 response = json_response(
                     401, ApiError(401, "Incorrect API key provided.", code="invalid_api_key").body()
                 )
+            elif not self.config.batch_api and request.path.startswith(("/v1/files", "/v1/batches")):
+                raise web.HTTPNotFound()
             else:
                 response = await handler(request)
         except web.HTTPException as e:  # the router's 404/405

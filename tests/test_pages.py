@@ -209,10 +209,15 @@ def test_endpoint_test_connection_against_the_simulator(client, staff):
         good = make_endpoint(base)
         good.set_api_key("sk-right-key-123456")
         good.save()
-        assert "Connected in" in client.post(f"/endpoints/{good.pk}/test").content.decode()
+        text = client.post(f"/endpoints/{good.pk}/test").content.decode()
+        assert "Connected in" in text and "Its Batch API answers" in text
         good.set_api_key("sk-wrong-key-000000")
         good.save()
         assert "refused the API key" in client.post(f"/endpoints/{good.pk}/test").content.decode()
+    with serve_in_thread(SimConfig(batch_api=False)) as base:  # as llama.cpp, vLLM or Ollama
+        bare = Endpoint.objects.create(name="llama.cpp", base_url=base)
+        text = client.post(f"/endpoints/{bare.pk}/test").content.decode()
+        assert "Connected in" in text and "no Batch API (HTTP 404)" in text and "flash-success" in text
 
 
 def test_usage_page(client, owner, teammate, endpoint, write):

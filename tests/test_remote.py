@@ -54,7 +54,7 @@ def remote_job(write, owner, endpoint, n: int, mode=Job.Mode.REMOTE, text=lambda
     lines = [chat_line(f"req-{i}", text(i), max_tokens=20) for i in range(n)]
     plan = ingest.validate(write(f"remote-{n}.jsonl", lines))
     assert plan.ok, plan.errors
-    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, mode=mode, **kw)
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, options=ingest.RunOptions(mode=mode, **kw))
     job.start()
     return job
 
@@ -117,7 +117,9 @@ def test_answers_from_the_batch_api_that_break_their_schema_fail_as_invalid_outp
     lines = [chat_line(f"req-{i}", f"Question {i}", max_tokens=20, response_format=fmt) for i in range(20)]
     lines += [chat_line(f"free-{i}", f"Question {i}", max_tokens=20) for i in range(10)]  # free text: never judged
     plan = ingest.validate(write("mixed.jsonl", lines))
-    job = ingest.create_job(plan, owner=owner, endpoint=make_endpoint(base_url), mode=Job.Mode.REMOTE)
+    job = ingest.create_job(
+        plan, owner=owner, endpoint=make_endpoint(base_url), options=ingest.RunOptions(mode=Job.Mode.REMOTE)
+    )
     job.start()
 
     job = drive(job)
@@ -129,6 +131,18 @@ def test_answers_from_the_batch_api_that_break_their_schema_fail_as_invalid_outp
     assert all(i.cost > 0 for i in bad)  # the Batch API charged for them
     assert job.cost == pytest.approx(sum(i.cost for i in job.items.all()), abs=Decimal("0.000001"))
     one_result_each(job)
+
+    # Sent again at the Batch API: the rejected answers stay paid for, on the item and the job.
+    paid = {i.pk: (i.cost, i.prompt_tokens) for i in bad}
+    config.bad_output_rate = 0
+    assert job.retry_failed() == len(paid)
+    job = drive(job)
+    assert job.n_succeeded == 30
+    for item in job.items.filter(pk__in=paid):
+        cost, prompt = paid[item.pk]
+        assert item.cost > cost and item.prompt_tokens == 2 * prompt  # the same request, answered twice
+    job.recount()
+    assert job.cost == pytest.approx(sum(i.cost for i in job.items.all()), abs=Decimal("0.000001"))
 
 
 def test_request_counts_show_as_progress_before_results_are_joined(sim, write, owner):
@@ -148,7 +162,7 @@ def test_a_job_above_the_request_limit_is_split_into_several_batches(sim, write,
     n = 50_001
     path = write("big.jsonl", [chat_line(f"r{i}", "hi") for i in range(n)])
     plan = ingest.validate(path)
-    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, mode=Job.Mode.REMOTE)
+    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, options=ingest.RunOptions(mode=Job.Mode.REMOTE))
     job.start()
 
     job = drive(job, timeout=240)
@@ -245,6 +259,78 @@ def test_a_remote_validation_failure_shows_its_lines(sim, write, owner):
     assert chunk.status == RemoteBatch.Status.FAILED and chunk.errors
     first = job.items.get(custom_id="req-0")
     assert first.error_message.startswith("Line 1 of batch ") and first.error_code
+
+
+def test_an_endpoint_without_the_batch_api_fails_a_remote_job_saying_so_and_a_retry_runs_live(sim, write, owner):
+    config, base_url = sim
+    config.batch_api = False  # /v1/files and /v1/batches are 404s, as on llama.cpp, vLLM or Ollama
+    job = remote_job(write, owner, make_endpoint(base_url), 6)
+
+    job = drive(job, timeout=10)
+
+    assert job.status == Job.Status.COMPLETED and job.n_failed == 6
+    item = job.items.get(custom_id="req-0")
+    assert item.error_code == "batch_api_unavailable"
+    assert (
+        "does not offer OpenAI's Batch API (404" in item.error_message
+        and "Retry these requests live" in item.error_message
+    )
+    assert stats(base_url)["by_path"] == {"/v1/files": 1}  # asked once, not retried for ever
+
+    assert job.retry_failed(mode=Job.Mode.LIVE) == 6
+    runner.run_slice(job.pk, budget=5)
+    job.refresh_from_db()
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 6
+    one_result_each(job)
+
+
+def test_a_hybrid_job_at_an_endpoint_without_the_batch_api_runs_live_at_once(sim, write, owner):
+    config, base_url = sim
+    config.batch_api = False
+    endpoint = make_endpoint(base_url, rpm=6000)
+    deadline = timezone.now() + timedelta(hours=12)
+    job = remote_job(write, owner, endpoint, 8, mode=Job.Mode.HYBRID, deadline=deadline)
+
+    job = drive(job, live=True, timeout=20)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 8
+    assert job.switched_at is not None and "does not offer OpenAI's Batch API" in job.switch_note
+    assert job.finished_at < deadline - timedelta(hours=11)  # not at the planned switch, hours away
+    assert live_requests(base_url) == 8
+    one_result_each(job)
+
+
+def test_an_input_file_the_endpoint_lost_is_uploaded_again(sim, write, owner, monkeypatch):
+    """OpenAI answers 404 naming input_file_id when the file is gone: the API is there, the file is not."""
+    config, base_url = sim
+    real = remote.client_for
+    lost = []
+
+    def losing_client(endpoint):
+        client = real(endpoint)
+        create = client.batches.create
+
+        def create_after_losing_the_file(**kwargs):
+            if not lost:
+                lost.append(kwargs["input_file_id"])
+                client.files.delete(kwargs["input_file_id"])
+            return create(**kwargs)
+
+        client.batches.create = create_after_losing_the_file  # type: ignore[method-assign]
+        return client
+
+    monkeypatch.setattr(remote, "client_for", losing_client)
+    job = remote_job(write, owner, make_endpoint(base_url), 4)
+    remote.poll_round()
+    chunk = job.remote_batches.get()
+    assert chunk.status == RemoteBatch.Status.PLANNED and "No such File" in chunk.last_error
+    RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 4
+    assert stats(base_url)["by_path"]["/v1/files"] == 2 and job.remote_batches.get().input_file_id != lost[0]
+    one_result_each(job)
 
 
 def test_client_errors_in_the_output_file_fail_their_items(sim, write, owner):

@@ -61,6 +61,8 @@ LIST_PAGES = 20  # pages of the endpoint's batches (or files) searched when reco
 BACKOFF_CAP = 600.0
 PLAN_ROWS = 5000
 GONE_AFTER = 5  # 404s in a row before a batch counts as gone
+SPENT = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost")
+NO_BATCH_API = (404, 405, 501)  # answers to files.create / batches.create from a server without them
 # How long a poller may hold a chunk: an upload or a collection may take up to the request timeout.
 CLAIM_SECONDS = settings.BATCHSITE_REQUEST_TIMEOUT + 120
 
@@ -419,6 +421,15 @@ class RemoteJob:
             pause_job(
                 self.job.pk, f"The endpoint refused the key ({status}). Fix the key on the Endpoints page, then resume."
             )
+        lost_file = status == 404 and getattr(error, "param", None) == "input_file_id"
+        if lost_file and chunk.status == RB.CREATING:
+            # The endpoint lost the uploaded file (deleted, or expired): upload it again, not at once.
+            chunk.status, chunk.status_since, chunk.input_file_id = RB.PLANNED, timezone.now(), ""
+            chunk.last_error = text[:2000]
+            chunk.save(update_fields=["status", "status_since", "input_file_id", "last_error"])
+            return 10.0
+        if status in NO_BATCH_API and not getattr(error, "param", None) and chunk.status in RemoteBatch.NOT_SENT:
+            return self._no_batch_api(chunk, text)
         if status in (400, 413, 422) and chunk.status in (RB.UPLOADING, RB.UPLOADED, RB.CREATING):
             # The endpoint refused the file or the batch itself (too big, or a path it does not batch): it will
             # not change its mind, so the chunk's items fail saying why.
@@ -434,6 +445,25 @@ class RemoteJob:
         chunk.save(update_fields=["failures", "last_error"])
         log.warning("job %s chunk %s: %s (next try in %.0f s)", self.job.pk, chunk.number, text, delay)
         return delay
+
+    def _no_batch_api(self, chunk: RemoteBatch, text: str) -> float:
+        """The endpoint has no Files or Batches API (llama.cpp, vLLM and Ollama answer 404): retrying will not
+        help. A hybrid job runs live at once, its deadline still holds; a remote job's items fail saying so,
+        and "Retry failed" can send them live."""
+        why = f"The endpoint does not offer OpenAI's Batch API ({text})."
+        if self.job.mode == Job.Mode.HYBRID:
+            switched = Job.objects.filter(pk=self.job.pk, switched_at__isnull=True).update(
+                switched_at=self.now, switch_at=self.now, switch_note=f"{why} Running live instead."
+            )
+            if switched:
+                log.info("job %s: switching to live, %s", self.job.pk, why)
+                self.job.refresh_from_db(fields=["switched_at", "switch_at", "switch_note"])
+                self.job.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=self.now)
+            self._finish_chunk(chunk, RB.CANCELLED)  # switched: its items go back to pending, for live slices
+            return 0.0
+        error = {"code": "batch_api_unavailable", "line": None, "message": f"{why} Retry these requests live."}
+        self._finish_chunk(chunk, RB.FAILED, errors=[error])
+        return 0.0
 
     def _set_status(self, chunk: RemoteBatch, status: str, **fields) -> None:
         if status != chunk.status:
@@ -612,7 +642,9 @@ class RemoteJob:
                     status=Item.Status.RUNNING,
                     lease_token__isnull=True,  # not an item a live slice holds (retried since)
                 )
-                if held.update(**fields):
+                # Added to what the item already holds: a retried item keeps what its earlier sends cost.
+                spent = {key: F(key) + fields[key] for key in SPENT if key in fields}
+                if held.update(**{**fields, **spent}):
                     deltas[f"n_{fields['status']}"] += 1
                     deltas["n_running"] -= 1
                     for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):

@@ -206,7 +206,7 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 owner=request.user,
                 name=form.cleaned_data["name"],
                 endpoint=endpoint,
-                **form.run_options(),
+                options=form.run_options(),
             )
             job.start()
             _uploads(request).pop(token, None)
@@ -252,7 +252,7 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
             endpoint=form.cleaned_data["endpoint"] or Endpoint.default(),
             format=fmt,
             template=template,
-            **form.run_options(),
+            options=form.run_options(),
         )
         Job.validate_later(job.pk)
     _uploads(request).pop(token, None)
@@ -598,7 +598,8 @@ def endpoint_edit(request: AuthenticatedHttpRequest, pk: int | None = None) -> H
 @login_required
 @staff_required
 def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
-    """Ask the server for its model list: proves the URL, the key and the network in one request.
+    """Ask the server for its model list, which proves the URL, the key and the network in one request, then
+    whether it has the Batch API that remote and hybrid jobs need (llama.cpp, vLLM and Ollama have none).
 
     The answer shown is a status and model names, never the body: the URL could be any server's.
     """
@@ -607,26 +608,22 @@ def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     try:
         egress.check_base_url(endpoint.base_url)  # again now: the name may resolve elsewhere than when saved
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key_encrypted else {}
-        with httpx2.Client(timeout=10, follow_redirects=False) as client:
-            with client.stream("GET", endpoint.base_url.rstrip("/") + "/models", headers=headers) as response:
-                egress.check_peer(response)  # and where the connection really went (DNS rebinding)
-                ms = int((time.perf_counter() - started) * 1000)
-                body = bytearray()
-                if response.status_code == 200:
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        if len(body) > 1_000_000:
-                            break
-        if response.status_code == 200:
+        base = endpoint.base_url.rstrip("/")
+        with httpx2.Client(timeout=10, follow_redirects=False, headers=headers) as client:
+            status, body = _probe(client, base + "/models")
+            ms = int((time.perf_counter() - started) * 1000)
+            batches = _probe(client, base + "/batches?limit=1")[0] if status == 200 else None
+        if status == 200:
             try:
                 models = [str(m.get("id"))[:80] for m in json.loads(body).get("data", [])][:8]
             except (ValueError, AttributeError, TypeError):
                 models = []
             ok, text = True, f"Connected in {ms} ms." + (f" Models include: {', '.join(models)}." if models else "")
-        elif response.status_code in (401, 403):
-            ok, text = False, f"The server refused the API key (HTTP {response.status_code})."
+            text += " " + _batch_api_says(batches)
+        elif status in (401, 403):
+            ok, text = False, f"The server refused the API key (HTTP {status})."
         else:
-            ok, text = False, f"The server answered HTTP {response.status_code}."
+            ok, text = False, f"The server answered HTTP {status}."
     except egress.UnsafeURL as e:
         ok, text = False, str(e)
     except ValueError as e:  # the stored key cannot be decrypted
@@ -634,6 +631,29 @@ def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     except (httpx2.HTTPError, httpx2.InvalidURL) as e:
         ok, text = False, f"Could not reach {endpoint.base_url}: {type(e).__name__}."
     return render(request, "jobs/_endpoint_test.html", {"ok": ok, "text": text})
+
+
+def _probe(client: httpx2.Client, url: str) -> tuple[int, bytes]:
+    """GET url: its status, and up to 1 MB of a 200's body, read only once the peer's address is checked."""
+    with client.stream("GET", url) as response:
+        egress.check_peer(response)  # where the connection really went (DNS rebinding)
+        body = bytearray()
+        if response.status_code == 200:
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > 1_000_000:
+                    break
+    return response.status_code, bytes(body)
+
+
+def _batch_api_says(status: int | None) -> str:
+    if status == 200:
+        return "Its Batch API answers: remote and hybrid jobs can run here."
+    if status in (404, 405, 501):
+        return f"It has no Batch API (HTTP {status}): run jobs live here; remote and hybrid jobs need one."
+    if status in (401, 403):
+        return f"Its Batch API refused the key (HTTP {status}): remote and hybrid jobs would pause."
+    return f"Its Batch API answered HTTP {status}."
 
 
 # Usage

@@ -64,6 +64,9 @@ class Command(BaseCommand):
             default=0.0,
             help="fraction of structured (JSON) answers broken: alternately invalid JSON and JSON off the schema",
         )
+        parser.add_argument(
+            "--no-batch-api", action="store_true", help="no Files or Batches API (404s), as llama.cpp, vLLM or Ollama"
+        )
         parser.add_argument("--seed", type=int, default=0, help="seed for injected errors, jitter and batch failures")
         parser.add_argument("--log", help="append one JSON line per request to this file")
 
@@ -86,6 +89,7 @@ class Command(BaseCommand):
             batch_token_limit=options["batch_token_limit"],
             batch_cancel_seconds=options["batch_cancel_seconds"],
             bad_output_rate=options["bad_output_rate"],
+            batch_api=not options["no_batch_api"],
             seed=options["seed"],
             log_path=options["log"],
         )
