@@ -8,6 +8,7 @@ import time
 from datetime import timedelta
 from decimal import Decimal
 
+import httpx2
 import openai
 import pytest
 from django.utils import timezone
@@ -156,6 +157,28 @@ def test_request_counts_show_as_progress_before_results_are_joined(sim, write, o
     drive(job)
 
 
+def test_each_batch_holds_one_model_as_openai_requires(sim, write, owner):
+    config, base_url = sim
+    models = ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
+    lines = [chat_line(f"req-{i}", f"Question {i}", model=m, max_tokens=20) for i, m in enumerate(models)]
+    plan = ingest.validate(write("two-models.jsonl", lines))
+    options = ingest.RunOptions(mode=Job.Mode.REMOTE)
+    job = ingest.create_job(plan, owner=owner, endpoint=make_endpoint(base_url), options=options)
+    job.start()
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 5
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    for chunk in job.remote_batches.all():
+        sent = client.files.content(chunk.input_file_id).text.splitlines()
+        assert {json.loads(line)["body"]["model"] for line in sent} == {chunk.model}
+    assert sorted(job.remote_batches.values_list("model", "n_items")) == [("gpt-4o", 2), ("gpt-4o-mini", 3)]
+    assert {i.custom_id: json.loads(i.response)["model"] for i in job.items.all()} == {
+        f"req-{i}": m for i, m in enumerate(models)
+    }
+
+
 def test_a_job_above_the_request_limit_is_split_into_several_batches(sim, write, owner):
     config, base_url = sim
     endpoint = make_endpoint(base_url)  # OpenAI's 50,000 requests per batch
@@ -204,6 +227,37 @@ def test_a_refused_token_budget_is_learned_and_the_items_wait_for_room(sim, writ
     refused = job.remote_batches.filter(status=RemoteBatch.Status.FAILED)
     assert refused.exists() and all(c.errors[0]["code"] == "token_limit_exceeded" for c in refused)
     one_result_each(job)
+
+
+def test_a_request_alone_over_the_token_limit_fails_saying_so_and_teaches_nothing_wrong(sim, write, owner):
+    config, base_url = sim
+    config.batch_token_limit = 300  # less than the one request needs: no smaller batch could ever pass
+    endpoint = make_endpoint(base_url)
+    job = remote_job(write, owner, endpoint, 1, text=lambda i: LONG)
+
+    job = drive(job, timeout=20)
+
+    assert job.status == Job.Status.COMPLETED and job.n_failed == 1
+    item = job.items.get()
+    assert item.error_code == "token_limit_exceeded" and "Limit: 300 enqueued tokens" in item.error_message
+    assert stats(base_url)["by_path"]["/v1/batches"] == 1  # one refusal, not a loop of ever smaller batches
+    endpoint.refresh_from_db()
+    assert not endpoint.learned_token_limits  # a request too big alone says nothing about the budget
+
+
+def test_refusals_pause_between_tries_and_never_plan_below_the_largest_request(sim, write, owner):
+    config, base_url = sim
+    config.batch_token_limit = 300
+    endpoint = make_endpoint(base_url)
+    job = remote_job(write, owner, endpoint, 4, text=lambda i: LONG)  # each request alone is over the limit
+
+    job = drive(job, timeout=60)
+
+    assert job.status == Job.Status.COMPLETED and job.n_failed == 4
+    endpoint.refresh_from_db()
+    largest = max(c.est_tokens for c in job.remote_batches.filter(n_items=1))
+    assert endpoint.learned_token_limits["gpt-4o-mini"] >= largest  # never below what one request needs
+    assert stats(base_url)["by_path"]["/v1/batches"] <= 6  # a batch of 4, then at most one batch each
 
 
 def test_expiry_keeps_partial_results_and_a_retry_sends_only_the_expired(sim, write, owner):
@@ -419,6 +473,11 @@ def test_hybrid_switches_to_live_and_meets_a_deadline_shorter_than_the_batch(sim
     live_items = job.items.filter(latency_ms__isnull=False)
     assert remote_items.count() > 0 and live_items.count() > 0
     assert live_requests(base_url) == live_items.count()  # nothing sent live twice, nothing answered twice
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    answered_remotely = sum(
+        client.batches.retrieve(c.batch_id).request_counts.completed for c in job.remote_batches.all()
+    )
+    assert answered_remotely == remote_items.count() and answered_remotely + live_requests(base_url) == 40
     book = PriceBook.load()
     for item in remote_items:
         full = book.cost("gpt-4o-mini", item.prompt_tokens, item.completion_tokens)
@@ -604,6 +663,108 @@ def test_a_batch_the_endpoint_no_longer_has_fails_its_items_saying_so(sim, write
 
     assert job.status == Job.Status.COMPLETED and job.n_failed == 3
     assert "no longer has this batch" in job.items.first().error_message
+
+
+def test_results_the_endpoint_lost_are_tried_for_a_while_then_fail_and_never_run_live(sim, write, owner):
+    config, base_url = sim
+    endpoint = make_endpoint(base_url, rpm=6000)
+    deadline = timezone.now() + timedelta(hours=1)
+    job = remote_job(write, owner, endpoint, 3, mode=Job.Mode.HYBRID, deadline=deadline)
+    drive(
+        job,
+        until=lambda j: (
+            j.remote_batches.filter(status=RemoteBatch.Status.COMPLETED).exists() or not remote.poll_round()
+        ),
+    )
+    remote.poll_round()  # sent
+    chunk = job.remote_batches.get()
+    client = openai.OpenAI(base_url=base_url, api_key="x")
+    while (batch := client.batches.retrieve(chunk.batch_id)).status != "completed":
+        time.sleep(0.1)
+    client.files.delete(batch.output_file_id)  # paid for, then lost before Batchsite collected it
+    Job.objects.filter(pk=job.pk).update(switched_at=timezone.now())  # and the job has switched to live meanwhile
+
+    for _ in range(2 * remote.GONE_AFTER + 1):
+        RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
+        remote.poll_round()
+        chunk.refresh_from_db()
+        if chunk.collected_at:
+            break
+        assert chunk.failures and chunk.last_error  # tried again, with backoff, not failed at the first 404
+
+    job.refresh_from_db()
+    assert job.n_failed == 3 and chunk.status == RemoteBatch.Status.COMPLETED
+    assert "no longer has this batch's results" in job.items.first().error_message
+    assert live_requests(base_url) == 0  # answered (and paid) at the Batch API: never sent again
+
+
+def test_a_file_the_endpoint_has_not_processed_yet_is_waited_for(sim, write, owner, monkeypatch):
+    """Azure OpenAI refuses a batch made from a file still `pending` with a 400: that passes."""
+    config, base_url = sim
+    real = remote.client_for
+    refused = []
+
+    def slow_client(endpoint):
+        client = real(endpoint)
+        create = client.batches.create
+
+        def create_once_processed(**kwargs):
+            if len(refused) < 2:
+                refused.append(1)
+                request = httpx2.Request("POST", base_url + "/batches")
+                body = {
+                    "message": f"The input file {kwargs['input_file_id']} is in 'pending' state. Only files "
+                    "with status 'Processed' are accepted",
+                    "type": "invalid_request_error",
+                }
+                response = httpx2.Response(400, request=request)
+                raise openai.BadRequestError(f"Error code: 400 - {body}", response=response, body=body)
+            return create(**kwargs)
+
+        client.batches.create = create_once_processed  # type: ignore[method-assign]
+        return client
+
+    monkeypatch.setattr(remote, "client_for", slow_client)
+    job = remote_job(write, owner, make_endpoint(base_url), 4)
+    for _ in range(3):
+        remote.poll_round()
+        RemoteBatch.objects.update(next_poll_at=timezone.now())
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 4 and len(refused) == 2
+    assert job.remote_batches.count() == 1
+
+
+def test_a_batch_made_before_a_crash_is_found_by_its_file_when_its_metadata_was_dropped(sim, write, owner, monkeypatch):
+    config, base_url = sim
+    real = remote.client_for
+    crashed = []
+
+    def proxy_client(endpoint):  # a proxy that drops batch metadata, and a worker killed after the create
+        client = real(endpoint)
+        create = client.batches.create
+
+        def create_without_metadata(**kwargs):
+            batch = create(**{**kwargs, "metadata": None})
+            if not crashed:
+                crashed.append(batch.id)
+                raise Killed
+            return batch
+
+        client.batches.create = create_without_metadata  # type: ignore[method-assign]
+        return client
+
+    monkeypatch.setattr(remote, "client_for", proxy_client)
+    job = remote_job(write, owner, make_endpoint(base_url), 5)
+    with pytest.raises(Killed):
+        remote.poll_round()
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 5
+    assert job.remote_batches.get().batch_id == crashed[0]
+    assert len(list(openai.OpenAI(base_url=base_url, api_key="x").batches.list())) == 1  # none made twice
 
 
 def test_hybrid_runs_what_the_batch_api_let_expire_again(sim, write, owner):

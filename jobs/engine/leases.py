@@ -34,7 +34,7 @@ from django.utils import timezone
 
 from jobs import tokens
 from jobs.engine.upstream import PERMANENT, UpstreamError
-from jobs.models import CachedAnswer, Item, Job, JobTick, SpendingLimit
+from jobs.models import CachedAnswer, Item, Job, JobTick, RemoteBatch, SpendingLimit
 from jobs.pricing import PriceBook
 
 ITEM = Item._meta.db_table
@@ -182,7 +182,7 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     with transaction.atomic():
         if Job.lock(job_id) != Job.Status.RUNNING:
             return []  # paused, cancelled or finished since the slice last looked: send nothing more
-        job = Job.objects.only("cost_cap", "cost", "model", "owner_id", "endpoint_id").get(pk=job_id)
+        job = Job.objects.only(*BUDGET_FIELDS).get(pk=job_id)
         with connection.cursor() as cursor:
             cursor.execute(sql, [job_id, _dt(now), limit, _uuid(lease), _dt(until)])
             rows = cursor.fetchall()
@@ -194,30 +194,51 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
     return [Claimed(*row[:5]) for row in rows]
 
 
+# What a budget check reads of the job (claim here, RemoteJob._within_budgets for the Batch API).
+BUDGET_FIELDS = ("cost_cap", "cost", "model", "owner_id", "endpoint_id")
+
+
 @dataclass
-class _Budget:
+class Budget:
     cap: Decimal
     committed: Decimal  # spent, plus the most the running requests in its scope may still cost
     spent: Decimal
     says: str  # "The job's cost cap", "alice's monthly spending limit"...
     fix: str
 
+    def pause_reason(self, next_one: str, most: Decimal) -> str:
+        """Why the job pauses before `next_one` ("the next one (line 5)"), which may cost up to `most`."""
+        return (
+            f"{self.says} is ${self.cap:,.4f}: ${self.spent:,.4f} is spent, requests in flight may cost up to "
+            f"${self.committed - self.spent:,.4f} more, and {next_one} up to ${most:,.4f}. {self.fix}, then resume."
+        )
 
-def _budgets(job: Job, claimed: list[int]) -> list[_Budget]:
-    """The job's cost cap and the monthly limits of its owner and its endpoint, each with what is committed."""
-    running = Item.objects.filter(status=Item.Status.RUNNING).exclude(id__in=claimed)
+
+def most_cost(book: PriceBook, body: dict, est_tokens: int, model: str, discount: Decimal = Decimal(0)) -> Decimal:
+    """A request's most possible cost: its input plus all the output it may ask for (at the Batch API's
+    discount for a batch)."""
+    return book.cost(body.get("model") or model, est_tokens, tokens.max_output_tokens(body), discount=discount)
+
+
+def budgets(job: Job, weighed: Q) -> list[Budget]:
+    """The job's cost cap and the monthly limits of its owner and its endpoint, each with what is committed:
+    spent, plus the est_cost of running items other than the `weighed` ones (live claims, and the chunks sent
+    to the Batch API and not yet collected; a chunk only planned holds no money yet, and its items' est_cost
+    may be left from an earlier run)."""
+    planned = RemoteBatch.objects.filter(status=RemoteBatch.Status.PLANNED)
+    running = Item.objects.filter(status=Item.Status.RUNNING).exclude(weighed).exclude(remote_batch__in=planned)
     found = []
     if job.cost_cap is not None:
         flying = running.filter(job_id=job.pk).aggregate(s=Sum("est_cost"))["s"] or Decimal(0)
         found.append(
-            _Budget(job.cost_cap, job.cost + flying, job.cost, "The job's cost cap", "Raise the cap (or remove it)")
+            Budget(job.cost_cap, job.cost + flying, job.cost, "The job's cost cap", "Raise the cap (or remove it)")
         )
     scope = Q(user_id=job.owner_id) | Q(endpoint_id=job.endpoint_id) if job.endpoint_id else Q(user_id=job.owner_id)
     for limit in SpendingLimit.objects.filter(scope).select_related("user", "endpoint"):
         spent = limit.spent()
         flying = running.filter(job__in=limit.jobs()).aggregate(s=Sum("est_cost"))["s"] or Decimal(0)
         found.append(
-            _Budget(
+            Budget(
                 limit.monthly_usd,
                 spent + flying,
                 spent,
@@ -230,27 +251,22 @@ def _budgets(job: Job, claimed: list[int]) -> list[_Budget]:
 
 def _within_budgets(job: Job, rows: list) -> list:
     """The claimed rows whose requests fit under every budget (the job's cost cap, its owner's and its
-    endpoint's monthly limits), each at its most possible cost: input plus all the output it may ask for. The
-    first that does not fit, and those after it, go back to pending, and the job pauses, saying which and why."""
-    budgets = _budgets(job, [r[0] for r in rows])
-    if not budgets:
+    endpoint's monthly limits), each at its most possible cost. The first that does not fit, and those after
+    it, go back to pending, and the job pauses, saying which and why."""
+    found = budgets(job, Q(id__in=[r[0] for r in rows]))
+    if not found:
         return rows
     book = PriceBook.load()
     kept: list = []
     for row in rows:
-        body = json.loads(row[2])
-        most = book.cost(body.get("model") or job.model, row[3], tokens.max_output_tokens(body))
-        over = next((b for b in budgets if b.committed + most > b.cap), None)
+        most = most_cost(book, json.loads(row[2]), row[3], job.model)
+        over = next((b for b in found if b.committed + most > b.cap), None)
         if over is not None:
             back = [r[0] for r in rows[len(kept) :]]
             Item.objects.filter(id__in=back).update(status=Item.Status.PENDING, lease_token=None, lease_until=None)
-            job.pause_itself(
-                f"{over.says} is ${over.cap:,.4f}: ${over.spent:,.4f} is spent, requests in flight may cost up to "
-                f"${over.committed - over.spent:,.4f} more, and the next one (line {row[5]}) up to ${most:,.4f}. "
-                f"{over.fix}, then resume."
-            )
+            job.pause_itself(over.pause_reason(f"the next one (line {row[5]})", most))
             break
-        for b in budgets:
+        for b in found:
             b.committed += most
         Item.objects.filter(id=row[0]).update(est_cost=most)
         kept.append(row)

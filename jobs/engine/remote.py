@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 import uuid
@@ -45,9 +46,9 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from jobs import egress, remoteplan
-from jobs.engine import schemacheck, shutdown
+from jobs.engine import leases, schemacheck, shutdown
 from jobs.engine.database import pause_job
-from jobs.engine.upstream import one_line, usage_of
+from jobs.engine.upstream import QUOTA_CODES, one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
 from jobs.models.job import REMOTE_TASK
 from jobs.pricing import PriceBook
@@ -213,6 +214,35 @@ def _refused_for_tokens(errors: list) -> bool:
     return bool(errors) and all(e.get("code") == "token_limit_exceeded" for e in errors)
 
 
+def _transient(fields: dict) -> bool:
+    """Whether a result line (as _result_fields reads it) failed through no fault of its request: a server error
+    or a rate limit, which another send may well not meet (OpenAI's error files routinely hold 500s and 503s).
+    A spent quota is not worth another send."""
+    status, code = fields["http_status"], fields.get("error_code")
+    if fields["status"] != Item.Status.FAILED or code in QUOTA_CODES:
+        return False
+    if status is None:
+        return code in ("server_error", "rate_limit_exceeded")
+    return status == 429 or status >= 500
+
+
+# OpenAI's refusal states the limit: "... Limit: 90,000 enqueued tokens. Please try submitting fewer tokens ..."
+# "The input file ... is in 'pending' state. Only files with status 'Processed' are accepted" (Azure OpenAI).
+FILE_NOT_READY = re.compile(r"'?pending'? state|not (?:yet )?processed|only files with status", re.IGNORECASE)
+STATED_LIMIT = re.compile(r"Limit: ?([0-9,]{1,20}) enqueued tokens")
+
+
+def _stated_limit(errors: list) -> int | None:
+    for error in errors:
+        if match := STATED_LIMIT.search(str(error.get("message") or "")[:2000]):
+            return int(match.group(1).replace(",", "")) or None
+    return None
+
+
+def _token_wait_key(endpoint_id: int, model: str) -> str:
+    return f"batchsite-token-wait:{endpoint_id}:{model}"
+
+
 # Planning
 
 # The bytes a request's line adds to the input file beyond its custom_id, URL and body:
@@ -243,9 +273,10 @@ def plan_chunks(job: Job, endpoint: Endpoint) -> int:
     for position in range(len(ids)):
         by_model[names[model_of[position]]].append(position)
     for model, positions in by_model.items():
-        # 2% below the byte limit: a limit of "200 MB" may be counted in decimal megabytes.
+        # 5% below the byte limit: a limit of "200 MB" may be counted in decimal megabytes (0.95 x 200 MiB is
+        # 199.2 million bytes).
         limits = remoteplan.Limits(
-            endpoint.batch_max_requests, int(endpoint.batch_max_bytes * 0.98), endpoint.token_limit(model)
+            endpoint.batch_max_requests, int(endpoint.batch_max_bytes * 0.95), endpoint.token_limit(model)
         )
         requests = (remoteplan.Request(ids[p], model, sizes[p], tokens[p]) for p in positions)
         for chunk_requests in remoteplan.split(requests, limits):
@@ -292,6 +323,7 @@ class RemoteJob:
         self.now = timezone.now()
         self.released = 0  # items handed back to pending for live slices (hybrid)
         self.prices: PriceBook | None = None
+        self.calling = ""
 
     @property
     def cancel_wanted(self) -> bool:
@@ -370,17 +402,20 @@ class RemoteJob:
             delay = self._failed_call(chunk, e, f"Could not reach the endpoint: {e}")
         finally:
             next_look = timezone.now() + timedelta(seconds=delay)
-            RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=hold).update(
+            # Our claim: `hold`, or later if a long collection renewed it (_join).
+            RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=chunk.claimed_until).update(
                 claimed_until=None, next_poll_at=Least(F("next_poll_at"), next_look)
             )
 
     def _step(self, chunk: RemoteBatch) -> float:
         """What is due for the chunk; returns the seconds until its next look."""
+        self.calling = ""  # the call that creates something, while it runs (a refusal of a lookup is no refusal)
         if chunk.endpoint_id is not None and chunk.endpoint_id != self.endpoint.pk:
             endpoint = Endpoint.objects.filter(pk=chunk.endpoint_id).first()
             problem = _unusable(endpoint)
             if problem or endpoint is None:
-                self._finish_chunk(chunk, RB.FAILED, errors=[_error(f"The batch's endpoint is gone: {problem}")])
+                error = _error(f"The batch's endpoint is gone: {problem}")
+                self._finish_chunk(chunk, RB.FAILED, errors=[error], gone=True)
                 return 0.0
             self.client = self._client_of(endpoint)
         else:
@@ -392,8 +427,13 @@ class RemoteJob:
                 if self.cancel_wanted:
                     self._finish_chunk(chunk, RB.CANCELLED)  # never sent: cancelled, or pending for live slices
                     return 0.0
-                if self.job.status != Job.Status.RUNNING or not self._budget_allows(chunk):
-                    # Paused, or the endpoint's enqueued-token budget is spoken for: look again later.
+                if (
+                    self.job.status != Job.Status.RUNNING
+                    or not self._budget_allows(chunk)
+                    or not self._within_budgets(chunk)
+                ):
+                    # Paused (perhaps just now, by a cost cap or a monthly limit), or the endpoint's enqueued-token
+                    # budget is spoken for: the chunk stays as it is, looked at again later.
                     return max(settings.BATCHSITE_REMOTE_POLL_SECONDS, min(30, self._interval(chunk)))
                 self._send(chunk)
                 return self._interval(chunk)
@@ -430,15 +470,24 @@ class RemoteJob:
             return 10.0
         if status in NO_BATCH_API and not getattr(error, "param", None) and chunk.status in RemoteBatch.NOT_SENT:
             return self._no_batch_api(chunk, text)
-        if status in (400, 413, 422) and chunk.status in (RB.UPLOADING, RB.UPLOADED, RB.CREATING):
+        # Azure answers 400 to a batch made from a file it has not processed yet: that passes.
+        not_yet = FILE_NOT_READY.search(text[:2000]) and chunk.failures < 2 * GONE_AFTER
+        if status in (400, 413, 422) and self.calling in ("files.create", "batches.create") and not not_yet:
             # The endpoint refused the file or the batch itself (too big, or a path it does not batch): it will
             # not change its mind, so the chunk's items fail saying why.
             self._finish_chunk(chunk, RB.FAILED, errors=[_error(text)])
             return 0.0
         chunk.failures += 1
-        if status == 404 and chunk.batch_id and chunk.failures >= GONE_AFTER:
-            # The endpoint does not know the batch (or its files) any more: deleted, or another project's key.
-            self._finish_chunk(chunk, RB.FAILED, errors=[_error(f"The endpoint no longer has this batch: {text}")])
+        if status == 404 and chunk.batch_id and chunk.status not in RemoteBatch.FINAL and chunk.failures >= GONE_AFTER:
+            # The endpoint does not know the batch any more: deleted, or another project's key.
+            self._finish_chunk(
+                chunk, RB.FAILED, errors=[_error(f"The endpoint no longer has this batch: {text}")], gone=True
+            )
+            return 0.0
+        if status == 404 and chunk.status in RemoteBatch.FINAL and chunk.failures >= 2 * GONE_AFTER:
+            # A finished batch whose result files stay missing (for about an hour of tries): deleted at the endpoint.
+            message = f"The endpoint no longer has this batch's results: {text}"
+            self._finish_chunk(chunk, chunk.status, errors=[_error(message)], gone=True)
             return 0.0
         delay = min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1) * 2**chunk.failures, BACKOFF_CAP)
         chunk.last_error = text[:2000]
@@ -482,12 +531,46 @@ class RemoteJob:
         return others.exclude(pk=chunk.pk).aggregate(n=Sum("est_tokens"))["n"] or 0
 
     def _budget_allows(self, chunk: RemoteBatch) -> bool:
+        if cache.get(_token_wait_key(self.endpoint.pk, chunk.model)):
+            return False  # pausing after a refusal (_wait_for_room)
         limit = self.endpoint.token_limit(chunk.model)
         if not limit:
             return True
         enqueued = self._enqueued_tokens(chunk)
         # A chunk over the limit by itself still goes when nothing else is enqueued: the endpoint then says why.
         return enqueued == 0 or enqueued + chunk.est_tokens <= limit
+
+    def _within_budgets(self, chunk: RemoteBatch) -> bool:
+        """Whether the chunk fits under the job's cost cap and its owner's and endpoint's monthly limits, each of
+        its requests at its most possible cost at the Batch API's price, on top of what is spent and in flight (as
+        a live claim counts it, jobs/engine/leases.py). If not, the job pauses before sending it, saying why; if
+        so, its items hold that cost as in flight until they are collected."""
+        with transaction.atomic():
+            if Job.lock(self.job.pk) != Job.Status.RUNNING:
+                return False
+            job = Job.objects.only(*leases.BUDGET_FIELDS).get(pk=self.job.pk)
+            found = leases.budgets(job, Q(remote_batch=chunk))
+            if not found:
+                return True
+            if self.prices is None:
+                self.prices = PriceBook.load()
+            discount = Decimal(self.endpoint.batch_discount)
+            rows = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING, lease_token__isnull=True)
+            by_cost: dict[Decimal, list[int]] = defaultdict(list)  # a few distinct costs: a few updates
+            lines: list[int] = []
+            for item_id, line, body, est in rows.values_list("id", "line", "body", "est_tokens").iterator(PLAN_ROWS):
+                by_cost[leases.most_cost(self.prices, json.loads(body), est, job.model, discount)].append(item_id)
+                lines.append(line)
+            most = sum((cost * len(ids) for cost, ids in by_cost.items()), Decimal(0))
+            over = next((b for b in found if b.committed + most > b.cap), None)
+            if over is not None and lines:
+                job.pause_itself(over.pause_reason(f"the next batch (lines {min(lines)}–{max(lines)})", most))
+                self.job.status = Job.Status.PAUSED  # the job's other chunks wait too
+                return False
+            for cost, ids in by_cost.items():
+                for start in range(0, len(ids), 900):  # SQLite's limit on query parameters
+                    Item.objects.filter(id__in=ids[start : start + 900]).update(est_cost=cost)
+        return True
 
     def _send(self, chunk: RemoteBatch) -> None:
         if chunk.status in (RB.PLANNED, RB.UPLOADING):
@@ -497,6 +580,7 @@ class RemoteJob:
                 file_id = self._upload(chunk)
             self._set_status(chunk, RB.UPLOADED, input_file_id=file_id)
         self._set_status(chunk, RB.CREATING)
+        self.calling = "batches.create"
         batch = self.client.batches.create(
             input_file_id=chunk.input_file_id,
             endpoint=self.job.url,  # type: ignore[arg-type]
@@ -521,6 +605,7 @@ class RemoteJob:
                     f'{{"custom_id":{json.dumps(custom_id)},"method":"POST","url":{url},"body":{body}}}\n'.encode()
                 )
             out.seek(0)
+            self.calling = "files.create"
             uploaded = self.client.files.create(file=(chunk.filename(), out, "application/jsonl"), purpose="batch")
         return uploaded.id
 
@@ -539,7 +624,9 @@ class RemoteJob:
         """The batch an interrupted create may have made, found by the chunk's key in its metadata."""
         seen = 0
         for batch in self.client.batches.list(limit=100):
-            if (batch.metadata or {}).get("batchsite_chunk") == str(chunk.key):
+            # By the key in its metadata, or by its input file (a proxy may drop metadata): both are the chunk's own.
+            mine = (batch.metadata or {}).get("batchsite_chunk") == str(chunk.key)
+            if mine or (chunk.input_file_id and batch.input_file_id == chunk.input_file_id):
                 chunk.batch_id = batch.id
                 self._update(chunk, batch)
                 log.info("job %s chunk %s: found batch %s made before a crash", self.job.pk, chunk.number, batch.id)
@@ -574,7 +661,8 @@ class RemoteJob:
             settle = batch.cancelled_at - batch.cancelling_at
         else:
             settle = math.ceil((timezone.now() - chunk.cancel_requested_at).total_seconds())
-        settle = max(int(settle), 1, self.endpoint.learned_cancel_seconds or 0)
+        # The slowest recent cancel: one slow cancel long ago fades (by a quarter with each cancel seen since).
+        settle = max(int(settle), 1, int((self.endpoint.learned_cancel_seconds or 0) * 0.75))
         Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=settle)
         self.endpoint.learned_cancel_seconds = settle
 
@@ -590,11 +678,16 @@ class RemoteJob:
     # Collecting
 
     def _collect(self, chunk: RemoteBatch) -> None:
-        self._show_remote_counts(chunk)  # its items are counted as they are joined, not also as remote counts
+        reported = (chunk.n_completed, chunk.n_failed)  # the chunk table shows them again once it is collected
+        # The chunk's latest request_counts count as progress until its lines are joined: each join moves them
+        # from the remote counts to the items' own, so progress never dips (and never counts a line twice).
+        self._show_remote_counts()
         for file_id in (chunk.output_file_id, chunk.error_file_id):
             if file_id:
                 self._join_file(chunk, file_id)
         self._finish_chunk(chunk, chunk.status, errors=chunk.errors)
+        chunk.n_completed, chunk.n_failed = reported
+        RemoteBatch.objects.filter(pk=chunk.pk).update(n_completed=chunk.n_completed, n_failed=chunk.n_failed)
 
     def _join_file(self, chunk: RemoteBatch, file_id: str) -> None:
         """Stream a result file and join its lines to the chunk's items, JOIN_LINES per transaction."""
@@ -625,16 +718,11 @@ class RemoteJob:
         deltas: Counter = Counter()
         cost = Decimal(0)
         wants = self._structured(chunk, records)
+        retried = 0
         with transaction.atomic():
-            Job.lock(self.job.pk)
+            resend = Job.lock(self.job.pk) != Job.Status.CANCELLING  # a cancelling job sends nothing again
             for record in records:
                 fields = self._result_fields(chunk, record, discount, wants.get(record.get("custom_id")))
-                if fields["status"] == Item.Status.EXPIRED and self.job.mode == Job.Mode.HYBRID:
-                    # A hybrid job promised everything by its deadline: what the Batch API let expire runs live.
-                    fields = {"status": Item.Status.PENDING, "remote_batch": None}
-                    self.released += 1
-                else:
-                    fields["finished_at"] = now
                 held = Item.objects.filter(
                     job_id=self.job.pk,
                     custom_id=record["custom_id"],
@@ -642,15 +730,47 @@ class RemoteJob:
                     status=Item.Status.RUNNING,
                     lease_token__isnull=True,  # not an item a live slice holds (retried since)
                 )
-                # Added to what the item already holds: a retried item keeps what its earlier sends cost.
-                spent = {key: F(key) + fields[key] for key in SPENT if key in fields}
+                if resend and _transient(fields):
+                    # Sent again while it has sends left, as live slices do: in the next chunk, or live past a
+                    # hybrid switch. It keeps the error meanwhile; out of sends, it fails with it below.
+                    again = {**fields, "status": Item.Status.PENDING, "remote_batch": None}
+                    again["attempts"] = F("attempts") + 1
+                    if held.filter(attempts__lt=self.job.max_attempts - 1).update(**again):
+                        retried += 1
+                        continue
+                if fields["status"] == Item.Status.EXPIRED and self.job.mode == Job.Mode.HYBRID:
+                    # A hybrid job promised everything by its deadline: what the Batch API let expire runs live.
+                    fields = {"status": Item.Status.PENDING, "remote_batch": None}
+                    self.released += 1
+                else:
+                    fields["finished_at"] = now
+                # Added to what the item already holds: a retried item keeps what its earlier sends cost, and
+                # counts them.
+                spent = {key: F(key) + fields[key] for key in (*SPENT, "attempts") if key in fields}
                 if held.update(**{**fields, **spent}):
                     deltas[f"n_{fields['status']}"] += 1
                     deltas["n_running"] -= 1
                     for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):
                         deltas[key] += fields.get(key, 0)
                     cost += fields.get("cost", Decimal(0))
-            if deltas:
+            self.released += retried
+            deltas["n_pending"] += retried
+            deltas["n_running"] -= retried
+            # The lines joined leave the chunk's remote counts (_show_remote_counts), in the same transaction as
+            # they reach the items' own: answers its `completed`, the rest its `failed`, each spilling over to the
+            # other (the endpoint counts an answer that breaks its schema as completed, say).
+            succeeded, others = deltas["n_succeeded"], -deltas["n_running"] - deltas["n_succeeded"]
+            completed, failed = min(chunk.n_completed, succeeded), min(chunk.n_failed, others)
+            rest = succeeded + others - completed - failed
+            spill = min(chunk.n_completed - completed, rest)
+            completed, failed = completed + spill, failed + min(chunk.n_failed - failed, rest - spill)
+            deltas["remote_completed"] -= completed
+            deltas["remote_failed"] -= failed
+            # The claim is renewed too: a collection of many lines outlasts CLAIM_SECONDS (step lets go of it).
+            left = {"n_completed": chunk.n_completed - completed, "n_failed": chunk.n_failed - failed}
+            claim = timezone.now() + timedelta(seconds=CLAIM_SECONDS)
+            RemoteBatch.objects.filter(pk=chunk.pk).update(**left, claimed_until=claim)
+            if any(deltas.values()):
                 self.job.add_to_counters(**deltas, cost=cost)
                 JobTick.add(
                     self.job.pk,
@@ -658,10 +778,12 @@ class RemoteJob:
                     {
                         "succeeded": deltas["n_succeeded"],
                         "failed": deltas["n_failed"] + deltas["n_expired"],
+                        "retried": retried,
                         "prompt_tokens": deltas["prompt_tokens"],
                         "completion_tokens": deltas["completion_tokens"],
                     },
                 )
+        chunk.n_completed, chunk.n_failed, chunk.claimed_until = left["n_completed"], left["n_failed"], claim
 
     def _structured(self, chunk: RemoteBatch, records: list[dict]) -> dict:
         """custom_id -> the structured output its request asks for, for the records' requests that ask for one
@@ -680,9 +802,10 @@ class RemoteJob:
         self, chunk: RemoteBatch, record: dict, discount: Decimal, want: schemacheck.Wanted | None = None
     ) -> dict:
         """An output or error line as the item's result. A 4xx or 5xx `response.status_code` is a failure
-        even when `error` is null (OpenAI puts such answers in the output file). An answer that is not the
-        JSON its request asked for fails as invalid_output, paid for (the Batch API cannot be asked again
-        here: "retry failed" sends it again, at the Batch API or live)."""
+        even when `error` is null (OpenAI puts such answers in the output file); a 5xx or 429 one is sent
+        again while it has attempts left (_join). An answer that is not the JSON its request asked for fails
+        as invalid_output, paid for (the Batch API cannot be asked again here: "retry failed" sends it again,
+        at the Batch API or live)."""
         response = record.get("response") if isinstance(record.get("response"), dict) else None
         error = record.get("error") if isinstance(record.get("error"), dict) else None
         status_code = response.get("status_code") if response else None
@@ -719,7 +842,7 @@ class RemoteJob:
         )
         return fields
 
-    def _finish_chunk(self, chunk: RemoteBatch, status: str, errors: list | None = None) -> None:
+    def _finish_chunk(self, chunk: RemoteBatch, status: str, errors: list | None = None, gone: bool = False) -> None:
         """Settle the items no result line mentioned, by the batch's final status, and mark the chunk collected."""
         leftover = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING, lease_token__isnull=True)
         with transaction.atomic():
@@ -729,14 +852,27 @@ class RemoteJob:
             changes: dict[str, int] = defaultdict(int)
             # Requests the Batch API did not answer and that are still wanted go back to pending: live slices
             # take them (a switched hybrid job), or a new chunk does.
-            again = current != Job.Status.CANCELLING and (
-                switched
-                or (status == RB.FAILED and _refused_for_tokens(errors or []))
-                or (status == RB.EXPIRED and self.job.mode == Job.Mode.HYBRID)
+            # Not a batch the endpoint lost track of: its requests may have run there, and would be paid twice.
+            again = (
+                current != Job.Status.CANCELLING
+                and not gone
+                and (
+                    switched
+                    or (
+                        status == RB.FAILED and _refused_for_tokens(errors or []) and self._wait_for_room(chunk, errors)
+                    )
+                    or (status == RB.EXPIRED and self.job.mode == Job.Mode.HYBRID)
+                )
             )
-            if status == RB.FAILED and _refused_for_tokens(errors or []):
-                self._learn_token_limit(chunk)
-            if again:
+            if gone:
+                n = leftover.update(
+                    status=Item.Status.FAILED,
+                    error_code="batch_gone",
+                    error_message=str((errors or [{}])[0].get("message") or "The endpoint lost the batch.")[:2000],
+                    finished_at=now,
+                )
+                changes["n_failed"] += n
+            elif again:
                 n = leftover.update(status=Item.Status.PENDING, remote_batch=None)
                 changes["n_pending"] += n
                 self.released += n
@@ -766,21 +902,46 @@ class RemoteJob:
             if n:
                 self.job.add_to_counters(**changes)
             RemoteBatch.objects.filter(pk=chunk.pk).update(status=status, collected_at=now, errors=errors or [])
+            self._show_remote_counts()  # what is left of its request_counts no longer counts: its items are settled
         chunk.collected_at = now
         log.info("job %s chunk %s: %s, collected", self.job.pk, chunk.number, status)
 
-    def _learn_token_limit(self, chunk: RemoteBatch) -> None:
-        """ "Try again once some in_progress batches have been completed": the items wait for a new chunk, planned
-        under the model's budget lowered to 90% of what was refused."""
-        refused_at = self._enqueued_tokens(chunk) + chunk.est_tokens
-        limit = max(1, int(min(refused_at, self.endpoint.token_limit(chunk.model) or refused_at) * 0.9))
+    def _wait_for_room(self, chunk: RemoteBatch, errors: list | None) -> bool:
+        """A batch refused for the model's enqueued-token limit ("try again once some in_progress batches have
+        been completed"). True: its requests wait for a new chunk, planned under a lower budget (90% of what was
+        refused, and of the limit the endpoint states, never below the chunk's largest request), after a pause
+        that doubles with each refusal. False: one request, with nothing else of ours enqueued, is refused on
+        its own: it fails saying why (waiting would never end)."""
+        others = self._enqueued_tokens(chunk)
+        if chunk.n_items <= 1 and others == 0:
+            return False
+        model = chunk.model
+        refused_at = others + chunk.est_tokens
+        ceiling = min(n for n in (refused_at, self.endpoint.token_limit(model), _stated_limit(errors or [])) if n)
+        limit = max(int(ceiling * 0.9), self._largest_request(chunk), 1)
         with transaction.atomic():
             learned = Endpoint.objects.select_for_update().values_list("learned_token_limits", flat=True)
             limits = dict(learned.get(pk=self.endpoint.pk) or {})
-            limits[chunk.model] = min(limit, limits.get(chunk.model) or limit)
+            limits[model] = min(limit, limits.get(model) or limit)
             Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_token_limits=limits)
         self.endpoint.learned_token_limits = limits
-        log.info("endpoint %s: enqueued-token limit for %s now taken as %s", self.endpoint.pk, chunk.model, limit)
+        key = _token_wait_key(self.endpoint.pk, model)
+        refusals = (cache.get(key + ":n") or 0) + 1
+        cache.set(key + ":n", refusals, timeout=3600)
+        wait = min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1) * 2 ** (refusals - 1), BACKOFF_CAP)
+        cache.set(key, True, timeout=max(1, int(wait)))
+        log.info(
+            "endpoint %s: enqueued-token limit for %s now taken as %s; next batch in %.0f s",
+            self.endpoint.pk,
+            model,
+            limits[model],
+            wait,
+        )
+        return True
+
+    def _largest_request(self, chunk: RemoteBatch) -> int:
+        rows = Item.objects.filter(remote_batch=chunk).values_list("body", "est_tokens").iterator(PLAN_ROWS)
+        return max((remoteplan.request_tokens(json.loads(body), est) for body, est in rows), default=0)
 
     def _fail_by_line(self, chunk: RemoteBatch, errors: list, now) -> int:
         """A batch that failed validation: each item fails with the error naming its line of the chunk's file
@@ -812,12 +973,10 @@ class RemoteJob:
 
     # After the round
 
-    def _show_remote_counts(self, collecting: RemoteBatch | None = None) -> None:
-        """The job's remote_completed/remote_failed: what its batches still out report done (not a batch being
-        collected: its items count as they are joined, and must not count twice meanwhile)."""
-        active = self.job.remote_batches.filter(collected_at__isnull=True).exclude(status__in=RemoteBatch.FINAL)
-        if collecting is not None:
-            active = active.exclude(pk=collecting.pk)
+    def _show_remote_counts(self) -> None:
+        """The job's remote_completed/remote_failed: what its batches report done and is not joined yet. A final
+        batch counts until it is collected; one being collected counts what is left (_join lowers its counts)."""
+        active = self.job.remote_batches.filter(collected_at__isnull=True)
         sums = active.aggregate(c=Sum("n_completed"), f=Sum("n_failed"))
         counts = {"remote_completed": sums["c"] or 0, "remote_failed": sums["f"] or 0}
         changed = ~Q(**counts)
