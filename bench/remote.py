@@ -165,6 +165,7 @@ def main() -> None:
 
     os.environ["BATCHSITE_SLICES_PER_JOB"] = "1"  # one slice at a time in this process, with all the concurrency
     os.environ["BATCHSITE_HYBRID_MARGIN_SECONDS"] = str(args.margin)
+    os.environ["BATCHSITE_REMOTE_DELETE_FILES"] = "0"  # batch_output_ids reads the output files afterwards
     os.environ.setdefault("LOG_LEVEL", "WARNING")  # no line per batch step
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "REDIS_URL", "DATABASE_URL"):
         os.environ.pop(name, None)

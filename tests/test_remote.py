@@ -84,7 +84,8 @@ def one_result_each(job: Job) -> None:
     assert job.n_pending == job.n_running == 0
 
 
-def test_full_remote_cycle_answers_every_item_at_half_price(sim, write, owner):
+def test_full_remote_cycle_answers_every_item_at_half_price(sim, write, owner, settings):
+    settings.BATCHSITE_REMOTE_DELETE_FILES = False  # to look at the input file
     config, base_url = sim
     endpoint = make_endpoint(base_url)
     job = remote_job(write, owner, endpoint, 30)
@@ -103,6 +104,19 @@ def test_full_remote_cycle_answers_every_item_at_half_price(sim, write, owner):
     full = sum(PriceBook.load().cost("gpt-4o-mini", i.prompt_tokens, i.completion_tokens) for i in job.items.all())
     assert full > 0 and job.cost == pytest.approx(full / 2, abs=Decimal("0.000001"))
     one_result_each(job)
+
+
+def test_the_batch_files_are_deleted_at_the_endpoint_once_the_results_are_in(sim, write, owner):
+    config, base_url = sim
+    config.batch_client_error_rate = 0.5  # an error file too
+    job = remote_job(write, owner, make_endpoint(base_url), 10)
+
+    job = drive(job)
+
+    chunk = job.remote_batches.get()
+    assert chunk.input_file_id and chunk.output_file_id and chunk.error_file_id
+    assert job.n_succeeded + job.n_failed == 10 and job.n_failed > 0
+    assert list(openai.OpenAI(base_url=base_url, api_key="x").files.list()) == []
 
 
 def test_answers_from_the_batch_api_that_break_their_schema_fail_as_invalid_output(sim, write, owner):
@@ -157,7 +171,8 @@ def test_request_counts_show_as_progress_before_results_are_joined(sim, write, o
     drive(job)
 
 
-def test_each_batch_holds_one_model_as_openai_requires(sim, write, owner):
+def test_each_batch_holds_one_model_as_openai_requires(sim, write, owner, settings):
+    settings.BATCHSITE_REMOTE_DELETE_FILES = False  # to look at the input files
     config, base_url = sim
     models = ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
     lines = [chat_line(f"req-{i}", f"Question {i}", model=m, max_tokens=20) for i, m in enumerate(models)]
@@ -404,7 +419,8 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("call", ["files.create", "batches.create"])
-def test_a_crash_right_after_a_call_never_sends_the_chunk_twice(sim, write, owner, monkeypatch, call):
+def test_a_crash_right_after_a_call_never_sends_the_chunk_twice(sim, write, owner, monkeypatch, call, settings):
+    settings.BATCHSITE_REMOTE_DELETE_FILES = False  # to count the uploads
     config, base_url = sim
     real = remote.client_for
     crashed = []
@@ -589,6 +605,53 @@ def test_a_cancel_that_arrives_after_the_batch_finished_keeps_every_result(sim, 
 
     assert job.status == Job.Status.CANCELLED and job.n_succeeded == 6
     assert job.remote_batches.get().status == RemoteBatch.Status.COMPLETED
+
+
+def test_a_killed_poller_holds_a_chunk_long_only_while_it_uploads(sim, write, owner, monkeypatch, settings):
+    """What a kill -9 leaves behind is the claim in the database: short while the poller only looks at a batch
+    (a hybrid switch waits for it), as long as the request timeout while it uploads or collects."""
+    config, base_url = sim
+    real = remote.client_for
+    held: dict[str, float] = {}
+
+    def held_for(call: str) -> None:
+        until = RemoteBatch.objects.get().claimed_until
+        held[call] = max(held.get(call, 0), (until - timezone.now()).total_seconds())
+
+    def watching_client(endpoint):
+        client = real(endpoint)
+        for group, name in [("files", "create"), ("batches", "create"), ("batches", "retrieve")]:
+            api, made = getattr(client, group), getattr(getattr(client, group), name)
+
+            def watched(*args, _made=made, _call=f"{group}.{name}", **kwargs):
+                held_for(_call)
+                return _made(*args, **kwargs)
+
+            setattr(api, name, watched)
+        return client
+
+    monkeypatch.setattr(remote, "client_for", watching_client)
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    drive(job)
+
+    assert held["files.create"] > settings.BATCHSITE_REQUEST_TIMEOUT
+    assert held["batches.create"] <= remote.CLAIM_SECONDS <= 90
+    assert held["batches.retrieve"] <= remote.CLAIM_SECONDS
+
+
+def test_a_poller_whose_claim_was_taken_over_stops(sim, write, owner):
+    config, base_url = sim
+    job = remote_job(write, owner, make_endpoint(base_url), 2)
+    remote.poll_round()
+    chunk = job.remote_batches.get()
+    endpoint = Endpoint.objects.get()
+    mine = timezone.now() + timedelta(seconds=60)
+    RemoteBatch.objects.filter(pk=chunk.pk).update(claimed_until=mine)
+    chunk.claimed_until = mine
+    RemoteBatch.objects.filter(pk=chunk.pk).update(claimed_until=mine + timedelta(seconds=1))  # another poller's
+
+    with pytest.raises(remote.LostClaim):
+        remote.RemoteJob(job, endpoint)._hold(chunk)
 
 
 def test_a_chunk_another_poller_holds_is_left_alone(sim, write, owner):

@@ -64,8 +64,17 @@ PLAN_ROWS = 5000
 GONE_AFTER = 5  # 404s in a row before a batch counts as gone
 SPENT = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost")
 NO_BATCH_API = (404, 405, 501)  # answers to files.create / batches.create from a server without them
-# How long a poller may hold a chunk: an upload or a collection may take up to the request timeout.
-CLAIM_SECONDS = settings.BATCHSITE_REQUEST_TIMEOUT + 120
+# Calls that only look or decide (retrieve, cancel, create, list) get a short timeout, so that a poller killed
+# while it holds a chunk for one of them holds it for a minute and a half, not the 12 minutes an upload may
+# need: a hybrid switch is not held up by a dead worker for longer than its margin. An upload or a
+# collection holds the chunk for the request timeout (RemoteJob._hold).
+CONTROL_TIMEOUT = 30.0
+CLAIM_SECONDS = 3 * CONTROL_TIMEOUT
+LONG_CLAIM_SECONDS = settings.BATCHSITE_REQUEST_TIMEOUT + 120
+
+
+class LostClaim(Exception):
+    """Another poller holds the chunk now."""
 
 
 def _error(message: str) -> dict:
@@ -382,7 +391,8 @@ class RemoteJob:
 
     def step(self, chunk: RemoteBatch) -> None:
         """Claim the chunk (compare-and-set: a second poller skips it), do what is due, then let go of it with
-        the time of its next look. A poller killed meanwhile leaves the claim to run out (CLAIM_SECONDS)."""
+        the time of its next look. A poller killed meanwhile leaves the claim to run out (CLAIM_SECONDS, or
+        LONG_CLAIM_SECONDS during an upload or a collection)."""
         now = timezone.now()
         free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
         hold = now + timedelta(seconds=CLAIM_SECONDS)
@@ -400,6 +410,8 @@ class RemoteJob:
             delay = self._failed_call(chunk, e, f"{e.status_code}: {e.message}")
         except (openai.APIConnectionError, openai.APITimeoutError, httpx2.HTTPError) as e:
             delay = self._failed_call(chunk, e, f"Could not reach the endpoint: {e}")
+        except LostClaim:
+            log.warning("job %s chunk %s: another poller took it over; leaving it", self.job.pk, chunk.number)
         finally:
             next_look = timezone.now() + timedelta(seconds=delay)
             # Our claim: `hold`, or later if a long collection renewed it (_join).
@@ -444,12 +456,12 @@ class RemoteJob:
         if self.cancel_wanted and chunk.cancel_requested_at is None and chunk.status != RB.CANCELLING:
             chunk.cancel_requested_at = self.now
             try:
-                batch = self.client.batches.cancel(chunk.batch_id)
+                batch = self.client.batches.cancel(chunk.batch_id, timeout=CONTROL_TIMEOUT)
             except openai.APIStatusError as e:
                 if e.status_code not in (400, 409):
                     raise
                 # It ended meanwhile (a batch that finished cannot be cancelled): what it says now is final.
-        self._update(chunk, batch or self.client.batches.retrieve(chunk.batch_id))
+        self._update(chunk, batch or self.client.batches.retrieve(chunk.batch_id, timeout=CONTROL_TIMEOUT))
         if chunk.status in RemoteBatch.FINAL:
             self._collect(chunk)
         return self._interval(chunk)
@@ -513,6 +525,14 @@ class RemoteJob:
         error = {"code": "batch_api_unavailable", "line": None, "message": f"{why} Retry these requests live."}
         self._finish_chunk(chunk, RB.FAILED, errors=[error])
         return 0.0
+
+    def _hold(self, chunk: RemoteBatch, seconds: float = CLAIM_SECONDS) -> None:
+        """Extend our claim on the chunk before a long call. A claim already lost (this poller stalled past it,
+        and another took the chunk) stops the step: two pollers must never work one chunk."""
+        until = timezone.now() + timedelta(seconds=seconds)
+        if not RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=chunk.claimed_until).update(claimed_until=until):
+            raise LostClaim(chunk.pk)
+        chunk.claimed_until = until
 
     def _set_status(self, chunk: RemoteBatch, status: str, **fields) -> None:
         if status != chunk.status:
@@ -582,6 +602,7 @@ class RemoteJob:
         self._set_status(chunk, RB.CREATING)
         self.calling = "batches.create"
         batch = self.client.batches.create(
+            timeout=CONTROL_TIMEOUT,
             input_file_id=chunk.input_file_id,
             endpoint=self.job.url,  # type: ignore[arg-type]
             completion_window="24h",
@@ -606,16 +627,20 @@ class RemoteJob:
                 )
             out.seek(0)
             self.calling = "files.create"
+            self._hold(chunk, LONG_CLAIM_SECONDS)
             uploaded = self.client.files.create(file=(chunk.filename(), out, "application/jsonl"), purpose="batch")
+        self._hold(chunk)  # back to a short claim for the calls that follow
         return uploaded.id
 
     def _find_upload(self, chunk: RemoteBatch) -> str | None:
         """The file an interrupted upload may have made, found by its name among the endpoint's batch files."""
         seen = 0
-        for f in self.client.files.list(purpose="batch", order="desc", limit=1000):
+        for f in self.client.files.list(purpose="batch", order="desc", limit=1000, timeout=CONTROL_TIMEOUT):
             if f.filename == chunk.filename():
                 return f.id
             seen += 1
+            if seen % 1000 == 0:
+                self._hold(chunk)  # a page each
             if seen >= LIST_PAGES * 1000 or f.created_at < chunk.created_at.timestamp() - 3600:
                 break
         return None
@@ -623,7 +648,7 @@ class RemoteJob:
     def _find_batch(self, chunk: RemoteBatch) -> None:
         """The batch an interrupted create may have made, found by the chunk's key in its metadata."""
         seen = 0
-        for batch in self.client.batches.list(limit=100):
+        for batch in self.client.batches.list(limit=100, timeout=CONTROL_TIMEOUT):
             # By the key in its metadata, or by its input file (a proxy may drop metadata): both are the chunk's own.
             mine = (batch.metadata or {}).get("batchsite_chunk") == str(chunk.key)
             if mine or (chunk.input_file_id and batch.input_file_id == chunk.input_file_id):
@@ -632,6 +657,8 @@ class RemoteJob:
                 log.info("job %s chunk %s: found batch %s made before a crash", self.job.pk, chunk.number, batch.id)
                 return
             seen += 1
+            if seen % 100 == 0:
+                self._hold(chunk)  # a page each
             if seen >= LIST_PAGES * 100 or batch.created_at < chunk.status_since.timestamp() - 3600:
                 break
         self._set_status(chunk, RB.UPLOADED)  # no batch was made: create it (this round, as uploaded)
@@ -691,6 +718,7 @@ class RemoteJob:
 
     def _join_file(self, chunk: RemoteBatch, file_id: str) -> None:
         """Stream a result file and join its lines to the chunk's items, JOIN_LINES per transaction."""
+        self._hold(chunk, LONG_CLAIM_SECONDS)
         with self.client.files.with_streaming_response.content(file_id) as response:
             lines: list[dict] = []
             for raw in response.iter_lines():
@@ -766,9 +794,9 @@ class RemoteJob:
             completed, failed = completed + spill, failed + min(chunk.n_failed - failed, rest - spill)
             deltas["remote_completed"] -= completed
             deltas["remote_failed"] -= failed
-            # The claim is renewed too: a collection of many lines outlasts CLAIM_SECONDS (step lets go of it).
+            # The claim is renewed too: a collection of many lines outlasts any claim (step lets go of it).
             left = {"n_completed": chunk.n_completed - completed, "n_failed": chunk.n_failed - failed}
-            claim = timezone.now() + timedelta(seconds=CLAIM_SECONDS)
+            claim = timezone.now() + timedelta(seconds=LONG_CLAIM_SECONDS)
             RemoteBatch.objects.filter(pk=chunk.pk).update(**left, claimed_until=claim)
             if any(deltas.values()):
                 self.job.add_to_counters(**deltas, cost=cost)
@@ -905,6 +933,19 @@ class RemoteJob:
             self._show_remote_counts()  # what is left of its request_counts no longer counts: its items are settled
         chunk.collected_at = now
         log.info("job %s chunk %s: %s, collected", self.job.pk, chunk.number, status)
+        if settings.BATCHSITE_REMOTE_DELETE_FILES:
+            self._delete_files(chunk)
+
+    def _delete_files(self, chunk: RemoteBatch) -> None:
+        """The batch's files at the endpoint, once its results are here: best effort, as nothing depends on it
+        (a file left behind costs the endpoint's storage, not a result)."""
+        for file_id in dict.fromkeys(f for f in (chunk.input_file_id, chunk.output_file_id, chunk.error_file_id) if f):
+            try:
+                self.client.files.delete(file_id, timeout=CONTROL_TIMEOUT)
+            except (openai.APIError, httpx2.HTTPError) as e:
+                log.info(
+                    "job %s chunk %s: file %s not deleted at the endpoint: %s", self.job.pk, chunk.number, file_id, e
+                )
 
     def _wait_for_room(self, chunk: RemoteBatch, errors: list | None) -> bool:
         """A batch refused for the model's enqueued-token limit ("try again once some in_progress batches have
