@@ -799,6 +799,82 @@ def test_a_file_the_endpoint_has_not_processed_yet_is_waited_for(sim, write, own
     assert job.remote_batches.count() == 1
 
 
+def refusing_client(monkeypatch, status: int, body: dict, times: int = 10**6) -> list:
+    """client_for, with batches.create answering `status` with `body` the first `times` times."""
+    real = remote.client_for
+    refused: list = []
+
+    def make(endpoint):
+        client = real(endpoint)
+        create = client.batches.create
+
+        def refuse(**kwargs):
+            if len(refused) < times:
+                refused.append(kwargs["input_file_id"])
+                request = httpx2.Request("POST", str(client.base_url) + "batches")
+                error = openai.BadRequestError if status == 400 else openai.NotFoundError
+                raise error(
+                    f"Error code: {status} - {body}", response=httpx2.Response(status, request=request), body=body
+                )
+            return create(**kwargs)
+
+        client.batches.create = refuse  # type: ignore[method-assign]
+        return client
+
+    monkeypatch.setattr(remote, "client_for", make)
+    return refused
+
+
+def rounds_until_collected(job: Job, most: int) -> int:
+    for n in range(1, most + 1):
+        RemoteBatch.objects.update(next_poll_at=timezone.now())
+        remote.poll_round()
+        if not job.remote_batches.filter(collected_at__isnull=True).exists():
+            return n
+    raise AssertionError(f"still not collected after {most} rounds: {list(job.remote_batches.values())}")
+
+
+def test_a_file_never_processed_fails_its_batch_after_a_while(sim, write, owner, monkeypatch):
+    config, base_url = sim
+    body = {"message": "The input file is in 'pending' state. Only files with status 'Processed' are accepted"}
+    refused = refusing_client(monkeypatch, 400, body)
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+
+    rounds = rounds_until_collected(job, 30)
+
+    job.refresh_from_db()
+    assert job.n_failed == 3 and "pending" in job.items.first().error_message
+    assert len(refused) == 2 * remote.GONE_AFTER and rounds <= 2 * remote.GONE_AFTER + 1
+    assert stats(base_url)["by_path"]["/v1/files"] == 1  # the one file, never uploaded again
+
+
+def test_a_404_to_batches_create_uploads_again_a_few_times_then_gives_up_on_the_batch_api(
+    sim, write, owner, monkeypatch
+):
+    """VoyageAI answers {"detail": "Input file not found"}: no param, so no proof either way at first."""
+    config, base_url = sim
+    refused = refusing_client(monkeypatch, 404, {"detail": "Input file not found"})
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+
+    rounds_until_collected(job, 30)
+
+    job.refresh_from_db()
+    assert job.n_failed == 3 and job.items.first().error_code == "batch_api_unavailable"
+    assert len(refused) == remote.GONE_AFTER == len(set(refused))  # a new upload each time, then no more
+
+
+def test_a_404_to_batches_create_once_is_only_a_lost_file(sim, write, owner, monkeypatch):
+    config, base_url = sim
+    refusing_client(monkeypatch, 404, {"detail": "Input file not found"}, times=1)
+    job = remote_job(write, owner, make_endpoint(base_url), 3)
+    remote.poll_round()
+    RemoteBatch.objects.update(next_poll_at=timezone.now())
+
+    job = drive(job)
+
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 3
+
+
 def test_a_batch_made_before_a_crash_is_found_by_its_file_when_its_metadata_was_dropped(sim, write, owner, monkeypatch):
     config, base_url = sim
     real = remote.client_for

@@ -473,18 +473,26 @@ class RemoteJob:
             pause_job(
                 self.job.pk, f"The endpoint refused the key ({status}). Fix the key on the Endpoints page, then resume."
             )
-        lost_file = status == 404 and getattr(error, "param", None) == "input_file_id"
-        if lost_file and chunk.status == RB.CREATING:
-            # The endpoint lost the uploaded file (deleted, or expired): upload it again, not at once.
+        # The verdicts below rest on what the endpoint said to the call that creates something, never on a
+        # lookup (a lookup's 404 is no proof, and a batch made before a crash may be running).
+        if status in NO_BATCH_API and self.calling == "files.create":
+            return self._no_batch_api(chunk, text)
+        if status == 404 and self.calling == "batches.create":
+            # The endpoint lost the uploaded file (deleted, expired; OpenAI names input_file_id), or has a Files
+            # API but no Batches API: upload again a few times, then give up on its Batch API.
+            if self._tries(chunk, "lost") >= GONE_AFTER:
+                return self._no_batch_api(chunk, text)
             chunk.status, chunk.status_since, chunk.input_file_id = RB.PLANNED, timezone.now(), ""
             chunk.last_error = text[:2000]
             chunk.save(update_fields=["status", "status_since", "input_file_id", "last_error"])
             return 10.0
-        if status in NO_BATCH_API and not getattr(error, "param", None) and chunk.status in RemoteBatch.NOT_SENT:
-            return self._no_batch_api(chunk, text)
-        # Azure answers 400 to a batch made from a file it has not processed yet: that passes.
-        not_yet = FILE_NOT_READY.search(text[:2000]) and chunk.failures < 2 * GONE_AFTER
-        if status in (400, 413, 422) and self.calling in ("files.create", "batches.create") and not not_yet:
+        if status == 400 and self.calling == "batches.create" and FILE_NOT_READY.search(text[:2000]):
+            # Azure answers 400 to a batch made from a file it has not processed yet: that passes, within an hour.
+            tries = self._tries(chunk, "not-ready")
+            if tries < 2 * GONE_AFTER:
+                self._set_status(chunk, RB.UPLOADED, last_error=text[:2000])  # no batch was made: no search
+                return min(5.0 * 2 ** (tries - 1), BACKOFF_CAP)
+        if status in (400, 413, 422) and self.calling in ("files.create", "batches.create"):
             # The endpoint refused the file or the batch itself (too big, or a path it does not batch): it will
             # not change its mind, so the chunk's items fail saying why.
             self._finish_chunk(chunk, RB.FAILED, errors=[_error(text)])
@@ -506,6 +514,16 @@ class RemoteJob:
         chunk.save(update_fields=["failures", "last_error"])
         log.warning("job %s chunk %s: %s (next try in %.0f s)", self.job.pk, chunk.number, text, delay)
         return delay
+
+    def _tries(self, chunk: RemoteBatch, what: str) -> int:
+        """How many times `what` went wrong for the chunk (kept apart from `failures`, which each step clears)."""
+        key = f"batchsite-remote-{what}:{chunk.key}"
+        cache.add(key, 0, timeout=86400)
+        try:
+            return cache.incr(key)
+        except ValueError:  # expired in between
+            cache.set(key, 1, timeout=86400)
+            return 1
 
     def _no_batch_api(self, chunk: RemoteBatch, text: str) -> float:
         """The endpoint has no Files or Batches API (llama.cpp, vLLM and Ollama answer 404): retrying will not
@@ -537,7 +555,7 @@ class RemoteJob:
     def _set_status(self, chunk: RemoteBatch, status: str, **fields) -> None:
         if status != chunk.status:
             fields["status_since"] = timezone.now()
-        fields.update(status=status, failures=0, last_error="")
+        fields = {"failures": 0, "last_error": "", **fields, "status": status}
         for name, value in fields.items():
             setattr(chunk, name, value)
         chunk.save(update_fields=list(fields))
@@ -615,6 +633,7 @@ class RemoteJob:
         chunk.batch_id = batch.id
         self._update(chunk, batch)
         log.info("job %s chunk %s: batch %s created (%s items)", self.job.pk, chunk.number, batch.id, chunk.n_items)
+        cache.delete(_token_wait_key(self.endpoint.pk, chunk.model) + ":n")  # accepted: refusals start over
 
     def _upload(self, chunk: RemoteBatch) -> str:
         """The chunk's input file, written to a spooled temporary file (never whole in memory) and uploaded."""
@@ -712,7 +731,17 @@ class RemoteJob:
         for file_id in (chunk.output_file_id, chunk.error_file_id):
             if file_id:
                 self._join_file(chunk, file_id)
+                self._hold(chunk)  # joined: a short claim again
         self._finish_chunk(chunk, chunk.status, errors=chunk.errors)
+        if chunk.batch_id:
+            # The endpoint's own counts for the chunk table: those read before a collection that was cut short
+            # and resumed had already been lowered by the lines it joined.
+            try:
+                counts = self.client.batches.retrieve(chunk.batch_id, timeout=CONTROL_TIMEOUT).request_counts
+                if counts is not None:
+                    reported = (counts.completed, counts.failed)
+            except (openai.APIError, httpx2.HTTPError):
+                pass
         chunk.n_completed, chunk.n_failed = reported
         RemoteBatch.objects.filter(pk=chunk.pk).update(n_completed=chunk.n_completed, n_failed=chunk.n_failed)
 
@@ -797,7 +826,10 @@ class RemoteJob:
             # The claim is renewed too: a collection of many lines outlasts any claim (step lets go of it).
             left = {"n_completed": chunk.n_completed - completed, "n_failed": chunk.n_failed - failed}
             claim = timezone.now() + timedelta(seconds=LONG_CLAIM_SECONDS)
-            RemoteBatch.objects.filter(pk=chunk.pk).update(**left, claimed_until=claim)
+            if not RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=chunk.claimed_until).update(
+                **left, claimed_until=claim
+            ):
+                raise LostClaim(chunk.pk)  # another poller collects it now: this transaction is undone
             if any(deltas.values()):
                 self.job.add_to_counters(**deltas, cost=cost)
                 JobTick.add(
@@ -873,6 +905,13 @@ class RemoteJob:
     def _finish_chunk(self, chunk: RemoteBatch, status: str, errors: list | None = None, gone: bool = False) -> None:
         """Settle the items no result line mentioned, by the batch's final status, and mark the chunk collected."""
         leftover = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING, lease_token__isnull=True)
+        # Before the job's lock: a refusal's lesson reads every request of the chunk.
+        wait = (
+            status == RB.FAILED
+            and not gone
+            and _refused_for_tokens(errors or [])
+            and self._wait_for_room(chunk, errors)
+        )
         with transaction.atomic():
             current = Job.lock(self.job.pk)
             switched = Job.objects.filter(pk=self.job.pk, switched_at__isnull=False).exists()
@@ -884,13 +923,7 @@ class RemoteJob:
             again = (
                 current != Job.Status.CANCELLING
                 and not gone
-                and (
-                    switched
-                    or (
-                        status == RB.FAILED and _refused_for_tokens(errors or []) and self._wait_for_room(chunk, errors)
-                    )
-                    or (status == RB.EXPIRED and self.job.mode == Job.Mode.HYBRID)
-                )
+                and (switched or wait or (status == RB.EXPIRED and self.job.mode == Job.Mode.HYBRID))
             )
             if gone:
                 n = leftover.update(
@@ -933,7 +966,7 @@ class RemoteJob:
             self._show_remote_counts()  # what is left of its request_counts no longer counts: its items are settled
         chunk.collected_at = now
         log.info("job %s chunk %s: %s, collected", self.job.pk, chunk.number, status)
-        if settings.BATCHSITE_REMOTE_DELETE_FILES:
+        if settings.BATCHSITE_REMOTE_DELETE_FILES and not gone:  # (a gone chunk's client may be another's)
             self._delete_files(chunk)
 
     def _delete_files(self, chunk: RemoteBatch) -> None:
@@ -1007,7 +1040,7 @@ class RemoteJob:
                 status=Item.Status.FAILED,
                 error_code=str(error.get("code") or "invalid_request")[:100],
                 error_message=message[:2000],
-                attempts=1,
+                attempts=F("attempts") + 1,
                 finished_at=now,
             )
         return n

@@ -612,7 +612,12 @@ def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
         with httpx2.Client(timeout=10, follow_redirects=False, headers=headers) as client:
             status, body = _probe(client, base + "/models")
             ms = int((time.perf_counter() - started) * 1000)
-            batches = _probe(client, base + "/batches?limit=1")[0] if status == 200 else None
+            batches: int | str | None = None
+            if status == 200:
+                try:
+                    batches = _probe(client, base + "/batches?limit=1")[0]
+                except httpx2.HTTPError as e:  # the server is there: say what its Batch API did
+                    batches = type(e).__name__
         if status == 200:
             try:
                 models = [str(m.get("id"))[:80] for m in json.loads(body).get("data", [])][:8]
@@ -646,7 +651,9 @@ def _probe(client: httpx2.Client, url: str) -> tuple[int, bytes]:
     return response.status_code, bytes(body)
 
 
-def _batch_api_says(status: int | None) -> str:
+def _batch_api_says(status: int | str | None) -> str:
+    if isinstance(status, str):
+        return f"Its Batch API did not answer ({status}): remote and hybrid jobs may not run here."
     if status == 200:
         return "Its Batch API answers: remote and hybrid jobs can run here."
     if status in (404, 405, 501):
