@@ -348,3 +348,33 @@ def test_a_hybrid_job_from_the_form_shows_its_batches_and_switch_then_completes(
     assert "Switched to live at" in page.locator(".hybrid-plan").inner_text()
     assert "cancelled" in page.locator("table.chunks").inner_text()
     assert sim.stats()["by_path"].get("/v1/chat/completions", 0) == job.items.filter(latency_ms__isnull=False).count()
+
+
+def test_a_big_file_is_checked_by_a_worker_while_the_review_page_shows_progress(
+    page, live_server, users, tmp_path, cluster, settings
+):
+    """Above BATCHSITE_INLINE_VALIDATION_BYTES the review page answers at once and a worker checks the file:
+    the page shows how far it has got, then the errors with their lines, by htmx polling alone."""
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 1000
+    make_endpoint("http://127.0.0.1:9/v1")
+    cluster()
+    sign_in(page, live_server, "alice", "alice-pass-123")
+    big = tmp_path / "big.jsonl"
+    lines = [json.dumps(chat_line(f"q{i}", f"Question number {i}")) for i in range(150_000)]
+    lines[99_999] = '{"custom_id": "broken",'  # line 100,000
+    big.write_text("\n".join(lines) + "\n")
+    page.goto(f"{live_server.url}/jobs/new/")
+    page.set_input_files("#id_file", str(big))
+    page.click("text=Upload and check")
+    page.wait_for_url(re.compile(r"/jobs/new/\w+/$"))
+    page.evaluate("window.__marker = 'same page'")
+    page.wait_for_selector("#check .checking:has-text('Checking the file…')", timeout=60_000)
+    assert page.locator("button[value=launch]").is_disabled()
+    shot(page, "review-checking")
+    page.wait_for_selector("table.errors", timeout=120_000)
+    assert page.evaluate("window.__marker") == "same page"
+    rows = page.locator("table.errors tbody tr").all_inner_texts()
+    assert len(rows) == 1 and rows[0].startswith("100000\t") and "not valid JSON" in rows[0], rows
+    assert page.locator("button[value=launch]").is_disabled()
+    assert page.locator("#check[hx-get]").count() == 0  # polling stopped
+    assert Job.objects.count() == 0

@@ -425,7 +425,9 @@ def test_a_big_file_launches_at_once_and_a_worker_adds_its_requests_with_progres
         "mode": "live",
         "action": "check",
     }
-    assert "All 300 requests are valid" in client.post(url, form).content.decode()
+    assert "Waiting for a worker to check the file" in client.post(url, form).content.decode()
+    assert run_queued_checks() == 1  # the CSV template's check, by a worker
+    assert "All 300 requests are valid" in client.get(f"{url}check", HTTP_HX_REQUEST="true").content.decode()
 
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         response = client.post(url, {**form, "action": "launch"})
@@ -475,6 +477,8 @@ def test_a_big_file_that_fails_its_check_at_launch_fails_the_job_with_its_lines(
     client.force_login(owner)
     good = jsonl([chat_line(f"r{i}") for i in range(5)])
     url = upload(client, "calls.jsonl", good)
+    client.get(url)
+    assert run_queued_checks() == 1
     assert "All 5 requests are valid" in client.get(url).content.decode()
     token = url.rstrip("/").split("/")[-1]
     from django.conf import settings as live
@@ -489,3 +493,115 @@ def test_a_big_file_that_fails_its_check_at_launch_fails_the_job_with_its_lines(
     assert job.status == Job.Status.FAILED and job.items.count() == 0
     assert [e["line"] for e in job.errors] == [6]
     assert "Line" in client.get(f"/jobs/{job.pk}/").content.decode()
+
+
+def run_queued_checks() -> int:
+    """The review checks waiting in django-q2's queue (the ORM broker), run here as a worker runs them."""
+    from django_q.models import OrmQ
+
+    from jobs.ingest import validating
+
+    ran = 0
+    for queued in OrmQ.objects.order_by("id"):
+        if queued.task.get("func") == validating.CHECK_TASK:
+            validating.check_upload(*queued.task["args"])
+            queued.delete()
+            ran += 1
+    return ran
+
+
+def test_a_big_jsonl_is_checked_by_a_worker_while_the_review_page_polls_its_progress(
+    client, owner, endpoint, settings, monkeypatch
+):
+    """Above BATCHSITE_INLINE_VALIDATION_BYTES the review page answers without reading the file: a worker
+    checks it, the page polls how far it has got, then shows the line-numbered errors; later visits are instant."""
+    from jobs.ingest import plan as plan_module
+    from jobs.ingest import validating
+
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 100
+    lines = [chat_line(f"r{i}") for i in range(300)]
+    content = jsonl(lines[:150]) + b'{"custom_id": "broken",\n' + jsonl(lines[150:]) + jsonl([chat_line("r7")])
+    client.force_login(owner)
+    url = upload(client, "calls.jsonl", content)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the file was read in the request")
+
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "validate", not_here)
+        page = client.get(url).content.decode()
+        assert client.get(url).status_code == 200  # a second look enqueues nothing more
+        waiting = client.get(f"{url}check", HTTP_HX_REQUEST="true")
+    assert "Waiting for a worker to check the file" in page and f'hx-get="{url}check"' in page
+    assert 'hx-trigger="every 1s"' in page and 'table class="table errors' not in page
+    assert re.search(r'value="launch"[^>]*disabled', page)  # nothing to launch before the check
+    assert waiting.status_code == 200 and "Waiting for a worker" in waiting.content.decode()
+
+    seen = []
+    checked = validating.checked
+
+    def checked_and_looked(*args, progress, **kwargs):
+        def look(n):
+            progress(n)
+            seen.append(client.get(f"{url}check", HTTP_HX_REQUEST="true").content.decode())
+
+        return checked(*args, progress=look, **kwargs)
+
+    monkeypatch.setattr(plan_module, "PROGRESS_EVERY", 100)
+    monkeypatch.setattr(validating, "checked", checked_and_looked)
+    assert run_queued_checks() == 1  # once, however many looked
+    assert len(seen) == 3  # at 100, 200 and 300 requests
+    assert (
+        'Checking the file… <strong class="lines">100</strong> of 302 lines' in seen[0]
+        and '(<strong class="percent">33%' in seen[0]
+    )
+    assert 'hx-trigger="every 1s"' in seen[1]
+
+    done = client.get(f"{url}check", HTTP_HX_REQUEST="true")
+    result = done.content.decode()
+    assert done.status_code == 286  # htmx stops polling
+    assert "2 problems" in result and "hx-get" not in result.split("</div>")[0]
+    rows = re.findall(r'<td class="num">(\d+)</td><td>([^<]*)</td>', result)
+    assert [line for line, _ in rows] == ["151", "302"] and "already used on line 8" in rows[1][1]
+    assert re.search(r'id="review-actions" hx-swap-oob="true">.*value="launch"[^>]*disabled', result, re.S)
+
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "validate", not_here)
+        page = client.get(url).content.decode()  # remembered next to the upload
+    assert "2 problems" in page and "Checking the file" not in page and run_queued_checks() == 0
+
+
+def test_a_check_the_worker_cannot_finish_shows_an_error_not_a_spinner(client, owner, endpoint, settings, monkeypatch):
+    from jobs.ingest import plan as plan_module
+
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 100
+    client.force_login(owner)
+    url = upload(client, "calls.jsonl", jsonl([chat_line(f"r{i}") for i in range(20)]))
+    client.get(url)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the worker ran out of memory")
+
+    monkeypatch.setattr(plan_module, "jsonl_requests", crash)
+    assert run_queued_checks() == 1
+    response = client.get(f"{url}check", HTTP_HX_REQUEST="true")
+    page = response.content.decode()
+    assert response.status_code == 286 and "The file could not be checked" in page and "RuntimeError" in page
+    assert "out of memory" not in page  # the worker's log has the details, not the page
+    page = client.get(url).content.decode()
+    assert "The file could not be checked" in page and 'hx-trigger="every 1s"' not in page
+
+
+def test_only_the_uploader_can_poll_the_check_of_an_upload(client, owner, teammate, endpoint, settings):
+    settings.BATCHSITE_INLINE_VALIDATION_BYTES = 100
+    client.force_login(owner)
+    url = upload(client, "calls.jsonl", jsonl([chat_line(f"r{i}") for i in range(20)]))
+    assert "Waiting for a worker" in client.get(url).content.decode()
+    assert client.get(f"{url}check").status_code == 200
+
+    client.force_login(teammate)
+    assert client.get(f"{url}check").status_code == 404
+    assert client.get(url).status_code == 302  # the review itself sends them to upload their own
+    client.logout()
+    response = client.get(f"{url}check")
+    assert response.status_code == 302 and "/login/" in response.url

@@ -72,7 +72,7 @@ def test_a_remote_job_pauses_before_the_batch_that_would_pass_its_cap_and_goes_o
     assert batches_at(base_url) == 1 and 0 < job.cost < Decimal("1")
 
 
-def test_batches_in_flight_count_at_their_most_and_the_one_that_would_pass_the_cap_waits(sim, write, owner):
+def test_batches_in_flight_count_at_their_most_and_what_would_pass_the_cap_waits(sim, write, owner):
     config, base_url = sim
     endpoint = make_endpoint(base_url, batch_max_requests=10)
     job = batch_job(write, owner, endpoint, 30)
@@ -81,18 +81,28 @@ def test_batches_in_flight_count_at_their_most_and_the_one_that_would_pass_the_c
     assert first_two < cap < first_two + most(job, range(21, 31))
     Job.objects.filter(pk=job.pk).update(cost_cap=cap)
 
-    job = drive(job, until=lambda j: j.status == Job.Status.PAUSED and j.n_succeeded == 20)
+    def settled(j: Job) -> bool:
+        return j.status == Job.Status.PAUSED and j.n_running == j.remote_batches.get(status="planned").n_items
 
-    assert batches_at(base_url) == 2
-    assert "cost cap" in job.status_reason and "the next batch (lines 21–30)" in job.status_reason
-    assert job.remote_batches.get(number=3).status == RemoteBatch.Status.PLANNED
+    job = drive(
+        job,
+        until=lambda j: (
+            j.status == Job.Status.PAUSED and j.remote_batches.filter(status="planned").exists() and settled(j)
+        ),
+    )
+
+    # Two whole batches, and of the third the lines that fit, as a live job runs up to its cap.
+    assert batches_at(base_url) == 3 and 20 < job.n_succeeded < 30
+    waiting = job.remote_batches.get(status=RemoteBatch.Status.PLANNED)
+    assert waiting.n_items == 30 - job.n_succeeded
+    assert "cost cap" in job.status_reason and f"the next batch (lines {job.n_succeeded + 1}–30)" in job.status_reason
     assert job.cost <= cap
 
     Job.objects.filter(pk=job.pk).update(cost_cap=None)
     job.refresh_from_db()
     job.resume()
     job = drive(job)
-    assert (job.status, job.n_succeeded, batches_at(base_url)) == (Job.Status.COMPLETED, 30, 3)
+    assert (job.status, job.n_succeeded, batches_at(base_url)) == (Job.Status.COMPLETED, 30, 4)
 
 
 @pytest.mark.parametrize("mode", [Job.Mode.REMOTE, Job.Mode.HYBRID])

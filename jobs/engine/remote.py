@@ -594,14 +594,26 @@ class RemoteJob:
                 self.prices = PriceBook.load()
             discount = Decimal(self.endpoint.batch_discount)
             rows = Item.objects.filter(remote_batch=chunk, status=Item.Status.RUNNING, lease_token__isnull=True)
+            room = min(b.cap - b.committed for b in found)
             by_cost: dict[Decimal, list[int]] = defaultdict(list)  # a few distinct costs: a few updates
             lines: list[int] = []
-            for item_id, line, body, est in rows.values_list("id", "line", "body", "est_tokens").iterator(PLAN_ROWS):
-                by_cost[leases.most_cost(self.prices, json.loads(body), est, job.model, discount)].append(item_id)
+            most, fits, over_ids = Decimal(0), Decimal(0), list[int]()
+            fields = ("id", "line", "body", "est_tokens")
+            for item_id, line, body, est in rows.order_by("line").values_list(*fields).iterator(PLAN_ROWS):
+                cost = leases.most_cost(self.prices, json.loads(body), est, job.model, discount)
+                most += cost
                 lines.append(line)
-            most = sum((cost * len(ids) for cost, ids in by_cost.items()), Decimal(0))
-            over = next((b for b in found if b.committed + most > b.cap), None)
-            if over is not None and lines:
+                if not over_ids and fits + cost <= room:
+                    fits += cost
+                    by_cost[cost].append(item_id)
+                else:
+                    over_ids.append(item_id)
+            if over_ids and by_cost and chunk.status == RB.PLANNED:
+                # Not yet uploaded: send the lines that fit, as a live job runs up to its cap; the rest go back
+                # to pending, and the next batch made of them pauses the job, saying so.
+                self._give_back(chunk, over_ids)
+            elif over_ids and lines:
+                over = next((b for b in found if b.committed + most > b.cap), found[0])
                 job.pause_itself(over.pause_reason(f"the next batch (lines {min(lines)}–{max(lines)})", most))
                 self.job.status = Job.Status.PAUSED  # the job's other chunks wait too
                 return False
@@ -609,6 +621,18 @@ class RemoteJob:
                 for start in range(0, len(ids), 900):  # SQLite's limit on query parameters
                     Item.objects.filter(id__in=ids[start : start + 900]).update(est_cost=cost)
         return True
+
+    def _give_back(self, chunk: RemoteBatch, item_ids: list[int]) -> None:
+        """Items of a chunk not yet uploaded back to pending (in the caller's transaction, under the job's lock)."""
+        n = 0
+        for start in range(0, len(item_ids), 900):  # SQLite's limit on query parameters
+            held = Item.objects.filter(
+                id__in=item_ids[start : start + 900], remote_batch=chunk, status=Item.Status.RUNNING
+            )
+            n += held.update(status=Item.Status.PENDING, remote_batch=None)
+        RemoteBatch.objects.filter(pk=chunk.pk).update(n_items=F("n_items") - n)
+        chunk.n_items -= n
+        self.job.add_to_counters(n_running=-n, n_pending=n)
 
     def _send(self, chunk: RemoteBatch) -> None:
         if chunk.status in (RB.PLANNED, RB.UPLOADING):

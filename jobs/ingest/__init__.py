@@ -19,7 +19,7 @@ from jobs.ingest.lines import MAX_ERRORS, Limits, LineError, Request
 from jobs.ingest.plan import CHECKED_NAME, Plan, checked, detect_format, validate
 from jobs.ingest.template import MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, Template, _render, schema_format, template_columns
 from jobs.ingest.uploads import STORAGE_UNAVAILABLE, remove_stale_uploads, store_upload
-from jobs.ingest.validating import VALIDATION_QUIET, validate_job, validation_progress
+from jobs.ingest.validating import VALIDATION_QUIET, check_in_background, validate_job, validation_progress
 
 __all__ = [
     "CHECKED_NAME",
@@ -37,6 +37,7 @@ __all__ = [
     "Template",
     "_render",
     "add_items",
+    "check_in_background",
     "checked",
     "create_job",
     "create_job_to_validate",

@@ -145,23 +145,46 @@ def validate(
 CHECKED_NAME = "#checked.json"
 
 
-def checked(path: Path, *, format: str, template: Template | None = None, source_name: str = "") -> Plan:
+def check_key(format: str, template: Template | None = None, source_name: str = "") -> str:
+    """What checked() remembers a result for: the file's format, the template, the name and the limits."""
+    limits = Limits.from_settings()
+    return blake2b(
+        json.dumps([format, template.as_dict() if template else None, source_name, asdict(limits)]).encode()
+    ).hexdigest()
+
+
+def checked(
+    path: Path,
+    *,
+    format: str,
+    template: Template | None = None,
+    source_name: str = "",
+    progress: Callable[[int], object] | None = None,
+) -> Plan:
     """validate(), remembered next to the upload for the same template: the review page shows the
     result on every visit, and reading a big file again each time would hold a web worker for a
     minute. The Plan has no per-request estimates (`est_tokens`): launching validates again."""
+    plan = remembered(path, format=format, template=template, source_name=source_name)
+    if plan is None:
+        plan = validate(path, format=format, template=template, source_name=source_name, progress=progress)
+        remember(path, record(plan, source_name))
+    return plan
+
+
+def remembered(path: Path, *, format: str, template: Template | None = None, source_name: str = "") -> Plan | None:
+    """checked()'s result for this file and template, without reading the file; None if it has none."""
     path = Path(path)
-    limits = Limits.from_settings()
-    key = blake2b(
-        json.dumps([format, template.as_dict() if template else None, source_name, asdict(limits)]).encode()
-    ).hexdigest()
-    cache = path.parent / CHECKED_NAME
     try:
-        saved = json.loads(cache.read_text())
-        if saved["key"] == key:
+        saved = json.loads((path.parent / CHECKED_NAME).read_text())
+        if saved["key"] == check_key(format, template, source_name):
             return _restore(path, saved["plan"], template)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or for another template
-    plan = validate(path, format=format, template=template, source_name=source_name, limits=limits)
+    return None
+
+
+def record(plan: Plan, source_name: str = "") -> dict:
+    """What checked() keeps of a plan: small (the first errors, a preview), and JSON."""
     summary = {
         "format": plan.format,
         "source_name": plan.source_name,
@@ -175,13 +198,18 @@ def checked(path: Path, *, format: str, template: Template | None = None, source
         "preview": plan.preview,
         "columns": plan.columns,
     }
+    return {"key": check_key(plan.format, plan.template, source_name), "plan": summary}
+
+
+def remember(path: Path, saved: dict) -> None:
+    """Keep a record() next to the upload at `path`, where remembered() finds it."""
+    cache = Path(path).parent / CHECKED_NAME
     tmp = cache.with_name(f"{CHECKED_NAME}.{uuid.uuid4().hex}")
     try:
-        tmp.write_text(json.dumps({"key": key, "plan": summary}, ensure_ascii=False))
+        tmp.write_text(json.dumps(saved, ensure_ascii=False))
         tmp.replace(cache)  # atomic: a visit at the same time reads the old result or the new, never half
     except OSError:  # a full disk costs the next visit a validation, not this one its page
         tmp.unlink(missing_ok=True)
-    return plan
 
 
 def _restore(path: Path, summary: dict, template: Template | None) -> Plan:

@@ -1,19 +1,24 @@
 """A job whose file is still to be checked (an API batch: Job.Status.VALIDATING): the check and the items,
-done by a worker (jobs.engine.tasks.validate_batch) or, for a small file, in the request itself."""
+done by a worker (jobs.engine.tasks.validate_batch) or, for a small file, in the request itself.
+
+Also the review page's check of a big upload (check_in_background), by a worker for the same reason."""
 
 import logging
 from datetime import timedelta
+from hashlib import blake2b
+from pathlib import Path
 
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
 from jobs import storage
 from jobs.ingest.create import add_items
 from jobs.ingest.lines import LineError
-from jobs.ingest.plan import Plan, validate
+from jobs.ingest.plan import Plan, check_key, checked, record, remember, remembered, validate
 from jobs.ingest.template import Template
 from jobs.models import Job
 
@@ -95,6 +100,71 @@ def _progress_key(job_id: int) -> str:
 def _show_progress(job_id: int, fraction: float) -> None:
     # The cache, not the job's row: the items go in within a transaction that holds the job's lock.
     cache.set(_progress_key(job_id), round(fraction, 3), timeout=int(VALIDATION_QUIET.total_seconds()) * 10)
+
+
+CHECK_TASK = "jobs.ingest.validating.check_upload"
+# A worker checking an upload says how far it has got about every half a second (PROGRESS_EVERY requests);
+# quiet this long, it is lost (killed), and the next look at the page enqueues the check again.
+CHECK_QUIET = VALIDATION_QUIET
+CHECK_KEPT = 10 * int(VALIDATION_QUIET.total_seconds())  # waiting in the queue, or the outcome
+
+
+def check_in_background(
+    name: str, path: Path, *, format: str, template: Template | None = None, source_name: str = ""
+) -> tuple[Plan | None, dict]:
+    """The review page's check of an upload too big to read in a request: (its result, {}) once a worker
+    has made it, else (None, how it goes): {"lines": read, "total": lines} ("total" None while it waits
+    for a worker) or {"failed": why}. Enqueues the check when no worker has it, once however many look."""
+    plan = remembered(path, format=format, template=template, source_name=source_name)
+    if plan is not None:
+        return plan, {}
+    key = _check_state_key(name, format, template, source_name)
+    state = cache.get(key)
+    if state is None and cache.add(key, {"lines": 0, "total": None}, timeout=CHECK_KEPT):
+        async_task(
+            CHECK_TASK,
+            name,
+            format,
+            template.as_dict() if template else None,
+            source_name,
+            task_name=f"check-{key[-40:]}",
+        )
+    state = state or cache.get(key) or {"lines": 0, "total": None}
+    if "done" in state:  # checked by a worker on another node: its record, kept here too
+        remember(path, state["done"])
+        plan = remembered(path, format=format, template=template, source_name=source_name)
+        return (plan, {}) if plan else (None, {"failed": "The result of the check could not be stored."})
+    return None, state
+
+
+def check_upload(name: str, format: str, template: dict | None, source_name: str) -> dict:
+    """The task of check_in_background: ingest.checked() on a worker, its progress and outcome in the cache."""
+    key = _check_state_key(name, format, Template.from_dict(template) if template else None, source_name)
+    try:
+        path = storage.local_path(name)  # fetched from the shared bucket if another node took it
+        total = _count_lines(path)
+
+        def show(lines: int) -> None:
+            cache.set(key, {"lines": lines, "total": total}, timeout=int(CHECK_QUIET.total_seconds()))
+
+        show(0)
+        tmpl = Template.from_dict(template) if template else None
+        plan = checked(path, format=format, template=tmpl, source_name=source_name, progress=show)
+    except Exception as e:  # the page says so rather than waiting for ever
+        log.exception("checking upload %s failed", name)
+        if isinstance(e, FileNotFoundError):
+            failed = "The file is no longer stored; upload it again."
+        else:
+            failed = f"The check stopped with an error ({type(e).__name__}); upload the file again or try later."
+        cache.set(key, {"failed": failed}, timeout=CHECK_KEPT)
+        return {"upload": name, "failed": failed}
+    cache.set(key, {"done": record(plan, source_name)}, timeout=CHECK_KEPT)
+    return {"upload": name, "requests": plan.count, "errors": plan.error_count}
+
+
+def _check_state_key(name: str, format: str, template: Template | None, source_name: str) -> str:
+    upload = blake2b(name.encode(), digest_size=16).hexdigest()
+    return f"batchsite-check-{upload}-{check_key(format, template, source_name)}"
 
 
 def _count_lines(path, chunk: int = 1024 * 1024) -> int:

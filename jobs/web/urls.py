@@ -22,6 +22,7 @@ urlpatterns = [
     path("account/password/", PasswordChangeView.as_view(), name="password_change"),
     path("jobs/new/", views.job_new, name="job_new"),
     path("jobs/new/<str:token>/", views.job_review, name="job_review"),
+    path("jobs/new/<str:token>/check", views.job_review_check, name="job_review_check"),
     path("jobs/<int:pk>/", views.job_detail, name="job_detail"),
     path("jobs/<int:pk>/progress", views.job_progress, name="job_progress"),
     path("jobs/<int:pk>/items/", views.item_list, name="item_list"),

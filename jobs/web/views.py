@@ -189,7 +189,8 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
         "notify": NotificationSettings.email_default(request.user),
     }
     form = JobForm(request.POST or None, initial=initial, csv_columns=columns)
-    plan = None
+    plan: ingest.Plan | None = None
+    checking: dict = {}  # while a worker checks the file: how far it has got (_check)
     if request.method == "POST" and form.is_valid():
         template = form.template() if fmt == Job.Format.CSV else None
         launch = request.POST.get("action") == "launch"
@@ -197,9 +198,11 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
             return _launch_later(request, token, upload, path, form, template)
         # Checking shows the remembered result when file and template are unchanged; launching
         # validates afresh, as creating the job needs every request's estimate.
-        check = ingest.validate if launch else ingest.checked
-        plan = check(path, format=fmt, template=template, source_name=upload["name"])
-        if plan.ok and launch:
+        if launch:
+            plan = ingest.validate(path, format=fmt, template=template, source_name=upload["name"])
+        else:
+            plan, checking = _check(request, upload, path, template)
+        if plan and plan.ok and launch:
             endpoint = form.cleaned_data["endpoint"] or Endpoint.default()
             job = ingest.create_job(
                 plan,
@@ -216,16 +219,14 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
                 return HttpResponseClientRedirect(job.get_absolute_url())
             return redirect(job)
     elif request.method == "GET" and fmt == Job.Format.JSONL:
-        plan = ingest.checked(path, format=fmt, source_name=upload["name"])
+        plan, checking = _check(request, upload, path, None)
     endpoint = (form.cleaned_data.get("endpoint") if form.is_bound and form.is_valid() else None) or Endpoint.default()
     context = {
         "form": form,
         "upload": upload,
         "token": token,
         "columns": columns,
-        "plan": plan,
-        "estimate": estimate(plan, endpoint) if plan and plan.ok else None,
-        "preview": [json.dumps(line, indent=2, ensure_ascii=False) for line in plan.preview[:3]] if plan else [],
+        **_check_context(plan, checking, endpoint),
         "presets": presets.load(),
         "is_csv": fmt == Job.Format.CSV,
         "time_zone": timezone.get_current_timezone_name(),
@@ -233,6 +234,59 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
     if request.htmx:
         return render(request, "jobs/_review.html", context)
     return render(request, "jobs/review.html", context)
+
+
+def _check(request, upload: dict, path: Path, template) -> tuple[ingest.Plan | None, dict]:
+    """The review's check of the file: in the request for a small file; a big one (a million lines take half a
+    minute) by a worker, while the page polls job_review_check. (result, {}) or (None, how the worker does)."""
+    kw = {"format": upload["format"], "template": template, "source_name": upload["name"]}
+    if path.stat().st_size <= settings.BATCHSITE_INLINE_VALIDATION_BYTES:
+        return ingest.checked(path, **kw), {}
+    # The poll is a GET: it finds the template being checked in the session, as it finds the upload.
+    upload["checking"] = template.as_dict() if template else None
+    request.session.modified = True
+    return ingest.check_in_background(upload.get("file") or storage.name_of(path), path, **kw)
+
+
+def _check_context(plan: ingest.Plan | None, checking: dict, endpoint: Endpoint | None) -> dict:
+    total = checking.get("total")
+    return {
+        "plan": plan,
+        "checking": checking,
+        "checking_percent": 100 * min(checking["lines"] / total, 1) if total else 0,
+        "estimate": estimate(plan, endpoint or Endpoint.default()) if plan and plan.ok else None,
+        "preview": [json.dumps(line, indent=2, ensure_ascii=False) for line in plan.preview[:3]] if plan else [],
+    }
+
+
+@require_GET
+@login_required
+def job_review_check(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
+    """Polled every second by a review page whose file a worker checks: its progress, then its result."""
+    upload = _uploads(request).get(token)  # the session's: nobody else's upload
+    if upload is None or "checking" not in upload:
+        raise Http404("No such upload is being checked.")
+    template = ingest.Template.from_dict(upload["checking"]) if upload["checking"] else None
+    name = upload.get("file") or storage.name_of(Path(upload["path"]))
+    try:
+        path = storage.local_path(name)
+    except Exception:  # cleaned up, or the bucket unreachable: the page says so on its next full load
+        log.warning("upload %s could not be read", token, exc_info=True)
+        raise Http404("That upload is no longer on the server.")
+    plan, checking = ingest.check_in_background(
+        name, path, format=upload["format"], template=template, source_name=upload["name"]
+    )
+    context = {
+        "token": token,
+        "is_csv": upload["format"] == Job.Format.CSV,
+        "polled": True,
+        "time_zone": timezone.get_current_timezone_name(),
+        **_check_context(plan, checking, None),
+    }
+    response = render(request, "jobs/_check.html", context)
+    if checking and "failed" not in checking:
+        return response
+    return HttpResponseStopPolling(response.content)
 
 
 def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, template) -> HttpResponse:
