@@ -764,30 +764,8 @@ def test_results_the_endpoint_lost_are_tried_for_a_while_then_fail_and_never_run
 def test_a_file_the_endpoint_has_not_processed_yet_is_waited_for(sim, write, owner, monkeypatch):
     """Azure OpenAI refuses a batch made from a file still `pending` with a 400: that passes."""
     config, base_url = sim
-    real = remote.client_for
-    refused = []
-
-    def slow_client(endpoint):
-        client = real(endpoint)
-        create = client.batches.create
-
-        def create_once_processed(**kwargs):
-            if len(refused) < 2:
-                refused.append(1)
-                request = httpx2.Request("POST", base_url + "/batches")
-                body = {
-                    "message": f"The input file {kwargs['input_file_id']} is in 'pending' state. Only files "
-                    "with status 'Processed' are accepted",
-                    "type": "invalid_request_error",
-                }
-                response = httpx2.Response(400, request=request)
-                raise openai.BadRequestError(f"Error code: 400 - {body}", response=response, body=body)
-            return create(**kwargs)
-
-        client.batches.create = create_once_processed  # type: ignore[method-assign]
-        return client
-
-    monkeypatch.setattr(remote, "client_for", slow_client)
+    body = {"message": "The input file is in 'pending' state. Only files with status 'Processed' are accepted"}
+    refused = refusing_client(monkeypatch, 400, body, times=2)
     job = remote_job(write, owner, make_endpoint(base_url), 4)
     for _ in range(3):
         remote.poll_round()
