@@ -495,18 +495,36 @@ def test_a_big_file_that_fails_its_check_at_launch_fails_the_job_with_its_lines(
     assert "Line" in client.get(f"/jobs/{job.pk}/").content.decode()
 
 
-def run_queued_checks() -> int:
-    """The review checks waiting in django-q2's queue (the ORM broker), run here as a worker runs them."""
-    from django_q.models import OrmQ
+QUEUED_CHECKS: list[tuple] = []
 
+
+@pytest.fixture(autouse=True)
+def queued_checks(monkeypatch):
+    """The review checks the pages enqueue, kept here (whichever broker the settings name: the ORM's table, or
+    Redis) for run_queued_checks to run as a worker would."""
+    from jobs.ingest import validating
+
+    real = validating.async_task
+
+    def enqueue(func, *args, **kwargs):
+        if func != validating.CHECK_TASK:
+            return real(func, *args, **kwargs)
+        QUEUED_CHECKS.append(args)
+
+    QUEUED_CHECKS.clear()
+    monkeypatch.setattr(validating, "async_task", enqueue)
+    yield
+    QUEUED_CHECKS.clear()
+
+
+def run_queued_checks() -> int:
+    """The review checks waiting in the queue, run here as a worker runs them."""
     from jobs.ingest import validating
 
     ran = 0
-    for queued in OrmQ.objects.order_by("id"):
-        if queued.task.get("func") == validating.CHECK_TASK:
-            validating.check_upload(*queued.task["args"])
-            queued.delete()
-            ran += 1
+    while QUEUED_CHECKS:
+        validating.check_upload(*QUEUED_CHECKS.pop(0))
+        ran += 1
     return ran
 
 
