@@ -2,19 +2,33 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+LOCK := requirements/lock.txt
+# A new stamp whenever the lock or pyproject.toml changes: the venv is then synced to the lock again.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
+UV := $(VENV)/bin/uv
+# Everything resolved in the lock (pinned, with hashes), nothing from the index's latest; setup never upgrades.
+UV_LOCK_ARGS := --python-version 3.11 --generate-hashes --quiet
 
-.PHONY: setup run test check bench screenshots clean
+.PHONY: setup run test test-fast check bench screenshots clean upgrade
 
 setup: $(STAMP)
 	$(PY) manage.py prepare
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements/uv.txt
+	$(UV) pip sync --quiet --python $(PY) --require-hashes $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# On purpose only: resolve every dependency again to the newest allowed by pyproject.toml, then install it.
+# Commit the new lock once `make test` passes on it.
+upgrade:
+	test -x $(UV) || $(MAKE) $(STAMP)
+	$(UV) pip compile pyproject.toml requirements/tools.in --extra test $(UV_LOCK_ARGS) --upgrade -o $(LOCK)
+	$(UV) pip compile requirements/tools.in $(UV_LOCK_ARGS) --no-emit-package setuptools -o requirements/uv.txt
+	$(MAKE) setup
 
 # exec: make's SIGTERM then reaches run.sh itself, not a /bin/sh that would die and leave it running.
 run: setup

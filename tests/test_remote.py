@@ -18,7 +18,7 @@ from jobs.engine import remote, runner
 from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
-from tests.factories import chat_line, make_endpoint, seed_prices
+from tests.factories import chat_line, connection_error, make_endpoint, seed_prices
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -527,7 +527,7 @@ def test_endpoint_errors_back_off_then_recover(sim, write, owner, monkeypatch):
         def unreachable(*args, **kwargs):
             if len(outages) < 2:
                 outages.append(1)
-                raise openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+                raise connection_error()
             return retrieve(*args, **kwargs)
 
         client.batches.retrieve = unreachable  # type: ignore[method-assign]

@@ -4,7 +4,6 @@ simulator over HTTP, the poller's rounds driven here (tests/test_remote.py)."""
 
 from datetime import timedelta
 
-import openai
 import pytest
 from django.db.models import Sum
 from django.utils import timezone
@@ -12,7 +11,7 @@ from django.utils import timezone
 from jobs.engine import remote
 from jobs.models import Item, Job, RemoteBatch
 from tests import test_remote
-from tests.factories import make_endpoint
+from tests.factories import connection_error, make_endpoint
 from tests.test_remote import drive, live_requests, one_result_each, remote_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,7 +35,7 @@ def watch_joins(monkeypatch, seen: list, fail_after: int | None = None) -> list:
         if records:
             claims.append(RemoteBatch.objects.get(pk=chunk.pk).claimed_until)
         if fail_after is not None and len(claims) == fail_after:
-            raise openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+            raise connection_error()
 
     monkeypatch.setattr(remote.RemoteJob, "_join", join)
     return claims
