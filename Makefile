@@ -37,6 +37,10 @@ run: setup
 test: setup
 	scripts/test.sh
 
+# The inner loop: every test but the slow end-to-end ones (servers, clusters, Chromium), on SQLite only.
+test-fast: setup
+	BATCHSITE_DATA_DIR="$(CURDIR)/var/test-fast" $(PY) -m pytest -m "not slow" $(ARGS)
+
 # Lint, format, layer contracts and types only (make test runs them first).
 check: setup
 	scripts/check.sh

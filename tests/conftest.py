@@ -1,11 +1,42 @@
 import csv
 import json
+import signal
 from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from jobs import tokens
 from tests.factories import seed_prices
+
+
+class QuickPBKDF2(PBKDF2PasswordHasher):
+    """Django's PBKDF2 with few rounds: a password costs 0.5 ms to set or check, not 0.5 s (the suite makes
+    and signs in some thousand users). The hashes are ordinary pbkdf2_sha256 ones that name their rounds, so
+    the servers the tests start (gunicorn, runserver), which keep Django's hashers, check them as they are."""
+
+    iterations = 1000
+
+
+def pytest_configure(config):
+    django_settings.PASSWORD_HASHERS = ["tests.conftest.QuickPBKDF2", *django_settings.PASSWORD_HASHERS]
+
+
+# What a test needs, read from its fixtures and marks (see pyproject.toml's markers). The suite's second
+# pass (Postgres + Redis) runs the `database` tests only: the rest behave the same on either stack.
+NEEDS = {
+    "database": {"db", "transactional_db", "django_db_setup", "live_server"},
+    "cluster": {"cluster", "production_cluster"},
+    "browser": {"page", "browser", "context"},
+}
+
+
+def pytest_itemcollected(item):
+    names = set(item.fixturenames)
+    for mark, fixtures in NEEDS.items():
+        if names & fixtures or (mark == "database" and item.get_closest_marker("django_db")):
+            item.add_marker(mark)
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +120,8 @@ def cluster(transactional_db, tmp_path):
         return c
 
     yield start
-    for c in started:
-        c.stop()
+    for c in started:  # the test is over: a graceful stop would only wait out BATCHSITE_SHUTDOWN_SECONDS
+        c.stop(signal.SIGKILL)
 
 
 @pytest.fixture

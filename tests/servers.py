@@ -64,8 +64,8 @@ class Process:
         except ProcessLookupError:
             pass
 
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+    def stop(self, sig=signal.SIGTERM) -> None:
+        self.kill(sig)
         self.log.close()
 
     def output(self) -> str:

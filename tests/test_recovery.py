@@ -6,6 +6,7 @@ short one.
 """
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -84,8 +85,8 @@ def production_cluster(transactional_db, tmp_path):
         return c
 
     yield start
-    for c in started:
-        c.stop()
+    for c in started:  # the test is over: a graceful stop would only wait out BATCHSITE_SHUTDOWN_SECONDS
+        c.stop(signal.SIGKILL)
 
 
 def sends(sim) -> dict[str, list[float]]:

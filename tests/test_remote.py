@@ -195,19 +195,19 @@ def test_each_batch_holds_one_model_as_openai_requires(sim, write, owner, settin
 
 
 def test_a_job_above_the_request_limit_is_split_into_several_batches(sim, write, owner):
+    """An endpoint's request limit (OpenAI's 50,000 by default: test_remoteplan cuts 50,001 requests in two
+    with it) cuts a job into batches that each complete; a small limit shows it without 50,001 requests."""
     config, base_url = sim
-    endpoint = make_endpoint(base_url)  # OpenAI's 50,000 requests per batch
-    n = 50_001
-    path = write("big.jsonl", [chat_line(f"r{i}", "hi") for i in range(n)])
-    plan = ingest.validate(path)
-    job = ingest.create_job(plan, owner=owner, endpoint=endpoint, options=ingest.RunOptions(mode=Job.Mode.REMOTE))
-    job.start()
+    endpoint = make_endpoint(base_url, batch_max_requests=40)
+    job = remote_job(write, owner, endpoint, 81)
 
-    job = drive(job, timeout=240)
+    job = drive(job, timeout=60)
 
-    assert job.status == Job.Status.COMPLETED and job.n_succeeded == n
-    assert list(job.remote_batches.values_list("n_items", flat=True)) == [50_000, 1]
-    assert len(set(job.remote_batches.values_list("batch_id", flat=True))) == 2
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 81
+    assert list(job.remote_batches.order_by("pk").values_list("n_items", flat=True)) == [40, 40, 1]
+    assert len(set(job.remote_batches.values_list("batch_id", flat=True))) == 3
+    one_result_each(job)
+    assert Endpoint._meta.get_field("batch_max_requests").default == 50_000  # a new endpoint's, as OpenAI's
 
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 80  # ~800 tokens

@@ -79,6 +79,14 @@ def test_split_keeps_each_chunk_within_every_limit(limits, expected):
     assert ids(split(requests(*"aaaaa"), limits)) == expected
 
 
+def test_openai_limits_are_the_defaults_and_50_001_requests_make_two_batches():
+    assert Limits().requests == 50_000 and Limits().bytes == 200 * 1024 * 1024
+
+    chunks = list(split(requests(*"a" * 50_001), Limits()))
+
+    assert [len(chunk) for chunk in chunks] == [50_000, 1]
+
+
 def test_split_puts_one_model_in_each_chunk_in_input_order():
     chunks = list(split(requests("a", "b", "a", "b", "a"), Limits(requests=2)))
 
