@@ -58,14 +58,6 @@ def _batch_usage(usage: collections.Counter) -> dict:
     }
 
 
-async def _sleep_unless_cancelling(batch: dict, seconds: float) -> None:
-    """Wait between chunks of work, but notice a cancel within a tenth of a second (its settling time is
-    SimConfig.batch_cancel_seconds, not the length of the pause it arrived in)."""
-    end = time.monotonic() + seconds
-    while batch["status"] != "cancelling" and (left := end - time.monotonic()) > 0:
-        await asyncio.sleep(min(left, 0.1))
-
-
 class Batches:
     """The batches and their running tasks; its async methods are the /v1/batches handlers."""
 
@@ -75,6 +67,9 @@ class Batches:
         self.by_id: dict[str, dict] = {}  # id -> batch object, in creation order
         self._tokens: dict[str, int] = {}  # id -> estimated tokens, for batches that passed validation
         self._tasks: set[asyncio.Task] = set()
+        # id -> "complete" or "expire": the batch ends now (POST /_sim/batches/finish), not when its
+        # batch_seconds are up, so a test controls when a batch ends instead of sleeping until it does.
+        self._finish: dict[str, str] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -91,6 +86,42 @@ class Batches:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def finish_route(self, request: web.Request) -> web.Response:
+        """POST /_sim/batches/finish {"outcome": "complete"|"expire", "ids": [...]}: the batches named (all
+        that are running if none are) end at once: `complete` answers every line now, `expire` stops
+        answering and expires the lines not answered yet, as OpenAI does at the end of the window."""
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError:
+            raise ApiError(400, "We could not parse the JSON body of your request.") from None
+        outcome = body.get("outcome", "complete")
+        if outcome not in ("complete", "expire"):
+            raise ApiError(400, "outcome is 'complete' or 'expire'.", param="outcome")
+        running = [i for i, b in self.by_id.items() if b["status"] in _ENQUEUED or b["status"] == "cancelling"]
+        ids = body.get("ids") or running
+        unknown = [i for i in ids if i not in self.by_id]
+        if unknown:
+            raise ApiError(404, f"No batch found with id '{unknown[0]}'.")
+        for batch_id in ids:
+            if batch_id in running:
+                self._finish[batch_id] = outcome
+        return json_response(200, {"finishing": [i for i in ids if i in running], "outcome": outcome})
+
+    async def _pause(self, batch: dict, seconds: float) -> None:
+        """Wait between stages or chunks of work, but notice a cancel or a finish within a tenth of a second (a
+        cancel's settling time is SimConfig.batch_cancel_seconds, not the length of the pause it arrived in)."""
+        end = time.monotonic() + seconds
+        while batch["status"] != "cancelling" and batch["id"] not in self._finish:
+            if (left := end - time.monotonic()) <= 0:
+                return
+            await asyncio.sleep(min(left, 0.1))
+
+    async def _settle_cancel(self, batch: dict) -> None:
+        """A cancelled batch stays `cancelling` for SimConfig.batch_cancel_seconds, unless told to finish."""
+        end = time.monotonic() + self.config.batch_cancel_seconds
+        while batch["id"] not in self._finish and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.1))
 
     def _batch(self, request: web.Request) -> dict:
         batch_id = request.match_info["batch_id"]
@@ -174,12 +205,19 @@ class Batches:
         return json_response(200, batch)
 
     async def _run(self, batch: dict, data: bytes) -> None:
-        """validating -> in_progress -> finalizing -> completed (or failed/expired/cancelled) over batch_seconds."""
+        """validating -> in_progress -> finalizing -> completed (or failed/expired/cancelled) over batch_seconds,
+        or sooner when told to finish (finish_route)."""
+        try:
+            await self._stages(batch, data)
+        finally:
+            self._finish.pop(batch["id"], None)
+
+    async def _stages(self, batch: dict, data: bytes) -> None:
         cfg = self.config
         step = cfg.batch_seconds / 10  # one step validating, eight processing, one finalizing
-        await asyncio.sleep(step)
+        await self._pause(batch, step)
         if batch["status"] == "cancelling":
-            await asyncio.sleep(cfg.batch_cancel_seconds)
+            await self._settle_cancel(batch)
             batch["status"], batch["cancelled_at"] = "cancelled", int(time.time())
             return
         lines, errors = validate_batch_file(data, batch["endpoint"])
@@ -195,15 +233,17 @@ class Batches:
         batch.update(status="in_progress", in_progress_at=int(time.time()), model=lines[0]["body"]["model"])
         todo = len(lines) // 2 if cfg.batch_expire else len(lines)
         outputs, failures, usage = await self._answer_lines(batch, lines[:todo], 8 * step)
-        if batch["status"] != "cancelling" and not cfg.batch_expire:
+        expire = cfg.batch_expire or self._finish.get(batch["id"]) == "expire"
+        if batch["status"] != "cancelling" and not expire:
             batch.update(status="finalizing", finalizing_at=int(time.time()))
-            await asyncio.sleep(step)
+            await self._pause(batch, step)
         if batch["status"] == "cancelling":
             final = "cancelled"
-            await asyncio.sleep(cfg.batch_cancel_seconds)
-        elif cfg.batch_expire:
+            await self._settle_cancel(batch)
+        elif expire:
             final = "expired"
-            for line in lines[todo:]:
+            answered = counts["completed"] + counts["failed"]  # lines are answered in order
+            for line in lines[answered:]:
                 failures.append(
                     {
                         "id": new_id("batch_req_"),
@@ -212,7 +252,7 @@ class Batches:
                         "error": _EXPIRED_ERROR,
                     }
                 )
-            counts["failed"] += len(lines) - todo
+            counts["failed"] += len(lines) - answered
         else:
             final = "completed"
         self._store_results(batch, outputs, failures)
@@ -253,7 +293,7 @@ class Batches:
         failures: list[dict] = []
         usage: collections.Counter[str] = collections.Counter()
         done = 0
-        while done < todo and batch["status"] != "cancelling":
+        while done < todo and batch["status"] != "cancelling" and self._finish.get(batch["id"]) != "expire":
             for line in lines[done : min(todo, done + chunk)]:
                 # One draw a line, so a seed fails the same lines whatever the client error rate.
                 draw = self._rng.random()
@@ -278,7 +318,7 @@ class Batches:
                     failures.append(result)
                     counts["failed"] += 1
             done = min(todo, done + chunk)
-            await _sleep_unless_cancelling(batch, pause)
+            await self._pause(batch, pause)
         return outputs, failures, usage
 
     def _store_results(self, batch: dict, outputs: list[dict], failures: list[dict]) -> None:

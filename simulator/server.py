@@ -248,6 +248,7 @@ def make_app(config: SimConfig | None = None) -> web.Application:
     add("GET", "/_sim/config", sim.get_config)
     add("POST", "/_sim/config", sim.set_config)
     add("POST", "/_sim/reset", sim.reset_route)
+    add("POST", "/_sim/batches/finish", sim.batches.finish_route)
 
     app.on_cleanup.append(lambda app: sim.close())
     return app

@@ -39,6 +39,16 @@ def pytest_itemcollected(item):
             item.add_marker(mark)
 
 
+@pytest.fixture
+def clock():
+    """The engine's clock (jobs/clock.py), for tests of timing logic: clock.advance(seconds) instead of sleeping.
+    In this process only: servers the test starts keep the real clock."""
+    from jobs import clock
+
+    yield clock
+    clock.reset()
+
+
 @pytest.fixture(autouse=True)
 def csv_field_limit():
     """ingest sets csv's process-wide field limit from the limits it is given: a test's small limits must

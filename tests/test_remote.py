@@ -60,8 +60,10 @@ def remote_job(write, owner, endpoint, n: int, mode=Job.Mode.REMOTE, text=lambda
     return job
 
 
-def drive(job: Job, until=lambda j: j.is_finished, timeout: float = 60, live: bool = False) -> Job:
-    """Poller rounds (and, for a switched hybrid job, live slices) until `until(job)`."""
+def drive(job: Job, until=lambda j: j.is_finished, timeout: float = 60, live: bool = False, clock=None) -> Job:
+    """Poller rounds (and, for a switched hybrid job, live slices) until `until(job)`. With the test's `clock`,
+    each round moves it to the job's next due moment (a chunk's next look, the hybrid switch) rather than
+    waiting for it."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         remote.poll_round()
@@ -72,8 +74,20 @@ def drive(job: Job, until=lambda j: j.is_finished, timeout: float = 60, live: bo
             job.refresh_from_db()
         if until(job):
             return job
-        time.sleep(0.05)
+        if clock is None or not skip_to_next_look(clock, job):
+            time.sleep(0.05)
     raise AssertionError(f"job {job.pk} still {job.status}: {job.counts()} {list(job.remote_batches.values())}")
+
+
+def skip_to_next_look(clock, job: Job) -> bool:
+    """Move the engine's clock to the next moment something of `job` is due, if that is still ahead."""
+    moments = [m for m in job.remote_batches.filter(collected_at__isnull=True).values_list("next_poll_at", flat=True)]
+    if job.switch_at and not job.switched_at:
+        moments.append(job.switch_at)
+    ahead = min(((m - clock.now()).total_seconds() for m in moments if m), default=0)
+    if ahead > 0:
+        clock.advance(ahead)
+    return ahead > 0
 
 
 def one_result_each(job: Job) -> None:
@@ -498,6 +512,31 @@ def test_hybrid_switches_to_live_and_meets_a_deadline_shorter_than_the_batch(sim
     for item in remote_items:
         full = book.cost("gpt-4o-mini", item.prompt_tokens, item.completion_tokens)
         assert abs(item.cost - full / 2) < Decimal("1e-8")
+    one_result_each(job)
+
+
+def test_a_hybrid_job_waits_for_its_batch_until_the_planned_switch_then_meets_its_deadline_live(
+    sim, write, owner, clock
+):
+    """Timing logic on the engine's clock: a batch that would take an hour, a deadline in ten minutes. The test
+    moves the clock to each moment the engine waits for (the next look at the batch, the switch) instead of
+    sleeping ten minutes; this test's hybrid switch above, the cluster's and the browser's run on the real clock."""
+    config, base_url = sim
+    config.batch_seconds = 3600
+    endpoint = make_endpoint(base_url, rpm=6000, batch_cancel_seconds=1)
+    deadline = clock.now() + timedelta(minutes=10)
+    job = remote_job(write, owner, endpoint, 40, mode=Job.Mode.HYBRID, deadline=deadline)
+    job = drive(job, until=lambda j: j.switch_at is not None, clock=clock)
+    planned = job.switch_at
+    assert deadline - timedelta(minutes=3) < planned < deadline  # 40 requests live, the cancel, the margin
+
+    job = drive(job, until=lambda j: j.switched_at is not None, clock=clock)
+    assert job.switched_at >= planned and job.n_succeeded == 0  # not a moment early: nothing came back yet
+
+    job = drive(job, live=True, clock=clock)
+    assert job.status == Job.Status.COMPLETED and job.n_succeeded == 40 and job.finished_at <= deadline
+    assert live_requests(base_url) == 40
+    assert job.remote_batches.get().status == RemoteBatch.Status.CANCELLED
     one_result_each(job)
 
 

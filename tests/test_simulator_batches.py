@@ -143,3 +143,52 @@ def test_files_list_filters_by_purpose_with_filenames(start):
 
     assert [(f.id, f.filename) for f in c.files.list(purpose="batch")] == [(batch_input.id, "requests.jsonl")]
     assert len(c.files.list().data) == 2
+
+
+def test_a_batch_told_to_complete_ends_at_once_with_every_answer(start):
+    url = start(batch_seconds=3600)  # an hour: only the control ends it within the test
+    c = client(url)
+    batch = submit(c, [chat_line(f"i{i}", f"q{i}") for i in range(20)])
+    assert c.batches.retrieve(batch.id).status == "validating"  # for the next six minutes
+
+    assert admin(url, "/_sim/batches/finish", {"ids": [batch.id]}) == {"finishing": [batch.id], "outcome": "complete"}
+
+    done = wait(c, batch.id)
+    assert done.status == "completed" and done.completed_at
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (20, 20, 0)
+    output = [json.loads(line) for line in c.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in output) == sorted(f"i{i}" for i in range(20))
+
+
+def test_batches_told_to_expire_keep_what_was_answered_and_expire_the_rest(start):
+    url = start(batch_seconds=3600)
+    c = client(url)
+    running = [submit(c, [chat_line(f"{n}{i}", "q") for i in range(10)]) for n in "ab"]
+
+    admin(url, "/_sim/batches/finish", {"outcome": "expire"})  # no ids: every running batch
+
+    for batch in running:
+        done = wait(c, batch.id)
+        assert done.status == "expired" and done.expired_at and done.output_file_id is None  # none answered yet
+        counts = done.request_counts
+        assert (counts.total, counts.completed, counts.failed) == (10, 0, 10)
+        errors = [json.loads(line) for line in c.files.content(done.error_file_id).text.splitlines()]
+        assert {e["error"]["code"] for e in errors} == {"batch_expired"} and len(errors) == 10
+
+
+def test_a_cancelled_batch_told_to_finish_is_cancelled_at_once(start):
+    url = start(batch_seconds=3600, batch_cancel_seconds=3600)
+    c = client(url)
+    batch = submit(c, [chat_line("a", "q")])
+    assert c.batches.cancel(batch.id).status == "cancelling"
+    admin(url, "/_sim/batches/finish", {})
+
+    assert wait(c, batch.id).status == "cancelled"
+
+
+def test_finishing_an_unknown_batch_or_outcome_is_refused(start):
+    url = start()
+    with pytest.raises(Exception, match="404"):
+        admin(url, "/_sim/batches/finish", {"ids": ["batch_nope"]})
+    with pytest.raises(Exception, match="400"):
+        admin(url, "/_sim/batches/finish", {"outcome": "explode"})

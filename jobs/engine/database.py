@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from django.db import connection, connections
 from django.db.models import Q
-from django.utils import timezone
 
+from jobs import clock
 from jobs.engine import leases
 from jobs.engine.leases import TRANSIENT_DB_ERRORS
 from jobs.models import Endpoint, Job
@@ -79,7 +79,7 @@ def held_elsewhere(job_id: int) -> bool:
 
 def renew_leases(job_id: int, lease: uuid.UUID) -> None:
     leases.heartbeat(lease)
-    Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
+    Job.objects.filter(pk=job_id).update(heartbeat_at=clock.now())
 
 
 def pause_job(job_id: int, reason: str) -> None:

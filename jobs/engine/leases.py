@@ -30,9 +30,8 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q, Sum
-from django.utils import timezone
 
-from jobs import tokens
+from jobs import clock, tokens
 from jobs.engine.upstream import PERMANENT, UpstreamError
 from jobs.models import CachedAnswer, Item, Job, JobTick, RemoteBatch, SpendingLimit
 from jobs.pricing import PriceBook
@@ -134,7 +133,7 @@ class Outcome:
             http_status=error.http_status if error else None,
             error_code=error.code if error else "",
             error_message=error.message if error else "",
-            next_attempt_at=timezone.now() + timedelta(seconds=wait) if wait > 0 else None,
+            next_attempt_at=clock.now() + timedelta(seconds=wait) if wait > 0 else None,
             retries=retries,
         )
 
@@ -164,7 +163,7 @@ def _dt(value: datetime | None):
 
 
 def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
-    now = timezone.now()
+    now = clock.now()
     until = now + timedelta(seconds=lease_seconds())
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     # MATERIALIZED: the candidates are picked once. Inlined into the UPDATE, Postgres may re-run
@@ -277,12 +276,12 @@ def next_due(job_id: int) -> datetime | None:
     """When the earliest pending item may be tried (None: nothing is pending)."""
     pending = Item.objects.filter(job_id=job_id, status=Item.Status.PENDING)
     if pending.filter(next_attempt_at__isnull=True).exists():
-        return timezone.now()
+        return clock.now()
     return pending.order_by("next_attempt_at").values_list("next_attempt_at", flat=True).first()
 
 
 def heartbeat(lease: uuid.UUID) -> None:
-    until = timezone.now() + timedelta(seconds=lease_seconds())
+    until = clock.now() + timedelta(seconds=lease_seconds())
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {ITEM} SET lease_until = %s WHERE lease_token = %s AND status = '{RUNNING}'",
@@ -314,7 +313,7 @@ def write(job_id: int, lease: uuid.UUID, outcomes: list[Outcome]) -> Deltas:
     """Store outcomes held under `lease`; return the counter changes that took effect."""
     if not outcomes:
         return {}
-    now = timezone.now()
+    now = clock.now()
     token = _uuid(lease)
     adapt_decimal = connection.ops.adapt_decimalfield_value
     deltas: Deltas = defaultdict(int)
@@ -468,12 +467,12 @@ def _with_key(outcome: Outcome, key: str) -> Outcome:
 def expire(now: datetime | None = None) -> int:
     """Return items whose lease ran out (their worker died) to pending, or cancelled for a cancelling job."""
     total = 0
-    stale = Item.objects.filter(status=Item.Status.RUNNING, lease_until__lt=now or timezone.now())
+    stale = Item.objects.filter(status=Item.Status.RUNNING, lease_until__lt=now or clock.now())
     for job_id in list(stale.values_list("job_id", flat=True).distinct().order_by()):
         with transaction.atomic():
             target = Item.Status.CANCELLED if Job.lock(job_id) == Job.Status.CANCELLING else Item.Status.PENDING
             # The clock is read with the lock held: a heartbeat that was waiting for the same lock has landed.
-            until = now or timezone.now()
+            until = now or clock.now()
             n = Item.objects.filter(job_id=job_id, status=Item.Status.RUNNING, lease_until__lt=until).update(
                 status=target, lease_token=None, lease_until=None, next_attempt_at=None
             )

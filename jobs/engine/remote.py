@@ -42,10 +42,9 @@ from django.core.cache import cache
 from django.db import close_old_connections, transaction
 from django.db.models import F, Max, Q, Sum
 from django.db.models.functions import Least
-from django.utils import timezone
 from django_q.tasks import async_task
 
-from jobs import egress, remoteplan
+from jobs import clock, egress, remoteplan
 from jobs.engine import leases, schemacheck, shutdown
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import QUOTA_CODES, one_line, usage_of
@@ -104,7 +103,7 @@ def poll(window: float | None = None) -> dict:
     pollers from doubling each other's work; correctness does not rest on it (chunks are claimed one by
     one, RemoteJob.step)."""
     window = settings.BATCHSITE_REMOTE_POLL_WINDOW if window is None else window
-    end = time.monotonic() + window
+    end = clock.monotonic() + window
     rounds = 0
     while True:
         token = uuid.uuid4().hex
@@ -115,7 +114,7 @@ def poll(window: float | None = None) -> dict:
                 close_old_connections()
                 rounds += 1
                 poll_round()
-                if time.monotonic() >= end or shutdown.requested() or not due_soon():
+                if clock.monotonic() >= end or shutdown.requested() or not due_soon():
                     break
                 time.sleep(1.0)
         finally:
@@ -123,7 +122,7 @@ def poll(window: float | None = None) -> dict:
                 cache.delete(LOCK)
         if not due_soon():
             return {"rounds": rounds}
-        if time.monotonic() >= end or shutdown.requested():
+        if clock.monotonic() >= end or shutdown.requested():
             # Work is still due: hand over to a successor now rather than leave it to the schedule's next start
             # (up to a minute away, past a hybrid switch). The worker is freed for other tasks meanwhile.
             async_task(REMOTE_TASK, task_name="remote-poller-successor")
@@ -144,14 +143,14 @@ def _hybrid_near_switch(now) -> Q:
 
 
 def _due_chunks(until):
-    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=timezone.now())
+    free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=clock.now())
     return RemoteBatch.objects.filter(free, collected_at__isnull=True, next_poll_at__lte=until)
 
 
 def jobs_due(now=None) -> list[int]:
     """Jobs with remote work due now: planning, a chunk to look at, or a hybrid switch near. Indexed queries,
     so jobs waiting on long batches cost nothing between their looks."""
-    now = now or timezone.now()
+    now = now or clock.now()
     due = set(Job.objects.filter(_sending(now)).values_list("pk", flat=True))
     due.update(_due_chunks(now).values_list("job_id", flat=True))
     due.update(Job.objects.filter(_hybrid_near_switch(now)).values_list("pk", flat=True))
@@ -160,7 +159,7 @@ def jobs_due(now=None) -> list[int]:
 
 def due_soon() -> bool:
     """Whether a round within the next few seconds has something to do."""
-    now = timezone.now()
+    now = clock.now()
     soon = now + timedelta(seconds=2 * settings.BATCHSITE_REMOTE_POLL_SECONDS + 1)
     return (
         _due_chunks(soon).exists()
@@ -190,12 +189,12 @@ def advance(job_id: int) -> None:
     if problem or endpoint is None:
         pause_job(job_id, problem)
         # Looked at again in a minute (a fixed endpoint, a resume), not every second.
-        later = timezone.now() + timedelta(seconds=60)
+        later = clock.now() + timedelta(seconds=60)
         job.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=later)
         return
     if job.status == Job.Status.QUEUED and job.runs_remotely:
         try:
-            job.transition(Job.Status.RUNNING, started_at=job.started_at or timezone.now())
+            job.transition(Job.Status.RUNNING, started_at=job.started_at or clock.now())
         except InvalidTransition:
             job.refresh_from_db()
     if job.status == Job.Status.RUNNING and job.runs_remotely and job.n_pending:
@@ -329,7 +328,7 @@ class RemoteJob:
         self.job, self.endpoint = job, endpoint
         self.clients: dict[int, openai.OpenAI] = {}
         self.client = self._client_of(endpoint)  # the chunk's own, while a step runs
-        self.now = timezone.now()
+        self.now = clock.now()
         self.released = 0  # items handed back to pending for live slices (hybrid)
         self.prices: PriceBook | None = None
         self.calling = ""
@@ -393,7 +392,7 @@ class RemoteJob:
         """Claim the chunk (compare-and-set: a second poller skips it), do what is due, then let go of it with
         the time of its next look. A poller killed meanwhile leaves the claim to run out (CLAIM_SECONDS, or
         LONG_CLAIM_SECONDS during an upload or a collection)."""
-        now = timezone.now()
+        now = clock.now()
         free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
         hold = now + timedelta(seconds=CLAIM_SECONDS)
         # next_poll_at moves to the end of the claim too: a cancel meanwhile brings it forward (Job.cancel),
@@ -413,7 +412,7 @@ class RemoteJob:
         except LostClaim:
             log.warning("job %s chunk %s: another poller took it over; leaving it", self.job.pk, chunk.number)
         finally:
-            next_look = timezone.now() + timedelta(seconds=delay)
+            next_look = clock.now() + timedelta(seconds=delay)
             # Our claim: `hold`, or later if a long collection renewed it (_join).
             RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=chunk.claimed_until).update(
                 claimed_until=None, next_poll_at=Least(F("next_poll_at"), next_look)
@@ -482,7 +481,7 @@ class RemoteJob:
             # API but no Batches API: upload again a few times, then give up on its Batch API.
             if self._tries(chunk, "lost") >= GONE_AFTER:
                 return self._no_batch_api(chunk, text)
-            chunk.status, chunk.status_since, chunk.input_file_id = RB.PLANNED, timezone.now(), ""
+            chunk.status, chunk.status_since, chunk.input_file_id = RB.PLANNED, clock.now(), ""
             chunk.last_error = text[:2000]
             chunk.save(update_fields=["status", "status_since", "input_file_id", "last_error"])
             return 10.0
@@ -547,14 +546,14 @@ class RemoteJob:
     def _hold(self, chunk: RemoteBatch, seconds: float = CLAIM_SECONDS) -> None:
         """Extend our claim on the chunk before a long call. A claim already lost (this poller stalled past it,
         and another took the chunk) stops the step: two pollers must never work one chunk."""
-        until = timezone.now() + timedelta(seconds=seconds)
+        until = clock.now() + timedelta(seconds=seconds)
         if not RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=chunk.claimed_until).update(claimed_until=until):
             raise LostClaim(chunk.pk)
         chunk.claimed_until = until
 
     def _set_status(self, chunk: RemoteBatch, status: str, **fields) -> None:
         if status != chunk.status:
-            fields["status_since"] = timezone.now()
+            fields["status_since"] = clock.now()
         fields = {"failures": 0, "last_error": "", **fields, "status": status}
         for name, value in fields.items():
             setattr(chunk, name, value)
@@ -730,7 +729,7 @@ class RemoteJob:
         if batch.cancelled_at and batch.cancelling_at:
             settle = batch.cancelled_at - batch.cancelling_at
         else:
-            settle = math.ceil((timezone.now() - chunk.cancel_requested_at).total_seconds())
+            settle = math.ceil((clock.now() - chunk.cancel_requested_at).total_seconds())
         # The slowest recent cancel: one slow cancel long ago fades (by a quarter with each cancel seen since).
         settle = max(int(settle), 1, int((self.endpoint.learned_cancel_seconds or 0) * 0.75))
         Endpoint.objects.filter(pk=self.endpoint.pk).update(learned_cancel_seconds=settle)
@@ -739,7 +738,7 @@ class RemoteJob:
     def _interval(self, chunk: RemoteBatch) -> float:
         """Seconds to the next look: every BATCHSITE_REMOTE_POLL_SECONDS at first, then a tenth of the time the
         batch has spent in its status, up to a minute (a batch in progress for an hour is not polled every 5 s)."""
-        age = (timezone.now() - chunk.status_since).total_seconds()
+        age = (clock.now() - chunk.status_since).total_seconds()
         if chunk.status == RB.CANCELLING and age < 60:
             # A hybrid job waits on this to go live: every second, for the first minute.
             return min(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1.0)
@@ -795,7 +794,7 @@ class RemoteJob:
         if self.prices is None:
             self.prices = PriceBook.load()
         discount = Decimal(self.endpoint.batch_discount)
-        now = timezone.now()
+        now = clock.now()
         deltas: Counter = Counter()
         cost = Decimal(0)
         wants = self._structured(chunk, records)
@@ -849,7 +848,7 @@ class RemoteJob:
             deltas["remote_failed"] -= failed
             # The claim is renewed too: a collection of many lines outlasts any claim (step lets go of it).
             left = {"n_completed": chunk.n_completed - completed, "n_failed": chunk.n_failed - failed}
-            claim = timezone.now() + timedelta(seconds=LONG_CLAIM_SECONDS)
+            claim = clock.now() + timedelta(seconds=LONG_CLAIM_SECONDS)
             if not RemoteBatch.objects.filter(pk=chunk.pk, claimed_until=chunk.claimed_until).update(
                 **left, claimed_until=claim
             ):
@@ -939,7 +938,7 @@ class RemoteJob:
         with transaction.atomic():
             current = Job.lock(self.job.pk)
             switched = Job.objects.filter(pk=self.job.pk, switched_at__isnull=False).exists()
-            now = timezone.now()
+            now = clock.now()
             changes: dict[str, int] = defaultdict(int)
             # Requests the Batch API did not answer and that are still wanted go back to pending: live slices
             # take them (a switched hybrid job), or a new chunk does.

@@ -15,9 +15,8 @@ import uuid
 
 from django.conf import settings
 from django.db.models import F
-from django.utils import timezone
 
-from jobs import egress
+from jobs import clock, egress
 from jobs.engine import shutdown
 from jobs.engine.database import DatabaseThread, pause_job, with_db_retries
 from jobs.engine.leases import TRANSIENT_DB_ERRORS
@@ -48,7 +47,7 @@ def run_slice(
         return {"job": job_id, "skipped": "node shutting down"}
     if job.status == Job.Status.QUEUED:
         try:
-            job.transition(Job.Status.RUNNING, started_at=job.started_at or timezone.now())
+            job.transition(Job.Status.RUNNING, started_at=job.started_at or clock.now())
         except InvalidTransition:
             job.refresh_from_db()
     if job.status != Job.Status.RUNNING:
@@ -70,7 +69,7 @@ def run_slice(
         pause_job(job_id, f"The endpoint's base URL is refused: {e} Fix it on the Endpoints page, then resume.")
         return {"job": job_id, "skipped": "unsafe endpoint"}
 
-    Job.objects.filter(pk=job_id).update(heartbeat_at=timezone.now())
+    Job.objects.filter(pk=job_id).update(heartbeat_at=clock.now())
     budget = settings.BATCHSITE_SLICE_SECONDS if budget is None else budget
     slices = slices or settings.BATCHSITE_SLICES_PER_JOB
     db = DatabaseThread(f"slice-db-{job_id}")

@@ -17,8 +17,8 @@ from collections import deque
 from datetime import timedelta
 
 from django.conf import settings
-from django.utils import timezone
 
+from jobs import clock
 from jobs.engine import answercache, database, leases, shutdown
 from jobs.engine.database import DatabaseThread
 from jobs.engine.heartbeat import Heartbeat
@@ -152,10 +152,10 @@ class Slice:
                 return False
             # Other slices hold the rest and may hand some back for a retry after they have
             # handed over, with no successor of their own left to take it: stay and look again.
-            due = timezone.now() + timedelta(seconds=STATUS_CHECK_SECONDS)
+            due = clock.now() + timedelta(seconds=STATUS_CHECK_SECONDS)
         # Wait here, up to the deadline, for the earliest retry: a successor would only find the
         # same nothing to do, and hand over again, for as long as a Retry-After lasts.
-        wait = (due - timezone.now()).total_seconds()
+        wait = (due - clock.now()).total_seconds()
         await sleep_unless(self.draining, min(max(wait, 0.05), STATUS_CHECK_SECONDS, max(self.deadline - now, 0.0)))
         return True
 

@@ -23,10 +23,9 @@ from datetime import timedelta
 from django.apps import apps as global_apps
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, router
 from django.db.models import Max, Q
-from django.utils import timezone
 from django_q.models import Schedule
 
-from jobs import ingest
+from jobs import clock, ingest
 from jobs.engine import answercache, leases, notify, remote, runner
 from jobs.models import File, Job
 
@@ -66,7 +65,7 @@ def sweep() -> dict:
     validations enqueued again.
 
     Safe to run in several processes at once: each change is a compare-and-set."""
-    now = timezone.now()
+    now = clock.now()
     expired = leases.expire()
     restarted = [job_id for job_id, gen in _orphans(now) if Job.start_slices(job_id, replacing=gen)]
     finished = [

@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django_q.tasks import async_task
 
+from jobs import clock
 from jobs.models.endpoint import Endpoint
 from jobs.models.notify import EVENTS, PAUSED, JobEvent
 
@@ -200,7 +201,7 @@ class Job(models.Model):
         """Wall time since the first request, to the end if finished (pauses included)."""
         if self.started_at is None:
             return None
-        return ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
+        return ((self.finished_at or clock.now()) - self.started_at).total_seconds()
 
     def counts(self) -> dict[str, int]:
         return {s: getattr(self, f"n_{s}") for s in Item.Status.values}
@@ -208,11 +209,11 @@ class Job(models.Model):
     def transition(self, new: str, reason: str | None = None, **fields) -> None:
         """Move to `new` if the state diagram allows it from the status in the database."""
         allowed_from = [s for s, targets in self.TRANSITIONS.items() if new in targets]
-        changes = {"status": new, "updated_at": timezone.now(), **fields}
+        changes = {"status": new, "updated_at": clock.now(), **fields}
         if reason is not None:
             changes["status_reason"] = reason
         if new in self.FINISHED:
-            changes.setdefault("finished_at", timezone.now())
+            changes.setdefault("finished_at", clock.now())
         with transaction.atomic():
             n = Job.objects.filter(pk=self.pk, status__in=allowed_from).update(**changes)
             if n != 1:
@@ -225,9 +226,7 @@ class Job(models.Model):
 
     def add_to_counters(self, **deltas) -> None:
         """Add to counters with F() so concurrent writers never lose an update."""
-        Job.objects.filter(pk=self.pk).update(
-            **{k: F(k) + v for k, v in deltas.items() if v}, updated_at=timezone.now()
-        )
+        Job.objects.filter(pk=self.pk).update(**{k: F(k) + v for k, v in deltas.items() if v}, updated_at=clock.now())
 
     # The lifecycle. Control actions are safe to call twice and from any state: one the state does not
     # allow raises InvalidTransition with a message for the person who clicked.
@@ -269,7 +268,7 @@ class Job(models.Model):
         `replacing`: only if generation `replacing` is still the job's newest, so that sweeps running side
         by side restart a job once. True if started."""
         slices = max(1, settings.BATCHSITE_SLICES_PER_JOB)
-        now = timezone.now()
+        now = clock.now()
         current = {} if replacing is None else {"slice_gen": replacing}
         with transaction.atomic():
             if not cls.objects.filter(pk=job_id, **current).update(slice_gen=F("slice_gen") + 1, slice_enqueued_at=now):
@@ -282,7 +281,7 @@ class Job(models.Model):
     @classmethod
     def enqueue_next_slice(cls, job_id: int, slices: int, generation: int) -> bool:
         """The next slice of a chain of generation `generation`; nothing if a newer generation replaced it."""
-        now = timezone.now()
+        now = clock.now()
         if not cls.objects.filter(pk=job_id, slice_gen=generation).update(slice_enqueued_at=now):
             return False
         _enqueue_slice(job_id, slices, generation, now)
@@ -316,7 +315,7 @@ class Job(models.Model):
             self.transition(Job.Status.CANCELLING, reason="")
             n = self.items.filter(status=Item.Status.PENDING).update(status=Item.Status.CANCELLED, next_attempt_at=None)
             self.add_to_counters(n_pending=-n, n_cancelled=n)
-            if self.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=timezone.now()):
+            if self.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=clock.now()):
                 # The poller cancels the remote batches at once, keeping what they finished.
                 transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
         Job.finalize_if_done(self.pk)
