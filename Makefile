@@ -9,7 +9,7 @@ UV := $(VENV)/bin/uv
 # Everything resolved in the lock (pinned, with hashes), nothing from the index's latest; setup never upgrades.
 UV_LOCK_ARGS := --python-version 3.11 --generate-hashes --quiet
 
-.PHONY: setup run test test-fast check bench screenshots clean upgrade
+.PHONY: setup run test test-fast check bench screenshots clean lock upgrade
 
 setup: $(STAMP)
 	$(PY) manage.py prepare
@@ -17,10 +17,18 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements/uv.txt
-	$(UV) pip sync --quiet --python $(PY) --require-hashes $(LOCK)
+	# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (CI) Python
+	# never does, so every process the tests start would compile Django and the SDK again (~0.7 s each).
+	$(UV) pip sync --quiet --python $(PY) --require-hashes --compile-bytecode $(LOCK)
 	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# After a change to pyproject.toml's dependencies: resolve what is new, keep every other pin, install.
+lock:
+	test -x $(UV) || $(MAKE) $(STAMP)
+	$(UV) pip compile pyproject.toml requirements/tools.in --extra test $(UV_LOCK_ARGS) -o $(LOCK)
+	$(MAKE) setup
 
 # On purpose only: resolve every dependency again to the newest allowed by pyproject.toml, then install it.
 # Commit the new lock once `make test` passes on it.

@@ -269,6 +269,7 @@ def test_create_job_is_atomic(write, owner, monkeypatch):
     assert Job.objects.count() == 0 and Item.objects.count() == 0
 
 
+@pytest.mark.slow  # a scale test: ~20 s, left out of make test-fast
 @pytest.mark.django_db
 def test_live_mode_takes_half_a_million_lines(write, owner):
     # OpenAI caps a batch file at 50,000 lines; live mode must take 500,000 and more.
