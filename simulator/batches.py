@@ -95,11 +95,15 @@ class Batches:
             body = json.loads(await request.read() or b"{}")
         except ValueError:
             raise ApiError(400, "We could not parse the JSON body of your request.") from None
-        outcome = body.get("outcome", "complete")
+        if not isinstance(body, dict):
+            raise ApiError(400, 'The body is a JSON object: {"outcome": ..., "ids": [...]}.')
+        outcome, ids = body.get("outcome", "complete"), body.get("ids")
         if outcome not in ("complete", "expire"):
             raise ApiError(400, "outcome is 'complete' or 'expire'.", param="outcome")
-        running = [i for i, b in self.by_id.items() if b["status"] in _ENQUEUED or b["status"] == "cancelling"]
-        ids = body.get("ids") or running
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise ApiError(400, "ids is a list of batch ids.", param="ids")
+        running = {i for i, b in self.by_id.items() if b["status"] in (*_ENQUEUED, "cancelling")}
+        ids = ids or sorted(running)
         unknown = [i for i in ids if i not in self.by_id]
         if unknown:
             raise ApiError(404, f"No batch found with id '{unknown[0]}'.")

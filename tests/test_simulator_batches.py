@@ -190,5 +190,6 @@ def test_finishing_an_unknown_batch_or_outcome_is_refused(start):
     url = start()
     with pytest.raises(Exception, match="404"):
         admin(url, "/_sim/batches/finish", {"ids": ["batch_nope"]})
-    with pytest.raises(Exception, match="400"):
-        admin(url, "/_sim/batches/finish", {"outcome": "explode"})
+    for bad in ({"outcome": "explode"}, {"ids": "batch_a"}, {"ids": [1]}, ["complete"]):
+        with pytest.raises(Exception, match="400"):
+            admin(url, "/_sim/batches/finish", bad)

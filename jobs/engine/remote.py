@@ -45,7 +45,7 @@ from django.db.models.functions import Least
 from django_q.tasks import async_task
 
 from jobs import clock, egress, remoteplan
-from jobs.engine import leases, schemacheck, shutdown
+from jobs.engine import leases, schemacheck, shutdown, upstream
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import QUOTA_CODES, one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
@@ -84,11 +84,14 @@ def _error(message: str) -> dict:
 def client_for(endpoint: Endpoint) -> openai.OpenAI:
     # No SDK retries: a create retried after a timeout could make a second batch. Failed calls are tried
     # again on a later round, after looking for what the first call may have made.
+    timeout = httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0)
     return openai.OpenAI(
         api_key=endpoint.api_key or "none",
         base_url=endpoint.base_url,
         max_retries=0,
-        timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0),
+        timeout=timeout,
+        # The SDK's clients follow redirects: a 3xx pauses the job instead (_failed_call).
+        http_client=openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False),
     )
 
 
@@ -472,6 +475,9 @@ class RemoteJob:
             pause_job(
                 self.job.pk, f"The endpoint refused the key ({status}). Fix the key on the Endpoints page, then resume."
             )
+        if status is not None and 300 <= status < 400:
+            headers = getattr(getattr(error, "response", None), "headers", {})
+            pause_job(self.job.pk, upstream.redirect_refused(status, headers) + " Then resume the job.")
         # The verdicts below rest on what the endpoint said to the call that creates something, never on a
         # lookup (a lookup's 404 is no proof, and a batch made before a crash may be running).
         if status in NO_BATCH_API and self.calling == "files.create":

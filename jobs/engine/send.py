@@ -89,7 +89,9 @@ class Sender:
             # aiohttp's transport: httpcore's pool probes every idle connection's socket on each request,
             # which at a concurrency of 100 cost more CPU than the rest of the request (bench/throughput.py).
             http_client=openai.DefaultAioHttpClient(
-                verify=_tls_context(), timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0)
+                verify=_tls_context(),
+                timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0),
+                follow_redirects=False,  # the SDK's clients follow them: a 3xx fails as redirect_refused
             ),
         )
 

@@ -77,6 +77,8 @@ def classify(status: int, text: str, headers: Mapping[str, str]) -> UpstreamErro
             code=code or "forbidden",
             **common,
         )
+    if 300 <= status < 400:
+        return UpstreamError(PERMANENT, redirect_refused(status, headers), code="redirect_refused", **common)
     if status in (408, 409, 429) or status >= 500:
         return UpstreamError(
             RETRY,
@@ -86,6 +88,17 @@ def classify(status: int, text: str, headers: Mapping[str, str]) -> UpstreamErro
             **common,
         )
     return UpstreamError(PERMANENT, message or f"HTTP {status}", code=code or f"http_{status}", **common)
+
+
+def redirect_refused(status: int, headers: Mapping[str, str]) -> str:
+    """Why a 3xx is not followed. Every client that talks to an endpoint refuses redirects: one could send the
+    request, and its API key, to another server (an internal address, a cloud's metadata service), and its
+    answer would be stored as the request's."""
+    location = " ".join(headers.get("location", "").split())[:300] or "nowhere"  # the server's words, on one line
+    return (
+        f"The endpoint answered {status} and pointed to {location}: Batchsite does not follow redirects. "
+        "Set the endpoint's URL to where it is served."
+    )
 
 
 def timeout_or_refused(error: openai.APITimeoutError) -> UpstreamError:
