@@ -45,13 +45,31 @@ def check_address(address: str) -> None:
     if settings.BATCHSITE_ALLOW_PRIVATE_ENDPOINTS:
         return
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0 carries a zone
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     if ip.is_link_local or ip in METADATA_ADDRESSES:
         raise UnsafeURL(
             f"{address} is a link-local or cloud metadata address; endpoints may not point there "
             "(BATCHSITE_ALLOW_PRIVATE_ENDPOINTS=1 allows it)."
         )
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix (RFC 6052): a gateway reaches the IPv4 in it
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to, in each form a host or a gateway may route it: mapped
+    (::ffff:a.b.c.d), compatible (::a.b.c.d, deprecated but still parsed), NAT64 (64:ff9b::a.b.c.d), 6to4
+    (2002:AABB:CCDD::) and Teredo's client. None for a plain IPv6 address."""
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip in NAT64 or (int(ip) >> 32 == 0 and int(ip) > 1):  # ::a.b.c.d, but not :: or ::1
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    return None
 
 
 def check_base_url(url: str, resolve: bool = True) -> None:

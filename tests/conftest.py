@@ -7,6 +7,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
+from jobs import clock as engine_clock
 from jobs import tokens
 from tests.factories import seed_prices
 
@@ -43,10 +44,8 @@ def pytest_itemcollected(item):
 def clock():
     """The engine's clock (jobs/clock.py), for tests of timing logic: clock.advance(seconds) instead of sleeping.
     In this process only: servers the test starts keep the real clock."""
-    from jobs import clock
-
-    yield clock
-    clock.reset()
+    yield engine_clock
+    engine_clock.reset()
 
 
 @pytest.fixture(autouse=True)

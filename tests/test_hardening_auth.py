@@ -225,6 +225,9 @@ def test_another_scheme_port_or_host_is_another_server(client, staff, base_url):
         "http://metadata.google.internal/computeMetadata/v1",
         "http://2852039166/v1",
         "http://[::ffff:169.254.169.254]/v1",
+        "http://[::a9fe:a9fe]/v1",  # IPv4-compatible
+        "http://[64:ff9b::a9fe:a9fe]/v1",  # NAT64
+        "http://[2002:a9fe:a9fe::1]/v1",  # 6to4
         "http://127.0.0.1:99999/v1",
         "http://[::1/v1",
         "ftp://127.0.0.1/v1",

@@ -1,14 +1,16 @@
 """A hostile upstream (issue 21): an endpoint that answers with a redirect to an internal address. No client
 that talks to an endpoint follows it: the live engine fails the request as redirect_refused naming where it
-pointed, the remote engine pauses the job saying so, and the internal server is never asked anything."""
+pointed, the remote engine pauses the job saying so, and the internal server is never asked anything. And an
+address written as IPv6 is checked as the IPv4 address it leads to."""
 
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
 
 import pytest
 
-from jobs import ingest
+from jobs import egress, ingest
 from jobs.engine import remote, upstream
 from jobs.models import Item, Job
 from tests.factories import chat_line, make_endpoint, make_job, seed_prices
@@ -114,3 +116,24 @@ def test_the_remote_engine_never_follows_a_redirect(internal_and_hostile, write,
     assert job.status == Job.Status.PAUSED and "does not follow redirects" in job.status_reason
     assert "/latest/meta-data/iam/" in job.status_reason
     assert job.n_succeeded == 0
+
+
+@pytest.mark.parametrize(
+    "address, ipv4",
+    [
+        ("::ffff:169.254.169.254", "169.254.169.254"),
+        ("::a9fe:a9fe", "169.254.169.254"),
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("2002:a9fe:a9fe::1", "169.254.169.254"),
+        ("2001:0:4136:e378:8000:63bf:5601:5601", "169.254.169.254"),  # Teredo: the client's address, inverted
+        ("::1", None),
+        ("::", None),
+        ("2606:4700::1111", None),
+        ("fd00:ec2::254", None),  # an IPv6 metadata address: checked as itself
+    ],
+)
+def test_ipv6_forms_of_an_ipv4_address_are_checked_as_that_address(address, ipv4):
+    assert egress.embedded_ipv4(ip_address(address)) == (ip_address(ipv4) if ipv4 else None)
+    if ipv4:
+        with pytest.raises(egress.UnsafeURL):
+            egress.check_address(address)
