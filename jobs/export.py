@@ -173,7 +173,10 @@ def schema_fields(job: Job) -> list[str]:
     return list(properties) if isinstance(properties, dict) else []
 
 
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# What a spreadsheet may read as the start of a formula: the ASCII signs, their full-width and small forms
+# (some spreadsheets fold them to ASCII), and tab and carriage return. Looked for after any leading spaces,
+# which some spreadsheets drop on import.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "＝", "＋", "－", "＠", "﹦", "﹢", "﹣", "﹫")
 
 
 _PLAIN_NUMBER = re.compile(r"-\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -185,9 +188,11 @@ def _safe_cell(value: str) -> str:
     Every cell and header that holds someone else's text goes through here (input cells,
     custom_ids, column names, answers, structured fields, errors). A plain negative number ("-42",
     "-0.5e3") stays as it is: a spreadsheet reads it as a number, never as a formula, and quoting it
-    would turn every negative figure in an answer into text. "-1+2" is a formula and is quoted.
+    would turn every negative figure in an answer into text. "-1+2" is a formula and is quoted, and so are
+    " =1+2" and "＝1+2".
     """
-    if value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+    start = value.lstrip(" \u00a0\u3000")  # space, no-break space, ideographic space
+    if start.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(start):
         return "'" + value
     return value
 

@@ -353,3 +353,19 @@ def test_safe_cell_quotes_formulas_but_not_plain_negative_numbers():
     assert [
         export._safe_cell(v) for v in ["-42", "-0.5", "-1e3", "-1+2", "-A1", "=1", "@x", "+1", "\tx", "- 3", "ok"]
     ] == ["-42", "-0.5", "-1e3", "'-1+2", "'-A1", "'=1", "'@x", "'+1", "'\tx", "'- 3", "ok"]
+
+
+def test_safe_cell_quotes_full_width_and_space_led_formulas():
+    cells = ["＝1+2", "＋1", "－A1", "＠SUM(A1)", "﹦1", '  =HYPERLINK("x")', "\u00a0+1", "\u3000@x", " -42", "  ok"]
+    assert [export._safe_cell(v) for v in cells] == [
+        "'＝1+2",
+        "'＋1",
+        "'－A1",
+        "'＠SUM(A1)",
+        "'﹦1",
+        '\'  =HYPERLINK("x")',
+        "'\u00a0+1",
+        "'\u3000@x",
+        " -42",  # a number, with a space before it
+        "  ok",
+    ]

@@ -61,3 +61,27 @@ def test_demo_login_is_not_made_when_switched_off(settings):
     out = StringIO()
     call_command("ensure_demo_user", stdout=out)
     assert "disabled" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_demo_login_is_made_once_and_never_promoted_or_taken_over_again(settings, tmp_path, django_user_model):
+    settings.BATCHSITE_DEMO_USER, settings.DATA_DIR = True, tmp_path
+    out = StringIO()
+    call_command("ensure_demo_user", stdout=out)
+    password = (tmp_path / "demo-password").read_text()
+    demo = django_user_model.objects.get(username="demo")
+    assert demo.is_superuser and demo.check_password(password) and f"demo / {password}" in out.getvalue()
+
+    django_user_model.objects.filter(pk=demo.pk).update(is_staff=False, is_superuser=False)  # demoted by staff
+    call_command("ensure_demo_user", stdout=StringIO())  # the next make run
+    demo.refresh_from_db()
+    assert not demo.is_staff and not demo.is_superuser
+
+    (tmp_path / "demo-password").unlink()  # a new data dir, the same database: the account is someone's now
+    demo.set_password("their-own-pass-123")
+    demo.save()
+    out = StringIO()
+    call_command("ensure_demo_user", stdout=out)
+    demo.refresh_from_db()
+    assert demo.check_password("their-own-pass-123") and not demo.is_superuser
+    assert "exists already" in out.getvalue() and not (tmp_path / "demo-password").exists()

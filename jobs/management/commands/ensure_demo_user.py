@@ -18,20 +18,18 @@ class Command(BaseCommand):
             if not options["quiet_if_disabled"]:
                 self.stdout.write("The demo login is disabled (BATCHSITE_DEMO_USER=0).")
             return
-        made = []
-
-        def new_password() -> str:
-            made.append(True)
-            return secrets.token_urlsafe(9)
-
-        password = read_or_create(settings.DATA_DIR / "demo-password", new_password)
+        path = settings.DATA_DIR / "demo-password"
         user = get_user_model().objects.filter(username="demo").first()
-        if user is None or made:
-            user = user or get_user_model()(username="demo", email="demo@example.com")
+        if user is not None and not path.exists():
+            # An account named demo that this data dir did not make (another person's, or a data dir made
+            # again): never take it over. Its rights and password stay as they are.
+            self.stdout.write("  An account named demo exists already; its password is not known here.")
+            return
+        password = read_or_create(path, lambda: secrets.token_urlsafe(9))
+        if user is None:
+            user = get_user_model()(username="demo", email="demo@example.com")
             user.is_staff = user.is_superuser = True  # the demo's one person may do everything, prices too
             user.set_password(password)
             user.save()
-        elif not (user.is_staff and user.is_superuser):  # made by an older version as staff only
-            user.is_staff = user.is_superuser = True
-            user.save(update_fields=["is_staff", "is_superuser"])
+        # Once made, the demo account is the team's to change: demoted or given a new password, it stays so.
         self.stdout.write(f"  Demo login: demo / {password}   (admin; set BATCHSITE_DEMO_USER=0 to turn off)")
