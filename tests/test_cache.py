@@ -10,6 +10,7 @@ import pytest
 from django.utils import timezone
 
 from jobs.engine import answercache
+from jobs.engine.leases import Claimed
 from jobs.models import CachedAnswer, Item, Job, cache_key
 from tests.factories import make_endpoint, make_job
 from tests.test_engine_cluster import wait_status
@@ -17,12 +18,40 @@ from tests.test_engine_cluster import wait_status
 CHAT = "/v1/chat/completions"
 
 
-def test_the_key_ignores_key_order_and_spacing_but_not_the_endpoint():
-    a = cache_key(1, CHAT, '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
-    b = cache_key(1, CHAT, '{"messages":[{"content":"hi","role":"user"}],"model":"m"}')
+SERVER = "http://127.0.0.1:9/v1"
+
+
+def test_the_key_ignores_key_order_and_spacing_but_not_the_endpoint_or_its_server():
+    a = cache_key(1, SERVER, CHAT, '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    b = cache_key(1, SERVER, CHAT, '{"messages":[{"content":"hi","role":"user"}],"model":"m"}')
     assert a == b
-    assert cache_key(2, CHAT, '{"model":"m","messages":[{"role":"user","content":"hi"}]}') != a
-    assert cache_key(1, CHAT, '{"model":"m","messages":[{"role":"user","content":"hi!"}]}') != a
+    assert cache_key(2, SERVER, CHAT, '{"model":"m","messages":[{"role":"user","content":"hi"}]}') != a
+    assert cache_key(1, SERVER, CHAT, '{"model":"m","messages":[{"role":"user","content":"hi!"}]}') != a
+    assert (
+        cache_key(1, "http://127.0.0.1:10/v1", CHAT, '{"model":"m","messages":[{"role":"user","content":"hi"}]}') != a
+    )
+
+
+@pytest.mark.django_db
+def test_an_endpoint_moved_to_another_server_does_not_get_the_old_servers_answers(write, owner):
+    endpoint = make_endpoint(SERVER)
+    job = make_job(write, owner, endpoint, 1, start=False)
+    item = job.items.get()
+    claimed = Claimed(item.id, item.custom_id, item.body, item.est_tokens, item.attempts)
+    CachedAnswer.objects.create(
+        key=cache_key(endpoint.pk, SERVER, CHAT, item.body),
+        endpoint=endpoint,
+        url=CHAT,
+        response='{"old":1}',
+        answered_at=timezone.now(),
+    )
+    send, others = answercache.sort_out(endpoint.pk, CHAT, uuid.uuid4(), [claimed])
+    assert send == [] and others[0].from_cache  # the same server: answered from the cache
+
+    endpoint.base_url = "http://127.0.0.1:10/v1"
+    endpoint.save(update_fields=["base_url"])
+    send, others = answercache.sort_out(endpoint.pk, CHAT, uuid.uuid4(), [claimed])
+    assert [c.id for c in send] == [item.id] and others == []  # sent to the new server
 
 
 def sent(sim) -> int:
@@ -65,7 +94,9 @@ def test_duplicates_go_once_and_a_second_identical_job_is_answered_from_the_cach
     assert second.prompt_tokens == second.completion_tokens == 0
     assert second.cache_saved == pytest.approx(first.cost * 3, abs=Decimal("0.000003"))
     assert {i.custom_id: i.response for i in second.items.all()} == answers
-    assert CachedAnswer.objects.get(key=cache_key(endpoint.pk, CHAT, second.items.get(custom_id="req-3").body)).hits
+    assert CachedAnswer.objects.get(
+        key=cache_key(endpoint.pk, endpoint.base_url, CHAT, second.items.get(custom_id="req-3").body)
+    ).hits
 
     without = run(write, owner, endpoint, 30, text, use_cache=False)
     assert sent(sim) == 40 and without.cache_hits == 0  # a job that does not ask never reads the cache

@@ -19,7 +19,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from jobs.engine.leases import Claimed, Outcome, lease_seconds
-from jobs.models import CachedAnswer, Item, cache_key
+from jobs.models import CachedAnswer, Endpoint, Item, cache_key
 
 WAIT_FOR_TWIN_SECONDS = 1.0  # an item whose twin is being sent looks again this much later
 
@@ -43,7 +43,8 @@ def _sort_out(
     now = timezone.now()
     fresh_since = now - max_age()
     until = now + timedelta(seconds=lease_seconds())
-    keyed = [(item, cache_key(endpoint_id, url, item.body)) for item in claimed]
+    base_url = Endpoint.objects.filter(pk=endpoint_id).values_list("base_url", flat=True).first() or ""
+    keyed = [(item, cache_key(endpoint_id, base_url, url, item.body)) for item in claimed]
     rows = {row.key: row for row in CachedAnswer.objects.filter(key__in={k for _, k in keyed})}
     send: list[Claimed] = []
     others: list[Outcome] = []

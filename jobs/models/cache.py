@@ -10,10 +10,12 @@ from decimal import Decimal
 from django.db import models
 
 
-def cache_key(endpoint_id: int, url: str, body: str) -> str:
-    """Same endpoint, same path, same body: key order and spacing do not make a request different."""
+def cache_key(endpoint_id: int, base_url: str, url: str, body: str) -> str:
+    """Same endpoint at the same server, same path, same body: key order and spacing do not make a request
+    different. The server's URL is part of it: an endpoint moved to another server does not get the old
+    server's answers."""
     canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{endpoint_id}\n{url}\n{canonical}".encode()).hexdigest()
+    return hashlib.sha256(f"{endpoint_id}\n{base_url}\n{url}\n{canonical}".encode()).hexdigest()
 
 
 class CachedAnswer(models.Model):
