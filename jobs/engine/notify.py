@@ -9,6 +9,7 @@ again. Receivers tell repeats apart by webhook-id, as the standard says.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,7 +18,7 @@ import logging
 import time
 from datetime import timedelta
 
-import httpx2
+import aiohttp
 from django.conf import settings
 from django.core.mail import send_mail
 from django.utils import timezone
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 # Seconds before each next try: about a day in all, as Standard Webhooks suggests.
 BACKOFF = (5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600)
 MAX_ATTEMPTS = len(BACKOFF) + 1
-TIMEOUT = 10.0
+# A whole delivery, from connecting to the receiver's status line and headers, takes at most DEADLINE seconds,
+# however slowly the receiver sends: a slow or hostile receiver cannot hold a worker. Of its answer only the
+# status matters: the body is never read.
+DEADLINE = 15.0
 BATCH = 100  # of each kind per call; the next call (at once, or the schedule's) does the rest
 
 SUBJECTS = {
@@ -136,6 +140,19 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+async def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST the event; the receiver's status. aiohttp's total timeout bounds the whole exchange (httpx's
+    timeouts are per read: a receiver sending a byte every few seconds would never time out)."""
+    timeout = aiohttp.ClientTimeout(total=DEADLINE)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+            transport = response.connection.transport if response.connection else None
+            peer = transport.get_extra_info("peername") if transport else None
+            if peer:
+                egress.check_address(str(peer[0]))  # where the connection really went (DNS rebinding)
+            return response.status
+
+
 def _deliver(delivery: WebhookDelivery) -> bool:
     hook, event = delivery.webhook, delivery.event
     body = payload(event)
@@ -150,12 +167,8 @@ def _deliver(delivery: WebhookDelivery) -> bool:
     status, error = None, ""
     try:
         egress.check_webhook_url(hook.url)  # again now: the name may resolve elsewhere than when it was saved
-        with httpx2.Client(timeout=TIMEOUT, follow_redirects=False) as client:
-            with client.stream("POST", hook.url, content=body, headers=headers) as response:
-                egress.check_peer(response)
-                status = response.status_code
-                response.read()
-    except Exception as e:  # refused, unreachable, timed out: tried again later
+        status = asyncio.run(_post(hook.url, body, headers))
+    except Exception as e:  # refused, unreachable, timed out, past the deadline: tried again later
         error = f"{type(e).__name__}: {e}"[:500]
     ok = status is not None and 200 <= status < 300
     fields: dict = {"last_status_code": status, "last_error": error if not ok else ""}

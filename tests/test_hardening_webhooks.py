@@ -1,0 +1,143 @@
+"""A slow or hostile webhook receiver (issue 21, item 5: the part on one delivery). A delivery ends within its
+deadline however slowly the receiver sends its headers, never reads the answer's body (only its status
+counts), and never follows a redirect."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from jobs.engine import notify
+from jobs.models import JobEvent, Webhook, WebhookDelivery
+from tests.factories import make_endpoint, make_job
+
+pytestmark = pytest.mark.django_db
+
+
+class RawReceiver:
+    """A TCP server that answers every connection with `reply(conn)`, in a thread per connection."""
+
+    def __init__(self, reply):
+        self.reply, self.hits = reply, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        try:
+            conn.recv(65536)  # the request (small)
+            self.reply(conn, self.stopped)
+        except OSError:  # the client gave up on us: as it should
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stopped.set()
+        self.sock.close()
+
+
+def drip(head: bytes, every: float = 0.2):
+    """A reply that sends `head` at once, then a byte every `every` seconds for a minute."""
+
+    def reply(conn, stopped):
+        conn.sendall(head)
+        for _ in range(int(60 / every)):
+            if stopped.wait(every):
+                return
+            conn.sendall(b"x")
+
+    return reply
+
+
+def huge(conn, stopped):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200000000\r\n\r\n")
+    chunk = b"0" * 65536
+    for _ in range(200_000_000 // len(chunk)):
+        if stopped.is_set():
+            return
+        conn.sendall(chunk)
+
+
+@pytest.fixture
+def delivery_to(write, owner, monkeypatch):
+    """delivery_to(url) -> a due delivery of a job's batch.completed event to a webhook at `url`."""
+    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+
+    def make(url):
+        hook = Webhook(name="ops", url=url)
+        hook.new_secret()
+        hook.save()
+        job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
+        JobEvent.record(job, "batch.completed")
+        return WebhookDelivery.objects.get(webhook=hook)
+
+    return make
+
+
+def test_a_receiver_that_drips_its_headers_holds_a_delivery_no_longer_than_its_deadline(delivery_to, monkeypatch):
+    monkeypatch.setattr(notify, "DEADLINE", 1.5)
+    receiver = RawReceiver(drip(b"HTTP/1.1 200 OK\r\nX-Slow: "))  # a byte every 0.2 s, never the end
+    try:
+        delivery = delivery_to(receiver.url)
+        started = time.monotonic()
+        notify.send_due()
+        took = time.monotonic() - started
+    finally:
+        receiver.close()
+
+    assert took < 1.5 + 1.0, took  # the deadline, and what the bookkeeping takes
+    delivery.refresh_from_db()
+    assert delivery.status == WebhookDelivery.Status.PENDING and delivery.attempts == 1  # tried again later
+    assert "Timeout" in delivery.last_error
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [drip(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"), huge],
+    ids=["dripping-body", "200-MB-body"],
+)
+def test_the_answers_body_is_never_read_and_the_delivery_counts(delivery_to, reply):
+    receiver = RawReceiver(reply)
+    try:
+        delivery = delivery_to(receiver.url)
+        started = time.monotonic()
+        notify.send_due()
+        took = time.monotonic() - started
+    finally:
+        receiver.close()
+
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.last_status_code) == (WebhookDelivery.Status.DELIVERED, 200)
+    assert took < 2  # the status line and headers, nothing more
+
+
+def test_a_receiver_that_redirects_is_not_followed(delivery_to):
+    internal = RawReceiver(lambda conn, stopped: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    hostile = RawReceiver(
+        lambda conn, stopped: conn.sendall(
+            f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {internal.url}\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+    )
+    try:
+        delivery = delivery_to(hostile.url)
+        notify.send_due()
+    finally:
+        hostile.close()
+        internal.close()
+
+    delivery.refresh_from_db()
+    assert internal.hits == 0 and hostile.hits == 1
+    assert delivery.status == WebhookDelivery.Status.PENDING and delivery.last_status_code == 307
