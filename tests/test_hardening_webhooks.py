@@ -141,3 +141,27 @@ def test_a_receiver_that_redirects_is_not_followed(delivery_to):
     delivery.refresh_from_db()
     assert internal.hits == 0 and hostile.hits == 1
     assert delivery.status == WebhookDelivery.Status.PENDING and delivery.last_status_code == 307
+
+
+def test_many_dripping_receivers_hold_the_call_for_one_deadline_not_one_each(write, owner, monkeypatch):
+    """Deliveries are made side by side: five receivers that never finish their headers cost one deadline."""
+    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr(notify, "DEADLINE", 1.5)
+    receivers = [RawReceiver(drip(b"HTTP/1.1 200 OK\r\nX-Slow: ")) for _ in range(5)]
+    good = RawReceiver(lambda conn, stopped: conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n"))
+    try:
+        for n, receiver in enumerate([*receivers, good]):
+            hook = Webhook(name=f"hook {n}", url=receiver.url)
+            hook.new_secret()
+            hook.save()
+        job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
+        JobEvent.record(job, "batch.completed")
+        started = time.monotonic()
+        counts = notify.send_due()
+        took = time.monotonic() - started
+    finally:
+        for receiver in [*receivers, good]:
+            receiver.close()
+
+    assert (counts["delivered"], counts["delivery_failed"]) == (1, 5)
+    assert took < 1.5 + 1.0, took  # five slow receivers at once, not one after another (7.5 s)

@@ -59,16 +59,20 @@ def send_due(now=None) -> dict:
         ):
             continue  # another worker has it
         counts["emailed" if _email(event) else "email_failed"] += 1
+    mine = []
     for delivery in WebhookDelivery.objects.filter(
         status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now, webhook__active=True
     ).select_related("webhook", "event", "event__job")[:BATCH]:
-        mine = WebhookDelivery.objects.filter(
+        claim = WebhookDelivery.objects.filter(
             pk=delivery.pk, attempts=delivery.attempts, status=WebhookDelivery.Status.PENDING
         )
-        if not mine.update(attempts=delivery.attempts + 1, next_attempt_at=now + _backoff(delivery.attempts)):
-            continue
-        delivery.attempts += 1
-        counts["delivered" if _deliver(delivery) else "delivery_failed"] += 1
+        if claim.update(attempts=delivery.attempts + 1, next_attempt_at=now + _backoff(delivery.attempts)):
+            delivery.attempts += 1
+            mine.append(delivery)
+    # All at once: however many receivers are slow, the call holds its worker for one DEADLINE at most.
+    answers = asyncio.run(_deliver_all([_signed(d) for d in mine])) if mine else []
+    for delivery, (status, error) in zip(mine, answers, strict=True):
+        counts["delivered" if _record(delivery, status, error) else "delivery_failed"] += 1
     return counts
 
 
@@ -140,20 +144,8 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-async def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
-    """POST the event; the receiver's status. aiohttp's total timeout bounds the whole exchange (httpx's
-    timeouts are per read: a receiver sending a byte every few seconds would never time out)."""
-    timeout = aiohttp.ClientTimeout(total=DEADLINE)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-            transport = response.connection.transport if response.connection else None
-            peer = transport.get_extra_info("peername") if transport else None
-            if peer:
-                egress.check_address(str(peer[0]))  # where the connection really went (DNS rebinding)
-            return response.status
-
-
-def _deliver(delivery: WebhookDelivery) -> bool:
+def _signed(delivery: WebhookDelivery) -> tuple[str, bytes, dict[str, str]]:
+    """(url, body, headers) of a delivery: its event, signed now."""
     hook, event = delivery.webhook, delivery.event
     body = payload(event)
     timestamp = int(time.time())
@@ -164,12 +156,34 @@ def _deliver(delivery: WebhookDelivery) -> bool:
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(hook.secret, event.event_id, timestamp, body),
     }
-    status, error = None, ""
+    return hook.url, body, headers
+
+
+async def _deliver_all(posts: list[tuple[str, bytes, dict[str, str]]]) -> list[tuple[int | None, str]]:
+    """(status, error) of each signed delivery, made side by side over one session."""
+    timeout = aiohttp.ClientTimeout(total=DEADLINE)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        return await asyncio.gather(*(_deliver(session, *post) for post in posts))
+
+
+async def _deliver(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int | None, str]:
+    """POST one event: the receiver's status, or why there is none. aiohttp's total timeout bounds the whole
+    exchange (httpx's timeouts are per read: a receiver sending a byte every few seconds never times out)."""
     try:
-        egress.check_webhook_url(hook.url)  # again now: the name may resolve elsewhere than when it was saved
-        status = asyncio.run(_post(hook.url, body, headers))
+        egress.check_webhook_url(url)  # again now: the name may resolve elsewhere than when it was saved
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+            transport = response.connection.transport if response.connection else None
+            peer = transport.get_extra_info("peername") if transport else None
+            if peer:
+                egress.check_address(str(peer[0]))  # where the connection really went (DNS rebinding)
+            return response.status, ""
     except Exception as e:  # refused, unreachable, timed out, past the deadline: tried again later
-        error = f"{type(e).__name__}: {e}"[:500]
+        return None, f"{type(e).__name__}: {e}"[:500]
+
+
+def _record(delivery: WebhookDelivery, status: int | None, error: str) -> bool:
     ok = status is not None and 200 <= status < 300
     fields: dict = {"last_status_code": status, "last_error": error if not ok else ""}
     if ok:
