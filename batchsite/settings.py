@@ -254,6 +254,7 @@ BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_
 BATCHSITE_SHUTDOWN_SECONDS = envint("BATCHSITE_SHUTDOWN_SECONDS", 10)
 # The answer cache (jobs with use_cache): answers older than this are not reused; at most this many are kept.
 BATCHSITE_CACHE_MAX_AGE_HOURS = envint("BATCHSITE_CACHE_MAX_AGE_HOURS", 24 * 7)
+BATCHSITE_EVENT_RETENTION_DAYS = envint("BATCHSITE_EVENT_RETENTION_DAYS", 90)
 BATCHSITE_CACHE_MAX_ENTRIES = envint("BATCHSITE_CACHE_MAX_ENTRIES", 200_000)
 
 # Notifications (jobs/models/notify.py): email through Django's mail settings (the console without EMAIL_HOST),

@@ -5,8 +5,10 @@ counts), and never follows a redirect."""
 import socket
 import threading
 import time
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from jobs.engine import notify
 from jobs.models import JobEvent, Webhook, WebhookDelivery
@@ -165,3 +167,25 @@ def test_many_dripping_receivers_hold_the_call_for_one_deadline_not_one_each(wri
 
     assert (counts["delivered"], counts["delivery_failed"]) == (1, 5)
     assert took < 1.5 + 1.0, took  # five slow receivers at once, not one after another (7.5 s)
+
+
+def test_old_events_and_their_deliveries_are_pruned_once_nothing_is_left_to_send(write, owner, monkeypatch, settings):
+    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    settings.BATCHSITE_EVENT_RETENTION_DAYS = 30
+    hook = Webhook(name="ops", url="http://127.0.0.1:9/hook")
+    hook.new_secret()
+    hook.save()
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
+    for _ in range(3):
+        JobEvent.record(job, "batch.completed")
+    old, retried, recent = JobEvent.objects.order_by("pk")
+    JobEvent.objects.filter(pk__in=[old.pk, retried.pk]).update(
+        created_at=timezone.now() - timedelta(days=31), email=JobEvent.Email.SENT
+    )
+    JobEvent.objects.filter(pk=recent.pk).update(email=JobEvent.Email.SENT)
+    WebhookDelivery.objects.exclude(event=retried).update(status=WebhookDelivery.Status.DELIVERED)
+
+    assert JobEvent.prune() == 1
+
+    assert list(JobEvent.objects.order_by("pk")) == [retried, recent]  # a delivery of `retried` is still pending
+    assert not WebhookDelivery.objects.filter(event_id=old.pk).exists()

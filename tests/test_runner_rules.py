@@ -566,7 +566,7 @@ def test_schedules_are_registered_once_and_clean_up_runs(settings, tmp_path):
         ("batchsite-remote-poller", "jobs.engine.tasks.poll_remote"),
         ("batchsite-sweeper", "jobs.engine.tasks.sweep"),
     ]
-    assert tasks.clean_up() == {"uploads_removed": 0, "cached_answers_removed": 0}
+    assert tasks.clean_up() == {"uploads_removed": 0, "cached_answers_removed": 0, "events_removed": 0}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -27,7 +27,7 @@ from django_q.models import Schedule
 
 from jobs import clock, ingest
 from jobs.engine import answercache, leases, notify, remote, runner
-from jobs.models import File, Job
+from jobs.models import File, Job, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,10 @@ def clean_up() -> dict:
     """Every hour: uploads nobody launched, or whose job was deleted, leave the disk after a day."""
     removed = ingest.remove_stale_uploads() + File.remove_expired()  # and /v1 files past their expires_at
     answers = answercache.trim()  # past their age, or beyond the size bound
-    if removed or answers:
-        log.info("clean-up: removed %s stale uploads, %s cached answers", removed, answers)
-    return {"uploads_removed": removed, "cached_answers_removed": answers}
+    events = JobEvent.prune()  # and their webhook deliveries
+    if removed or answers or events:
+        log.info("clean-up: removed %s stale uploads, %s cached answers, %s events", removed, answers, events)
+    return {"uploads_removed": removed, "cached_answers_removed": answers, "events_removed": events}
 
 
 def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import models, transaction
@@ -81,6 +82,19 @@ class JobEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} of job {self.job_id}"
+
+    @classmethod
+    def prune(cls, now=None) -> int:
+        """Events older than BATCHSITE_EVENT_RETENTION_DAYS go, with their deliveries, once nothing of theirs
+        is still to be sent (an email or a delivery being retried stays until it ends). How many went."""
+        since = (now or timezone.now()) - timedelta(days=settings.BATCHSITE_EVENT_RETENTION_DAYS)
+        done = cls.objects.filter(created_at__lt=since).exclude(email=cls.Email.PENDING)
+        done = done.exclude(deliveries__status=WebhookDelivery.Status.PENDING)
+        return (
+            cls.objects.filter(pk__in=list(done.values_list("pk", flat=True)[:10_000]))
+            .delete()[1]
+            .get(cls._meta.label, 0)
+        )
 
     @classmethod
     def record(cls, job, event: str) -> None:
