@@ -139,6 +139,24 @@ def test_trim_drops_old_answers_and_keeps_the_newest_within_the_bound(settings):
 
 
 @pytest.mark.django_db
+def test_trim_keeps_the_newest_answers_within_the_byte_bound(settings):
+    endpoint = make_endpoint("http://127.0.0.1:9/v1")
+    now = timezone.now()
+    sizes = {"new-small": 100, "big": 800_000, "older": 300_000, "oldest": 100}  # newest first
+    for i, (key, size) in enumerate(sizes.items()):
+        CachedAnswer.objects.create(
+            key=key, endpoint=endpoint, url=CHAT, response="x" * size, answered_at=now - timedelta(minutes=i)
+        )
+    settings.BATCHSITE_CACHE_MAX_MB = 1  # 1,048,576 characters: the first three pass it
+
+    assert answercache.trim(now) == 2
+
+    assert set(CachedAnswer.objects.values_list("key", flat=True)) == {"new-small", "big"}
+    settings.BATCHSITE_CACHE_MAX_MB = 1024
+    assert answercache.trim(now) == 0
+
+
+@pytest.mark.django_db
 @pytest.mark.usefixtures("data_dir")
 def test_the_form_and_v1_ask_for_the_cache_and_staff_clear_it(client, owner, staff):
     from django.core.files.uploadedfile import SimpleUploadedFile

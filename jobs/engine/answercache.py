@@ -15,7 +15,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Sum, Window
+from django.db.models.functions import Length
 from django.utils import timezone
 
 from jobs.engine.leases import Claimed, Outcome, lease_seconds
@@ -96,13 +97,20 @@ def _answered(item: Claimed, row: CachedAnswer) -> Outcome:
 
 
 def trim(now=None) -> int:
-    """Answers past the age limit go, then the oldest beyond BATCHSITE_CACHE_MAX_ENTRIES; returns how many."""
+    """Answers past the age limit go, then the oldest beyond BATCHSITE_CACHE_MAX_ENTRIES, then the oldest beyond
+    BATCHSITE_CACHE_MAX_MB of answer text (a few huge answers weigh more than many small ones); how many went."""
     now = now or timezone.now()
     stale = Q(answered_at__lt=now - max_age()) | Q(answered_at__isnull=True, sending_until__lt=now)
     removed = CachedAnswer.objects.filter(stale).delete()[0]
     keep = settings.BATCHSITE_CACHE_MAX_ENTRIES
     answered = CachedAnswer.objects.exclude(answered_at=None).order_by("-answered_at")
     cutoff = answered.values_list("answered_at", flat=True)[keep : keep + 1]
+    if cutoff:
+        removed += CachedAnswer.objects.filter(answered_at__lte=cutoff[0]).delete()[0]
+    # The newest answer whose running total of text (newest first) passes the bound, and every older one.
+    running = answered.annotate(total=Window(Sum(Length("response")), order_by=F("answered_at").desc()))
+    over = running.filter(total__gt=settings.BATCHSITE_CACHE_MAX_MB * 1024 * 1024)
+    cutoff = over.values_list("answered_at", flat=True)[:1]
     if cutoff:
         removed += CachedAnswer.objects.filter(answered_at__lte=cutoff[0]).delete()[0]
     return removed
