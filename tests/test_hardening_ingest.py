@@ -118,6 +118,41 @@ def test_megabyte_prompts_are_refused_at_once_and_long_ones_checked_at_once(clie
     assert Job.objects.count() == 0
 
 
+def test_a_template_that_amplifies_a_cell_is_refused_at_once_on_check_and_on_launch(client, owner, endpoint):
+    """Issue 21's attack: a one-row CSV with a 20 KB cell and a prompt of {{a}} 10,000 times renders to 200 MB;
+    the check answered after more than 90 s. The row's size is worked out before anything is rendered."""
+    client.force_login(owner)
+    url = upload(client, "amplify.csv", b"a\n" + b"x" * 20_000 + b"\n")
+    amplifier = "{{a}}" * 10_000
+
+    for action in ("check", "launch"):
+        started = time.perf_counter()
+        form = template_form(endpoint, user_prompt=amplifier, action=action)
+        response, seconds = timed(lambda form=form: client.post(url, form))
+        wall = time.perf_counter() - started
+        page = response.content.decode()
+        assert response.status_code == 200 and seconds < 1 and wall < 5, (action, seconds, wall)
+        assert "the prompt filled in with this row would take 200,050,000 bytes" in page, action
+    assert Job.objects.count() == 0
+
+
+def test_rendered_requests_are_sized_before_they_are_made(write):
+    big_cell = "é" * 600  # 1,200 bytes
+    path = write("rows.csv", "a,b\n" + "\n".join(f"{big_cell},{i}" for i in range(20)) + "\n")
+    limits = ingest.Limits(max_lines=1000, max_line_bytes=10_000, max_file_bytes=10**9)
+    template = ingest.Template(model="gpt-4o-mini", user_prompt="{{a}}" * 8 + " {{b}}", system_prompt="{{ a }}")
+
+    plan = ingest.validate(path, format=Job.Format.CSV, template=template, limits=limits)
+    assert [e.code for e in plan.errors][:1] == ["request_too_large"]  # 9 x 1,200 bytes and the template
+    assert plan.errors[0].line == 2
+
+    limits = ingest.Limits(max_lines=1000, max_line_bytes=20_000, max_file_bytes=50_000)
+    plan = ingest.validate(path, format=Job.Format.CSV, template=template, limits=limits)
+    assert [(e.code, e.line) for e in plan.errors] == [
+        ("job_too_large", 6)
+    ]  # ~10.9 KB a row: the fifth row passes the bound
+
+
 def test_template_texts_over_the_cap_are_refused_whatever_the_caller(write):
     template = ingest.Template(
         model="gpt-4o-mini", user_prompt=ONE_MB_PROMPT, json_schema="{}" + " " * ingest.MAX_SCHEMA_CHARS

@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from jobs.ingest.lines import Errors, Limits, Request, SeenIds, read_lines
-from jobs.ingest.template import Template, _render, check_template, template_body_base
+from jobs.ingest.template import (
+    Template,
+    _render,
+    check_template,
+    placeholder_uses,
+    rendered_bytes,
+    template_body_base,
+)
 
 MAX_COLUMNS = 16_384  # Excel's limit; a header line of commas would otherwise name millions
 
@@ -98,6 +105,11 @@ def csv_requests(
     body_base = template_body_base(template)
     seen = SeenIds()
     row_number = 0
+    # What each row fills in, counted once: a row's requests are sized before they are made (rendered_bytes).
+    system = template.system_prompt if template.system_prompt.strip() else ""
+    uses = {"user": placeholder_uses(template.user_prompt), "system": placeholder_uses(system)}
+    used = set(uses["user"]) | set(uses["system"])
+    rendered_total = 0
     while True:
         try:
             numbered_row = source.read_row(reader)
@@ -148,13 +160,34 @@ def csv_requests(
                 continue
             body["input"] = text
         else:
+            sizes = {name: len(cells[name].encode()) for name in used if name in cells}
+            size = rendered_bytes(template.user_prompt, uses["user"], sizes) + rendered_bytes(
+                system, uses["system"], sizes
+            )
+            if size > limits.max_line_bytes:
+                errors.add(
+                    number,
+                    "request_too_large",
+                    f"Line {number}: the prompt filled in with this row would take {size:,} bytes; the limit is "
+                    f"{limits.max_line_bytes:,} (BATCHSITE_MAX_LINE_KB). Use each column fewer times.",
+                )
+                continue
+            rendered_total += size
+            if rendered_total > limits.max_file_bytes:
+                errors.add(
+                    number,
+                    "job_too_large",
+                    f"Line {number}: the prompts filled in up to this row take more than {limits.max_file_bytes:,} "
+                    "bytes, the most one job may hold (BATCHSITE_MAX_UPLOAD_MB). Split the file.",
+                )
+                break
             user = _render(template.user_prompt, cells)
             if not user.strip():
                 errors.add(number, "empty_prompt", f"Line {number}: the prompt is empty for this row.")
                 continue
             messages = []
-            if template.system_prompt.strip():
-                messages.append({"role": "system", "content": _render(template.system_prompt, cells)})
+            if system:
+                messages.append({"role": "system", "content": _render(system, cells)})
             messages.append({"role": "user", "content": user})
             body["messages"] = messages
         body.update((key, value) for key, value in body_base.items() if key not in body)
