@@ -14,6 +14,26 @@ loglevel = "warning"
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+def on_starting(server):
+    """Refuse to serve beyond this machine with DEBUG on (Django's default here, for `make run`): its error
+    pages show code, settings and requests to whoever can reach them. Checked before any socket is opened."""
+    debug = os.environ.get("DEBUG", "1").strip().lower() not in ("0", "false", "no", "off")
+    if not debug:
+        return
+    for address in server.cfg.bind:
+        if address.startswith(("unix:", "fd://")):
+            continue
+        host = address.rsplit(":", 1)[0] if ":" in address else address
+        if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+            raise SystemExit(
+                f"Refusing to listen on {address} with DEBUG on: its error pages would show code and settings to "
+                "the network. Set DEBUG=0 (with SECRET_KEY and ALLOWED_HOSTS), or bind 127.0.0.1."
+            )
+
+
 def post_worker_init(worker):
     """Load the tokenizers in the background as a worker starts: the first upload or batches.create
     would otherwise spend half a second loading them before it could answer."""

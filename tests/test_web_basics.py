@@ -89,3 +89,23 @@ def test_production_settings_pass_the_deploy_check_behind_https(tmp_path):
     # Left to the operator, and said in the README: HSTS for subdomains and preload, redirecting at the proxy.
     found = set(re.findall(r"security\.W\d+", result.stdout + result.stderr))
     assert found <= {"security.W005", "security.W008", "security.W021"}, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("debug", ["1", None])  # DEBUG on, said or by default
+@pytest.mark.parametrize("bind", ["0.0.0.0:{port}", ":{port}", "[::]:{port}", "192.0.2.7:{port}"])
+def test_the_web_server_will_not_listen_beyond_loopback_with_debug_on(tmp_path, bind, debug):
+    """Issue 21: the deploy guide's Procfile bound 0.0.0.0 without DEBUG=0, so the network saw Django's
+    debug pages. gunicorn (gunicorn.conf.py) now refuses before it opens a socket."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT, free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "DEBUG"} | {"BATCHSITE_DATA_DIR": str(tmp_path)}
+    if debug is not None:
+        env["DEBUG"] = debug
+    address = bind.format(port=free_port())
+    args = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", address]
+    result = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and f"Refusing to listen on {address} with DEBUG on" in result.stderr
