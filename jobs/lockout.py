@@ -19,17 +19,30 @@ API_TOKEN = "(API token)"  # parentheses and a space: never a real username
 
 
 def client_ip(request: HttpRequest) -> str:
-    """The caller's address: REMOTE_ADDR, or the address a trusted proxy (FORWARDED_ALLOW_IPS) appended last."""
+    """The caller's address (REMOTE_ADDR, or the address a trusted proxy in FORWARDED_ALLOW_IPS appended last),
+    as guessing is counted: an IPv6 address by its /64, which one host or household gets whole, so cycling
+    through it neither dodges the limit nor makes a record per address."""
     remote = request.META.get("REMOTE_ADDR", "")
     trusted = settings.FORWARDED_ALLOW_IPS
     forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
     if forwarded and ("*" in trusted or remote in trusted):
         candidate = forwarded.rsplit(",", 1)[-1].strip()
         try:
-            return str(ipaddress.ip_address(candidate))
+            return _counted(ipaddress.ip_address(candidate))
         except ValueError:
             pass
-    return remote
+    try:
+        return _counted(ipaddress.ip_address(remote))
+    except ValueError:
+        return remote
+
+
+def _counted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address)
+    return str(ip)
 
 
 def lockout_parameters(request, credentials) -> list:
@@ -53,11 +66,12 @@ def locked_out(request, original_response=None, credentials=None) -> HttpRespons
 
 
 def _probe(request: HttpRequest) -> HttpRequest:
-    """A copy of the request's address, agent and path, without its body: axes records a failure's form
-    fields, and the body of a /v1 call with a wrong token (maybe a big upload) should never be read."""
+    """A copy of the request's address and path, without its body: axes records a failure's form fields, and
+    the body of a /v1 call with a wrong token (maybe a big upload) should never be read. Without its user agent
+    too: axes keeps a record per address and agent, and a guesser changing agents would make one each."""
     probe = HttpRequest()
     probe.method, probe.path, probe.path_info = request.method, request.path, request.path_info
-    kept = ("REMOTE_ADDR", "HTTP_X_FORWARDED_FOR", "HTTP_USER_AGENT", "HTTP_ACCEPT")
+    kept = ("REMOTE_ADDR", "HTTP_X_FORWARDED_FOR", "HTTP_ACCEPT")
     probe.META = {k: v for k, v in request.META.items() if k in kept}
     return probe
 

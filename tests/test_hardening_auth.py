@@ -564,3 +564,28 @@ def test_templates_hold_no_inline_script_or_handlers():
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", text), path
         assert not re.search(r"\son[a-z]+\s*=", text), path
         assert "javascript:" not in text and "hx-on" not in text, path
+
+
+def test_wrong_tokens_from_one_address_make_one_record_whatever_their_user_agent(client, settings):
+    settings.AXES_FAILURE_LIMIT = 10
+    for i in range(6):
+        response = client.get(
+            "/v1/batches",
+            headers={"Authorization": f"Bearer bs-guess-{i}", "User-Agent": f"agent/{i}"},
+            REMOTE_ADDR="10.6.6.6",
+        )
+        assert response.status_code == 401
+    assert AccessAttempt.objects.filter(ip_address="10.6.6.6").count() == 1
+
+
+def test_an_ipv6_guesser_is_counted_by_its_64_not_by_each_address(client, settings):
+    settings.AXES_FAILURE_LIMIT = 3
+    for host in ("1", "2", "3"):
+        response = client.get(
+            "/v1/batches", headers={"Authorization": "Bearer bs-x"}, REMOTE_ADDR=f"2001:db8:1:2::{host}"
+        )
+        assert response.status_code == 401
+    same_64 = client.get("/v1/batches", headers={"Authorization": "Bearer bs-x"}, REMOTE_ADDR="2001:db8:1:2:ffff::9")
+    other_64 = client.get("/v1/batches", headers={"Authorization": "Bearer bs-x"}, REMOTE_ADDR="2001:db8:1:3::1")
+    assert (same_64.status_code, other_64.status_code) == (429, 401)
+    assert AccessAttempt.objects.count() == 2  # one record a /64
