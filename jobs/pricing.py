@@ -1,5 +1,8 @@
-"""Cost of a request from the editable price table (the longest matching model prefix wins)."""
+"""Cost of a request from the editable price table: a model's own price, or that of the model it is a dated
+snapshot (gpt-4o-mini-2024-07-18) or a tag (llama3:8b) of, or that of the longest prefix staff wrote with a
+trailing * (llama3*). A plain name is never a prefix: o3-pro is not priced as o3."""
 
+import re
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -10,12 +13,18 @@ from jobs import remoteplan
 from jobs.models import Price
 
 ZERO = Decimal(0)
+# What may follow a priced name in a snapshot's name: a date (-2024-07-18) or a four-digit version (-0125).
+# Anything else is another model: o3-pro is not o3, gpt-4o-mini is not gpt-4o.
+SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})")
 
 
 class PriceBook:
     def __init__(self, prices: list[Price]):
-        # Longest prefix first, so "gpt-4o-mini-2024-07-18" finds gpt-4o-mini before gpt-4o.
-        self.prices = sorted(prices, key=lambda p: len(p.model), reverse=True)
+        self.prices = {p.model.lower(): p for p in prices if not p.model.endswith("*")}
+        # Longest first, so "llama3.1*" wins over "llama3*".
+        self.prefixes = sorted(
+            ((p.model.lower().rstrip("*"), p) for p in prices if p.model.endswith("*")), key=lambda e: -len(e[0])
+        )
         self._by_model: dict[str, Price | None] = {}
 
     @classmethod
@@ -23,9 +32,16 @@ class PriceBook:
         return cls(list(Price.objects.all()))
 
     def price(self, model: str) -> Price | None:
+        """The model's price, else its base model's (a dated snapshot, a tag), else the longest prefix* it
+        starts with; None if there is none."""
         if model not in self._by_model:
             name = (model or "").lower()
-            self._by_model[model] = next((p for p in self.prices if name.startswith(p.model.lower())), None)
+            snapshot = SNAPSHOT.search(name)
+            base = name[: snapshot.start()] if snapshot and snapshot.end() == len(name) else name.partition(":")[0]
+            found = self.prices.get(name) or self.prices.get(base)
+            if found is None:
+                found = next((p for prefix, p in self.prefixes if name.startswith(prefix)), None)
+            self._by_model[model] = found
         return self._by_model[model]
 
     def cost(

@@ -93,11 +93,22 @@ def test_usage_for_each_endpoint_shape():
 
 
 @pytest.mark.django_db
-def test_price_longest_prefix_wins():
+def test_a_snapshot_is_priced_as_its_model_and_another_model_never_is():
     book = PriceBook.load()
     assert book.price("gpt-4o-mini-2024-07-18").model == "gpt-4o-mini"
     assert book.price("gpt-4o-2024-08-06").model == "gpt-4o"
+    assert book.price("GPT-4o-mini").model == "gpt-4o-mini"
     assert book.price("llama3:8b") is None and book.cost("llama3:8b", 1000, 1000) == 0
+    assert book.price("o3-2025-04-16").model == "o3"
+    # Issue 21: prefix matching priced these as their shorter neighbours
+    assert book.price("o3-pro") is None and book.price("o3-pro-2025-06-10") is None
+    assert book.price("gpt-4o-mini-search-preview") is None
+    Price.objects.create(model="llama3*", input_per_mtok=0, output_per_mtok=0)
+    Price.objects.create(model="llama3.1*", input_per_mtok=1, output_per_mtok=1)
+    Price.objects.create(model="qwen3", input_per_mtok=1, output_per_mtok=1)
+    book = PriceBook.load()
+    assert book.price("llama3:8b").model == "llama3*" and book.price("llama3.1:70b").model == "llama3.1*"
+    assert book.price("qwen3:32b").model == "qwen3" and book.price("qwen3-coder") is None
     # 1M uncached input at 0.15, 1M cached at 0.075, 1M output at 0.60
     assert book.cost("gpt-4o-mini", 2_000_000, 1_000_000, cached_tokens=1_000_000) == Decimal("0.825")
     Price.objects.filter(model="gpt-4o-mini").update(output_per_mtok=1)

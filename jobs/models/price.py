@@ -6,9 +6,13 @@ from django.db import models
 
 
 class Price(models.Model):
-    """USD per million tokens; the longest matching model prefix wins. Editable in the admin."""
+    """USD per million tokens, for a model and its snapshots, or for a prefix* (jobs/pricing.py). Editable in the admin."""
 
-    model = models.CharField(max_length=100, unique=True, help_text="Model name or prefix, e.g. gpt-4o-mini")
+    model = models.CharField(
+        max_length=100,
+        unique=True,
+        help_text="Model name, e.g. gpt-4o-mini (its dated snapshots and :tags share its price), or a prefix ending in *, e.g. llama3*",
+    )
     input_per_mtok = models.DecimalField(max_digits=10, decimal_places=4)
     cached_input_per_mtok = models.DecimalField(max_digits=10, decimal_places=4, null=True, blank=True)
     output_per_mtok = models.DecimalField(max_digits=10, decimal_places=4, default=Decimal(0))
