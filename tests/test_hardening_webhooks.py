@@ -89,16 +89,21 @@ def delivery_to(write, owner, monkeypatch):
     return make
 
 
-def test_a_receiver_that_drips_its_headers_holds_a_delivery_no_longer_than_its_deadline(delivery_to, monkeypatch):
-    monkeypatch.setattr(notify, "DEADLINE", 1.5)
-    receiver = RawReceiver(drip(b"HTTP/1.1 200 OK\r\nX-Slow: "))  # a byte every 0.2 s, never the end
+def deliver_to(delivery_to, reply) -> tuple[WebhookDelivery, float]:
+    """A delivery to a receiver that answers with `reply`, and the seconds notify.send_due took to make it."""
+    receiver = RawReceiver(reply)
     try:
         delivery = delivery_to(receiver.url)
         started = time.monotonic()
         notify.send_due()
-        took = time.monotonic() - started
+        return delivery, time.monotonic() - started
     finally:
         receiver.close()
+
+
+def test_a_receiver_that_drips_its_headers_holds_a_delivery_no_longer_than_its_deadline(delivery_to, monkeypatch):
+    monkeypatch.setattr(notify, "DEADLINE", 1.5)
+    delivery, took = deliver_to(delivery_to, drip(b"HTTP/1.1 200 OK\r\nX-Slow: "))  # a byte every 0.2 s, no end
 
     assert took < 1.5 + 1.0, took  # the deadline, and what the bookkeeping takes
     delivery.refresh_from_db()
@@ -112,14 +117,7 @@ def test_a_receiver_that_drips_its_headers_holds_a_delivery_no_longer_than_its_d
     ids=["dripping-body", "200-MB-body"],
 )
 def test_the_answers_body_is_never_read_and_the_delivery_counts(delivery_to, reply):
-    receiver = RawReceiver(reply)
-    try:
-        delivery = delivery_to(receiver.url)
-        started = time.monotonic()
-        notify.send_due()
-        took = time.monotonic() - started
-    finally:
-        receiver.close()
+    delivery, took = deliver_to(delivery_to, reply)
 
     delivery.refresh_from_db()
     assert (delivery.status, delivery.last_status_code) == (WebhookDelivery.Status.DELIVERED, 200)
