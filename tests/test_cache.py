@@ -45,12 +45,12 @@ def test_an_endpoint_moved_to_another_server_does_not_get_the_old_servers_answer
         response='{"old":1}',
         answered_at=timezone.now(),
     )
-    send, others = answercache.sort_out(endpoint.pk, CHAT, uuid.uuid4(), [claimed])
+    send, others = answercache.sort_out(endpoint.pk, endpoint.base_url, CHAT, uuid.uuid4(), [claimed])
     assert send == [] and others[0].from_cache  # the same server: answered from the cache
 
     endpoint.base_url = "http://127.0.0.1:10/v1"
     endpoint.save(update_fields=["base_url"])
-    send, others = answercache.sort_out(endpoint.pk, CHAT, uuid.uuid4(), [claimed])
+    send, others = answercache.sort_out(endpoint.pk, endpoint.base_url, CHAT, uuid.uuid4(), [claimed])
     assert [c.id for c in send] == [item.id] and others == []  # sent to the new server
 
 

@@ -20,7 +20,7 @@ from django.db.models.functions import Length
 from django.utils import timezone
 
 from jobs.engine.leases import Claimed, Outcome, lease_seconds
-from jobs.models import CachedAnswer, Endpoint, Item, cache_key
+from jobs.models import CachedAnswer, Item, cache_key
 
 WAIT_FOR_TWIN_SECONDS = 1.0  # an item whose twin is being sent looks again this much later
 
@@ -30,21 +30,20 @@ def max_age() -> timedelta:
 
 
 def sort_out(
-    endpoint_id: int, url: str, lease: uuid.UUID, claimed: list[Claimed]
+    endpoint_id: int, base_url: str, url: str, lease: uuid.UUID, claimed: list[Claimed]
 ) -> tuple[list[Claimed], list[Outcome]]:
     """(items to send, outcomes of the others: answered from the cache, or back to pending for a moment
     while their twin is sent). Each item to send carries its cache key."""
     with transaction.atomic():  # all or nothing: a retry after a locked database starts from a clean slate
-        return _sort_out(endpoint_id, url, lease, claimed)
+        return _sort_out(endpoint_id, base_url, url, lease, claimed)
 
 
 def _sort_out(
-    endpoint_id: int, url: str, lease: uuid.UUID, claimed: list[Claimed]
+    endpoint_id: int, base_url: str, url: str, lease: uuid.UUID, claimed: list[Claimed]
 ) -> tuple[list[Claimed], list[Outcome]]:
     now = timezone.now()
     fresh_since = now - max_age()
     until = now + timedelta(seconds=lease_seconds())
-    base_url = Endpoint.objects.filter(pk=endpoint_id).values_list("base_url", flat=True).first() or ""
     keyed = [(item, cache_key(endpoint_id, base_url, url, item.body)) for item in claimed]
     rows = {row.key: row for row in CachedAnswer.objects.filter(key__in={k for _, k in keyed})}
     send: list[Claimed] = []

@@ -44,6 +44,7 @@ class Slice:
     ):
         self.job_id = job.pk
         self.endpoint_id = endpoint.pk
+        self.base_url = endpoint.base_url  # where this slice sends: what its answers are cached under
         self.url = job.url
         self.use_cache = job.use_cache
         self.generation = generation
@@ -135,7 +136,9 @@ class Slice:
         self.more_to_claim = bool(claimed)
         if claimed and self.use_cache:
             # Answered before: from the cache. Being sent by another item right now: wait for its answer.
-            claimed, others = await self.db.call(answercache.sort_out, self.endpoint_id, self.url, self.lease, claimed)
+            claimed, others = await self.db.call(
+                answercache.sort_out, self.endpoint_id, self.base_url, self.url, self.lease, claimed
+            )
             for outcome in others:
                 self.results.add(outcome)
         self.queue.extend(claimed)

@@ -82,7 +82,7 @@ def rendered_bytes(text: str, uses: Counter[str], cell_bytes: dict[str, int]) ->
 
 def placeholder_uses(text: str) -> Counter[str]:
     """How many times each placeholder name appears in `text`."""
-    return Counter(name for name in template_columns(text))
+    return Counter(template_columns(text))
 
 
 def template_columns(text: str) -> list[str]:
