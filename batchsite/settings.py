@@ -246,6 +246,9 @@ BATCHSITE_FILE_EXPIRY_DAYS = envint("BATCHSITE_FILE_EXPIRY_DAYS", 30)
 BATCHSITE_LEASE_SECONDS = envint("BATCHSITE_LEASE_SECONDS", 15)
 BATCHSITE_SLICE_SECONDS = envint("BATCHSITE_SLICE_SECONDS", 60)
 BATCHSITE_REQUEST_TIMEOUT = envint("BATCHSITE_REQUEST_TIMEOUT", 600)
+# An upstream answer (live, or a result file's line) is read up to this size; a bigger one fails the request as
+# answer_too_large without the rest being read.
+BATCHSITE_MAX_ANSWER_MB = envint("BATCHSITE_MAX_ANSWER_MB", 16)
 # Server errors, timeouts and lost connections are tried at least this often, whatever a job's max attempts.
 BATCHSITE_TRANSIENT_ATTEMPTS = envint("BATCHSITE_TRANSIENT_ATTEMPTS", 10)
 BATCHSITE_SLICES_PER_JOB = envint("BATCHSITE_SLICES_PER_JOB", envint("BATCHSITE_WORKERS", 2))

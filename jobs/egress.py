@@ -9,6 +9,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore2
 import httpx2
 from django.conf import settings
 
@@ -72,11 +73,13 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-def check_base_url(url: str, resolve: bool = True) -> None:
+def check_base_url(url: str, resolve: bool = True, must_resolve: bool = False) -> None:
     """UnsafeURL unless `url` is a plain http(s) base URL whose host is an allowed address.
 
-    With `resolve`, the host name is looked up and every address it has is checked; a name that does not
-    resolve (yet) passes, since it is checked again when the endpoint is used.
+    With `resolve`, the host name is looked up and every address it has is checked. A name that does not
+    resolve passes unless `must_resolve` (when a person saves it: a typo, or DNS that answers only later):
+    the engine's clients check each address again as they connect (CheckedBackend, wire.CheckedResolver),
+    and a lookup that fails then is a failed connection, tried again.
     """
     parts = urlsplit(url.strip())
     if parts.scheme.lower() not in ("http", "https"):
@@ -99,17 +102,20 @@ def check_base_url(url: str, resolve: bool = True) -> None:
         ipaddress.ip_address(host)
     except ValueError:  # a name, or an address in a form only the resolver reads (2852039166, 0xa9fea9fe)
         if resolve:
-            for address in resolve_host(host):
+            addresses = resolve_host(host)
+            if not addresses and must_resolve:
+                raise UnsafeURL(f"{host} does not resolve from this server; check the name.")
+            for address in addresses:
                 check_address(address)
     else:
         check_address(host)
 
 
-def check_webhook_url(url: str) -> None:
+def check_webhook_url(url: str, must_resolve: bool = False) -> None:
     """UnsafeURL unless a webhook's URL is plain http(s) to an allowed address (unlike a base URL, it may have
     a query: some receivers take their token there)."""
     parts = urlsplit(url.strip())
-    check_base_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+    check_base_url(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), must_resolve=must_resolve)
 
 
 def resolve_host(host: str) -> list[str]:
@@ -127,3 +133,57 @@ def check_peer(response: httpx2.Response) -> None:
     peer = stream.get_extra_info("server_addr") if stream is not None else None
     if peer:
         check_address(str(peer[0]))
+
+
+class CheckedBackend(httpcore2.SyncBackend):
+    """httpcore's network backend, connecting only to addresses check_address allows: the name is resolved
+    here, each address checked, and the connection made to a checked address, so a name cannot resolve to
+    one address for the check and another for the connection (DNS rebinding)."""
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        addresses = resolve_host(host) if not _is_address(host) else [host]
+        if not addresses:
+            raise httpcore2.ConnectError(f"{host} does not resolve")
+        try:
+            for address in addresses:
+                check_address(address)
+        except UnsafeURL as e:
+            # As a connection error, which the SDK and httpx report as one; refusal() finds the reason in it.
+            raise httpcore2.ConnectError(str(e)) from e
+        last: Exception | None = None
+        for address in dict.fromkeys(addresses):  # in the resolver's order, each once
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore2.ConnectError as e:
+                last = e
+        assert last is not None
+        raise last
+
+
+def checked_transport() -> httpx2.HTTPTransport:
+    """An httpx transport whose connections go only to allowed addresses (CheckedBackend)."""
+    transport = httpx2.HTTPTransport(trust_env=False)
+    # httpx builds its pool without a way to pass a network backend; the pool reads this attribute for each
+    # new connection (tests/test_hardening_answers.py fails if an upgrade changes that).
+    transport._pool._network_backend = CheckedBackend()
+    return transport
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def refusal(error: BaseException) -> str:
+    """Why a failed call's connection was refused here (an UnsafeURL among its causes), or ""."""
+    cause: BaseException | None = error
+    for _ in range(20):  # a chain of causes is short; a cycle must not hang
+        if cause is None:
+            break
+        if isinstance(cause, UnsafeURL):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return ""

@@ -138,3 +138,48 @@ def max_output_tokens(body: dict) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 0
+
+
+# The most output a model writes when a request sets no limit (OpenAI's model pages, December 2026), longest
+# prefix first. A budget weighs a request at its most possible cost: without these, leaving max_tokens out
+# would make every request look free of output, and a limit could be run past.
+MODEL_MAX_OUTPUT = sorted(
+    {
+        "gpt-3.5": 4_096,
+        "gpt-4-turbo": 4_096,
+        "gpt-4": 8_192,
+        "gpt-4o": 16_384,
+        "chatgpt-4o": 16_384,
+        "gpt-4.1": 32_768,
+        "gpt-4.5": 16_384,
+        "gpt-5": 128_000,
+        "o1-mini": 65_536,
+        "o1": 100_000,
+        "o3": 100_000,
+        "o4": 100_000,
+        "codex": 100_000,
+    }.items(),
+    key=lambda e: -len(e[0]),
+)
+DEFAULT_MAX_OUTPUT = 32_768  # another model (a local one, say): more than most write
+NO_OUTPUT_URLS = ("/v1/embeddings", "/v1/moderations")
+MAX_CHOICES = 128  # OpenAI's limit on n
+
+
+def model_max_output(model: str) -> int:
+    name = (model or "").lower()
+    return next((limit for prefix, limit in MODEL_MAX_OUTPUT if name.startswith(prefix)), DEFAULT_MAX_OUTPUT)
+
+
+def most_output_tokens(url: str, body: dict) -> int:
+    """The most output tokens a request may be billed for: its limit (else its model's most), times the
+    answers it asks for (`n` choices, `best_of` completions)."""
+    if url in NO_OUTPUT_URLS:
+        return 0
+    per_answer = max_output_tokens(body) or model_max_output(str(body.get("model") or ""))
+    answers = 1
+    for key in ("n", "best_of"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > answers:
+            answers = min(value, MAX_CHOICES)
+    return per_answer * answers

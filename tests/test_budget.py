@@ -107,7 +107,7 @@ def test_a_monthly_limit_of_the_owner_or_the_endpoint_pauses_the_job_and_the_usa
     with serve_in_thread(SimConfig(latency_ms=5)) as base_url:
         endpoint = make_endpoint(base_url, concurrency=10)
         earlier = make_job(write, owner, endpoint, 1, start=False)
-        Job.objects.filter(pk=earlier.pk).update(cost=Decimal("0.0010"))  # spent this month already
+        earlier.add_to_counters(cost=Decimal("0.0010"))  # spent this month already (the ledger has it)
         job = make_job(write, owner, endpoint, 10, start=False, max_tokens=4000)
         item = job.items.get(line=1)
         most = PriceBook.load().cost("gpt-4o-mini", item.est_tokens, tokens.max_output_tokens({"max_tokens": 4000}))

@@ -187,3 +187,49 @@ def test_old_events_and_their_deliveries_are_pruned_once_nothing_is_left_to_send
 
     assert list(JobEvent.objects.order_by("pk")) == [retried, recent]  # a delivery of `retried` is still pending
     assert not WebhookDelivery.objects.filter(event_id=old.pk).exists()
+
+
+def job_seconds(job) -> float:
+    job.refresh_from_db()
+    return (job.finished_at - job.created_at).total_seconds()  # from the click: waiting for a worker counts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_jobs_run_as_fast_while_three_deliveries_drip(cluster, simulator, write, owner):
+    """The attack: a receiver that answers 200 and then drips (each delivery held to its 15 s deadline) while jobs
+    end one after another, each delivery made by its own notification task. Deliveries run on the workers'
+    outbox threads, so the jobs that follow have the workers they had before: held by deliveries, the third
+    small job would wait for a worker for up to 15 s, and the big one after it too."""
+    from tests.test_engine_cluster import wait_status
+
+    sim = simulator("--latency-ms", "100")
+    endpoint = make_endpoint(sim.base_url, concurrency=50)
+    cluster()
+    before = make_job(write, owner, endpoint, 600)
+    wait_status(before, "completed", 120)
+    baseline = job_seconds(before)
+
+    receiver = RawReceiver(drip(b"HTTP/1.1 200 OK\r\nX-Slow: ", every=2.0))
+    try:
+        hook = Webhook(name="dripping", url=receiver.url)
+        hook.new_secret()
+        hook.save()
+        small = []
+        for n in range(1, 4):
+            job = make_job(write, owner, endpoint, 1)
+            wait_status(job, "completed", 60)
+            small.append(job_seconds(job))
+            end = time.monotonic() + 30
+            while receiver.hits < n and time.monotonic() < end:  # its delivery is being held by the receiver
+                time.sleep(0.05)
+            assert receiver.hits >= n, "the delivery never reached the receiver"
+        after = make_job(write, owner, endpoint, 600)  # while the three deliveries are held
+        wait_status(after, "completed", 120)
+        took = job_seconds(after)
+        held = WebhookDelivery.objects.filter(webhook=hook, last_status_code__isnull=True).count()
+    finally:
+        receiver.close()
+    assert held >= 3  # the deliveries were still being held when the last job ended
+    assert max(small) < 3.0, f"small jobs took {small} s from launch: they waited for a worker"
+    assert took < baseline * 1.5 + 1.0, f"{took:.1f} s with deliveries in flight, {baseline:.1f} s before"

@@ -110,7 +110,7 @@ def test_a_monthly_limit_holds_for_work_sent_to_the_batch_api(sim, write, owner,
     config, base_url = sim
     endpoint = make_endpoint(base_url)
     earlier = make_job(write, owner, endpoint, 1, start=False)
-    Job.objects.filter(pk=earlier.pk).update(cost=Decimal("0.0099"))  # spent this month already
+    earlier.add_to_counters(cost=Decimal("0.0099"))  # spent this month already (the ledger has it)
     limit = SpendingLimit.objects.create(user=owner, monthly_usd=Decimal("0.01"))
     job = batch_job(write, owner, endpoint, 10, mode=mode)
     assert most(job, range(1, 11)) > Decimal("0.0001")
@@ -139,7 +139,7 @@ def test_a_batch_in_flight_counts_toward_the_monthly_limit_of_a_live_job(write, 
         in_flight = most(out, range(1, 11))
         room = in_flight + most(live, range(1, 2), discount=Decimal(0)) / 2
         earlier = make_job(write, owner, endpoint, 1, start=False)
-        Job.objects.filter(pk=earlier.pk).update(cost=Decimal("0.01") - room)
+        earlier.add_to_counters(cost=Decimal("0.01") - room)
         SpendingLimit.objects.create(user=owner, monthly_usd=Decimal("0.01"))
 
         drive(out, until=lambda j: j.remote_batches.filter(batch_id__gt="").exists())

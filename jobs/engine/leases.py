@@ -194,7 +194,7 @@ def claim(job_id: int, lease: uuid.UUID, limit: int) -> list[Claimed]:
 
 
 # What a budget check reads of the job (claim here, RemoteJob._within_budgets for the Batch API).
-BUDGET_FIELDS = ("cost_cap", "cost", "model", "owner_id", "endpoint_id")
+BUDGET_FIELDS = ("cost_cap", "cost", "model", "url", "owner_id", "endpoint_id")
 
 
 @dataclass
@@ -213,10 +213,13 @@ class Budget:
         )
 
 
-def most_cost(book: PriceBook, body: dict, est_tokens: int, model: str, discount: Decimal = Decimal(0)) -> Decimal:
-    """A request's most possible cost: its input plus all the output it may ask for (at the Batch API's
-    discount for a batch)."""
-    return book.cost(body.get("model") or model, est_tokens, tokens.max_output_tokens(body), discount=discount)
+def most_cost(
+    book: PriceBook, url: str, body: dict, est_tokens: int, model: str, discount: Decimal = Decimal(0)
+) -> Decimal:
+    """A request's most possible cost: its input plus all the output it may be billed for, every choice at its
+    max tokens or its model's most (tokens.most_output_tokens), at the Batch API's discount for a batch."""
+    output = tokens.most_output_tokens(url, body)
+    return book.cost(body.get("model") or model, est_tokens, output, discount=discount)
 
 
 def budgets(job: Job, weighed: Q) -> list[Budget]:
@@ -233,7 +236,8 @@ def budgets(job: Job, weighed: Q) -> list[Budget]:
             Budget(job.cost_cap, job.cost + flying, job.cost, "The job's cost cap", "Raise the cap (or remove it)")
         )
     scope = Q(user_id=job.owner_id) | Q(endpoint_id=job.endpoint_id) if job.endpoint_id else Q(user_id=job.owner_id)
-    for limit in SpendingLimit.objects.filter(scope).select_related("user", "endpoint"):
+    for limit in SpendingLimit.objects.filter(scope).select_related("user", "endpoint").order_by("pk"):
+        limit.lock()  # in pk order, after the job's row: claims against one limit are weighed one at a time
         spent = limit.spent()
         flying = running.filter(job__in=limit.jobs()).aggregate(s=Sum("est_cost"))["s"] or Decimal(0)
         found.append(
@@ -248,6 +252,18 @@ def budgets(job: Job, weighed: Q) -> list[Budget]:
     return found
 
 
+def unpriced(book: PriceBook, model: str, found: list[Budget]) -> str:
+    """Why a request of `model` may not run under the budgets `found`, or "": a model with no price would cost
+    $0 as far as any limit could tell, so it could run past every one."""
+    if not found or book.price(model) is not None:
+        return ""
+    return (
+        f"No price is known for the model “{model[:200]}”, and {found[0].says[0].lower()}{found[0].says[1:]} applies "
+        "to this job: without a price it cannot be kept. Staff can add the model's price (Admin → Prices), "
+        "then resume."
+    )
+
+
 def _within_budgets(job: Job, rows: list) -> list:
     """The claimed rows whose requests fit under every budget (the job's cost cap, its owner's and its
     endpoint's monthly limits), each at its most possible cost. The first that does not fit, and those after
@@ -258,12 +274,14 @@ def _within_budgets(job: Job, rows: list) -> list:
     book = PriceBook.load()
     kept: list = []
     for row in rows:
-        most = most_cost(book, json.loads(row[2]), row[3], job.model)
+        body = json.loads(row[2])
+        most = most_cost(book, job.url, body, row[3], job.model)
         over = next((b for b in found if b.committed + most > b.cap), None)
-        if over is not None:
+        why = unpriced(book, str(body.get("model") or job.model), found)
+        if over is not None or why:
             back = [r[0] for r in rows[len(kept) :]]
             Item.objects.filter(id__in=back).update(status=Item.Status.PENDING, lease_token=None, lease_until=None)
-            job.pause_itself(over.pause_reason(f"the next one (line {row[5]})", most))
+            job.pause_itself(why or (over and over.pause_reason(f"the next one (line {row[5]})", most)) or "")
             break
         for b in found:
             b.committed += most

@@ -2,6 +2,10 @@
 signed as Standard Webhooks sign (webhook-id, webhook-timestamp, webhook-signature: v1,<base64 HMAC-SHA256
 of "id.timestamp.body" under the secret's bytes>).
 
+Off the workers' main threads: the task (tasks.send_notifications) hands the work to its worker process's outbox
+thread and returns at once, so a slow or hostile receiver or mail server never holds a worker a job's slices
+need (send_in_background). At most one round runs per process at a time; every worker has its own.
+
 At least once: an attempt is claimed (compare-and-set on its count, which also sets the next try) before
 it is made, so two workers never make the same one, and a worker killed mid-send leaves it to be tried
 again. Receivers tell repeats apart by webhook-id, as the standard says.
@@ -15,15 +19,18 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from datetime import timedelta
 
 import aiohttp
 from django.conf import settings
 from django.core.mail import send_mail
+from django.db import connections
 from django.utils import timezone
 
 from jobs import egress
+from jobs.engine import wire
 from jobs.models import Batch, JobEvent, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,55 @@ SUBJECTS = {
     "batch.cancelled": "was cancelled",
     "batch.paused": "paused and needs you",
 }
+
+
+class _Outbox:
+    """One thread per worker process that runs send_due rounds, one at a time. A round asked for while one runs
+    is not queued: the running round, or the schedule's next, takes whatever became due."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = False
+        self.rounds = 0
+
+    def start(self) -> bool:
+        with self.lock:
+            if self.busy:
+                return False
+            self.busy = True
+        threading.Thread(target=self._round, name="batchsite-outbox", daemon=True).start()
+        return True
+
+    def _round(self) -> None:
+        try:
+            counts = send_due()
+            if any(counts.values()):
+                log.info("notifications %s", counts)
+        except Exception:
+            log.exception("sending notifications failed")  # claimed ones are tried again after their backoff
+        finally:
+            connections.close_all()  # this thread's connections only
+            with self.lock:
+                self.busy = False
+                self.rounds += 1
+
+    def wait(self, timeout: float) -> bool:
+        """Until no round runs (tests)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                if not self.busy:
+                    return True
+            time.sleep(0.02)
+        return False
+
+
+outbox = _Outbox()
+
+
+def send_in_background() -> bool:
+    """Start a round on this process's outbox thread; False if one is running (it takes what is due)."""
+    return outbox.start()
 
 
 def send_due(now=None) -> dict:
@@ -162,7 +218,9 @@ def _signed(delivery: WebhookDelivery) -> tuple[str, bytes, dict[str, str]]:
 async def _deliver_all(posts: list[tuple[str, bytes, dict[str, str]]]) -> list[tuple[int | None, str]]:
     """(status, error) of each signed delivery, made side by side over one session."""
     timeout = aiohttp.ClientTimeout(total=DEADLINE)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # Connections go only to allowed addresses, checked as they are made (wire.CheckedResolver).
+    connector = aiohttp.TCPConnector(resolver=wire.CheckedResolver(), ssl=wire.tls_context())
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False) as session:
         return await asyncio.gather(*(_deliver(session, *post) for post in posts))
 
 

@@ -45,7 +45,7 @@ from django.db.models.functions import Least
 from django_q.tasks import async_task
 
 from jobs import clock, egress, remoteplan
-from jobs.engine import leases, schemacheck, shutdown, upstream
+from jobs.engine import leases, schemacheck, shutdown, upstream, wire
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import QUOTA_CODES, one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
@@ -90,8 +90,11 @@ def client_for(endpoint: Endpoint) -> openai.OpenAI:
         base_url=endpoint.base_url,
         max_retries=0,
         timeout=timeout,
-        # The SDK's clients follow redirects: a 3xx pauses the job instead (_failed_call).
-        http_client=openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False),
+        # The SDK's clients follow redirects: a 3xx pauses the job instead (_failed_call). Each connection
+        # goes only to an address egress allows, checked as it is made (DNS rebinding).
+        http_client=openai.DefaultHttpxClient(
+            timeout=timeout, follow_redirects=False, transport=egress.checked_transport(), trust_env=False
+        ),
     )
 
 
@@ -223,6 +226,16 @@ def _unusable(endpoint: Endpoint | None) -> str:
 
 def _refused_for_tokens(errors: list) -> bool:
     return bool(errors) and all(e.get("code") == "token_limit_exceeded" for e in errors)
+
+
+def _too_large(line: wire.LongLine) -> dict | None:
+    """A result line over the limit, as an error line for the request its head names (if it names one)."""
+    custom_id = line.custom_id()
+    if custom_id is None:
+        return None
+    limit = wire.max_answer_bytes()
+    message = str(wire.AnswerTooLarge(limit))
+    return {"custom_id": custom_id, "response": None, "error": {"code": "answer_too_large", "message": message}}
 
 
 def _transient(fields: dict) -> bool:
@@ -478,6 +491,10 @@ class RemoteJob:
         if status is not None and 300 <= status < 400:
             headers = getattr(getattr(error, "response", None), "headers", {})
             pause_job(self.job.pk, upstream.redirect_refused(status, headers) + " Then resume the job.")
+        if refused := egress.refusal(error):
+            pause_job(
+                self.job.pk, f"The endpoint's address is refused: {refused} Fix it on the Endpoints page, then resume."
+            )
         # The verdicts below rest on what the endpoint said to the call that creates something, never on a
         # lookup (a lookup's 404 is no proof, and a batch made before a crash may be running).
         if status in NO_BATCH_API and self.calling == "files.create":
@@ -605,7 +622,12 @@ class RemoteJob:
             most, fits, over_ids = Decimal(0), Decimal(0), list[int]()
             fields = ("id", "line", "body", "est_tokens")
             for item_id, line, body, est in rows.order_by("line").values_list(*fields).iterator(PLAN_ROWS):
-                cost = leases.most_cost(self.prices, json.loads(body), est, job.model, discount)
+                request = json.loads(body)
+                cost = leases.most_cost(self.prices, job.url, request, est, job.model, discount)
+                if why := leases.unpriced(self.prices, str(request.get("model") or job.model), found):
+                    job.pause_itself(why)
+                    self.job.status = Job.Status.PAUSED
+                    return False
                 most += cost
                 lines.append(line)
                 if not over_ids and fits + cost <= room:
@@ -779,16 +801,28 @@ class RemoteJob:
         self._hold(chunk, LONG_CLAIM_SECONDS)
         with self.client.files.with_streaming_response.content(file_id) as response:
             lines: list[dict] = []
-            for raw in response.iter_lines():
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except ValueError:
-                    log.warning("job %s chunk %s: a result line is not JSON", self.job.pk, chunk.number)
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
+            # Each line is read up to BATCHSITE_MAX_ANSWER_MB: a longer one fails its request, unread.
+            for raw in wire.bounded_lines(response.iter_bytes(), wire.max_answer_bytes()):
+                if isinstance(raw, wire.LongLine):
+                    record = _too_large(raw)
+                    if record is None:
+                        log.warning(
+                            "job %s chunk %s: a result line too long to read names no request",
+                            self.job.pk,
+                            chunk.number,
+                        )
+                        continue
                     lines.append(record)
+                elif not raw.strip():
+                    continue
+                else:
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        log.warning("job %s chunk %s: a result line is not JSON", self.job.pk, chunk.number)
+                        continue
+                    if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
+                        lines.append(record)
                 if len(lines) >= JOIN_LINES:
                     self._join(chunk, lines)
                     lines = []

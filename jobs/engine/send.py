@@ -1,6 +1,7 @@
 """Sending a slice's claimed items, each until it has an outcome: a result, a failure, or back to pending.
 
-All requests go through one AsyncOpenAI client with max_retries=0: retries are ours (upstream.py).
+All requests go through one lean aiohttp client (wire.py), bounded and checked at connect time; retries are
+ours (upstream.py).
 A rate-limit 429 is back-pressure, not an attempt: the request is tried again for as long as the job
 runs. Server errors, timeouts and lost connections have a budget of their own
 (BATCHSITE_TRANSIENT_ATTEMPTS); other failures end the item at once, and an answer that says the job
@@ -14,26 +15,23 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
-import ssl
 import time
 from collections.abc import Mapping
 from decimal import Decimal
 
-import httpx2
-import openai
+import aiohttp
 from django.conf import settings
 
-from jobs import tokens
-from jobs.engine import database, schemacheck, upstream
+from jobs import egress, tokens
+from jobs.engine import database, schemacheck, upstream, wire
 from jobs.engine.database import DatabaseThread
 from jobs.engine.heartbeat import Heartbeat
 from jobs.engine.leases import Claimed, Outcome
 from jobs.engine.pacing import Pacing, sleep_unless
 from jobs.engine.results import Results
-from jobs.engine.upstream import PERMANENT, STOP, UpstreamError
+from jobs.engine.upstream import PERMANENT, RETRY, STOP, UpstreamError
 from jobs.models import Endpoint, Job
 from jobs.pricing import PriceBook
 
@@ -46,7 +44,7 @@ INTERNAL_ERROR_RETRY_SECONDS = 30.0
 
 
 class Sender:
-    client: openai.AsyncOpenAI  # set by open()
+    client: wire.Client  # set by open()
     prices: PriceBook
 
     def __init__(
@@ -82,18 +80,7 @@ class Sender:
 
     async def open(self) -> None:
         self.prices = await self.db.call(PriceBook.load)
-        self.client = openai.AsyncOpenAI(
-            api_key=self.endpoint.api_key or "none",
-            base_url=self.endpoint.base_url,
-            max_retries=0,
-            # aiohttp's transport: httpcore's pool probes every idle connection's socket on each request,
-            # which at a concurrency of 100 cost more CPU than the rest of the request (bench/throughput.py).
-            http_client=openai.DefaultAioHttpClient(
-                verify=_tls_context(),
-                timeout=httpx2.Timeout(settings.BATCHSITE_REQUEST_TIMEOUT, connect=15.0),
-                follow_redirects=False,  # the SDK's clients follow them: a 3xx fails as redirect_refused
-            ),
-        )
+        self.client = wire.Client(self.endpoint.base_url, self.endpoint.api_key, settings.BATCHSITE_REQUEST_TIMEOUT)
 
     async def close(self) -> None:
         await self.client.close()
@@ -185,6 +172,7 @@ class Sender:
 
     async def _send(self, item: Claimed, spent: _Spent) -> Outcome:
         body = json.loads(item.body)
+        raw = item.body.encode()  # sent as stored: the request the user wrote, byte for byte
         model = body.get("model", "")
         # What the endpoint charges against its token budget when the request arrives.
         cost = item.est_tokens + tokens.max_output_tokens(body)
@@ -205,29 +193,34 @@ class Sender:
             answered = False
             headers: Mapping[str, str] = {}
             try:
-                response = await self.client.post(self.path, body=body, cast_to=httpx2.Response)
+                response = await self.client.post(self.path, raw)
                 answered = True
-                latency = int((time.perf_counter() - started) * 1000)
-                self.pacing.count_answer(limited=False)
-                outcome = self._succeeded(item, model, response, attempts + 1, retries, latency, want)
-                if outcome.error_code != schemacheck.INVALID_OUTPUT:
-                    return outcome
-                invalid += 1
-                if invalid > self.output_retries:
-                    return outcome
-                spent.add(outcome)
-                attempts, retries = attempts + 1, retries + 1
-                continue  # at once: the answer was wrong, not the server busy
-            except openai.APIStatusError as e:
+                if response.status >= 300:
+                    headers = response.headers
+                    last = upstream.classify(response.status, response.text, headers)
+                    self.pacing.limiter.observe(headers)
+                    self.pacing.count_answer(last.rate_limited)
+                else:
+                    latency = int((time.perf_counter() - started) * 1000)
+                    self.pacing.count_answer(limited=False)
+                    outcome = self._succeeded(item, model, response, attempts + 1, retries, latency, want)
+                    if outcome.error_code != schemacheck.INVALID_OUTPUT:
+                        return outcome
+                    invalid += 1
+                    if invalid > self.output_retries:
+                        return outcome
+                    spent.add(outcome)
+                    attempts, retries = attempts + 1, retries + 1
+                    continue  # at once: the answer was wrong, not the server busy
+            except wire.AnswerTooLarge as e:
                 answered = True
-                headers = e.response.headers
-                last = upstream.classify(e.status_code, e.response.text, headers)
-                self.pacing.limiter.observe(headers)
-                self.pacing.count_answer(last.rate_limited)
-            except openai.APITimeoutError as e:
-                last = upstream.timeout_or_refused(e)
-            except openai.APIConnectionError as e:
-                last = upstream.connection_lost(e)
+                last = UpstreamError(PERMANENT, str(e), code="answer_too_large")
+            except egress.UnsafeURL as e:
+                # The name leads somewhere endpoints may not go now (DNS rebinding): nothing was sent.
+                last = UpstreamError(STOP, f"The endpoint's address is refused: {e}", code="address_refused")
+            except (aiohttp.ClientError, TimeoutError) as e:
+                code, message = wire.network_error(e)
+                last = UpstreamError(RETRY, message, code=code)
             except UpstreamError as e:  # a 200 whose body is no answer
                 last = e
             finally:
@@ -271,7 +264,7 @@ class Sender:
         self,
         item: Claimed,
         model: str,
-        response: httpx2.Response,
+        response: wire.Answer,
         attempts: int,
         retries: int,
         latency: int,
@@ -289,7 +282,7 @@ class Sender:
             error = UpstreamError(
                 PERMANENT,
                 why,
-                http_status=response.status_code,
+                http_status=response.status,
                 body=text,
                 code=schemacheck.INVALID_OUTPUT,
                 request_id=response.headers.get("x-request-id", ""),
@@ -303,7 +296,7 @@ class Sender:
             item.id,
             attempts,
             retries,
-            http_status=response.status_code,
+            http_status=response.status,
             response=text,
             request_id=response.headers.get("x-request-id", ""),
             usage=usage,
@@ -344,10 +337,3 @@ class _Spent:
             cached_tokens=outcome.cached_tokens + self.cached_tokens,
             cost=outcome.cost + self.cost,
         )
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One TLS context per process: loading the CA bundle takes 50-150 ms, which every slice's new HTTP
-    client would otherwise spend before its first request."""
-    return httpx2.create_ssl_context()

@@ -172,11 +172,9 @@ def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
 
 
 def send_notifications() -> dict:
-    """Emails and webhook deliveries that are due (jobs/engine/notify.py)."""
-    result = notify.send_due()
-    if any(result.values()):
-        log.info("notifications %s", result)
-    return result
+    """Emails and webhook deliveries that are due, sent on this worker's outbox thread (jobs/engine/notify.py):
+    the task returns at once, so a slow receiver never holds a worker that jobs need."""
+    return {"started": notify.send_in_background()}
 
 
 def sweep_seconds() -> float:

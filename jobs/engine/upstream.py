@@ -13,6 +13,7 @@ import email.utils
 import json
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -174,13 +175,32 @@ def _error_fields(text: str) -> tuple[str, str, str]:
     """(code, type, message) of an OpenAI-shaped error body; empty strings when it is not one."""
     try:
         error = json.loads(text).get("error")
-    except (ValueError, AttributeError):
+    except ValueError:
+        return _cut_error_fields(text)
+    except AttributeError:
         return "", "", text[:500]
     if isinstance(error, str):
         return "", "", error
     if not isinstance(error, dict):
         return "", "", text[:500]
     return str(error.get("code") or ""), str(error.get("type") or ""), str(error.get("message") or "")
+
+
+_FIELD = re.compile(r'"(code|type|message)"\s*:\s*"((?:[^"\\]|\\.){0,2000})"')  # bounded: no backtracking blow-up
+
+
+def _cut_error_fields(text: str) -> tuple[str, str, str]:
+    """(code, type, message) of an error body that is not whole JSON: one cut at wire.ERROR_BYTES, say. Its
+    fields come first in an OpenAI-shaped error, so they are read from its beginning."""
+    found: dict[str, str] = {}
+    for match in _FIELD.finditer(text[:8192]):
+        try:
+            found.setdefault(match[1], json.loads(f'"{match[2]}"'))
+        except ValueError:
+            continue
+    if "message" not in found:
+        return found.get("code", ""), found.get("type", ""), text[:500]
+    return found.get("code", ""), found.get("type", ""), found["message"]
 
 
 def one_line(text: str) -> str:

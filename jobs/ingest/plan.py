@@ -228,6 +228,6 @@ def _consume(plan: Plan, requests: Iterator[Request], progress: Callable[[int], 
         est = tokens.estimate_request(plan.url, request.body)
         plan.est_tokens.append(min(est, 2**32 - 1))
         plan.est_input_tokens += est
-        plan.max_output_tokens += tokens.max_output_tokens(request.body)
+        plan.max_output_tokens += tokens.most_output_tokens(plan.url, request.body)
         if len(plan.preview) < PREVIEW_SIZE:
             plan.preview.append(request.as_batch_line(plan.url))

@@ -1,6 +1,6 @@
 """The core's data: endpoints, jobs and their items, prices, API tokens, and the /v1 files and batches."""
 
-from jobs.models.budget import SpendingLimit, month_start
+from jobs.models.budget import Spending, SpendingLimit, month_start
 from jobs.models.cache import CachedAnswer, cache_key
 from jobs.models.endpoint import Endpoint
 from jobs.models.files import Batch, File, _batch_id, _file_id
@@ -25,6 +25,7 @@ __all__ = [
     "NotificationSettings",
     "Price",
     "RemoteBatch",
+    "Spending",
     "SpendingLimit",
     "Webhook",
     "WebhookDelivery",

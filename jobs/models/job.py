@@ -15,6 +15,7 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from jobs import clock
+from jobs.models.budget import Spending
 from jobs.models.endpoint import Endpoint
 from jobs.models.notify import EVENTS, PAUSED, JobEvent
 
@@ -225,8 +226,11 @@ class Job(models.Model):
                 JobEvent.record(self, EVENTS[new])
 
     def add_to_counters(self, **deltas) -> None:
-        """Add to counters with F() so concurrent writers never lose an update."""
+        """Add to counters with F() so concurrent writers never lose an update. Money spent goes into the
+        spending ledger too (budget.Spending), which monthly limits read: callers hold the job's lock."""
         Job.objects.filter(pk=self.pk).update(**{k: F(k) + v for k, v in deltas.items() if v}, updated_at=clock.now())
+        if deltas.get("cost"):
+            Spending.record(self.pk, deltas["cost"])
 
     # The lifecycle. Control actions are safe to call twice and from any state: one the state does not
     # allow raises InvalidTransition with a message for the person who clicked.

@@ -242,7 +242,7 @@ class EndpointForm(forms.ModelForm):
     def clean_base_url(self):
         url = self.cleaned_data["base_url"].strip()
         try:
-            egress.check_base_url(url)
+            egress.check_base_url(url, must_resolve=True)
         except egress.UnsafeURL as e:
             raise forms.ValidationError(str(e)) from None
         return url

@@ -23,7 +23,7 @@ class WebhookForm(forms.ModelForm):
     def clean_url(self) -> str:
         url = self.cleaned_data["url"]
         try:
-            egress.check_webhook_url(url)
+            egress.check_webhook_url(url, must_resolve=True)
         except egress.UnsafeURL as e:
             raise ValidationError(str(e)) from None
         return url

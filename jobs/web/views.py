@@ -663,7 +663,8 @@ def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
         egress.check_base_url(endpoint.base_url)  # again now: the name may resolve elsewhere than when saved
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key_encrypted else {}
         base = endpoint.base_url.rstrip("/")
-        with httpx2.Client(timeout=10, follow_redirects=False, headers=headers) as client:
+        transport = egress.checked_transport()  # connects only to allowed addresses, checked as it connects
+        with httpx2.Client(timeout=10, follow_redirects=False, headers=headers, transport=transport) as client:
             status, body = _probe(client, base + "/models")
             ms = int((time.perf_counter() - started) * 1000)
             batches: int | str | None = None
@@ -688,7 +689,7 @@ def endpoint_test(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     except ValueError as e:  # the stored key cannot be decrypted
         ok, text = False, str(e)
     except (httpx2.HTTPError, httpx2.InvalidURL) as e:
-        ok, text = False, f"Could not reach {endpoint.base_url}: {type(e).__name__}."
+        ok, text = False, egress.refusal(e) or f"Could not reach {endpoint.base_url}: {type(e).__name__}."
     return render(request, "jobs/_endpoint_test.html", {"ok": ok, "text": text})
 
 
