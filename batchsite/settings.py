@@ -212,13 +212,16 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 BATCHSITE_S3_BUCKET = os.environ.get("BATCHSITE_S3_BUCKET", "")
 _uploads: dict = {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR}}
 if BATCHSITE_S3_BUCKET:
+    # Without BATCHSITE_S3_PREFIX, files go under batchsite/<this installation's key>/ (jobs/storage.py), so
+    # installations that share a bucket never see, nor sweep away, each other's.
+    _prefix = os.environ.get("BATCHSITE_S3_PREFIX", "").strip("/")
     _uploads = {
-        "BACKEND": "storages.backends.s3.S3Storage",
+        "BACKEND": "storages.backends.s3.S3Storage" if _prefix else "jobs.storage.InstallationS3Storage",
         "OPTIONS": {
             "bucket_name": BATCHSITE_S3_BUCKET,
             "endpoint_url": os.environ.get("BATCHSITE_S3_ENDPOINT_URL") or None,  # MinIO, R2, Ceph...
             "region_name": os.environ.get("BATCHSITE_S3_REGION") or None,
-            "location": os.environ.get("BATCHSITE_S3_PREFIX", "batchsite").strip("/"),
+            "location": _prefix or "batchsite",
             "file_overwrite": True,  # names are unique folders already
             "default_acl": None,  # the bucket's own policy: private
             "querystring_auth": True,
@@ -234,6 +237,10 @@ STORAGES = {
 BATCHSITE_MAX_UPLOAD_MB = envint("BATCHSITE_MAX_UPLOAD_MB", 512)
 BATCHSITE_MAX_LINES = envint("BATCHSITE_MAX_LINES", 1_000_000)
 BATCHSITE_MAX_LINE_KB = envint("BATCHSITE_MAX_LINE_KB", 10_240)
+# Per member (0: no limit): jobs in flight at once (validating, queued, running, cancelling), and the /v1 files
+# they keep stored.
+BATCHSITE_MAX_ACTIVE_JOBS = envint("BATCHSITE_MAX_ACTIVE_JOBS", 20)
+BATCHSITE_MAX_STORED_MB = envint("BATCHSITE_MAX_STORED_MB", 10_240)
 # POST /v1/batches checks a file up to this size at once; a bigger one is checked by a worker (the batch stays
 # `validating` meanwhile), so the request answers in well under a second whatever the size.
 BATCHSITE_INLINE_VALIDATION_BYTES = envint("BATCHSITE_INLINE_VALIDATION_BYTES", 4 * 1024 * 1024)

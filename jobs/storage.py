@@ -28,6 +28,41 @@ CHUNK = 1024 * 1024
 UPLOAD_FOLDER = re.compile(r"[0-9a-f]{32}")
 
 
+def _s3_storage_class():
+    from storages.backends.s3 import S3Storage  # only installed where a bucket is used
+
+    class InstallationS3Storage(S3Storage):
+        """S3Storage under a folder of this installation's own (Installation.own_key) inside the configured
+        prefix, used when BATCHSITE_S3_PREFIX is not set: two installations sharing a bucket with the default
+        prefix would each sweep away the other's uploads (remove_stale_uploads keeps only what its own
+        database knows)."""
+
+        _base = "batchsite"
+        _own: str | None = None
+
+        @property
+        def location(self) -> str:
+            if self._own is None:
+                from jobs.models import Installation
+
+                key = Installation.own_key()
+                self._own = f"{self._base}/{key}" if key else self._base
+            return self._own
+
+        @location.setter
+        def location(self, value: str) -> None:
+            self._base, self._own = value, None
+
+    return InstallationS3Storage
+
+
+def __getattr__(name: str):
+    # settings name "jobs.storage.InstallationS3Storage"; built on first use, so django-storages stays optional
+    if name == "InstallationS3Storage":
+        return _s3_storage_class()
+    raise AttributeError(name)
+
+
 def uploads() -> Storage:
     return storages["uploads"]
 

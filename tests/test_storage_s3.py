@@ -169,3 +169,29 @@ def test_a_batch_uploaded_to_one_node_is_validated_and_run_by_another(
     source = File.objects.get(public_id=uploaded.id).path
     assert (worker_dir / source).read_bytes() == path.read_bytes()  # fetched by the worker node
     assert f"batchsite/{source}" in keys(s3, name)
+
+
+@pytest.mark.django_db
+def test_installations_sharing_a_bucket_keep_to_their_own_folder(owner, data_dir, bucket, settings):
+    """Without BATCHSITE_S3_PREFIX each installation writes under batchsite/<its key>/: another's uploads in the
+    same bucket are neither listed nor swept away by ours (they were, under the one default prefix)."""
+    from jobs.models import Installation
+
+    env, s3, name = bucket
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "uploads": {**settings.STORAGES["uploads"], "BACKEND": "jobs.storage.InstallationS3Storage"},
+    }
+    theirs = f"batchsite/other-install/uploads/{uuid.uuid4().hex}/theirs.jsonl"
+    legacy = f"batchsite/uploads/{uuid.uuid4().hex}/old.jsonl"
+    for key in (theirs, legacy):
+        s3.put_object(Bucket=name, Key=key, Body=jsonl([chat_line("x")]))
+    mine, error = ingest.store_upload([jsonl([chat_line("a")])], "mine.jsonl")
+    assert mine and error is None
+    key = Installation.own_key()
+    assert key and f"batchsite/{key}/{storage.name_of(mine)}" in keys(s3, name)
+    shutil.rmtree(mine.parent)
+
+    time.sleep(1.1)  # S3 times are whole seconds
+    assert ingest.remove_stale_uploads(max_age_hours=0) == 1  # ours, which no job names
+    assert sorted(keys(s3, name)) == sorted([theirs, legacy])

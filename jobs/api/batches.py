@@ -30,7 +30,16 @@ from jobs.api.auth import ApiRequest, api_view, json_body
 from jobs.api.files import get_file
 from jobs.api.pagination import cursor_page
 from jobs.errors import ApiError
-from jobs.models import SUPPORTED_URLS, Batch, Endpoint, File, InvalidTransition, Job, NotificationSettings
+from jobs.models import (
+    SUPPORTED_URLS,
+    Batch,
+    Endpoint,
+    File,
+    InvalidTransition,
+    Job,
+    NotificationSettings,
+    QuotaExceeded,
+)
 
 COMPLETION_WINDOW = "24h"
 LIST_DEFAULT, LIST_MAX = 20, 100
@@ -423,6 +432,10 @@ def _create(request: ApiRequest) -> JsonResponse:
     # checked here at once (5,000 lines, 2 MB, take ~0.2 s): a worker's turn would only delay its first request.
     inline = file.bytes is not None and file.bytes <= settings.BATCHSITE_INLINE_VALIDATION_BYTES
     name = metadata.get("description") or Path(file.filename).stem or "API batch"
+    try:
+        Job.check_room(request.user)
+    except QuotaExceeded as e:
+        raise ApiError(429, str(e), code="too_many_active_batches") from None
     with transaction.atomic():
         job = ingest.create_job_to_validate(
             file.full_path,

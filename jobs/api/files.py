@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import QuerySet, Sum
 from django.http import FileResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.utils.http import content_disposition_header
@@ -75,12 +75,18 @@ def _upload(request: ApiRequest) -> JsonResponse:
     if upload is None:
         raise ApiError(400, "Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     lifetime = _expires_after(request)
+    _check_room(request, 0)  # already full: refused before a byte is stored
     path, error = ingest.store_upload(upload.chunks(), upload.name or "")
     if error and error.code == ingest.STORAGE_UNAVAILABLE:
         raise ApiError(503, error.message, code=error.code)  # the SDK retries a 503
     if error:
         raise ApiError(400, error.message, param="file", code=error.code)
     assert path is not None  # store_upload gives a path whenever it gives no error
+    try:
+        _check_room(request, path.stat().st_size)
+    except ApiError:
+        path.unlink(missing_ok=True)
+        raise
     now = timezone.now()
     file = File.objects.create(
         owner=request.user,
@@ -92,6 +98,25 @@ def _upload(request: ApiRequest) -> JsonResponse:
         expires_at=now + lifetime if lifetime else None,
     )
     return JsonResponse(file_object(file))
+
+
+def _check_room(request: ApiRequest, adding: int) -> None:
+    """A member's stored /v1 files may add up to BATCHSITE_MAX_STORED_MB: one member's uploads cannot fill the
+    disk (or bucket) that every job's results need. Deleted and expired files do not count."""
+    limit = settings.BATCHSITE_MAX_STORED_MB * 1024 * 1024
+    if not limit:
+        return
+    mine = File.objects.filter(owner=request.user, deleted_at__isnull=True, path__gt="")
+    stored = mine.aggregate(s=Sum("bytes"))["s"] or 0
+    if stored + adding > limit or (not adding and stored >= limit):
+        raise ApiError(
+            400,
+            f"Your stored files take {stored / 2**20:,.1f} MB; with this one they would pass the "
+            f"{settings.BATCHSITE_MAX_STORED_MB:,} MB a member may keep (BATCHSITE_MAX_STORED_MB). Delete files "
+            "you no longer need (DELETE /v1/files/{file_id}), then upload again.",
+            param="file",
+            code="storage_limit_exceeded",
+        )
 
 
 def _expires_after(request: ApiRequest) -> timedelta | None:

@@ -27,7 +27,7 @@ from django_q.models import Schedule
 
 from jobs import clock, ingest
 from jobs.engine import answercache, leases, notify, remote, runner
-from jobs.models import File, Job, JobEvent
+from jobs.models import File, InvalidTransition, Job, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ def validate_batch(job_id: int) -> dict:
     result = ingest.validate_job(job_id)
     log.info("validated %s", result)
     return result
+
+
+def retry_failed(job_id: int, mode: str | None = None) -> dict:
+    """A big job's failed items queued again (Job.retry_later)."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None:
+        return {"job": job_id, "skipped": "deleted"}
+    try:
+        n = job.retry_failed(mode)
+    except InvalidTransition as e:
+        log.warning("job %s: retry of failed items not done: %s", job_id, e)
+        return {"job": job_id, "skipped": str(e)}
+    return {"job": job_id, "retried": n}
 
 
 def poll_remote() -> dict:

@@ -58,6 +58,7 @@ def create_job(plan: Plan, *, owner, name: str = "", endpoint=None, options: Run
     """One transaction: the Job and all its Items, or nothing."""
     if not plan.ok:
         raise ValueError("A plan with errors cannot become a job.")
+    Job.check_room(owner)
     with transaction.atomic():
         job = Job.objects.create(
             owner=owner,
@@ -97,6 +98,7 @@ def create_job_to_validate(
 ) -> Job:
     """A job whose file a worker validates later (Job.validate_later): `validating`, with no items yet. A CSV
     job keeps its template, which the validation renders each row with."""
+    Job.check_room(owner)
     return Job.objects.create(
         owner=owner,
         name=name[:200],

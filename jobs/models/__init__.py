@@ -4,19 +4,23 @@ from jobs.models.budget import Spending, SpendingLimit, month_start
 from jobs.models.cache import CachedAnswer, cache_key
 from jobs.models.endpoint import Endpoint
 from jobs.models.files import Batch, File, _batch_id, _file_id
-from jobs.models.job import SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick
+from jobs.models.installation import Installation
+from jobs.models.job import INLINE_ROWS, SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick, QuotaExceeded
 from jobs.models.notify import JobEvent, NotificationSettings, Webhook, WebhookDelivery
 from jobs.models.price import Price
 from jobs.models.remote import RemoteBatch
 from jobs.models.token import ApiToken
 
 __all__ = [
+    "INLINE_ROWS",
+    "QuotaExceeded",
     "SUPPORTED_URLS",
     "ApiToken",
     "Batch",
     "CachedAnswer",
     "Endpoint",
     "File",
+    "Installation",
     "InvalidTransition",
     "Item",
     "Job",

@@ -26,12 +26,19 @@ log = logging.getLogger(__name__)
 SLICE_TASK = "jobs.engine.tasks.run_slice"
 REMOTE_TASK = "jobs.engine.tasks.poll_remote"
 VALIDATE_TASK = "jobs.engine.tasks.validate_batch"
+RETRY_TASK = "jobs.engine.tasks.retry_failed"
+# Duplicate and retry of more requests than this run in a worker, not the request (Job.duplicate, retry_later).
+INLINE_ROWS = 5_000
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
 
 class InvalidTransition(Exception):
     """A control action that the job's current state does not allow; the message says why."""
+
+
+class QuotaExceeded(InvalidTransition):
+    """A member is at a limit of the installation's (jobs in flight, stored bytes); the message says which."""
 
 
 class Job(models.Model):
@@ -245,6 +252,21 @@ class Job(models.Model):
         return its status (None: deleted)."""
         return cls.objects.select_for_update().filter(pk=job_id).values_list("status", flat=True).first()
 
+    @classmethod
+    def check_room(cls, owner) -> None:
+        """QuotaExceeded if `owner` has as many jobs in flight (validating, queued, running, cancelling) as a
+        member may: each job's slices take turns on the shared workers, so one member's hundred jobs would
+        starve everyone else's. Paused and finished jobs do not count."""
+        limit = settings.BATCHSITE_MAX_ACTIVE_JOBS
+        if not limit or owner is None:
+            return
+        active = cls.objects.filter(owner=owner, status__in=cls.ACTIVE).count()
+        if active >= limit:
+            raise QuotaExceeded(
+                f"You have {active} jobs in flight, the most a member may have at once "
+                f"(BATCHSITE_MAX_ACTIVE_JOBS is {limit}). Wait for one to finish, or pause or cancel one."
+            )
+
     def start(self) -> None:
         """Enqueue what runs a queued job once the surrounding transaction commits: its slices, or for the
         Batch API a round of the remote poller (which sends it, then follows it every few seconds)."""
@@ -355,6 +377,8 @@ class Job(models.Model):
             n = n_failed + n_expired
             if not n:
                 raise InvalidTransition("This job has no failed items to retry.")
+            if self.status in Job.FINISHED:
+                Job.check_room(self.owner)  # it runs again: in flight once more
             self.add_to_counters(n_failed=-n_failed, n_expired=-n_expired, n_pending=n)
             if mode and mode != self.mode:
                 if mode not in (Job.Mode.LIVE, Job.Mode.REMOTE):
@@ -411,9 +435,13 @@ class Job(models.Model):
         return self.mode == Job.Mode.LIVE or not self.remote_batches.filter(collected_at__isnull=True).exists()
 
     def duplicate(self, owner) -> "Job":
-        """A new queued job with the same requests, owned by `owner`, started."""
+        """A new job with the same requests, owned by `owner`, started. A big one (over INLINE_ROWS requests) is
+        made `validating` and a worker reads its source file again to make its items, as a big upload is: a
+        million-row copy inside the request would hold SQLite's write lock (and a web thread) for many
+        seconds."""
         if self.status == Job.Status.VALIDATING:
             raise InvalidTransition("Its file is still being checked: duplicate it once it has its requests.")
+        Job.check_room(owner)
         fields = [
             "url",
             "model",
@@ -431,29 +459,49 @@ class Job(models.Model):
             "use_cache",
             "notify",
             "cost_cap",
-            "total",
-            "est_input_tokens",
         ]
+        copied = {f: getattr(self, f) for f in fields}
+        name = f"Copy of {self.name}"[:200]
+        if self.total > INLINE_ROWS:
+            with transaction.atomic():
+                copy = Job.objects.create(owner=owner, name=name, status=Job.Status.VALIDATING, **copied)
+                Job.validate_later(copy.pk)
+            return copy
         with transaction.atomic():
             copy = Job.objects.create(
                 owner=owner,
-                name=f"Copy of {self.name}"[:200],
+                name=name,
                 n_pending=self.total,
-                **{f: getattr(self, f) for f in fields},
+                total=self.total,
+                est_input_tokens=self.est_input_tokens,
+                **copied,
             )
             table, quote = Item._meta.db_table, connection.ops.quote_name
-            copied = ["line", "custom_id", "body", "input_row", "est_tokens"]
-            defaults = Item.column_defaults(["job_id", *copied])
-            columns = ", ".join(quote(c) for c in ["job_id", *copied, *defaults])
+            columns_copied = ["line", "custom_id", "body", "input_row", "est_tokens"]
+            defaults = Item.column_defaults(["job_id", *columns_copied])
+            columns = ", ".join(quote(c) for c in ["job_id", *columns_copied, *defaults])
             placeholders = ", ".join(["%s"] * len(defaults))
             with connection.cursor() as cursor:
                 cursor.execute(
-                    f"INSERT INTO {table} ({columns}) SELECT %s, {', '.join(quote(c) for c in copied)}, {placeholders} "
-                    f"FROM {table} WHERE job_id = %s ORDER BY line",
+                    f"INSERT INTO {table} ({columns}) SELECT %s, {', '.join(quote(c) for c in columns_copied)}, "
+                    f"{placeholders} FROM {table} WHERE job_id = %s ORDER BY line",
                     [copy.pk, *defaults.values(), self.pk],
                 )
             copy.start()
         return copy
+
+    def retry_later(self, mode: str | None = None) -> int:
+        """retry_failed, by a worker when there are more than INLINE_ROWS items to queue again (updating a
+        million rows would hold the request and SQLite's write lock); returns how many will be."""
+        n = self.n_failed + self.n_expired
+        if n <= INLINE_ROWS:
+            return self.retry_failed(mode)
+        if self.status == Job.Status.CANCELLING:
+            raise InvalidTransition("Wait until the job is cancelled, then retry its failed items.")
+        if self.status in Job.FINISHED:
+            Job.check_room(self.owner)
+        transaction.on_commit(lambda: async_task(RETRY_TASK, self.pk, mode, task_name=f"job-{self.pk}-retry"))
+        return n
 
     def recount(self) -> None:
         """Recompute the counters from the items: the check that the running totals are right."""

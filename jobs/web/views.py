@@ -33,12 +33,14 @@ from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from jobs import egress, export, ingest, presets, storage, timeline
 from jobs.models import (
+    INLINE_ROWS,
     CachedAnswer,
     Endpoint,
     InvalidTransition,
     Item,
     Job,
     NotificationSettings,
+    QuotaExceeded,
     RemoteBatch,
     SpendingLimit,
 )
@@ -204,13 +206,16 @@ def job_review(request: AuthenticatedHttpRequest, token: str) -> HttpResponse:
             plan, checking = _check(request, upload, path, template)
         if plan and plan.ok and launch:
             endpoint = form.cleaned_data["endpoint"] or Endpoint.default()
-            job = ingest.create_job(
-                plan,
-                owner=request.user,
-                name=form.cleaned_data["name"],
-                endpoint=endpoint,
-                options=form.run_options(),
-            )
+            try:
+                job = ingest.create_job(
+                    plan,
+                    owner=request.user,
+                    name=form.cleaned_data["name"],
+                    endpoint=endpoint,
+                    options=form.run_options(),
+                )
+            except QuotaExceeded as e:
+                return _refused_launch(request, str(e))
             job.start()
             _uploads(request).pop(token, None)
             request.session.modified = True
@@ -289,6 +294,14 @@ def job_review_check(request: AuthenticatedHttpRequest, token: str) -> HttpRespo
     return HttpResponseStopPolling(response.content)
 
 
+def _refused_launch(request, message: str) -> HttpResponse:
+    """Back to the review page, which keeps the upload and its settings, saying why nothing was launched."""
+    messages.error(request, message)
+    if request.htmx:
+        return HttpResponseClientRedirect(request.get_full_path())
+    return redirect(request.get_full_path())
+
+
 def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, template) -> HttpResponse:
     """Launch a big file without reading it in the request (a million lines take a minute to check and
     insert): the job starts `validating`, a worker checks the file again and creates the items, and the
@@ -296,6 +309,10 @@ def _launch_later(request, token: str, upload: dict, path: Path, form: JobForm, 
     fails now fails the job with its line errors."""
     fmt = upload["format"]
     url = template.url if template is not None else (ingest.checked(path, format=fmt, source_name=upload["name"]).url)
+    try:
+        Job.check_room(request.user)
+    except QuotaExceeded as e:
+        return _refused_launch(request, str(e))
     with transaction.atomic():
         job = ingest.create_job_to_validate(
             path,
@@ -491,8 +508,12 @@ def job_retry(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     return _control(
         request,
         pk,
-        lambda job: job.retry_failed(mode=mode),
-        lambda n: f"{n:,} failed items are queued again{where}.",
+        lambda job: job.retry_later(mode=mode),
+        lambda n: (
+            f"{n:,} failed items are queued again{where}."
+            if n <= INLINE_ROWS
+            else f"{n:,} failed items are being queued again{where} by a worker: the page shows them as it does."
+        ),
     )
 
 
@@ -505,7 +526,10 @@ def job_duplicate(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     except InvalidTransition as e:
         messages.error(request, str(e))
         return redirect(job)
-    messages.success(request, f"Started a copy of “{job.name}”.")
+    if copy.status == Job.Status.VALIDATING:
+        messages.success(request, f"Copying “{job.name}”: a worker is reading its {job.total:,} requests again.")
+    else:
+        messages.success(request, f"Started a copy of “{job.name}”.")
     return redirect(copy)
 
 
