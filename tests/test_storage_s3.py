@@ -168,7 +168,9 @@ def test_a_batch_uploaded_to_one_node_is_validated_and_run_by_another(
     assert len(output) == 40
     source = File.objects.get(public_id=uploaded.id).path
     assert (worker_dir / source).read_bytes() == path.read_bytes()  # fetched by the worker node
-    assert f"batchsite/{source}" in keys(s3, name)
+    from jobs.models import Installation
+
+    assert f"batchsite/{Installation.own_key()}/{source}" in keys(s3, name)  # the installation's own folder
 
 
 @pytest.mark.django_db
