@@ -5,8 +5,11 @@ addresses and the clouds' metadata services are refused, since they hand out cre
 asks from the machine, unless BATCHSITE_ALLOW_PRIVATE_ENDPOINTS is set.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
+import zlib
 from urllib.parse import urlsplit, urlunsplit
 
 import httpcore2
@@ -160,13 +163,14 @@ class CheckedBackend(httpcore2.SyncBackend):
         raise last
 
 
-def checked_transport() -> httpx2.HTTPTransport:
-    """An httpx transport whose connections go only to allowed addresses (CheckedBackend)."""
+def checked_transport() -> BoundedTransport:
+    """An httpx transport whose connections go only to allowed addresses (CheckedBackend), and that reads no
+    answer past a bound (BoundedTransport)."""
     transport = httpx2.HTTPTransport(trust_env=False)
     # httpx builds its pool without a way to pass a network backend; the pool reads this attribute for each
     # new connection (tests/test_hardening_answers.py fails if an upgrade changes that).
     transport._pool._network_backend = CheckedBackend()
-    return transport
+    return BoundedTransport(transport)
 
 
 def _is_address(host: str) -> bool:
@@ -187,3 +191,82 @@ def refusal(error: BaseException) -> str:
             return str(cause)
         cause = cause.__cause__ or cause.__context__
     return ""
+
+
+# What httpx reads from an endpoint: the SDK's Files and Batches calls (remote.client_for), the endpoint Test.
+CONTROL_BYTES = 8 * 1024 * 1024  # a batch object, a list of them, an error: a few KB each, honestly
+PIECE = 1024 * 1024
+
+
+class BoundedTransport(httpx2.BaseTransport):
+    """Wraps a transport so that no answer is read past a bound: inflated here, a piece at a time (gzip and
+    deflate; the encoding header is dropped, so httpx inflates nothing itself), and at most CONTROL_BYTES of
+    it, except a file's content (`/files/{id}/content`), which is read line by line with each line bounded
+    (engine.wire.bounded_lines). Past the bound the read fails with httpx2.RemoteProtocolError, which the remote engine
+    treats as a failed call: tried again later, the reason kept on the chunk."""
+
+    def __init__(self, inner: httpx2.BaseTransport, limit: int = CONTROL_BYTES):
+        self.inner, self.limit = inner, limit
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = self.inner.handle_request(request)
+        whole_file = request.url.path.endswith("/content")
+        limit = None if whole_file else self.limit
+        declared = response.headers.get("content-length", "")
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if limit is not None and declared.isdigit() and int(declared) > limit and not encoding:
+            response.close()
+            raise httpx2.RemoteProtocolError(_too_large(limit), request=request)
+        headers = [
+            (k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length")
+        ]
+        stream = _BoundedStream(response.stream, encoding, limit, request)  # type: ignore[arg-type]
+        return httpx2.Response(response.status_code, headers=headers, stream=stream, extensions=response.extensions)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _too_large(limit: int) -> str:
+    return f"The endpoint's answer is more than {limit / 2**20:.0f} MB; Batchsite did not read the rest."
+
+
+class _BoundedStream(httpx2.SyncByteStream):
+    def __init__(self, inner: httpx2.SyncByteStream, encoding: str, limit: int | None, request: httpx2.Request):
+        self.inner, self.limit, self.request = inner, limit, request
+        self.encoding = encoding
+
+    def __iter__(self):
+        inflater = None
+        if self.encoding in ("gzip", "x-gzip"):
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif self.encoding == "deflate":
+            inflater = zlib.decompressobj()
+        size = 0
+        for chunk in self.inner:
+            for piece in _pieces(inflater, chunk):
+                size += len(piece)
+                if self.limit is not None and size > self.limit:
+                    self.close()
+                    raise httpx2.RemoteProtocolError(_too_large(self.limit), request=self.request)
+                yield piece
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _pieces(inflater, chunk: bytes):
+    """`chunk` inflated a PIECE at a time (a 64 KB gzip chunk may hold 64 MB), or as it is."""
+    if inflater is None:
+        yield chunk
+        return
+    try:
+        data = inflater.decompress(chunk, PIECE)
+        while True:
+            if data:
+                yield data
+            if not inflater.unconsumed_tail:
+                return
+            data = inflater.decompress(inflater.unconsumed_tail, PIECE)
+    except zlib.error as e:
+        raise httpx2.DecodingError(f"The answer's {e}") from None

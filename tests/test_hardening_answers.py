@@ -248,3 +248,37 @@ def test_an_endpoint_or_webhook_whose_name_does_not_resolve_is_not_saved(client,
     client.force_login(staff)
     response = client.post(page, form)
     assert response.status_code == 200 and b"does not resolve from this server" in response.content
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_the_sdks_transport_reads_no_control_answer_past_its_bound(compressed):
+    """What the remote engine's SDK client and the endpoint Test read through (egress.checked_transport): a 20 MB
+    batch object, or a gzip bomb of one, fails the read at 8 MB; a file's content streams through whole."""
+    import httpx2
+
+    from jobs import egress
+
+    big = b'{"id":"batch_1","pad":"' + b"A" * (20 * MB) + b'"}'
+    body = gzip.compress(big, 9) if compressed else big
+
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        if compressed:
+            handler.send_header("content-encoding", "gzip")
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        try:
+            handler.wfile.write(body)
+        except OSError:
+            pass
+
+    hostile = Server(answer)
+    try:
+        with httpx2.Client(transport=egress.checked_transport(), timeout=30) as client:
+            with pytest.raises(httpx2.RemoteProtocolError, match="more than 8 MB"):
+                client.get(f"{hostile.url}/v1/batches/batch_1")
+            with client.stream("GET", f"{hostile.url}/v1/files/file_1/content") as response:
+                assert sum(len(chunk) for chunk in response.iter_bytes()) == len(big)  # inflated, in pieces
+    finally:
+        hostile.close()

@@ -93,7 +93,10 @@ def client_for(endpoint: Endpoint) -> openai.OpenAI:
         # The SDK's clients follow redirects: a 3xx pauses the job instead (_failed_call). Each connection
         # goes only to an address egress allows, checked as it is made (DNS rebinding).
         http_client=openai.DefaultHttpxClient(
-            timeout=timeout, follow_redirects=False, transport=egress.checked_transport(), trust_env=False
+            timeout=timeout,
+            follow_redirects=False,
+            transport=egress.checked_transport(),  # which also reads no answer past a bound
+            trust_env=False,
         ),
     )
 
