@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 import zlib
 from urllib.parse import urlsplit, urlunsplit
 
@@ -156,11 +158,48 @@ class CheckedBackend(httpcore2.SyncBackend):
         last: Exception | None = None
         for address in dict.fromkeys(addresses):  # in the resolver's order, each once
             try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                return _DeadlineStream(super().connect_tcp(address, port, timeout, local_address, socket_options))
             except httpcore2.ConnectError as e:
                 last = e
         assert last is not None
         raise last
+
+
+# The deadline of the call this thread is making (BoundedTransport sets it): httpx's timeouts are per read, so
+# a server sending a byte every few seconds, headers or body, would hold the call (and the one remote poller
+# of the cluster) for as long as it liked.
+_call = threading.local()
+
+
+class _DeadlineStream(httpcore2.NetworkStream):
+    """A connection whose every read and write waits no longer than what is left of the current call's deadline."""
+
+    def __init__(self, inner: httpcore2.NetworkStream):
+        self.inner = inner
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        deadline = getattr(_call, "deadline", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore2.ReadTimeout("The endpoint took longer than Batchsite waits for one call.")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, self._timeout(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, self._timeout(timeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        return _DeadlineStream(self.inner.start_tls(ssl_context, server_hostname, self._timeout(timeout)))
+
+    def get_extra_info(self, info: str):
+        return self.inner.get_extra_info(info)
 
 
 def checked_transport() -> BoundedTransport:
@@ -194,6 +233,8 @@ def refusal(error: BaseException) -> str:
 
 
 # What httpx reads from an endpoint: the SDK's Files and Batches calls (remote.client_for), the endpoint Test.
+CALL_DEADLINE = 120.0  # seconds for a whole call: connecting, sending, the answer's headers and body
+FILE_DEADLINE = 3600.0  # for a result file's content (up to 200 MB at a slow endpoint)
 CONTROL_BYTES = 8 * 1024 * 1024  # a batch object, a list of them, an error: a few KB each, honestly
 PIECE = 1024 * 1024
 
@@ -209,12 +250,20 @@ class BoundedTransport(httpx2.BaseTransport):
         self.inner, self.limit = inner, limit
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = self.inner.handle_request(request)
         whole_file = request.url.path.endswith("/content")
-        limit = None if whole_file else self.limit
+        _call.deadline = time.monotonic() + (FILE_DEADLINE if whole_file else CALL_DEADLINE)
+        request.headers["accept-encoding"] = "gzip, deflate"  # the encodings inflated here, in bounded pieces
+        response = self.inner.handle_request(request)
+        # A file's content is read whole (its lines bounded); an error about it is bounded like any answer.
+        limit = None if whole_file and 200 <= response.status_code < 300 else self.limit
         declared = response.headers.get("content-length", "")
         encoding = response.headers.get("content-encoding", "").strip().lower()
-        if limit is not None and declared.isdigit() and int(declared) > limit and not encoding:
+        if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+            response.close()
+            raise httpx2.DecodingError(
+                f"The endpoint answered in an encoding Batchsite did not ask for: {encoding[:40]}."
+            )
+        if limit is not None and declared.isdigit() and int(declared) > limit and encoding in ("", "identity"):
             response.close()
             raise httpx2.RemoteProtocolError(_too_large(limit), request=request)
         headers = [

@@ -25,6 +25,12 @@ FUZZ = settings(
 )
 
 
+@pytest.fixture(autouse=True)
+def no_job_quota(settings):
+    """Hypothesis makes a job of every example, all one member's and never run: no cap on jobs in flight here."""
+    settings.BATCHSITE_MAX_ACTIVE_JOBS = 0
+
+
 # Small limits so that the limit paths (long lines, many lines, big files) are reached too.
 LIMITS = st.sampled_from(
     [

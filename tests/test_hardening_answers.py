@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,114 @@ def test_the_sdks_transport_reads_no_control_answer_past_its_bound(compressed):
                 assert sum(len(chunk) for chunk in response.iter_bytes()) == len(big)  # inflated, in pieces
     finally:
         hostile.close()
+
+
+def test_a_call_whose_answer_drips_ends_at_its_deadline(monkeypatch):
+    """httpx's timeouts are per read: a server sending a byte a second would hold the remote poller forever.
+    Each call through egress.checked_transport has one deadline for all of it, headers included."""
+    import httpx2
+
+    from jobs import egress
+    from tests.test_hardening_webhooks import RawReceiver, drip
+
+    monkeypatch.setattr(egress, "CALL_DEADLINE", 1.5)
+    receiver = RawReceiver(drip(b"HTTP/1.1 200 OK\r\nX-Slow: ", every=0.2))
+    try:
+        with httpx2.Client(transport=egress.checked_transport(), timeout=30) as client:
+            started = time.monotonic()
+            with pytest.raises(httpx2.ReadTimeout):
+                client.get(receiver.url.replace("/hook", "/v1/batches/batch_1"))
+            assert time.monotonic() - started < 1.5 + 1.0
+    finally:
+        receiver.close()
+
+
+def test_result_lines_are_split_in_linear_time_whatever_the_chunks():
+    from jobs.engine.wire import LongLine, bounded_lines
+
+    line = b'{"custom_id":"a","x":"' + b"z" * (512 * 1024) + b'"}\n'
+    started = time.thread_time()
+    lines = list(bounded_lines((line[i : i + 1] for i in range(len(line))), 16 * MB))  # a byte a chunk
+    assert lines == [line[:-1]] and time.thread_time() - started < 3.0
+    chunks = [b'{"custom_id":"a"}\n{"custom_id":"b","pad":"', b"y" * 100, b'"}\n{"custom_id":"c"}']
+    assert list(bounded_lines(chunks, 60)) == [
+        b'{"custom_id":"a"}',
+        LongLine(b'{"custom_id":"b","pad":"' + b"y" * 100),
+        b'{"custom_id":"c"}',
+    ]
+    assert LongLine(b'{"id":"r","custom_id":"b\\"q","pad":"yyyy').custom_id() == 'b"q'
+
+
+def test_a_schema_that_branches_over_a_deep_answer_is_not_checked_for_hours():
+    from jobs.engine import schemacheck
+
+    schema = {
+        "$defs": {
+            "n": {
+                "anyOf": [
+                    {"type": "array", "items": {"$ref": "#/$defs/n"}},
+                    {"type": "array", "items": {"$ref": "#/$defs/n"}},
+                    {"type": "integer"},
+                ]
+            }
+        },
+        "$ref": "#/$defs/n",
+    }
+    want = schemacheck.wanted(
+        "/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+    )
+    deep = '"x"'
+    for _ in range(30):
+        deep = f"[{deep}]"
+    started = time.thread_time()
+    why = schemacheck.problem(want, "/v1/chat/completions", {"choices": [{"message": {"content": deep}}]})
+    assert "nested too deeply" in why and time.thread_time() - started < 0.5
+    # every element of a huge array wrong: the first error is reported, not all two million found first
+    want = schemacheck.wanted(
+        "/v1/chat/completions",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"schema": {"type": "array", "items": {"type": "integer"}}},
+            }
+        },
+    )
+    started = time.thread_time()
+    why = schemacheck.problem(
+        want, "/v1/chat/completions", {"choices": [{"message": {"content": json.dumps(["s"] * 500_000)}}]}
+    )
+    assert "breaks the schema at /0" in why and time.thread_time() - started < 1.0
+
+
+def test_usage_counts_from_the_server_are_whole_numbers_in_range_or_zero():
+    from jobs.engine import upstream
+
+    def usage(**counts):
+        return upstream.usage_of("/v1/chat/completions", {"usage": counts})
+
+    assert usage(prompt_tokens=-1_000_000, completion_tokens=10**30) == (0, 0, 0)  # no negative spending
+    assert usage(prompt_tokens="12", completion_tokens=True) == (0, 0, 0)
+    assert usage(prompt_tokens=12.0, completion_tokens=3) == (12, 3, 0)
+    assert upstream.usage_of("/v1/chat/completions", {"usage": ["not", "an", "object"]}) == (0, 0, 0)
+
+
+@pytest.mark.django_db
+def test_a_model_name_longer_than_its_column_is_a_line_error(write):
+    from jobs import ingest
+    from tests.factories import chat_line
+
+    plan = ingest.validate(write("m.jsonl", [chat_line("a"), chat_line("b", model="m" * 201)]))
+    assert not plan.ok and [(e.line, e.code) for e in plan.errors] == [(2, "invalid_value")]
+    assert "at most 200" in plan.errors[0].message
+
+
+@pytest.mark.django_db
+def test_the_item_page_shows_the_start_of_a_huge_answer_not_all_of_it(client, owner, write):
+    job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 1, start=False)
+    item = job.items.get()
+    answer = {**ANSWER, "choices": [{"index": 0, "message": {"role": "assistant", "content": "<b>" + "w" * 4 * MB}}]}
+    Item.objects.filter(pk=item.pk).update(status=Item.Status.SUCCEEDED, response=json.dumps(answer))
+    client.force_login(owner)
+    page = client.get(f"/jobs/{job.pk}/items/{item.pk}/").content.decode()
+    assert len(page) < 1 * MB and "more characters: download the results" in page
+    assert "<b>w" not in page and "&lt;b&gt;w" in page  # escaped, as model output always is

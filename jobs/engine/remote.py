@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 RB = RemoteBatch.Status
 LOCK = "batchsite-remote-poller"
 JOIN_LINES = 1000  # result lines joined per transaction
+JOIN_BYTES = 32 * 1024 * 1024  # or fewer, when they hold this much text
 LIST_PAGES = 20  # pages of the endpoint's batches (or files) searched when recovering a chunk
 BACKOFF_CAP = 600.0
 PLAN_ROWS = 5000
@@ -430,6 +431,13 @@ class RemoteJob:
             delay = self._failed_call(chunk, e, f"Could not reach the endpoint: {e}")
         except LostClaim:
             log.warning("job %s chunk %s: another poller took it over; leaving it", self.job.pk, chunk.number)
+        except Exception as e:
+            # Anything else (an answer of a shape nobody expected, a value the database refuses): backed off as a
+            # failed call, so a bad answer is not fetched and parsed again every second, and the chunk says why.
+            log.exception("job %s chunk %s: step failed", self.job.pk, chunk.number)
+            delay = self._failed_call(
+                chunk, e, f"Batchsite could not process the endpoint's answer: {type(e).__name__}: {e}"
+            )
         finally:
             next_look = clock.now() + timedelta(seconds=delay)
             # Our claim: `hold`, or later if a long collection renewed it (_join).
@@ -537,7 +545,7 @@ class RemoteJob:
         delay = min(max(settings.BATCHSITE_REMOTE_POLL_SECONDS, 1) * 2**chunk.failures, BACKOFF_CAP)
         chunk.last_error = text[:2000]
         chunk.save(update_fields=["failures", "last_error"])
-        log.warning("job %s chunk %s: %s (next try in %.0f s)", self.job.pk, chunk.number, text, delay)
+        log.warning("job %s chunk %s: %s (next try in %.0f s)", self.job.pk, chunk.number, text[:500], delay)
         return delay
 
     def _tries(self, chunk: RemoteBatch, what: str) -> int:
@@ -804,6 +812,7 @@ class RemoteJob:
         self._hold(chunk, LONG_CLAIM_SECONDS)
         with self.client.files.with_streaming_response.content(file_id) as response:
             lines: list[dict] = []
+            held = 0  # bytes of the lines in `lines`
             # Each line is read up to BATCHSITE_MAX_ANSWER_MB: a longer one fails its request, unread.
             for raw in wire.bounded_lines(response.iter_bytes(), wire.max_answer_bytes()):
                 if isinstance(raw, wire.LongLine):
@@ -821,14 +830,15 @@ class RemoteJob:
                 else:
                     try:
                         record = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         log.warning("job %s chunk %s: a result line is not JSON", self.job.pk, chunk.number)
                         continue
                     if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
                         lines.append(record)
-                if len(lines) >= JOIN_LINES:
+                        held += len(raw)
+                if len(lines) >= JOIN_LINES or held > JOIN_BYTES:  # a thousand small lines, or fewer big ones
                     self._join(chunk, lines)
-                    lines = []
+                    lines, held = [], 0
             self._join(chunk, lines)
 
     def _join(self, chunk: RemoteBatch, records: list[dict]) -> None:

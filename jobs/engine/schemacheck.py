@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jsonschema_rs
@@ -97,26 +98,76 @@ def _problem(want: Wanted, url: str, data) -> str | None:
             if not isinstance(value, dict):
                 return f"{where} is JSON but not an object."
             continue
-        validator = _validator(want.schema_text)
-        if validator is None:
-            return None  # a schema we cannot compile: the server judged it; nothing to check against
-        error = next(iter(validator.iter_errors(value)), None)
-        if error is not None:
+        compiled = _validator(want.schema_text)
+        if compiled is None:
+            return None  # a schema we cannot compile (or too big to): the server judged it; nothing to check against
+        validator, branching = compiled
+        if branching > 1 and branching ** _depth(value) > MAX_PATHS:
+            # Combinators (anyOf, oneOf, allOf) over a recursive schema cost branching ** depth to check: a
+            # hostile schema and answer would hold the worker for hours. OpenAI nests structured output 10 deep.
+            return f"{where} is nested too deeply for its schema's anyOf/oneOf/allOf to be checked in time."
+        try:
+            validator.validate(value)  # stops at the first error (iter_errors would find every one first)
+        except jsonschema_rs.ValidationError as error:
             path = "/" + "/".join(str(p) for p in error.instance_path)
             return f"{where} breaks the schema at {path}: {_short(error.message)}"
     return None
 
 
+MAX_PATHS = 200_000  # branching ** depth: about 0.1 s of checking at worst
+MAX_SCHEMA_TEXT = 100_000  # characters, as a CSV template's schema may have (ingest.MAX_SCHEMA_CHARS)
+
+
+def _depth(value, limit: int = 200) -> int:
+    """How deeply `value` nests arrays and objects (iteratively: no recursion to blow)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if deepest >= limit:
+            return deepest
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _branching(schema) -> int:
+    """The most subschemas one schema object makes a value be checked against (anyOf + oneOf + allOf), at
+    least 1."""
+    most, stack = 1, [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            branches = sum(len(node[k]) for k in ("anyOf", "oneOf", "allOf") if isinstance(node.get(k), list))
+            most = max(most, branches)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return most
+
+
 @functools.lru_cache(maxsize=256)
 def _validator(schema_text: str):
-    # A schema comes from the user's file: no fetching of remote $refs (this machine's network is not theirs
-    # to probe), and patterns in a linear-time regex engine (no catastrophic backtracking).
-    try:
-        return jsonschema_rs.validator_for(
-            json.loads(schema_text), retriever=_no_remote_refs, pattern_options=jsonschema_rs.RegexOptions()
-        )
-    except (ValueError, jsonschema_rs.ValidationError):
+    """(validator, branching) of a schema, or None. A schema comes from the user's file: none over
+    MAX_SCHEMA_TEXT (256 of them are kept compiled), no fetching of remote $refs (this machine's network is
+    not theirs to probe), and patterns in a linear-time regex engine (no catastrophic backtracking)."""
+    if len(schema_text) > MAX_SCHEMA_TEXT:
         return None
+    try:
+        schema = json.loads(schema_text)
+        validator = jsonschema_rs.validator_for(
+            schema, retriever=_no_remote_refs, pattern_options=jsonschema_rs.RegexOptions()
+        )
+    except (ValueError, RecursionError, jsonschema_rs.ValidationError):
+        return None
+    return validator, _branching(schema)
 
 
 def _no_remote_refs(uri: str):

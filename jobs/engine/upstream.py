@@ -162,13 +162,33 @@ def backoff(attempt: int) -> float:
 
 
 def usage_of(url: str, body: dict) -> tuple[int, int, int]:
-    """(prompt, completion, cached) tokens from a response's usage block, for every endpoint shape."""
-    usage = body.get("usage") or {}
+    """(prompt, completion, cached) tokens from a response's usage block, for every endpoint shape. The server's
+    word: a count that is not a whole number from 0 to 2**31 - 1 counts as 0 (a negative one would lower
+    the spending recorded, a huge one break the counters)."""
+    usage = _dict(body.get("usage"))
     if url == "/v1/responses":
-        details = usage.get("input_tokens_details") or {}
-        return usage.get("input_tokens") or 0, usage.get("output_tokens") or 0, details.get("cached_tokens") or 0
-    details = usage.get("prompt_tokens_details") or {}
-    return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0, details.get("cached_tokens") or 0
+        details = _dict(usage.get("input_tokens_details"))
+        return (
+            _count(usage.get("input_tokens")),
+            _count(usage.get("output_tokens")),
+            _count(details.get("cached_tokens")),
+        )
+    details = _dict(usage.get("prompt_tokens_details"))
+    return (
+        _count(usage.get("prompt_tokens")),
+        _count(usage.get("completion_tokens")),
+        _count(details.get("cached_tokens")),
+    )
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value) -> int:
+    if isinstance(value, float) and value.is_integer():  # 12.0: some servers write counts as floats
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else 0
 
 
 def _error_fields(text: str) -> tuple[str, str, str]:

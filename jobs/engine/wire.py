@@ -186,27 +186,31 @@ HEAD_BYTES = 4096
 
 def bounded_lines(chunks: Iterable[bytes], limit: int) -> Iterator[bytes | LongLine]:
     """The lines of a stream of bytes, each up to `limit` bytes; a longer one comes as a LongLine, and its
-    bytes past the head are dropped as they arrive (memory stays at about `limit`, whatever the file holds)."""
-    buffer = b""
+    bytes past the head are dropped as they arrive (memory stays at about `limit`, whatever the file holds).
+    Linear in the bytes whatever the chunking: only new bytes are searched (a server can send one byte a
+    chunk)."""
+    buffer = bytearray()
     skipping: LongLine | None = None
     for chunk in chunks:
+        searched = len(buffer)  # the buffer holds no newline: only what arrives now is searched
         buffer += chunk
         start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
+        while (end := buffer.find(b"\n", max(start, searched))) >= 0:
             if skipping is not None:
                 yield skipping
                 skipping = None
             elif end - start > limit:
-                yield LongLine(buffer[start : min(end, start + HEAD_BYTES)])
+                yield LongLine(bytes(buffer[start : min(end, start + HEAD_BYTES)]))
             else:
-                yield buffer[start:end]
+                yield bytes(buffer[start:end])
             start = end + 1
-        buffer = buffer[start:]
+        del buffer[:start]
         if skipping is None and len(buffer) > limit:
-            skipping, buffer = LongLine(buffer[:HEAD_BYTES]), b""
+            skipping = LongLine(bytes(buffer[:HEAD_BYTES]))
+            buffer.clear()
         elif skipping is not None:
-            buffer = b""
+            buffer.clear()
     if skipping is not None:
         yield skipping
     elif buffer:
-        yield buffer if len(buffer) <= limit else LongLine(buffer[:HEAD_BYTES])
+        yield bytes(buffer) if len(buffer) <= limit else LongLine(bytes(buffer[:HEAD_BYTES]))

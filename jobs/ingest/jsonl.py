@@ -153,6 +153,9 @@ def has_lone_surrogate(text: str, obj) -> bool:
     return False
 
 
+MAX_MODEL_CHARS = 200
+
+
 def _check_body(number: int, url: str, body: dict, errors: Errors) -> bool:
     ok = True
     model = body.get("model")
@@ -161,6 +164,14 @@ def _check_body(number: int, url: str, body: dict, errors: Errors) -> bool:
         ok = False
     elif "\x00" in model:  # the job's model column holds it as it is
         errors.add(number, "invalid_value", f"Line {number}: body.model holds a NUL character.", "body.model")
+        ok = False
+    elif len(model) > MAX_MODEL_CHARS:  # the job's and its chunks' model columns hold 200
+        errors.add(
+            number,
+            "invalid_value",
+            f"Line {number}: body.model is {len(model):,} characters; a model name has at most {MAX_MODEL_CHARS}.",
+            "body.model",
+        )
         ok = False
     name, kind = REQUIRED_BODY[url]
     value = body.get(name)

@@ -219,7 +219,8 @@ class Job(models.Model):
         allowed_from = [s for s, targets in self.TRANSITIONS.items() if new in targets]
         changes = {"status": new, "updated_at": clock.now(), **fields}
         if reason is not None:
-            changes["status_reason"] = reason
+            # Reasons quote the upstream at times (a 403's message): shown on every poll, emailed, in /v1.
+            changes["status_reason"] = reason if len(reason) <= 2000 else reason[:1999] + "…"
         if new in self.FINISHED:
             changes.setdefault("finished_at", clock.now())
         with transaction.atomic():

@@ -603,11 +603,22 @@ def item_list(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     return render(request, "jobs/items.html", context)
 
 
+SHOWN_CHARS = 256 * 1024  # of a request, an answer or its text on the item page: an answer may be 16 MB
+
+
 def _pretty(text: str) -> str:
+    if len(text) > SHOWN_CHARS:
+        return _shown(text)  # indenting 16 MB of JSON would make it several times that, on every load
     try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except (ValueError, TypeError):
+        return _shown(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
+    except (ValueError, TypeError, RecursionError):
         return text
+
+
+def _shown(text: str) -> str:
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return text[:SHOWN_CHARS] + f"\n… ({len(text) - SHOWN_CHARS:,} more characters: download the results for all of it)"
 
 
 @require_GET
@@ -616,14 +627,18 @@ def item_detail(request: AuthenticatedHttpRequest, pk: int, item_pk: int) -> Htt
     job = _get_job(request, pk)
     item = get_object_or_404(Item, pk=item_pk, job=job)
     request_line = {"custom_id": item.custom_id, "method": "POST", "url": job.url, "body": json.loads(item.body)}
+    output = ""
+    if item.status == Item.Status.SUCCEEDED:
+        try:
+            output = _shown(export.output_text(job.url, json.loads(item.response)))
+        except (ValueError, RecursionError):
+            output = ""
     context = {
         "job": job,
         "item": item,
-        "request_json": json.dumps(request_line, indent=2, ensure_ascii=False),
+        "request_json": _shown(json.dumps(request_line, indent=2, ensure_ascii=False)),
         "response_json": _pretty(item.response) if item.response else "",
-        "output": export.output_text(job.url, json.loads(item.response))
-        if item.status == Item.Status.SUCCEEDED
-        else "",
+        "output": output,
     }
     return render(request, "jobs/item_detail.html", context)
 
