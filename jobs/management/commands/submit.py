@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count
 
 from jobs import export, ingest
-from jobs.models import Endpoint, Item, Job
+from jobs.models import Endpoint, Item, Job, QuotaExceeded
 
 
 class Command(BaseCommand):
@@ -46,7 +46,10 @@ class Command(BaseCommand):
         endpoint = Endpoint.default()
         if endpoint is None:
             raise CommandError("No endpoint: set OPENAI_API_KEY (and OPENAI_BASE_URL) or add one in the admin.")
-        job = ingest.create_job(plan, owner=owner, name=options["name"], endpoint=endpoint)
+        try:
+            job = ingest.create_job(plan, owner=owner, name=options["name"], endpoint=endpoint)
+        except QuotaExceeded as e:
+            raise CommandError(str(e)) from None
         job.start()
         self.stdout.write(
             f"Job {job.pk} '{job.name}': {job.total:,} requests to {endpoint.base_url}{job.url.removeprefix('/v1')}"
