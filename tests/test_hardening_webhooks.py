@@ -233,3 +233,23 @@ def test_jobs_run_as_fast_while_three_deliveries_drip(cluster, simulator, write,
     assert held >= 3  # the deliveries were still being held when the last job ended
     assert max(small) < 3.0, f"small jobs took {small} s from launch: they waited for a worker"
     assert took < baseline * 1.5 + 1.0, f"{took:.1f} s with deliveries in flight, {baseline:.1f} s before"
+
+
+def test_the_outbox_runs_rounds_side_by_side_and_again_when_asked_while_full(monkeypatch):
+    """Up to ROUNDS rounds at once; one asked for while all are busy is not lost: a round that ends runs again."""
+    release, calls = threading.Event(), []
+
+    def send_due():
+        calls.append(1)
+        release.wait(5)
+        return {}
+
+    monkeypatch.setattr(notify, "send_due", send_due)
+    outbox = notify._Outbox()
+    assert all(outbox.start() for _ in range(outbox.ROUNDS))
+    assert not outbox.start()  # full: remembered
+    time.sleep(0.1)
+    assert len(calls) == outbox.ROUNDS
+    release.set()
+    assert outbox.wait(5)
+    assert len(calls) == outbox.ROUNDS + 1 and outbox.rounds == outbox.ROUNDS + 1

@@ -4,7 +4,7 @@ of "id.timestamp.body" under the secret's bytes>).
 
 Off the workers' main threads: the task (tasks.send_notifications) hands the work to its worker process's outbox
 thread and returns at once, so a slow or hostile receiver or mail server never holds a worker a job's slices
-need (send_in_background). At most one round runs per process at a time; every worker has its own.
+need (send_in_background). Up to four rounds run side by side in each worker process.
 
 At least once: an attempt is claimed (compare-and-set on its count, which also sets the next try) before
 it is made, so two workers never make the same one, and a worker killed mid-send leaves it to be tried
@@ -53,41 +53,50 @@ SUBJECTS = {
 
 
 class _Outbox:
-    """One thread per worker process that runs send_due rounds, one at a time. A round asked for while one runs
-    is not queued: the running round, or the schedule's next, takes whatever became due."""
+    """Threads of this worker process that run send_due rounds, up to ROUNDS at once, so a delivery due now does
+    not wait for one held by a slow receiver (each round claims its own deliveries). A round asked for while
+    all are busy is remembered: the next round to end runs again and takes it."""
+
+    ROUNDS = 4
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.busy = False
+        self.running = 0
+        self.wanted = False
         self.rounds = 0
 
     def start(self) -> bool:
         with self.lock:
-            if self.busy:
+            if self.running >= self.ROUNDS:
+                self.wanted = True
                 return False
-            self.busy = True
+            self.running += 1
         threading.Thread(target=self._round, name="batchsite-outbox", daemon=True).start()
         return True
 
     def _round(self) -> None:
-        try:
-            counts = send_due()
-            if any(counts.values()):
-                log.info("notifications %s", counts)
-        except Exception:
-            log.exception("sending notifications failed")  # claimed ones are tried again after their backoff
-        finally:
-            connections.close_all()  # this thread's connections only
+        while True:
+            try:
+                counts = send_due()
+                if any(counts.values()):
+                    log.info("notifications %s", counts)
+            except Exception:
+                log.exception("sending notifications failed")  # claimed ones are tried again after their backoff
+            finally:
+                connections.close_all()  # this thread's connections only
             with self.lock:
-                self.busy = False
                 self.rounds += 1
+                if not self.wanted:
+                    self.running -= 1
+                    return
+                self.wanted = False  # asked for while every round was busy: this one goes again
 
     def wait(self, timeout: float) -> bool:
         """Until no round runs (tests)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             with self.lock:
-                if not self.busy:
+                if not self.running:
                     return True
             time.sleep(0.02)
         return False
@@ -97,7 +106,7 @@ outbox = _Outbox()
 
 
 def send_in_background() -> bool:
-    """Start a round on this process's outbox thread; False if one is running (it takes what is due)."""
+    """Start a round on an outbox thread of this process; False if all are busy (one runs again when it ends)."""
     return outbox.start()
 
 
