@@ -174,11 +174,11 @@ def main() -> None:
     from django.conf import settings
     from django.contrib.auth.models import User
 
-    import jobs.models.job
+    import jobs.queue
     from jobs.models import Endpoint, Job
     from simulator import SimConfig, serve_in_thread  # the package: django_in_tempdir put the root first on sys.path
 
-    jobs.models.job.async_task = lambda *a, **k: None  # no cluster: drive() runs the slices and poller rounds
+    jobs.queue.async_task = lambda *a, **k: None  # no cluster: drive() runs the slices and poller rounds
     print(
         f"Remote: {args.items:,} chat requests, simulator latency {args.latency_ms:.0f} ms, concurrency "
         f"{args.concurrency}; a batch takes {args.batch_seconds:g} s, a cancel {args.cancel_seconds:g} s to settle; "

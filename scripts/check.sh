@@ -15,6 +15,7 @@ run() {
 run "$BIN/ruff" check .
 run "$BIN/ruff" format --check .
 run "$BIN/lint-imports" --no-cache
+run "$BIN/python" scripts/check_names.py
 run "$BIN/mypy"
 if [ "$status" != 0 ]; then
   echo "Static checks failed (above). ruff fixes most lint and format issues: $BIN/ruff check --fix . && $BIN/ruff format ." >&2

@@ -10,7 +10,9 @@ from openai.types import Batch as SdkBatch
 
 from jobs.engine.tasks import validate_batch
 from jobs.models import ApiToken, Batch, Job
-from jobs.models.job import REMOTE_TASK, SLICE_TASK, VALIDATE_TASK
+from jobs.queue import POLL_REMOTE as REMOTE_TASK
+from jobs.queue import SLICE as SLICE_TASK
+from jobs.queue import VALIDATE_BATCH as VALIDATE_TASK
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
@@ -126,7 +128,7 @@ def test_mode_decides_who_runs_the_job(
     client, headers, endpoint, monkeypatch, django_capture_on_commit_callbacks, metadata, mode, task
 ):
     enqueued = []
-    monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: enqueued.append(func))
+    monkeypatch.setattr("jobs.queue.async_task", lambda func, *args, **options: enqueued.append(func))
     with django_capture_on_commit_callbacks(execute=True):
         batch = good_batch(client, headers, metadata=metadata)  # validated here, as the enqueued task would
     assert Job.objects.get().mode == mode and batch["batchsite"]["mode"] == mode

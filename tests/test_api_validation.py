@@ -13,7 +13,8 @@ from jobs.engine import tasks
 from jobs.engine.tasks import sweep, validate_batch
 from jobs.ingest import VALIDATION_QUIET
 from jobs.models import ApiToken, Item, Job
-from jobs.models.job import SLICE_TASK, VALIDATE_TASK
+from jobs.queue import SLICE as SLICE_TASK
+from jobs.queue import VALIDATE_BATCH as VALIDATE_TASK
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 from tests.servers import wait_until
 
@@ -44,11 +45,13 @@ def worker(monkeypatch):
     enqueued = []
 
     def run(func, *args, **options):
+        if func == "jobs.engine.tasks.send_notifications":
+            return  # an ended job's email and webhooks: not what these tests look at
         enqueued.append((func, args))
         if func == VALIDATE_TASK:
             validate_batch(*args)
 
-    monkeypatch.setattr("jobs.models.job.async_task", run)
+    monkeypatch.setattr("jobs.queue.async_task", run)
     return enqueued
 
 
@@ -193,7 +196,8 @@ def test_sweep_enqueues_a_lost_validation_again_once(
     client, headers, endpoint, monkeypatch, django_capture_on_commit_callbacks
 ):
     enqueued = []
-    monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: enqueued.append((func, args)))
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda job_id: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda func, *args, **options: enqueued.append((func, args)))
     batch = submit(client, headers, GOOD)  # enqueued at a commit that never comes: as lost as a task can be
     job_id = batch["batchsite"]["job_id"]
     assert sweep()["revalidated"] == [] and enqueued == []  # not quiet for long yet

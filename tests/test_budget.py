@@ -19,8 +19,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture(autouse=True)
 def in_this_process(monkeypatch):
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     seed_prices()
 
 

@@ -90,7 +90,7 @@ def test_200_mb_answers_fail_as_too_large_and_the_workers_stay_small(cluster, wr
 @pytest.mark.django_db(transaction=True)
 def test_a_gzip_bomb_is_inflated_only_up_to_the_limit(write, owner, monkeypatch, settings):
     settings.BATCHSITE_MAX_ANSWER_MB = 1
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     bomb = gzip.compress(b'{"id":"x","pad":"' + b"0" * (64 * MB) + b'"}', 9)  # ~64 KB on the wire
 
     def answer(handler):
@@ -112,7 +112,7 @@ def test_a_gzip_bomb_is_inflated_only_up_to_the_limit(write, owner, monkeypatch,
 
 @pytest.mark.django_db(transaction=True)
 def test_a_gzipped_answer_within_the_limit_is_read(write, owner, monkeypatch):
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     body = gzip.compress(json.dumps(ANSWER).encode())
 
     def answer(handler):
@@ -135,7 +135,7 @@ def test_a_gzipped_answer_within_the_limit_is_read(write, owner, monkeypatch):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_huge_error_body_is_cut_and_the_error_still_read(write, owner, monkeypatch):
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     error = {
         "error": {"message": "bad request", "type": "invalid_request_error", "code": "nope"},
         "pad": "x" * (50 * MB),
@@ -171,7 +171,7 @@ def resolving(monkeypatch, name: str, answers: list[str]):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_name_that_resolves_elsewhere_at_connect_time_is_refused(write, owner, monkeypatch):
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     upstream = Server(lambda h: send_json(h, 200, ANSWER))
     asked = resolving(monkeypatch, "rebind.example", ["127.0.0.1", "169.254.169.254"])
     try:
@@ -187,7 +187,7 @@ def test_a_name_that_resolves_elsewhere_at_connect_time_is_refused(write, owner,
 
 @pytest.mark.django_db(transaction=True)
 def test_a_name_that_resolves_to_an_allowed_address_is_used(write, owner, monkeypatch):
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     upstream = Server(lambda h: send_json(h, 200, ANSWER))
     resolving(monkeypatch, "models.example", ["127.0.0.1"])
     try:
@@ -225,7 +225,7 @@ def test_the_remote_engine_connects_only_to_checked_addresses(write, owner, monk
     from simulator import SimConfig, serve_in_thread
     from tests.test_remote import remote_job
 
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     with serve_in_thread(SimConfig(batch_seconds=0.5, seed=1)) as base_url:
         port = base_url.split(":")[2].split("/")[0]
         asked = resolving(monkeypatch, "rebind.example", ["127.0.0.1", "169.254.169.254"])

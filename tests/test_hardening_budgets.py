@@ -22,8 +22,8 @@ from tests.servers import wait_until
 
 @pytest.fixture
 def in_this_process(monkeypatch, transactional_db, settings):
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     settings.BATCHSITE_SLICES_PER_JOB = 1
     dear_prices()
 

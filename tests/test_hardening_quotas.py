@@ -18,8 +18,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def no_workers(monkeypatch):
     """Tasks are recorded, not run: what a request enqueues is what is checked."""
     queued = []
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: queued.append(a))
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: queued.append(a))
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     return queued
 
 

@@ -86,7 +86,7 @@ def test_a_redirect_is_a_permanent_failure_that_names_where_it_pointed(status):
 @pytest.mark.django_db(transaction=True)
 def test_the_live_engine_never_follows_a_redirect(internal_and_hostile, write, owner, monkeypatch):
     internal, hostile = internal_and_hostile
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     job = make_job(write, owner, make_endpoint(f"{hostile.url}/v1", concurrency=4), 5, start=False)
 
     slice_run(job, budget=5.0)
@@ -102,7 +102,7 @@ def test_the_live_engine_never_follows_a_redirect(internal_and_hostile, write, o
 @pytest.mark.django_db
 def test_the_remote_engine_never_follows_a_redirect(internal_and_hostile, write, owner, monkeypatch):
     internal, hostile = internal_and_hostile
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
     seed_prices()
     plan = ingest.validate(write("r.jsonl", [chat_line(f"r{i}", "hi") for i in range(3)]))
     endpoint = make_endpoint(f"{hostile.url}/v1")

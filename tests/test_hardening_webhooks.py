@@ -75,8 +75,8 @@ def huge(conn, stopped):
 @pytest.fixture
 def delivery_to(write, owner, monkeypatch):
     """delivery_to(url) -> a due delivery of a job's batch.completed event to a webhook at `url`."""
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
 
     def make(url):
         hook = Webhook(name="ops", url=url)
@@ -145,7 +145,7 @@ def test_a_receiver_that_redirects_is_not_followed(delivery_to):
 
 def test_many_dripping_receivers_hold_the_call_for_one_deadline_not_one_each(write, owner, monkeypatch):
     """Deliveries are made side by side: five receivers that never finish their headers cost one deadline."""
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     monkeypatch.setattr(notify, "DEADLINE", 1.5)
     receivers = [RawReceiver(drip(b"HTTP/1.1 200 OK\r\nX-Slow: ")) for _ in range(5)]
     good = RawReceiver(lambda conn, stopped: conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n"))
@@ -168,7 +168,7 @@ def test_many_dripping_receivers_hold_the_call_for_one_deadline_not_one_each(wri
 
 
 def test_old_events_and_their_deliveries_are_pruned_once_nothing_is_left_to_send(write, owner, monkeypatch, settings):
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     settings.BATCHSITE_EVENT_RETENTION_DAYS = 30
     hook = Webhook(name="ops", url="http://127.0.0.1:9/hook")
     hook.new_secret()

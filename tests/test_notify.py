@@ -23,8 +23,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(autouse=True)
 def in_this_process(monkeypatch):
     """Slices and notification tasks run here, when the test says, not in a cluster."""
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_an_owner_without_an_address_is_skipped_and_a_refusing_mail_server_is_re
     event = JobEvent.objects.get(job=second)
     assert event.email == JobEvent.Email.PENDING and "SMTP is down" in event.email_error
     monkeypatch.undo()
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     assert notify.send_due(now=timezone.now() + timedelta(minutes=1))["emailed"] == 1
     assert len(mail.outbox) == 1
 

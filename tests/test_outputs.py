@@ -187,8 +187,8 @@ def rejected_then_handed_back(write, owner, settings, monkeypatch):
     in this process against the simulator. Its first answer breaks the schema, and the send meant to replace
     it is handed back: "paused", the endpoint runs out of quota (the job pauses); "retry_later", a 429 whose
     Retry-After outlasts the slice. Then the simulator answers well."""
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: None)
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
     seed_prices()
     settings.BATCHSITE_SLICES_PER_JOB = 1
     servers = contextlib.ExitStack()

@@ -504,17 +504,17 @@ QUEUED_CHECKS: list[tuple] = []
 def queued_checks(monkeypatch):
     """The review checks the pages enqueue, kept here (whichever broker the settings name: the ORM's table, or
     Redis) for run_queued_checks to run as a worker would."""
-    from jobs.ingest import validating
+    from jobs import queue
 
-    real = validating.async_task
+    real = queue.async_task
 
     def enqueue(func, *args, **kwargs):
-        if func != validating.CHECK_TASK:
+        if func != queue.CHECK_UPLOAD:
             return real(func, *args, **kwargs)
         QUEUED_CHECKS.append(args)
 
     QUEUED_CHECKS.clear()
-    monkeypatch.setattr(validating, "async_task", enqueue)
+    monkeypatch.setattr(queue, "async_task", enqueue)
     yield
     QUEUED_CHECKS.clear()
 

@@ -17,8 +17,8 @@ from django.utils import timezone
 from django.utils.dateformat import format as date_format
 
 from jobs.models import Endpoint, Item, Job, RemoteBatch
-from jobs.models.job import REMOTE_TASK
 from jobs.pricing import PriceBook, estimate
+from jobs.queue import POLL_REMOTE as REMOTE_TASK
 from tests.factories import chat_line, jsonl, make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def enqueued():
     """What the pages hand to django-q2: recorded, never run."""
-    with mock.patch("jobs.models.job.async_task") as async_task:
+    with mock.patch("jobs.queue.async_task") as async_task:
         yield async_task
 
 

@@ -166,7 +166,7 @@ def test_two_live_clusters_never_send_an_item_twice(production_cluster, simulato
 def test_sweeps_side_by_side_restart_a_stalled_job_once(write, owner, monkeypatch):
     """Every worker of every cluster sweeps: two that find the same stalled job start one new generation."""
     enqueued = []
-    monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: enqueued.append(args))
+    monkeypatch.setattr("jobs.queue.async_task", lambda func, *args, **options: enqueued.append(args))
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
     long_ago = timezone.now() - timedelta(minutes=10)
     Job.objects.filter(pk=job.pk).update(

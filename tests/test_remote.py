@@ -28,7 +28,7 @@ def quick_polls(settings, monkeypatch):
     settings.BATCHSITE_REMOTE_POLL_SECONDS = 0
     settings.BATCHSITE_HYBRID_MARGIN_SECONDS = 1
     started = []
-    monkeypatch.setattr("jobs.models.job.async_task", lambda *a, **k: started.append(a))  # rounds run here
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: started.append(a))  # rounds run here
     seed_prices()
     return started
 
@@ -631,7 +631,7 @@ def test_a_poller_whose_window_ends_with_work_due_hands_over_to_a_successor(sim,
     config, base_url = sim
     config.batch_seconds = 30
     successors = []
-    monkeypatch.setattr("jobs.engine.remote.async_task", lambda func, **options: successors.append(func))
+    monkeypatch.setattr("jobs.queue.poll_remote_successor", lambda: successors.append("jobs.engine.tasks.poll_remote"))
     job = remote_job(write, owner, make_endpoint(base_url), 3)
 
     result = remote.poll(window=0)  # sends the batch; its next look is due within seconds

@@ -26,7 +26,7 @@ MAX_TOKENS = 1000  # each request may cost up to ~$0.0003 at the batch price: bu
 
 @pytest.fixture(autouse=True)
 def no_emails_sent_here(monkeypatch):
-    monkeypatch.setattr("jobs.models.notify.async_task", lambda *a, **k: None)
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda *a, **k: None)
 
 
 def batch_job(write, owner, endpoint, n: int, mode=Job.Mode.REMOTE, **options) -> Job:

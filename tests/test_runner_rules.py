@@ -333,7 +333,8 @@ def sim_get(url: str, path: str):
 def enqueued(monkeypatch):
     """The slice tasks enqueued during the test, as their argument tuples (job_id, slices, generation, enqueued_at)."""
     calls = []
-    monkeypatch.setattr("jobs.models.job.async_task", lambda func, *args, **options: calls.append(args))
+    monkeypatch.setattr("jobs.queue.send_notifications_on_commit", lambda job_id: None)
+    monkeypatch.setattr("jobs.queue.async_task", lambda func, *args, **options: calls.append(args))
     return calls
 
 

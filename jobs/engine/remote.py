@@ -42,14 +42,12 @@ from django.core.cache import cache
 from django.db import close_old_connections, transaction
 from django.db.models import F, Max, Q, Sum
 from django.db.models.functions import Least
-from django_q.tasks import async_task
 
-from jobs import clock, egress, remoteplan
+from jobs import clock, egress, queue, remoteplan
 from jobs.engine import leases, schemacheck, shutdown, upstream, wire
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import QUOTA_CODES, one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
-from jobs.models.job import REMOTE_TASK
 from jobs.pricing import PriceBook
 
 log = logging.getLogger(__name__)
@@ -135,7 +133,7 @@ def poll(window: float | None = None) -> dict:
         if clock.monotonic() >= end or shutdown.requested():
             # Work is still due: hand over to a successor now rather than leave it to the schedule's next start
             # (up to a minute away, past a hybrid switch). The worker is freed for other tasks meanwhile.
-            async_task(REMOTE_TASK, task_name="remote-poller-successor")
+            queue.poll_remote_successor()
             return {"rounds": rounds, "handed_over": True}
         # A job started while this poller was finishing found the lock taken and left its work to us.
         time.sleep(1.0)

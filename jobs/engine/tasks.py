@@ -23,9 +23,8 @@ from datetime import timedelta
 from django.apps import apps as global_apps
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, router
 from django.db.models import Max, Q
-from django_q.models import Schedule
 
-from jobs import clock, ingest
+from jobs import clock, ingest, queue
 from jobs.engine import answercache, leases, notify, remote, runner
 from jobs.models import File, InvalidTransition, Job, JobEvent
 
@@ -165,22 +164,8 @@ def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
         return  # django_q is not migrated on this database yet (`migrate jobs` alone): its next migrate does it
     if not router.allow_migrate_model(using, model):
         return
-    schedules = {
-        "batchsite-sweeper": {"func": "jobs.engine.tasks.sweep", "schedule_type": Schedule.MINUTES, "minutes": 1},
-        "batchsite-clean-up": {"func": "jobs.engine.tasks.clean_up", "schedule_type": Schedule.HOURLY},
-        "batchsite-remote-poller": {
-            "func": "jobs.engine.tasks.poll_remote",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-        },
-        # Retries of emails and webhooks that failed (the first try is enqueued with the event).
-        "batchsite-notifications": {
-            "func": "jobs.engine.tasks.send_notifications",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-        },
-    }
-    for name, fields in schedules.items():
+    for name, (func, kind, minutes) in queue.SCHEDULES.items():
+        fields = {"func": func, "schedule_type": kind, "minutes": minutes}
         model.objects.using(using).update_or_create(name=name, defaults={**fields, "repeats": -1})
 
 

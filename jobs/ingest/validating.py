@@ -13,9 +13,8 @@ from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
-from django_q.tasks import async_task
 
-from jobs import storage
+from jobs import queue, storage
 from jobs.ingest.create import add_items
 from jobs.ingest.lines import LineError
 from jobs.ingest.plan import Plan, check_key, checked, record, remember, remembered, validate
@@ -102,7 +101,6 @@ def _show_progress(job_id: int, fraction: float) -> None:
     cache.set(_progress_key(job_id), round(fraction, 3), timeout=int(VALIDATION_QUIET.total_seconds()) * 10)
 
 
-CHECK_TASK = "jobs.ingest.validating.check_upload"
 # A worker checking an upload says how far it has got about every half a second (PROGRESS_EVERY requests);
 # quiet this long, it is lost (killed), and the next look at the page enqueues the check again.
 CHECK_QUIET = VALIDATION_QUIET
@@ -121,14 +119,7 @@ def check_in_background(
     key = _check_state_key(name, format, template, source_name)
     state = cache.get(key)
     if state is None and cache.add(key, {"lines": 0, "total": None}, timeout=CHECK_KEPT):
-        async_task(
-            CHECK_TASK,
-            name,
-            format,
-            template.as_dict() if template else None,
-            source_name,
-            task_name=f"check-{key[-40:]}",
-        )
+        queue.check_upload(name, format, template.as_dict() if template else None, source_name, key)
     state = state or cache.get(key) or {"lines": 0, "total": None}
     if "done" in state:  # checked by a worker on another node: its record, kept here too
         remember(path, state["done"])

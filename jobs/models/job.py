@@ -12,9 +12,8 @@ from django.db.models.signals import pre_delete
 from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
-from django_q.tasks import async_task
 
-from jobs import clock
+from jobs import clock, queue
 from jobs.models.budget import Spending
 from jobs.models.endpoint import Endpoint
 from jobs.models.notify import EVENTS, PAUSED, JobEvent
@@ -23,10 +22,6 @@ log = logging.getLogger(__name__)
 
 # The engine's entry point, by name: the one thing the core knows of the engine (django-q2 imports it
 # in the worker that runs the task).
-SLICE_TASK = "jobs.engine.tasks.run_slice"
-REMOTE_TASK = "jobs.engine.tasks.poll_remote"
-VALIDATE_TASK = "jobs.engine.tasks.validate_batch"
-RETRY_TASK = "jobs.engine.tasks.retry_failed"
 # Duplicate and retry of more requests than this run in a worker, not the request (Job.duplicate, retry_later).
 INLINE_ROWS = 5_000
 
@@ -272,7 +267,7 @@ class Job(models.Model):
         """Enqueue what runs a queued job once the surrounding transaction commits: its slices, or for the
         Batch API a round of the remote poller (which sends it, then follows it every few seconds)."""
         if self.runs_remotely:
-            transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
+            queue.poll_remote_on_commit(self.pk)
         else:
             transaction.on_commit(lambda: Job.start_slices(self.pk))
 
@@ -280,7 +275,7 @@ class Job(models.Model):
     def validate_later(cls, job_id: int) -> None:
         """Enqueue the check of a validating job's file, which creates its items and starts it (or fails it),
         once the surrounding transaction commits. The sweeper enqueues it again if it is lost."""
-        transaction.on_commit(lambda: async_task(VALIDATE_TASK, job_id, task_name=f"job-{job_id}-validate"))
+        queue.validate_batch_on_commit(job_id)
 
     # Slices. A job runs as a few chains of slice tasks, each slice enqueueing its successor. Every start
     # (start, resume, a retry of a finished job, the sweeper's restart) is a new *generation*: slices of an
@@ -302,7 +297,7 @@ class Job(models.Model):
                 return False
             generation = cls.objects.filter(pk=job_id).values_list("slice_gen", flat=True).get()
         for _ in range(slices):
-            _enqueue_slice(job_id, slices, generation, now)
+            queue.run_slice(job_id, slices, generation, now)
         return True
 
     @classmethod
@@ -311,7 +306,7 @@ class Job(models.Model):
         now = clock.now()
         if not cls.objects.filter(pk=job_id, slice_gen=generation).update(slice_enqueued_at=now):
             return False
-        _enqueue_slice(job_id, slices, generation, now)
+        queue.run_slice(job_id, slices, generation, now)
         return True
 
     def pause(self) -> None:
@@ -344,7 +339,7 @@ class Job(models.Model):
             self.add_to_counters(n_pending=-n, n_cancelled=n)
             if self.remote_batches.filter(collected_at__isnull=True).update(next_poll_at=clock.now()):
                 # The poller cancels the remote batches at once, keeping what they finished.
-                transaction.on_commit(lambda: async_task(REMOTE_TASK, task_name=f"job-{self.pk}-remote"))
+                queue.poll_remote_on_commit(self.pk)
         Job.finalize_if_done(self.pk)
         self.refresh_from_db()
 
@@ -501,7 +496,7 @@ class Job(models.Model):
             raise InvalidTransition("Wait until the job is cancelled, then retry its failed items.")
         if self.status in Job.FINISHED:
             Job.check_room(self.owner)
-        transaction.on_commit(lambda: async_task(RETRY_TASK, self.pk, mode, task_name=f"job-{self.pk}-retry"))
+        queue.retry_failed_on_commit(self.pk, mode)
         return n
 
     def recount(self) -> None:
@@ -521,12 +516,6 @@ class Job(models.Model):
         Job.objects.filter(pk=self.pk).update(**fields)
         for name, value in fields.items():
             setattr(self, name, value)
-
-
-def _enqueue_slice(job_id: int, slices: int, generation: int, enqueued_at) -> None:
-    async_task(
-        SLICE_TASK, job_id, slices, generation, enqueued_at, task_name=f"job-{job_id}-slice", group=f"job-{job_id}"
-    )
 
 
 @receiver(pre_delete, sender=Job, dispatch_uid="batchsite-lock-before-delete")

@@ -11,13 +11,10 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import models
 from django.utils import timezone
-from django_q.tasks import async_task
 
-from jobs import crypto
-
-NOTIFY_TASK = "jobs.engine.tasks.send_notifications"
+from jobs import crypto, queue
 
 # Job status -> OpenAI's webhook event. A job that pauses itself (quota, a refused key) emails its owner
 # only: OpenAI's Batch API has no such event.
@@ -110,7 +107,7 @@ class JobEvent(models.Model):
             WebhookDelivery.objects.bulk_create(
                 WebhookDelivery(webhook=hook, event=ev) for hook in Webhook.objects.filter(active=True)
             )
-        transaction.on_commit(lambda: async_task(NOTIFY_TASK, task_name=f"job-{job.pk}-notify"))
+        queue.send_notifications_on_commit(job.pk)
 
 
 class WebhookDelivery(models.Model):
