@@ -48,6 +48,7 @@ from jobs.engine import leases, schemacheck, shutdown, upstream, wire
 from jobs.engine.database import pause_job
 from jobs.engine.upstream import QUOTA_CODES, one_line, usage_of
 from jobs.models import Endpoint, InvalidTransition, Item, Job, JobTick, RemoteBatch
+from jobs.models.job import id_batches
 from jobs.pricing import PriceBook
 
 log = logging.getLogger(__name__)
@@ -328,8 +329,7 @@ def _make_chunk(job: Job, endpoint: Endpoint, model: str, requests: list[remotep
             bytes=sum(r.bytes for r in requests),
         )
         taken = 0
-        for start in range(0, len(requests), 900):  # SQLite's limit on query parameters
-            batch_ids = [r.id for r in requests[start : start + 900]]
+        for batch_ids in id_batches([r.id for r in requests]):
             taken += Item.objects.filter(id__in=batch_ids, status=Item.Status.PENDING).update(
                 status=Item.Status.RUNNING, remote_batch=chunk, lease_token=None, lease_until=None
             )
@@ -654,17 +654,15 @@ class RemoteJob:
                 self.job.status = Job.Status.PAUSED  # the job's other chunks wait too
                 return False
             for cost, ids in by_cost.items():
-                for start in range(0, len(ids), 900):  # SQLite's limit on query parameters
-                    Item.objects.filter(id__in=ids[start : start + 900]).update(est_cost=cost)
+                for batch_ids in id_batches(ids):
+                    Item.objects.filter(id__in=batch_ids).update(est_cost=cost)
         return True
 
     def _give_back(self, chunk: RemoteBatch, item_ids: list[int]) -> None:
         """Items of a chunk not yet uploaded back to pending (in the caller's transaction, under the job's lock)."""
         n = 0
-        for start in range(0, len(item_ids), 900):  # SQLite's limit on query parameters
-            held = Item.objects.filter(
-                id__in=item_ids[start : start + 900], remote_batch=chunk, status=Item.Status.RUNNING
-            )
+        for batch_ids in id_batches(item_ids):
+            held = Item.objects.filter(id__in=batch_ids, remote_batch=chunk, status=Item.Status.RUNNING)
             n += held.update(status=Item.Status.PENDING, remote_batch=None)
         RemoteBatch.objects.filter(pk=chunk.pk).update(n_items=F("n_items") - n)
         chunk.n_items -= n

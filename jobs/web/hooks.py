@@ -10,8 +10,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from jobs import egress
 from jobs.models import Webhook, WebhookDelivery
+from jobs.web.decorators import staff_required
 from jobs.web.requests import AuthenticatedHttpRequest
-from jobs.web.views import staff_required
 
 
 class WebhookForm(forms.ModelForm):

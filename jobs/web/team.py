@@ -12,8 +12,8 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
+from jobs.web.decorators import staff_required
 from jobs.web.requests import AuthenticatedHttpRequest
-from jobs.web.views import staff_required
 
 User = get_user_model()
 

@@ -4,7 +4,6 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from jobs.models import (
     SpendingLimit,
 )
 from jobs.pricing import estimate
+from jobs.web.decorators import staff_required
 from jobs.web.forms import CostCapForm, EndpointForm, JobForm, UploadForm
 from jobs.web.requests import AuthenticatedHttpRequest
 
@@ -57,18 +57,6 @@ DOWNLOADS = {
 }
 JOBS_PER_PAGE = 25
 ITEMS_PER_PAGE = 50
-
-
-def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """403 for signed-in non-staff (user_passes_test would send them to the login page, which sends them back)."""
-
-    @wraps(view)
-    def wrapper(request: AuthenticatedHttpRequest, *args, **kwargs) -> HttpResponse:
-        if not request.user.is_staff:
-            raise PermissionDenied("Only staff can manage this.")
-        return view(request, *args, **kwargs)
-
-    return wrapper
 
 
 def _get_job(request: AuthenticatedHttpRequest, pk: int, write: bool = False) -> Job:
