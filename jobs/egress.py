@@ -286,11 +286,7 @@ class _BoundedStream(httpx2.SyncByteStream):
         self.encoding = encoding
 
     def __iter__(self):
-        inflater = None
-        if self.encoding in ("gzip", "x-gzip"):
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif self.encoding == "deflate":
-            inflater = zlib.decompressobj()
+        inflater = inflater_for(self.encoding)
         size = 0
         for chunk in self.inner:
             for piece in _pieces(inflater, chunk):
@@ -302,6 +298,16 @@ class _BoundedStream(httpx2.SyncByteStream):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def inflater_for(encoding: str):
+    """A zlib inflater for a Content-Encoding of gzip or deflate (the two Batchsite asks for); None for none."""
+    encoding = encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    return None
 
 
 def _pieces(inflater, chunk: bytes):

@@ -87,21 +87,26 @@ def test_200_mb_answers_fail_as_too_large_and_the_workers_stay_small(cluster, wr
     assert peak < 600, f"a worker peaked at {peak:.0f} MB"
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_gzip_bomb_is_inflated_only_up_to_the_limit(write, owner, monkeypatch, settings):
-    settings.BATCHSITE_MAX_ANSWER_MB = 1
-    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
-    bomb = gzip.compress(b'{"id":"x","pad":"' + b"0" * (64 * MB) + b'"}', 9)  # ~64 KB on the wire
+def gzipped(body: bytes):
+    """An answer of a 200 with `body` as it is, saying it is gzip."""
 
     def answer(handler):
         handler.send_response(200)
         handler.send_header("content-type", "application/json")
         handler.send_header("content-encoding", "gzip")
-        handler.send_header("content-length", str(len(bomb)))
+        handler.send_header("content-length", str(len(body)))
         handler.end_headers()
-        handler.wfile.write(bomb)
+        handler.wfile.write(body)
 
-    hostile = Server(answer)
+    return answer
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_gzip_bomb_is_inflated_only_up_to_the_limit(write, owner, monkeypatch, settings):
+    settings.BATCHSITE_MAX_ANSWER_MB = 1
+    monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
+    bomb = gzip.compress(b'{"id":"x","pad":"' + b"0" * (64 * MB) + b'"}', 9)  # ~64 KB on the wire
+    hostile = Server(gzipped(bomb))
     try:
         job = make_job(write, owner, make_endpoint(f"{hostile.url}/v1", concurrency=2), 2, start=False)
         slice_run(job, budget=5.0)
@@ -113,17 +118,7 @@ def test_a_gzip_bomb_is_inflated_only_up_to_the_limit(write, owner, monkeypatch,
 @pytest.mark.django_db(transaction=True)
 def test_a_gzipped_answer_within_the_limit_is_read(write, owner, monkeypatch):
     monkeypatch.setattr("jobs.queue.async_task", lambda *a, **k: None)
-    body = gzip.compress(json.dumps(ANSWER).encode())
-
-    def answer(handler):
-        handler.send_response(200)
-        handler.send_header("content-type", "application/json")
-        handler.send_header("content-encoding", "gzip")
-        handler.send_header("content-length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    hostile = Server(answer)
+    hostile = Server(gzipped(gzip.compress(json.dumps(ANSWER).encode())))
     try:
         job = make_job(write, owner, make_endpoint(f"{hostile.url}/v1", concurrency=2), 2, start=False)
         slice_run(job, budget=5.0)

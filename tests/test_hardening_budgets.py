@@ -3,7 +3,6 @@ gives nothing back and work counts in the month it was done; a model with no pri
 a request without max_tokens weighs its model's most output, times `n`; and two jobs of one person claim
 against their limit one at a time."""
 
-import time
 from datetime import timedelta
 from decimal import Decimal
 
@@ -12,12 +11,12 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from jobs import ingest, tokens
-from jobs.engine import runner
 from jobs.models import Job, Spending, SpendingLimit
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests.factories import chat_line, make_endpoint, make_job, seed_prices
 from tests.servers import wait_until
+from tests.test_budget import run_until
 
 
 @pytest.fixture
@@ -34,16 +33,6 @@ def dear_prices():
 
     seed_prices()
     Price.objects.filter(model="gpt-4o-mini").update(input_per_mtok=1000, output_per_mtok=4000)
-
-
-def run_until(job: Job, done) -> Job:
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        runner.run_slice(job.pk, budget=2, slices=1)
-        job.refresh_from_db()
-        if done(job):
-            return job
-    raise AssertionError(job.counts())
 
 
 def most_of(job: Job) -> Decimal:

@@ -133,12 +133,7 @@ class _Inflate:
     """gzip and deflate, inflated at most `room` bytes per chunk (the rest is over the limit anyway)."""
 
     def __init__(self, encoding: str):
-        encoding = encoding.strip().lower()
-        self.inflater = None
-        if encoding in ("gzip", "x-gzip"):
-            self.inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == "deflate":
-            self.inflater = zlib.decompressobj()
+        self.inflater = egress.inflater_for(encoding)
 
     def __call__(self, chunk: bytes, room: int) -> bytes:
         if self.inflater is None:
