@@ -212,11 +212,11 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 BATCHSITE_S3_BUCKET = os.environ.get("BATCHSITE_S3_BUCKET", "")
 _uploads: dict = {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR}}
 if BATCHSITE_S3_BUCKET:
-    # Without BATCHSITE_S3_PREFIX, files go under batchsite/<this installation's key>/ (jobs/storage.py), so
+    # Without BATCHSITE_S3_PREFIX, files go under batchsite/<this installation's key>/ (jobs/bucket.py), so
     # installations that share a bucket never see, nor sweep away, each other's.
     _prefix = os.environ.get("BATCHSITE_S3_PREFIX", "").strip("/")
     _uploads = {
-        "BACKEND": "storages.backends.s3.S3Storage" if _prefix else "jobs.storage.InstallationS3Storage",
+        "BACKEND": "storages.backends.s3.S3Storage" if _prefix else "jobs.bucket.InstallationS3Storage",
         "OPTIONS": {
             "bucket_name": BATCHSITE_S3_BUCKET,
             "endpoint_url": os.environ.get("BATCHSITE_S3_ENDPOINT_URL") or None,  # MinIO, R2, Ceph...
@@ -251,6 +251,9 @@ BATCHSITE_FILE_EXPIRY_DAYS = envint("BATCHSITE_FILE_EXPIRY_DAYS", 30)
 # leases every quarter of a lease and every worker sweeps as often, so a killed worker's or
 # cluster's items run again about 15-20 s later; a live slice keeps them however long it takes.
 BATCHSITE_LEASE_SECONDS = envint("BATCHSITE_LEASE_SECONDS", 15)
+# Every write to a job's books compares its counters with a recount of its items (jobs/models/ledger.py):
+# a debugging aid that the tests turn on; it costs a query over the job's items per write.
+BATCHSITE_AUDIT_BOOKS = envbool("BATCHSITE_AUDIT_BOOKS", False)
 BATCHSITE_SLICE_SECONDS = envint("BATCHSITE_SLICE_SECONDS", 60)
 BATCHSITE_REQUEST_TIMEOUT = envint("BATCHSITE_REQUEST_TIMEOUT", 600)
 # An upstream answer (live, or a result file's line) is read up to this size; a bigger one fails the request as

@@ -32,7 +32,7 @@ def main() -> None:
     from django.utils import timezone
 
     from jobs import ingest
-    from jobs.models import ApiToken, Batch, File, Item, Job, JobTick
+    from jobs.models import ApiToken, Batch, File, Item, Job, JobTick, ledger
 
     user = User.objects.create_user("bench", password="bench-pass-123", is_staff=True)
     path = data_dir / "big.jsonl"
@@ -56,7 +56,7 @@ def main() -> None:
     Item.objects.filter(job=big, line__gt=30_000, line__lte=31_000).update(
         status=Item.Status.FAILED, http_status=500, error_code="http_500", error_message="Server error"
     )
-    big.recount()
+    ledger.recount(big)
     Job.objects.filter(pk=big.pk).update(status=Job.Status.RUNNING)
     Job.objects.bulk_create(
         [

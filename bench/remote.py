@@ -3,7 +3,7 @@
 Everything runs in this process, on a throwaway data dir and SQLite database: the simulator in a thread
 (chat answers after --latency-ms; a batch takes --batch-seconds, a cancel --cancel-seconds to settle),
 and the engine driven as the cluster drives it, without a qcluster: a round of the remote poller
-(remote.poll_round) every second, and live slices (runner.run_slice, one at a time with the endpoint's
+(remote.poll_round) every second, and live slices (runner.run, one at a time with the endpoint's
 whole concurrency) whenever the job has live work. The same N chat requests run as:
   - live: slices only, at full price;
   - remote: one Batch API batch, at the endpoint's batch discount;
@@ -62,7 +62,7 @@ def drive(job, timeout: float) -> float:
         remote.poll_round()
         job.refresh_from_db()
         if job.n_pending and not job.runs_remotely:
-            runner.run_slice(job.pk, slices=1)
+            runner.run(job.pk, slices=1)
         elif not job.is_finished:
             time.sleep(1.0)  # the poller's pace between rounds (remote.poll)
         job.refresh_from_db()
@@ -109,7 +109,7 @@ def run(mode: str, path: Path, owner, endpoint, base_url: str, deadline_s: float
     from django.utils import timezone
 
     from jobs import export, ingest
-    from jobs.models import Job
+    from jobs.models import Job, ledger
 
     sim_call(base_url, "/_sim/reset", {})
     plan = ingest.validate(path)
@@ -131,7 +131,7 @@ def run(mode: str, path: Path, owner, endpoint, base_url: str, deadline_s: float
             results[json.loads(line)["custom_id"]] += 1
     in_batch_files = batch_output_ids(base_url, job.pk) if mode != Job.Mode.LIVE else []
     sent_live = sim_call(base_url, "/_sim/stats")["by_path"].get(job.url, 0)
-    job.recount()
+    ledger.recount(job)
     return {
         "mode": mode,
         "job": job,

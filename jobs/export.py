@@ -5,7 +5,8 @@
   `response`, a request that never got an answer (expired, cancelled, out of attempts) has
   `response: null` and an `error` object;
 - CSV: the input columns (CSV jobs) or custom_id, then the output text, the fields of a structured
-  output, status, error and tokens.
+  output, status, error and tokens;
+- a /v1 File's content: an upload's bytes, or a job's results or errors JSONL exported when downloaded.
 
 Stored response bodies are normally compact JSON, so the results writer splices the text in rather
 than parse and re-encode it: that is most of its speed. A record must still stay on one line
@@ -22,7 +23,8 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 
-from jobs.models import Item, Job
+from jobs import storage
+from jobs.models import File, Item, Job
 
 FLUSH_BYTES = 64 * 1024
 ERROR_STATUSES = (Item.Status.FAILED, Item.Status.EXPIRED, Item.Status.CANCELLED)
@@ -126,6 +128,26 @@ def errors_jsonl(job: Job) -> Iterator[str]:
                 yield f'{head}"response":null,"error":{dumps(error, ensure_ascii=False)}}}\n'
 
     return _buffered(lines())
+
+
+def file_chunks(file: File) -> Iterator[str] | Iterator[bytes]:
+    """A /v1 File's content: the upload's bytes from storage, or text exported from the job."""
+    if file.job is not None:
+        return _job_file(file.job, file.kind)
+    return storage.read_chunks(file.path)
+
+
+def file_size(file: File) -> int:
+    """Bytes of a File's content; an output or error file is exported once to measure it, then remembered."""
+    if file.bytes is None:
+        assert file.job is not None  # an upload's size is known when it is stored
+        file.bytes = sum(len(chunk.encode()) for chunk in _job_file(file.job, file.kind))
+        File.objects.filter(pk=file.pk, bytes=None).update(bytes=file.bytes)
+    return file.bytes
+
+
+def _job_file(job: Job, kind: str) -> Iterator[str]:
+    return results_jsonl(job) if kind == File.RESULTS else errors_jsonl(job)
 
 
 def output_text(url: str, response: dict) -> str:

@@ -2,7 +2,7 @@
 
 django-q2 names a task by its dotted path, which no tool checks: here, and only here, are those names
 (`scripts/check_names.py` fails `make check` if one appears elsewhere; `tests/test_queue.py` imports each).
-Callers say what they want done (`queue.run_slice(...)`); tests that keep work from a cluster patch
+Callers say what they want done (`queue.enqueue_slice(...)`); tests that keep work from a cluster patch
 `jobs.queue.async_task`.
 """
 
@@ -33,7 +33,7 @@ SCHEDULES: dict[str, tuple[str, str, int | None]] = {
 TASKS = (SLICE, POLL_REMOTE, VALIDATE_BATCH, RETRY_FAILED, SEND_NOTIFICATIONS, CHECK_UPLOAD, SWEEP, CLEAN_UP)
 
 
-def run_slice(job_id: int, slices: int, generation: int, enqueued_at: datetime) -> None:
+def enqueue_slice(job_id: int, slices: int, generation: int, enqueued_at: datetime) -> None:
     """A slice of a live job (Job.start_slices): now, not on commit (the caller has committed its generation)."""
     async_task(SLICE, job_id, slices, generation, enqueued_at, task_name=f"job-{job_id}-slice", group=f"job-{job_id}")
 
@@ -54,7 +54,7 @@ def validate_batch_on_commit(job_id: int) -> None:
 
 
 def retry_failed_on_commit(job_id: int, mode: str | None) -> None:
-    """A big job's failed items queued again by a worker (Job.retry_later)."""
+    """A big job's failed items queued again by a worker (control.retry_later)."""
     transaction.on_commit(lambda: async_task(RETRY_FAILED, job_id, mode, task_name=f"job-{job_id}-retry"))
 
 

@@ -5,7 +5,8 @@ bucket configured (BATCHSITE_S3_BUCKET), an upload is written to the receiving n
 (streamed, size-checked), then copied to the bucket under the same name; any other node that needs it
 (a worker validating it, a web node serving its content) fetches it once into its own data dir, which
 acts as a cache. Names are the paths relative to the data dir ("uploads/<uuid>/<name>"), as the database
-stores them, so both set-ups read the same rows.
+stores them, so both set-ups read the same rows. Without BATCHSITE_S3_PREFIX the bucket is written
+through jobs/bucket.py, under a folder of this installation's own.
 """
 
 from __future__ import annotations
@@ -26,41 +27,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 UPLOAD_FOLDER = re.compile(r"[0-9a-f]{32}")
-
-
-def _s3_storage_class():
-    from storages.backends.s3 import S3Storage  # only installed where a bucket is used
-
-    class InstallationS3Storage(S3Storage):
-        """S3Storage under a folder of this installation's own (Installation.own_key) inside the configured
-        prefix, used when BATCHSITE_S3_PREFIX is not set: two installations sharing a bucket with the default
-        prefix would each sweep away the other's uploads (remove_stale_uploads keeps only what its own
-        database knows)."""
-
-        _base = "batchsite"
-        _own: str | None = None
-
-        @property
-        def location(self) -> str:
-            if self._own is None:
-                from jobs.models import Installation
-
-                key = Installation.own_key()
-                self._own = f"{self._base}/{key}" if key else self._base
-            return self._own
-
-        @location.setter
-        def location(self, value: str) -> None:
-            self._base, self._own = value, None
-
-    return InstallationS3Storage
-
-
-def __getattr__(name: str):
-    # settings name "jobs.storage.InstallationS3Storage"; built on first use, so django-storages stays optional
-    if name == "InstallationS3Storage":
-        return _s3_storage_class()
-    raise AttributeError(name)
 
 
 def uploads() -> Storage:

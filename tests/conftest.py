@@ -1,6 +1,9 @@
 import csv
 import json
+import os
+import re
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +158,50 @@ def pytest_collection_modifyitems(items):
     """Browser tests last: Playwright keeps an event loop running in the main thread for the rest of
     the session, and tests that call asyncio.run() cannot start after it."""
     items.sort(key=lambda item: item.fspath.basename == "test_browser.py")
+
+
+# The ledger (jobs/models/ledger.py) is the one writer of items' states and jobs' counters. In the tests, every
+# write to its books is audited against a recount (BATCHSITE_AUDIT_BOOKS), and any UPDATE of an item's status or
+# a job's counters made by code of jobs/ outside the ledger fails the test that runs it. (Tests may set up
+# items and counters as they like: only the app's own code is held to this.)
+LEDGER_COLUMNS = re.compile(r'"?(status|n_pending|n_running|n_succeeded|n_failed|n_cancelled|n_expired|total)"? =')
+LEDGER_TABLES = re.compile(r'^\s*UPDATE "?(jobs_item|jobs_job)"? SET ', re.IGNORECASE)
+JOBS_DIR = str(Path(__file__).resolve().parent.parent / "jobs") + "/"
+LEDGER_FILE = JOBS_DIR + "models/ledger.py"
+
+
+class LedgerBypassed(AssertionError):
+    pass
+
+
+def _ledger_only(execute, sql, params, many, context):
+    match = LEDGER_TABLES.match(sql)
+    if match:
+        assignments = re.split(r"\sWHERE\s", sql[match.end() :], maxsplit=1, flags=re.IGNORECASE)[0]
+        columns = {m.group(1) for m in LEDGER_COLUMNS.finditer(assignments)}
+        if match.group(1) == "jobs_job":
+            columns.discard("status")  # a job's status is the state diagram's (Job.transition), not the books'
+        if columns:
+            frame = sys._getframe(1)
+            while frame is not None and not frame.f_code.co_filename.startswith(JOBS_DIR):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename != LEDGER_FILE:
+                where = f"{frame.f_code.co_filename[len(JOBS_DIR) - 5 :]}:{frame.f_lineno}"
+                raise LedgerBypassed(f"{where} writes {sorted(columns)} of {match.group(1)} outside the ledger")
+    return execute(sql, params, many, context)
+
+
+def _watch(sender, connection, **kwargs):
+    if _ledger_only not in connection.execute_wrappers:
+        connection.execute_wrappers.append(_ledger_only)
+
+
+def pytest_sessionstart(session):
+    from django.db import connections
+    from django.db.backends.signals import connection_created
+
+    django_settings.BATCHSITE_AUDIT_BOOKS = True
+    os.environ["BATCHSITE_AUDIT_BOOKS"] = "1"  # the servers and clusters the tests start
+    connection_created.connect(_watch, dispatch_uid="batchsite-ledger-only")
+    for connection in connections.all(initialized_only=True):
+        _watch(None, connection)

@@ -11,7 +11,7 @@ from openai.types import FileObject
 
 from jobs import export
 from jobs.engine.tasks import validate_batch
-from jobs.models import Batch, Endpoint, File, Item, Job
+from jobs.models import Batch, Endpoint, File, Item, Job, control, ledger
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("data_dir")]
@@ -92,7 +92,7 @@ def run_to_the_end(job: Job, failed=()) -> Job:
                 prompt_tokens=5,
                 completion_tokens=2,
             )
-    job.recount()
+    ledger.recount(job)
     now = timezone.now()
     Job.objects.filter(pk=job.pk).update(
         status=Job.Status.COMPLETED, started_at=now - timedelta(seconds=5), finished_at=now
@@ -305,7 +305,7 @@ def test_output_file_is_measured_again_after_a_retry(client, headers, endpoint):
     job = run_to_the_end(Job.objects.get(), failed={"req-0"})
     before = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
     size = client.get(f"/v1/files/{before['output_file_id']}", headers=headers).json()["bytes"]
-    job.retry_failed()
+    control.retry_failed(job)
     assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json()["status"] == "in_progress"
     run_to_the_end(job)
     after = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()

@@ -12,7 +12,7 @@ from django.utils import timezone
 from jobs.engine import tasks
 from jobs.engine.tasks import sweep, validate_batch
 from jobs.ingest import VALIDATION_QUIET
-from jobs.models import ApiToken, Item, Job
+from jobs.models import ApiToken, Item, Job, control
 from jobs.queue import SLICE as SLICE_TASK
 from jobs.queue import VALIDATE_BATCH as VALIDATE_TASK
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint
@@ -144,7 +144,7 @@ def test_cancel_while_the_file_is_read_stops_the_reading(client, headers, endpoi
     def cancelled_on_the_way(*args, progress, **kwargs):
         def cancel_then_report(count):
             read.append(count)
-            Job.objects.get().cancel()
+            control.cancel(Job.objects.get())
             progress(count)
 
         return real_validate(*args, progress=cancel_then_report, **kwargs)

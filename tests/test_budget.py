@@ -9,7 +9,7 @@ import pytest
 
 from jobs import tokens
 from jobs.engine import runner
-from jobs.models import Job, JobEvent
+from jobs.models import Job, JobEvent, Spending, control
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests.factories import make_endpoint, make_job, seed_prices
@@ -27,7 +27,7 @@ def in_this_process(monkeypatch):
 def run_until(job: Job, done) -> Job:
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        runner.run_slice(job.pk, budget=2, slices=1)
+        runner.run(job.pk, budget=2, slices=1)
         job.refresh_from_db()
         if done(job):
             return job
@@ -55,7 +55,7 @@ def test_a_cost_cap_pauses_the_job_at_the_request_that_would_pass_it_and_raising
 
         Job.objects.filter(pk=job.pk).update(cost_cap=cap * 10)
         job.refresh_from_db()
-        job.resume()
+        control.resume(job)
         job = run_until(job, lambda j: j.is_finished)
         assert (job.status, job.n_succeeded) == (Job.Status.COMPLETED, 10)
 
@@ -107,7 +107,7 @@ def test_a_monthly_limit_of_the_owner_or_the_endpoint_pauses_the_job_and_the_usa
     with serve_in_thread(SimConfig(latency_ms=5)) as base_url:
         endpoint = make_endpoint(base_url, concurrency=10)
         earlier = make_job(write, owner, endpoint, 1, start=False)
-        earlier.add_to_counters(cost=Decimal("0.0010"))  # spent this month already (the ledger has it)
+        Spending.record(earlier.pk, Decimal("0.0010"))  # spent this month already (the spending table has it)
         job = make_job(write, owner, endpoint, 10, start=False, max_tokens=4000)
         item = job.items.get(line=1)
         most = PriceBook.load().cost("gpt-4o-mini", item.est_tokens, tokens.max_output_tokens({"max_tokens": 4000}))
@@ -131,7 +131,7 @@ def test_a_monthly_limit_of_the_owner_or_the_endpoint_pauses_the_job_and_the_usa
         client.post("/usage/limits", {"target": f"endpoint:{endpoint.pk}", "monthly_usd": "abc"})
         assert not SpendingLimit.objects.filter(endpoint=endpoint).exists()
 
-        job.resume()
+        control.resume(job)
         job = run_until(job, lambda j: j.is_finished)
         assert (job.status, job.n_succeeded) == (Job.Status.COMPLETED, 10)
 

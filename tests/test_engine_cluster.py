@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 
 from jobs import export
-from jobs.models import Item, Job
+from jobs.models import Item, Job, control
 from tests.factories import answers, make_endpoint, make_job
 from tests.servers import wait_until
 
@@ -104,7 +104,7 @@ def test_insufficient_quota_pauses_without_more_requests(cluster, simulator, wri
     assert job.n_failed == 0 and job.n_pending > 0
 
     sim.configure(insufficient_quota=False)
-    job.resume()
+    control.resume(job)
     wait_status(job, Job.Status.COMPLETED, 90)
     assert job.n_succeeded == 400 and job.status_reason == ""
     assert answers(job) == {f"req-{i}": f"Echo: Question {i}" for i in range(400)}
@@ -116,8 +116,8 @@ def test_pause_then_resume(cluster, simulator, write, owner):
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=20), 500)
     wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded >= 50, 60, message="progress")
     job.refresh_from_db()
-    job.pause()
-    job.pause()  # twice is fine
+    control.pause(job)
+    control.pause(job)  # twice is fine
     wait_until(lambda: Job.objects.get(pk=job.pk).n_running == 0, 30, message="in-flight requests to finish")
     job.refresh_from_db()
     done, sent = job.n_succeeded, sim.stats()["total"]
@@ -125,7 +125,7 @@ def test_pause_then_resume(cluster, simulator, write, owner):
     time.sleep(2.5)
     job.refresh_from_db()
     assert (job.status, job.n_succeeded, sim.stats()["total"]) == (Job.Status.PAUSED, done, sent)
-    job.resume()
+    control.resume(job)
     wait_status(job, Job.Status.COMPLETED, 90)
     assert job.n_succeeded == 500 and sim.stats()["total"] == 500
 
@@ -136,8 +136,8 @@ def test_cancel_keeps_finished_results(cluster, simulator, write, owner):
     job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=20), 500)
     wait_until(lambda: Job.objects.get(pk=job.pk).n_succeeded >= 40, 60, message="progress")
     job.refresh_from_db()
-    job.cancel()
-    job.cancel()
+    control.cancel(job)
+    control.cancel(job)
     wait_status(job, Job.Status.CANCELLED, 60)
     assert job.n_succeeded >= 40 and job.n_cancelled > 0
     assert job.n_succeeded + job.n_cancelled == 500 and job.n_pending == job.n_running == 0
@@ -157,7 +157,7 @@ def test_retry_failed_items_only(cluster, simulator, write, owner):
     first_round = set(answers(job))
     failed = job.n_failed
     sim.configure(error_rates={})
-    assert job.retry_failed() == failed
+    assert control.retry_failed(job) == failed
     wait_status(job, Job.Status.COMPLETED, 90)
     assert job.n_succeeded == 120 and job.n_failed == 0
     assert set(answers(job)) == {f"req-{i}" for i in range(120)}

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from jobs.models import Item, Job
+from jobs.models import Item, Job, control
 from tests.factories import make_endpoint, make_job
 from tests.servers import wait_until
 from tests.test_engine_cluster import answers, wait_status
@@ -96,8 +96,8 @@ def test_a_retry_after_outlasts_a_pause_and_resume(cluster, simulator, write, ow
     job.start()
     wait_until(lambda: sim.stats()["rate_limited"] >= 15, 60, message="some 429s")
     job.refresh_from_db()
-    job.pause()
-    job.resume()
+    control.pause(job)
+    control.resume(job)
     wait_status(job, Job.Status.COMPLETED, 120)
     stats = sim.stats()
     assert job.n_succeeded == 300 and stats["retries_checked"] >= 30

@@ -11,7 +11,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from jobs import ingest, tokens
-from jobs.models import Job, Spending, SpendingLimit
+from jobs.models import Job, Spending, SpendingLimit, control
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests.factories import chat_line, make_endpoint, make_job, seed_prices
@@ -100,7 +100,7 @@ def test_a_model_without_a_price_cannot_run_under_a_limit(write, owner):
         assert "Prices" in job.status_reason
 
         SpendingLimit.objects.all().delete()  # with no limit or cap, a model without a price runs
-        job.resume()
+        control.resume(job)
         job = run_until(job, lambda j: j.is_finished)
         assert job.n_succeeded == 3
 

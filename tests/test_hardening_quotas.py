@@ -8,7 +8,7 @@ import openai
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from jobs.models import Item, Job
+from jobs.models import Item, Job, control, ledger
 from tests.factories import api_headers, chat_line, jsonl, make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -49,7 +49,7 @@ def test_a_member_at_the_jobs_in_flight_limit_cannot_launch_duplicate_or_submit_
         sdk.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert refused.value.code == "too_many_active_batches" and Job.objects.count() == 2
 
-    first.pause()  # paused jobs are not in flight: room for one more
+    control.pause(first)  # paused jobs are not in flight: room for one more
     assert client.post(f"/jobs/{second.pk}/duplicate").status_code == 302 and Job.objects.count() == 3
 
 
@@ -107,7 +107,7 @@ def test_retrying_many_failed_items_is_done_by_a_worker(client, owner, write, no
     n = INLINE_ROWS + 10
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), n, start=False)
     job.items.update(status=Item.Status.FAILED, error_code="http_500")
-    job.recount()
+    ledger.recount(job)
     Job.objects.filter(pk=job.pk).update(status=Job.Status.COMPLETED)
     client.force_login(owner)
     response = client.post(f"/jobs/{job.pk}/retry", follow=True)

@@ -7,7 +7,7 @@ import pytest
 from django.utils import timezone
 
 from jobs import ingest
-from jobs.models import Item, Job
+from jobs.models import Item, Job, ledger
 from tests.factories import chat_line
 
 
@@ -247,7 +247,7 @@ def test_create_job_stores_items_in_order(write, owner):
     assert items[0].status == Item.Status.PENDING and items[0].attempts == 0 and items[0].lease_token is None
     assert all(i.est_tokens > 0 for i in items)
     assert sum(i.est_tokens for i in items) == job.est_input_tokens
-    job.recount()
+    ledger.recount(job)
     assert job.n_pending == 12 and job.total == 12
 
 

@@ -3,7 +3,7 @@ delete; anyone signed in may duplicate a job as their own."""
 
 import pytest
 
-from jobs.models import Item, Job
+from jobs.models import Item, Job, ledger
 from tests.factories import make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db
@@ -29,7 +29,7 @@ def ready_for(job: Job, action: str) -> Job:
     """The job in a state `action` succeeds from (a retry needs a failed item)."""
     if action == "retry":
         Item.objects.filter(pk=job.items.order_by("line").first().pk).update(status=Item.Status.FAILED)
-        job.recount()
+        ledger.recount(job)
     Job.objects.filter(pk=job.pk).update(status=FROM_TO[action][0])
     job.refresh_from_db()
     return job

@@ -13,7 +13,7 @@ from django.utils import timezone
 from standardwebhooks import Webhook as Verifier
 
 from jobs.engine import notify, runner
-from jobs.models import Job, JobEvent, NotificationSettings, Webhook, WebhookDelivery
+from jobs.models import Job, JobEvent, NotificationSettings, Webhook, WebhookDelivery, control
 from simulator import SimConfig, serve_in_thread
 from tests.factories import make_endpoint, make_job
 
@@ -88,7 +88,7 @@ def run_to_the_end(job: Job) -> Job:
     Job.start_slices(job.pk)
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        runner.run_slice(job.pk, budget=2)
+        runner.run(job.pk, budget=2)
         job.refresh_from_db()
         if job.is_finished:
             return job
@@ -134,7 +134,7 @@ def test_a_failing_receiver_is_tried_again_with_the_same_id_and_a_bad_signature_
 ):
     hook, receiver = hook_to(receivers, answers=[500, 503])
     job = make_job(write, owner, make_endpoint(sim), 3, start=False)
-    job.cancel()  # a cancelled job is an event too
+    control.cancel(job)  # a cancelled job is an event too
     assert JobEvent.objects.get(job=job).event == "batch.cancelled"
 
     assert notify.send_due()["delivery_failed"] == 1
@@ -179,7 +179,7 @@ def test_pausing_itself_emails_but_sends_no_webhook_and_a_job_without_notify_sen
     quiet = make_job(write, owner, endpoint, 2, start=False)
     Job.objects.filter(pk=quiet.pk).update(notify=False)
     quiet.refresh_from_db()
-    quiet.cancel()
+    control.cancel(quiet)
     assert notify.send_due()["emailed"] == 0 and len(mail.outbox) == 1
     assert JobEvent.objects.get(job=quiet).email == JobEvent.Email.SKIPPED
     assert WebhookDelivery.objects.filter(event__job=quiet).count() == 1  # the team's webhooks are told anyway
@@ -190,14 +190,14 @@ def test_an_owner_without_an_address_is_skipped_and_a_refusing_mail_server_is_re
 ):
     endpoint = make_endpoint(sim)
     job = make_job(write, owner, endpoint, 2, start=False)
-    job.cancel()
+    control.cancel(job)
     notify.send_due()
     assert JobEvent.objects.get(job=job).email == JobEvent.Email.SKIPPED and not mail.outbox
 
     owner.email = "ada@example.com"
     owner.save()
     second = make_job(write, owner, endpoint, 2, start=False)
-    second.cancel()
+    control.cancel(second)
 
     def refuse(*args, **kwargs):
         raise ConnectionRefusedError("SMTP is down")

@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from jobs.engine import runner, schemacheck, upstream
-from jobs.models import Item, Job
+from jobs.models import Item, Job, control
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from simulator.answers import respond
@@ -212,7 +212,7 @@ def rejected_then_handed_back(write, owner, settings, monkeypatch):
         job = make_job(write, owner, make_endpoint(base_url), 1, text=LONG, start=False, response_format=chat_format())
         Job.objects.filter(pk=job.pk).update(output_retries=2, use_cache=use_cache)
         Job.start_slices(job.pk)
-        runner.run_slice(job.pk, budget=1, slices=1)
+        runner.run(job.pk, budget=1, slices=1)
 
         job.refresh_from_db()
         item = job.items.get()
@@ -240,7 +240,7 @@ def rejected_then_handed_back(write, owner, settings, monkeypatch):
 def _run_to_the_end(job: Job) -> Job:
     end = time.monotonic() + 30
     while time.monotonic() < end:
-        runner.run_slice(job.pk, budget=1, slices=1)
+        runner.run(job.pk, budget=1, slices=1)
         job.refresh_from_db()
         if job.is_finished:
             return job
@@ -256,7 +256,7 @@ def test_a_rejected_answer_stays_paid_for_when_its_item_is_handed_back_then_fini
     counted once although the item was handed back in between."""
     job, served = rejected_then_handed_back(handback)
     if job.status == Job.Status.PAUSED:
-        job.resume()
+        control.resume(job)
     job = _run_to_the_end(job)
 
     item = job.items.get()
@@ -280,7 +280,7 @@ def test_a_rejected_answer_stays_paid_for_when_its_item_is_then_answered_from_th
     Job.objects.filter(pk=other.pk).update(use_cache=True)
     Job.start_slices(other.pk)
     assert _run_to_the_end(other).n_succeeded == 1 and len(served) == 2
-    job.resume()
+    control.resume(job)
     job = _run_to_the_end(job)
 
     item = job.items.get()

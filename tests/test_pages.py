@@ -11,7 +11,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from jobs.models import Endpoint, Item, Job, JobTick
+from jobs.models import Endpoint, Item, Job, JobTick, control, ledger
 from tests.factories import chat_line, jsonl, make_endpoint, make_job
 
 pytestmark = pytest.mark.django_db
@@ -122,7 +122,7 @@ def test_model_output_and_custom_id_are_escaped(client, owner, endpoint, write):
 def test_item_browser_filters_and_searches(client, owner, endpoint, write):
     job = make_job(write, owner, endpoint, 120, start=False)
     Item.objects.filter(job=job, line__lte=10).update(status=Item.Status.FAILED, error_message="boom")
-    job.recount()
+    ledger.recount(job)
     client.force_login(owner)
     page = client.get(f"/jobs/{job.pk}/items/?status=failed").content.decode()
     assert page.count("boom") == 10 and "Page 1 of 1" in page
@@ -236,7 +236,7 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
     job = make_job(write, owner, endpoint, 2, start=False)
     Job.objects.filter(pk=job.pk).update(name="<b>Q&A</b>")
     Item.objects.filter(pk=job.items.first().pk).update(status=Item.Status.SUCCEEDED)
-    job.recount()
+    ledger.recount(job)
     client.force_login(owner)
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
     # The tab's title follows the progress (htmx takes it from the partial), escaped like the rest
@@ -250,7 +250,7 @@ def test_progress_partial_stops_polling_when_finished(client, owner, endpoint, w
     assert (
         "· Batchsite</title>" not in client.get(f"/jobs/{job.pk}/progress").content.decode()
     )  # not htmx: no page title
-    job.cancel()
+    control.cancel(job)
     response = client.get(f"/jobs/{job.pk}/progress", HTTP_HX_REQUEST="true")
     page = response.content.decode()
     assert response.status_code == 286 and "<title>Cancelled · &lt;b&gt;" in page
@@ -337,7 +337,7 @@ def test_pages_are_fast_and_queries_bounded_on_big_data(client, owner, endpoint,
     Item.objects.filter(job=big, line__lte=500).update(
         status=Item.Status.FAILED, error_code="http_500", http_status=500
     )
-    big.recount()
+    ledger.recount(big)
     start = timezone.now() - timedelta(days=1)  # a day-long run's timeline for the chart
     JobTick.objects.bulk_create(
         [

@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django.utils.dateformat import format as date_format
 
-from jobs.models import Endpoint, Item, Job, RemoteBatch
+from jobs.models import Endpoint, Item, Job, RemoteBatch, ledger
 from jobs.pricing import PriceBook, estimate
 from jobs.queue import POLL_REMOTE as REMOTE_TASK
 from tests.factories import chat_line, jsonl, make_endpoint, make_job
@@ -248,7 +248,7 @@ def test_hybrid_job_page_shows_the_deadline_and_the_planned_switch(client, owner
 def finish_with_failures(job, n=3):
     Item.objects.filter(job=job, line__lte=n).update(status=Item.Status.EXPIRED, error_code="batch_expired")
     Item.objects.filter(job=job, line__gt=n).update(status=Item.Status.SUCCEEDED)
-    job.recount()
+    ledger.recount(job)
     Job.objects.filter(pk=job.pk).update(status=Job.Status.COMPLETED, finished_at=timezone.now())
     job.refresh_from_db()
 

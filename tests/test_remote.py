@@ -15,7 +15,8 @@ from django.utils import timezone
 
 from jobs import ingest
 from jobs.engine import remote, runner
-from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch
+from jobs.engine.remote import batchapi, claims, poller, steps
+from jobs.models import Endpoint, InvalidTransition, Item, Job, RemoteBatch, control, ledger
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests.factories import chat_line, connection_error, make_endpoint, seed_prices
@@ -81,7 +82,7 @@ def drive(job: Job, until=lambda j: j.is_finished, timeout: float = 60, live: bo
         job.refresh_from_db()
         assert job.n_answered <= job.total, job.counts()  # remote counts never add to joined results
         if live and job.switched_at and job.n_pending:
-            runner.run_slice(job.pk, budget=2)
+            runner.run(job.pk, budget=2)
             job.refresh_from_db()
         if until(job):
             return job
@@ -105,7 +106,7 @@ def one_result_each(job: Job) -> None:
     items = list(job.items.all())
     assert len({i.custom_id for i in items}) == job.total
     assert all(i.status in Item.FINAL for i in items)
-    job.recount()
+    ledger.recount(job)
     assert job.n_pending == job.n_running == 0
 
 
@@ -175,13 +176,13 @@ def test_answers_from_the_batch_api_that_break_their_schema_fail_as_invalid_outp
     # Sent again at the Batch API: the rejected answers stay paid for, on the item and the job.
     paid = {i.pk: (i.cost, i.prompt_tokens) for i in bad}
     config.bad_output_rate = 0
-    assert job.retry_failed() == len(paid)
+    assert control.retry_failed(job) == len(paid)
     job = drive(job)
     assert job.n_succeeded == 30
     for item in job.items.filter(pk__in=paid):
         cost, prompt = paid[item.pk]
         assert item.cost > cost and item.prompt_tokens == 2 * prompt  # the same request, answered twice
-    job.recount()
+    ledger.recount(job)
     assert job.cost == pytest.approx(sum(i.cost for i in job.items.all()), abs=Decimal("0.000001"))
 
 
@@ -315,7 +316,7 @@ def test_expiry_keeps_partial_results_and_a_retry_sends_only_the_expired(sim, wr
     assert job.items.filter(status=Item.Status.EXPIRED, error_code="batch_expired").count() == 10
 
     config.batch_expire = False
-    assert job.retry_failed() == 10
+    assert control.retry_failed(job) == 10
     job = drive(job)
 
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 20
@@ -332,9 +333,9 @@ def test_expired_items_can_be_retried_live(sim, write, owner):
     job = drive(job)
     assert job.n_expired == 5
 
-    assert job.retry_failed(mode=Job.Mode.LIVE) == 5
+    assert control.retry_failed(job, mode=Job.Mode.LIVE) == 5
     job.refresh_from_db()
-    runner.run_slice(job.pk, budget=5)
+    runner.run(job.pk, budget=5)
     job.refresh_from_db()
 
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 10 and job.mode == Job.Mode.LIVE
@@ -373,8 +374,8 @@ def test_an_endpoint_without_the_batch_api_fails_a_remote_job_saying_so_and_a_re
     )
     assert stats(base_url)["by_path"] == {"/v1/files": 1}  # asked once, not retried for ever
 
-    assert job.retry_failed(mode=Job.Mode.LIVE) == 6
-    runner.run_slice(job.pk, budget=5)
+    assert control.retry_failed(job, mode=Job.Mode.LIVE) == 6
+    runner.run(job.pk, budget=5)
     job.refresh_from_db()
     assert job.status == Job.Status.COMPLETED and job.n_succeeded == 6
     one_result_each(job)
@@ -399,7 +400,7 @@ def test_a_hybrid_job_at_an_endpoint_without_the_batch_api_runs_live_at_once(sim
 def test_an_input_file_the_endpoint_lost_is_uploaded_again(sim, write, owner, monkeypatch):
     """OpenAI answers 404 naming input_file_id when the file is gone: the API is there, the file is not."""
     config, base_url = sim
-    real = remote.client_for
+    real = batchapi.client_for
     lost = []
 
     def losing_client(endpoint):
@@ -415,7 +416,7 @@ def test_an_input_file_the_endpoint_lost_is_uploaded_again(sim, write, owner, mo
         client.batches.create = create_after_losing_the_file  # type: ignore[method-assign]
         return client
 
-    monkeypatch.setattr(remote, "client_for", losing_client)
+    monkeypatch.setattr(batchapi, "client_for", losing_client)
     job = remote_job(write, owner, make_endpoint(base_url), 4)
     remote.poll_round()
     chunk = job.remote_batches.get()
@@ -449,7 +450,7 @@ class Killed(BaseException):
 def test_a_crash_right_after_a_call_never_sends_the_chunk_twice(sim, write, owner, monkeypatch, call, settings):
     settings.BATCHSITE_REMOTE_DELETE_FILES = False  # to count the uploads
     config, base_url = sim
-    real = remote.client_for
+    real = batchapi.client_for
     crashed = []
 
     def crashing_client(endpoint):
@@ -468,7 +469,7 @@ def test_a_crash_right_after_a_call_never_sends_the_chunk_twice(sim, write, owne
         setattr(api, name, then_die)
         return client
 
-    monkeypatch.setattr(remote, "client_for", crashing_client)
+    monkeypatch.setattr(batchapi, "client_for", crashing_client)
     job = remote_job(write, owner, make_endpoint(base_url), 8)
 
     with pytest.raises(Killed):
@@ -489,7 +490,7 @@ def test_cancel_mid_flight_keeps_what_finished(sim, write, owner):
     job = remote_job(write, owner, make_endpoint(base_url), 40)
     job = drive(job, until=lambda j: j.remote_completed >= 5, timeout=20)
 
-    job.cancel()
+    control.cancel(job)
     job = drive(job)
 
     assert job.status == Job.Status.CANCELLED
@@ -569,7 +570,7 @@ def test_endpoint_errors_back_off_then_recover(sim, write, owner, monkeypatch):
     config, base_url = sim
     job = remote_job(write, owner, make_endpoint(base_url), 5)
     remote.poll_round()  # sent
-    real = remote.client_for
+    real = batchapi.client_for
     outages = []
 
     def flaky(endpoint):
@@ -585,7 +586,7 @@ def test_endpoint_errors_back_off_then_recover(sim, write, owner, monkeypatch):
         client.batches.retrieve = unreachable  # type: ignore[method-assign]
         return client
 
-    monkeypatch.setattr(remote, "client_for", flaky)
+    monkeypatch.setattr(batchapi, "client_for", flaky)
     chunk = job.remote_batches.get()
     RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
     remote.poll_round()
@@ -619,11 +620,11 @@ def test_a_refused_key_pauses_the_job_saying_why(sim, write, owner):
 def test_only_one_poller_runs_at_a_time(settings):
     from django.core.cache import cache
 
-    cache.add(remote.LOCK, "someone else", timeout=30)
+    cache.add(poller.LOCK, "someone else", timeout=30)
     try:
         assert remote.poll(window=1)["skipped"]
     finally:
-        cache.delete(remote.LOCK)
+        cache.delete(poller.LOCK)
     assert "skipped" not in remote.poll(window=1)
 
 
@@ -652,7 +653,7 @@ def test_a_cancel_that_arrives_after_the_batch_finished_keeps_every_result(sim, 
     while client.batches.retrieve(batch_id).status != "completed" and time.monotonic() < end:
         time.sleep(0.1)
 
-    job.cancel()  # the endpoint answers the cancel with 409: the batch is already completed
+    control.cancel(job)  # the endpoint answers the cancel with 409: the batch is already completed
     job = drive(job)
 
     assert job.status == Job.Status.CANCELLED and job.n_succeeded == 6
@@ -663,7 +664,7 @@ def test_a_killed_poller_holds_a_chunk_long_only_while_it_uploads(sim, write, ow
     """What a kill -9 leaves behind is the claim in the database: short while the poller only looks at a batch
     (a hybrid switch waits for it), as long as the request timeout while it uploads or collects."""
     config, base_url = sim
-    real = remote.client_for
+    real = batchapi.client_for
     held: dict[str, float] = {}
 
     def held_for(call: str) -> None:
@@ -682,13 +683,13 @@ def test_a_killed_poller_holds_a_chunk_long_only_while_it_uploads(sim, write, ow
             setattr(api, name, watched)
         return client
 
-    monkeypatch.setattr(remote, "client_for", watching_client)
+    monkeypatch.setattr(batchapi, "client_for", watching_client)
     job = remote_job(write, owner, make_endpoint(base_url), 3)
     drive(job)
 
     assert held["files.create"] > settings.BATCHSITE_REQUEST_TIMEOUT
-    assert held["batches.create"] <= remote.CLAIM_SECONDS <= 90
-    assert held["batches.retrieve"] <= remote.CLAIM_SECONDS
+    assert held["batches.create"] <= claims.CLAIM_SECONDS <= 90
+    assert held["batches.retrieve"] <= claims.CLAIM_SECONDS
 
 
 def test_a_poller_whose_claim_was_taken_over_stops(sim, write, owner):
@@ -696,14 +697,14 @@ def test_a_poller_whose_claim_was_taken_over_stops(sim, write, owner):
     job = remote_job(write, owner, make_endpoint(base_url), 2)
     remote.poll_round()
     chunk = job.remote_batches.get()
-    endpoint = Endpoint.objects.get()
+    Endpoint.objects.get()
     mine = timezone.now() + timedelta(seconds=60)
     RemoteBatch.objects.filter(pk=chunk.pk).update(claimed_until=mine)
     chunk.claimed_until = mine
     RemoteBatch.objects.filter(pk=chunk.pk).update(claimed_until=mine + timedelta(seconds=1))  # another poller's
 
-    with pytest.raises(remote.LostClaim):
-        remote.RemoteJob(job, endpoint)._hold(chunk)
+    with pytest.raises(claims.LostClaim):
+        claims.renew(chunk)
 
 
 def test_a_chunk_another_poller_holds_is_left_alone(sim, write, owner):
@@ -729,11 +730,11 @@ def test_a_paused_remote_job_resumed_after_its_batches_ended_completes(sim, writ
     job = remote_job(write, owner, make_endpoint(base_url), 6)
     remote.poll_round()
     job.refresh_from_db()
-    job.pause()
+    control.pause(job)
     job = drive(job, until=lambda j: j.remote_batches.filter(collected_at__isnull=False).exists())
     assert job.status == Job.Status.PAUSED and job.n_succeeded == 6
 
-    job.resume()
+    control.resume(job)
     job = drive(job)
 
     assert job.status == Job.Status.COMPLETED
@@ -745,7 +746,7 @@ def test_a_paused_remote_job_with_batches_out_cannot_be_deleted(sim, write, owne
     job = remote_job(write, owner, make_endpoint(base_url), 3)
     remote.poll_round()
     job.refresh_from_db()
-    job.pause()
+    control.pause(job)
 
     assert not job.deletable()
 
@@ -762,7 +763,7 @@ def test_a_token_refusal_while_cancelling_ends_cancelled(sim, write, owner):
         time.sleep(0.05)
     job.refresh_from_db()
 
-    job.cancel()
+    control.cancel(job)
     job = drive(job)
 
     assert job.status == Job.Status.CANCELLED and job.n_cancelled == 3
@@ -772,7 +773,7 @@ def test_a_batch_the_endpoint_no_longer_has_fails_its_items_saying_so(sim, write
     config, base_url = sim
     job = remote_job(write, owner, make_endpoint(base_url), 3)
     remote.poll_round()
-    RemoteBatch.objects.update(batch_id="batch_gone", failures=remote.GONE_AFTER - 1, next_poll_at=timezone.now())
+    RemoteBatch.objects.update(batch_id="batch_gone", failures=steps.GONE_AFTER - 1, next_poll_at=timezone.now())
 
     job = drive(job)
 
@@ -799,7 +800,7 @@ def test_results_the_endpoint_lost_are_tried_for_a_while_then_fail_and_never_run
     client.files.delete(batch.output_file_id)  # paid for, then lost before Batchsite collected it
     Job.objects.filter(pk=job.pk).update(switched_at=timezone.now())  # and the job has switched to live meanwhile
 
-    for _ in range(2 * remote.GONE_AFTER + 1):
+    for _ in range(2 * steps.GONE_AFTER + 1):
         RemoteBatch.objects.filter(pk=chunk.pk).update(next_poll_at=timezone.now())
         remote.poll_round()
         chunk.refresh_from_db()
@@ -831,7 +832,7 @@ def test_a_file_the_endpoint_has_not_processed_yet_is_waited_for(sim, write, own
 
 def refusing_client(monkeypatch, status: int, body: dict, times: int = 10**6) -> list:
     """client_for, with batches.create answering `status` with `body` the first `times` times."""
-    real = remote.client_for
+    real = batchapi.client_for
     refused: list = []
 
     def make(endpoint):
@@ -851,7 +852,7 @@ def refusing_client(monkeypatch, status: int, body: dict, times: int = 10**6) ->
         client.batches.create = refuse  # type: ignore[method-assign]
         return client
 
-    monkeypatch.setattr(remote, "client_for", make)
+    monkeypatch.setattr(batchapi, "client_for", make)
     return refused
 
 
@@ -874,7 +875,7 @@ def test_a_file_never_processed_fails_its_batch_after_a_while(sim, write, owner,
 
     job.refresh_from_db()
     assert job.n_failed == 3 and "pending" in job.items.first().error_message
-    assert len(refused) == 2 * remote.GONE_AFTER and rounds <= 2 * remote.GONE_AFTER + 1
+    assert len(refused) == 2 * steps.GONE_AFTER and rounds <= 2 * steps.GONE_AFTER + 1
     assert stats(base_url)["by_path"]["/v1/files"] == 1  # the one file, never uploaded again
 
 
@@ -890,7 +891,7 @@ def test_a_404_to_batches_create_uploads_again_a_few_times_then_gives_up_on_the_
 
     job.refresh_from_db()
     assert job.n_failed == 3 and job.items.first().error_code == "batch_api_unavailable"
-    assert len(refused) == remote.GONE_AFTER == len(set(refused))  # a new upload each time, then no more
+    assert len(refused) == steps.GONE_AFTER == len(set(refused))  # a new upload each time, then no more
 
 
 def test_a_404_to_batches_create_once_is_only_a_lost_file(sim, write, owner, monkeypatch):
@@ -907,7 +908,7 @@ def test_a_404_to_batches_create_once_is_only_a_lost_file(sim, write, owner, mon
 
 def test_a_batch_made_before_a_crash_is_found_by_its_file_when_its_metadata_was_dropped(sim, write, owner, monkeypatch):
     config, base_url = sim
-    real = remote.client_for
+    real = batchapi.client_for
     crashed = []
 
     def proxy_client(endpoint):  # a proxy that drops batch metadata, and a worker killed after the create
@@ -924,7 +925,7 @@ def test_a_batch_made_before_a_crash_is_found_by_its_file_when_its_metadata_was_
         client.batches.create = create_without_metadata  # type: ignore[method-assign]
         return client
 
-    monkeypatch.setattr(remote, "client_for", proxy_client)
+    monkeypatch.setattr(batchapi, "client_for", proxy_client)
     job = remote_job(write, owner, make_endpoint(base_url), 5)
     with pytest.raises(Killed):
         remote.poll_round()
@@ -970,7 +971,7 @@ def test_a_hybrid_retry_is_refused_live_and_remote_are_the_choices(sim, write, o
     job = drive(remote_job(write, owner, make_endpoint(base_url), 4))
 
     with pytest.raises(InvalidTransition):
-        job.retry_failed(mode=Job.Mode.HYBRID)
+        control.retry_failed(job, mode=Job.Mode.HYBRID)
 
 
 def test_the_admin_protects_a_paused_job_whose_batches_are_out(sim, write, owner, client, staff):
@@ -979,7 +980,7 @@ def test_the_admin_protects_a_paused_job_whose_batches_are_out(sim, write, owner
     job = remote_job(write, owner, make_endpoint(base_url), 3)
     remote.poll_round()
     job.refresh_from_db()
-    job.pause()
+    control.pause(job)
     staff.is_superuser = True
     staff.save()
     client.force_login(staff)

@@ -10,7 +10,7 @@ import pytest
 
 from jobs import ingest
 from jobs.engine import remote, runner
-from jobs.models import Job, JobEvent, RemoteBatch, SpendingLimit
+from jobs.models import Job, JobEvent, RemoteBatch, Spending, SpendingLimit, control
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests import test_remote
@@ -66,7 +66,7 @@ def test_a_remote_job_pauses_before_the_batch_that_would_pass_its_cap_and_goes_o
 
     Job.objects.filter(pk=job.pk).update(cost_cap=Decimal("1"))
     job.refresh_from_db()
-    job.resume()
+    control.resume(job)
     job = drive(job)
     assert (job.status, job.n_succeeded) == (Job.Status.COMPLETED, 10)
     assert batches_at(base_url) == 1 and 0 < job.cost < Decimal("1")
@@ -100,7 +100,7 @@ def test_batches_in_flight_count_at_their_most_and_what_would_pass_the_cap_waits
 
     Job.objects.filter(pk=job.pk).update(cost_cap=None)
     job.refresh_from_db()
-    job.resume()
+    control.resume(job)
     job = drive(job)
     assert (job.status, job.n_succeeded, batches_at(base_url)) == (Job.Status.COMPLETED, 30, 4)
 
@@ -110,7 +110,7 @@ def test_a_monthly_limit_holds_for_work_sent_to_the_batch_api(sim, write, owner,
     config, base_url = sim
     endpoint = make_endpoint(base_url)
     earlier = make_job(write, owner, endpoint, 1, start=False)
-    earlier.add_to_counters(cost=Decimal("0.0099"))  # spent this month already (the ledger has it)
+    Spending.record(earlier.pk, Decimal("0.0099"))  # spent this month already (the spending table has it)
     limit = SpendingLimit.objects.create(user=owner, monthly_usd=Decimal("0.01"))
     job = batch_job(write, owner, endpoint, 10, mode=mode)
     assert most(job, range(1, 11)) > Decimal("0.0001")
@@ -123,7 +123,7 @@ def test_a_monthly_limit_holds_for_work_sent_to_the_batch_api(sim, write, owner,
 
     limit.monthly_usd = Decimal("5")
     limit.save()
-    job.resume()
+    control.resume(job)
     job = drive(job)
     assert (job.status, job.n_succeeded) == (Job.Status.COMPLETED, 10)
     # What the batch cost counts toward the month, as the Usage page counts it.
@@ -139,14 +139,14 @@ def test_a_batch_in_flight_counts_toward_the_monthly_limit_of_a_live_job(write, 
         in_flight = most(out, range(1, 11))
         room = in_flight + most(live, range(1, 2), discount=Decimal(0)) / 2
         earlier = make_job(write, owner, endpoint, 1, start=False)
-        earlier.add_to_counters(cost=Decimal("0.01") - room)
+        Spending.record(earlier.pk, Decimal("0.01") - room)
         SpendingLimit.objects.create(user=owner, monthly_usd=Decimal("0.01"))
 
         drive(out, until=lambda j: j.remote_batches.filter(batch_id__gt="").exists())
         assert batches_at(base_url) == 1  # it fits the room left
 
         Job.start_slices(live.pk)
-        runner.run_slice(live.pk, budget=2, slices=1)
+        runner.run(live.pk, budget=2, slices=1)
         live.refresh_from_db()
         assert live.status == Job.Status.PAUSED and live.n_succeeded == 0, live.counts()
         assert f"requests in flight may cost up to ${in_flight:,.4f} more" in live.status_reason

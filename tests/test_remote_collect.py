@@ -8,8 +8,9 @@ import pytest
 from django.db.models import Sum
 from django.utils import timezone
 
-from jobs.engine import remote
-from jobs.models import Item, Job, RemoteBatch
+from jobs.engine.remote import collect
+from jobs.engine.remote.rounds import Round
+from jobs.models import Item, Job, RemoteBatch, control
 from tests import test_remote
 from tests.factories import connection_error, make_endpoint
 from tests.test_remote import drive, live_requests, one_result_each, remote_job
@@ -20,24 +21,25 @@ quick_polls, sim = test_remote.quick_polls, test_remote.sim  # its fixtures, her
 
 
 def watch_joins(monkeypatch, seen: list, fail_after: int | None = None) -> list:
-    """Record the job's answered count around every _join (lines joined a few at a time), and each renewed claim.
+    """Record the job's answered count around every join (lines joined a few at a time), and each renewed claim.
     `fail_after`: the connection drops once, after that many joins."""
-    monkeypatch.setattr(remote, "JOIN_LINES", 5)
-    real = remote.RemoteJob._join
+    monkeypatch.setattr(collect, "JOIN_LINES", 5)
+    real = collect.join
     claims: list = []
 
-    def join(self, chunk, records):
-        job = Job.objects.get(pk=self.job.pk)
+    def join(rnd, chunk, records):
+        job = Job.objects.get(pk=rnd.job.pk)
         seen.append(job.n_answered)
-        real(self, chunk, records)
+        released = real(rnd, chunk, records)
         job.refresh_from_db()
         seen.append(job.n_answered)
         if records:
             claims.append(RemoteBatch.objects.get(pk=chunk.pk).claimed_until)
         if fail_after is not None and len(claims) == fail_after:
             raise connection_error()
+        return released
 
-    monkeypatch.setattr(remote.RemoteJob, "_join", join)
+    monkeypatch.setattr(collect, "join", join)
     return claims
 
 
@@ -138,7 +140,7 @@ def test_a_cancelling_job_does_not_send_server_errors_again(sim, write, owner):
     job = remote_job(write, owner, make_endpoint(base_url), 40)
     job = drive(job, until=lambda j: j.remote_failed >= 5, timeout=20)
 
-    job.cancel()
+    control.cancel(job)
     job = drive(job)
 
     assert job.status == Job.Status.CANCELLED and job.remote_batches.count() == 1
@@ -161,6 +163,6 @@ def test_which_result_lines_are_worth_another_send(write, owner, record, again):
     endpoint = make_endpoint("http://127.0.0.1:9/v1")  # never called
     job = remote_job(write, owner, endpoint, 1)
     chunk = RemoteBatch.objects.create(job=job, number=1, model="gpt-4o-mini")
-    fields = remote.RemoteJob(job, endpoint)._result_fields(chunk, {"custom_id": "req-0", **record}, 0)
+    fields = collect.result_fields(Round(job, endpoint), chunk, {"custom_id": "req-0", **record})
     assert fields["status"] in (Item.Status.FAILED, Item.Status.EXPIRED)
-    assert remote._transient(fields) is again
+    assert collect.transient(fields) is again

@@ -16,8 +16,8 @@ import pytest
 from django.utils import timezone
 
 from jobs.engine import database, leases, ratelimit, runner, send, tasks, upstream
-from jobs.engine.leases import Outcome
-from jobs.models import Item, Job, Price
+from jobs.models import Item, Job, Price, control, ledger
+from jobs.models.outcome import Outcome
 from jobs.pricing import PriceBook
 from simulator import SimConfig, serve_in_thread
 from tests.factories import make_endpoint, make_job
@@ -124,15 +124,15 @@ def test_a_stale_lease_cannot_overwrite_a_result(write, owner):
     assert [c.custom_id for c in claimed] == ["req-0", "req-1", "req-2"]
     assert leases.claim(job.pk, new, 10) == []  # nothing left to claim
     # The first worker stalls; its leases expire and a second worker takes the items over.
-    leases.expire(timezone.now() + timedelta(seconds=leases.lease_seconds() + 1))
+    ledger.expire(timezone.now() + timedelta(seconds=leases.lease_seconds() + 1))
     assert len(leases.claim(job.pk, new, 10)) == 3
     ok = lambda item, text: Outcome(item.id, Item.Status.SUCCEEDED, 1, http_status=200, response=text)  # noqa: E731
-    assert leases.write(job.pk, new, [ok(claimed[0], '{"who":"new"}')])["n_succeeded"] == 1
-    assert leases.write(job.pk, old, [ok(c, '{"who":"old"}') for c in claimed]) == {}
+    assert ledger.settle(job.pk, new, [ok(claimed[0], '{"who":"new"}')])["n_succeeded"] == 1
+    assert ledger.settle(job.pk, old, [ok(c, '{"who":"old"}') for c in claimed]) == {}
     job.refresh_from_db()
     assert (job.n_succeeded, job.n_running, job.n_pending) == (1, 2, 0)
     assert Item.objects.get(pk=claimed[0].id).response == '{"who":"new"}'
-    job.recount()
+    ledger.recount(job)
     assert (job.n_succeeded, job.n_running) == (1, 2)
 
 
@@ -141,7 +141,7 @@ def test_nothing_is_claimed_once_the_job_is_paused(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 4, start=False)
     Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
     assert len(leases.claim(job.pk, uuid.uuid4(), 1)) == 1
-    Job.objects.get(pk=job.pk).pause()
+    control.pause(Job.objects.get(pk=job.pk))
     assert leases.claim(job.pk, uuid.uuid4(), 10) == []
 
 
@@ -160,20 +160,20 @@ def test_claims_respect_next_attempt_and_input_order(write, owner):
 @pytest.mark.django_db
 def test_control_actions_are_safe_twice_and_explain_refusals(write, owner):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
-    job.pause()
-    job.pause()
+    control.pause(job)
+    control.pause(job)
     assert job.status == Job.Status.PAUSED
-    job.resume()
-    job.resume()
+    control.resume(job)
+    control.resume(job)
     assert job.status == Job.Status.QUEUED
-    job.cancel()
-    job.cancel()
+    control.cancel(job)
+    control.cancel(job)
     assert (job.status, job.n_cancelled) == (Job.Status.CANCELLED, 3)
     with pytest.raises(Exception, match="cannot be resumed"):
-        job.resume()
+        control.resume(job)
     with pytest.raises(Exception, match="no failed items"):
-        job.retry_failed()
-    copy = job.duplicate(owner)
+        control.retry_failed(job)
+    copy = control.duplicate(job, owner)
     assert (copy.status, copy.total, copy.n_pending, copy.name) == (Job.Status.QUEUED, 3, 3, f"Copy of {job.name}")
     assert list(copy.items.values_list("custom_id", "status")) == [(f"req-{i}", "pending") for i in range(3)]
 
@@ -305,12 +305,12 @@ def test_every_writer_locks_the_job_before_its_items(write, owner):
     claimed = []
     assert _locks_job_before_items(lambda: claimed.extend(leases.claim(job.pk, lease, 3)))
     failed = Outcome(claimed[0].id, Item.Status.FAILED, 1, http_status=400, response="{}")
-    assert _locks_job_before_items(lambda: leases.write(job.pk, lease, [failed]))
+    assert _locks_job_before_items(lambda: ledger.settle(job.pk, lease, [failed]))
     after_the_leases = timezone.now() + timedelta(seconds=leases.lease_seconds() + 1)
-    assert _locks_job_before_items(lambda: leases.expire(after_the_leases))
+    assert _locks_job_before_items(lambda: ledger.expire(after_the_leases))
     job = Job.objects.get(pk=job.pk)
-    assert _locks_job_before_items(job.retry_failed)
-    assert _locks_job_before_items(job.cancel)
+    assert _locks_job_before_items(lambda: control.retry_failed(job))
+    assert _locks_job_before_items(lambda: control.cancel(job))
 
 
 # A slice run in this process against a simulator in a thread: the engine's behaviour over real HTTP,
@@ -340,7 +340,7 @@ def enqueued(monkeypatch):
 
 def slice_run(job, budget: float, slices: int = 1) -> tuple[dict, float]:
     started = time.monotonic()
-    summary = runner.run_slice(job.pk, budget=budget, slices=slices)
+    summary = runner.run(job.pk, budget=budget, slices=slices)
     job.refresh_from_db()
     return summary, time.monotonic() - started
 
@@ -444,7 +444,7 @@ def test_results_survive_a_locked_database(sim, enqueued, write, owner, monkeypa
     """A "database is locked" while storing results is waited out: nothing is lost, nothing sent twice."""
     from django.db import OperationalError
 
-    real_write, failures = leases.write, []
+    real_write, failures = ledger.settle, []
 
     def flaky_write(*args):
         if len(failures) < 2:
@@ -452,7 +452,7 @@ def test_results_survive_a_locked_database(sim, enqueued, write, owner, monkeypa
             raise OperationalError("database is locked")
         return real_write(*args)
 
-    monkeypatch.setattr(leases, "write", flaky_write)
+    monkeypatch.setattr(ledger, "settle", flaky_write)
     url = sim(latency_ms=20)
     job = make_job(write, owner, make_endpoint(url, concurrency=10), 30, start=False)
     slice_run(job, budget=10.0)
@@ -527,7 +527,7 @@ def test_slices_of_an_older_generation_stop(write, owner, enqueued):
     job = make_job(write, owner, make_endpoint("http://127.0.0.1:9/v1"), 3, start=False)
     Job.start_slices(job.pk)
     Job.start_slices(job.pk)  # a restart: generation 2
-    assert runner.run_slice(job.pk, generation=1) == {"job": job.pk, "skipped": "superseded"}
+    assert runner.run(job.pk, generation=1) == {"job": job.pk, "skipped": "superseded"}
     assert Job.enqueue_next_slice(job.pk, 2, generation=1) is False  # an old chain does not go on
     assert Job.enqueue_next_slice(job.pk, 2, generation=2) is True
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 2]
@@ -542,24 +542,24 @@ def test_resume_and_retry_never_add_chains(write, owner, enqueued, settings, dja
         job.start()
     _set(job, status=Job.Status.RUNNING)
     job.items.filter(line__lte=2).update(status=Item.Status.FAILED)
-    job.recount()
+    ledger.recount(job)
     # Retrying while the job runs: its slices take the items up; a new chain would be one too many.
     with django_capture_on_commit_callbacks(execute=True):
-        assert job.retry_failed() == 2
+        assert control.retry_failed(job) == 2
     assert len(enqueued) == 2
     # Resuming starts a new generation, and the slices still finishing from before stop.
-    job.pause()
+    control.pause(job)
     with django_capture_on_commit_callbacks(execute=True):
-        job.resume()
+        control.resume(job)
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2]
     assert not database.job_wants_slice(job.pk, 1)
     # A completed job's retry starts it again.
     job.items.update(status=Item.Status.SUCCEEDED)
     job.items.filter(line=1).update(status=Item.Status.FAILED)
-    job.recount()
+    ledger.recount(job)
     _set(job, status=Job.Status.COMPLETED)
     with django_capture_on_commit_callbacks(execute=True):
-        assert job.retry_failed() == 1
+        assert control.retry_failed(job) == 1
     assert [gen for _, _, gen, _ in enqueued] == [1, 1, 2, 2, 3, 3]
 
 
@@ -596,7 +596,7 @@ def test_a_slice_stays_while_another_holds_items_it_may_hand_back(sim, enqueued,
     held = leases.claim(job.pk, other, 3)
 
     def hand_back():
-        leases.write(job.pk, other, [Outcome.released(c.id, 1) for c in held])
+        ledger.settle(job.pk, other, [Outcome.released(c.id, 1) for c in held])
         connection.close()
 
     threading.Timer(0.7, hand_back).start()
@@ -610,7 +610,7 @@ def test_a_slice_leaves_at_once_when_nothing_is_pending_or_held(sim, enqueued, w
     job = make_job(write, owner, make_endpoint(url), 2, start=False)
     Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
     job.items.update(status=Item.Status.SUCCEEDED)
-    job.recount()
+    ledger.recount(job)
     summary, elapsed = slice_run(job, budget=5.0)
     assert elapsed < 2 and summary["finished"] and not enqueued
 
@@ -624,14 +624,14 @@ def test_a_result_the_database_refuses_fails_that_item_only(sim, enqueued, write
     url = sim(latency_ms=5)
     job = make_job(write, owner, make_endpoint(url, concurrency=10), 10, start=False)
     bad = job.items.get(custom_id="req-3").pk
-    real_write = leases.write
+    real_write = ledger.settle
 
     def refusing_write(job_id, lease, outcomes):
         if any(o.item_id == bad and o.status == Item.Status.SUCCEEDED for o in outcomes):
             raise DataError("numeric field overflow")
         return real_write(job_id, lease, outcomes)
 
-    monkeypatch.setattr(leases, "write", refusing_write)
+    monkeypatch.setattr(ledger, "settle", refusing_write)
     slice_run(job, budget=5.0)
     assert (job.status, job.n_succeeded, job.n_failed) == (Job.Status.COMPLETED, 9, 1)
     item = Item.objects.get(pk=bad)
@@ -645,7 +645,7 @@ def test_nul_characters_from_upstream_are_stored_as_replacement_characters(write
     Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)  # slices claim only for a running job
     lease = uuid.uuid4()
     (claimed,) = leases.claim(job.pk, lease, 1)
-    leases.write(
+    ledger.settle(
         job.pk,
         lease,
         [
@@ -672,7 +672,7 @@ def test_a_slice_that_fails_before_sending_pauses_the_job_instead_of_looping(sim
     monkeypatch.setattr(PriceBook, "load", staticmethod(broken))
     job = make_job(write, owner, make_endpoint(sim()), 3, start=False)
     with pytest.raises(RuntimeError):
-        runner.run_slice(job.pk, budget=2.0)
+        runner.run(job.pk, budget=2.0)
     job.refresh_from_db()
     assert job.status == Job.Status.PAUSED and "price table unreadable" in job.status_reason
     assert not enqueued  # no successor that would fail the same way at once
@@ -760,7 +760,7 @@ def test_a_500_every_time_fails_after_the_transient_budget_and_no_429_counts(
     assert (poison.status, poison.attempts, poison.http_status) == (Item.Status.FAILED, 4, 500)
     assert job.items.get(custom_id="req-0").status == Item.Status.SUCCEEDED
     Job.objects.filter(pk=job.pk).update(max_attempts=6)  # a job's own max attempts above the floor wins
-    job.retry_failed()
+    control.retry_failed(job)
     slice_run(job, budget=10.0)
     assert job.items.get(custom_id="req-1").attempts == 6
 
@@ -810,7 +810,7 @@ def test_a_refused_connection_is_retried_and_named(enqueued, write, owner, setti
 def test_a_job_pauses_instead_of_sending_to_a_metadata_address(db, owner, write):
     """An endpoint saved (or changed in the database) to point at a cloud metadata service sends nothing:
     the slice checks the URL again and pauses the job with the reason."""
-    from jobs.engine.runner import run_slice
+    from jobs.engine.runner import run
     from jobs.models import Endpoint, Job
     from tests.factories import make_job
 
@@ -819,7 +819,7 @@ def test_a_job_pauses_instead_of_sending_to_a_metadata_address(db, owner, write)
     endpoint.save()
     job = make_job(write, owner, endpoint, 3, start=False)
     Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING)
-    assert run_slice(job.pk)["skipped"] == "unsafe endpoint"
+    assert run(job.pk)["skipped"] == "unsafe endpoint"
     job.refresh_from_db()
     assert job.status == Job.Status.PAUSED and "metadata" in job.status_reason and job.n_pending == 3
 

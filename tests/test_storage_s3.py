@@ -182,7 +182,7 @@ def test_installations_sharing_a_bucket_keep_to_their_own_folder(owner, data_dir
     env, s3, name = bucket
     settings.STORAGES = {
         **settings.STORAGES,
-        "uploads": {**settings.STORAGES["uploads"], "BACKEND": "jobs.storage.InstallationS3Storage"},
+        "uploads": {**settings.STORAGES["uploads"], "BACKEND": "jobs.bucket.InstallationS3Storage"},
     }
     theirs = f"batchsite/other-install/uploads/{uuid.uuid4().hex}/theirs.jsonl"
     legacy = f"batchsite/uploads/{uuid.uuid4().hex}/old.jsonl"

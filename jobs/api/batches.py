@@ -13,9 +13,7 @@ object reads the same in every mode; `batchsite` tells the mode and, for hybrid,
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -25,7 +23,7 @@ from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import conditional_page
 
-from jobs import ingest, storage
+from jobs import ingest, polls, runoptions, storage
 from jobs.api.auth import ApiRequest, api_view, json_body
 from jobs.api.files import get_file
 from jobs.api.pagination import cursor_page
@@ -39,6 +37,7 @@ from jobs.models import (
     Job,
     NotificationSettings,
     QuotaExceeded,
+    control,
 )
 
 COMPLETION_WINDOW = "24h"
@@ -135,25 +134,26 @@ def batch_object(request: ApiRequest, batch: Batch) -> dict:
 
 # What a batch object never reads: left in the database, so a poll loads and decodes less.
 UNUSED = [
-    "job__template",
-    "job__columns",
-    "job__source_file",
-    "job__est_input_tokens",
-    "job__cost",
-    "job__heartbeat_at",
-    "job__slice_gen",
-    "job__slice_enqueued_at",
-    "job__slice_picked_at",
-    "job__switch_note",
+    "template",
+    "columns",
+    "source_file",
+    "est_input_tokens",
+    "cost",
+    "heartbeat_at",
+    "slice_gen",
+    "slice_enqueued_at",
+    "slice_picked_at",
+    "switch_note",
 ]
 
 
-def _with_jobs(batches: list[Batch]) -> list[Batch]:
-    """`batches` (from a raw query that also read `input_public_id`) with their jobs and input files attached,
-    in one more query, and the output files of finished jobs in one after that.
+def _batches(field: str, values: list) -> list[Batch]:
+    """The batches whose `field` is one of `values`, each with its input file's public id and its job, in two
+    queries, and the output files of finished jobs in one after that.
 
     Raw queries: clients poll batches (the SDK's examples every few seconds, scripts far more often), and
     compiling the equivalent select_related query costs more CPU than everything else in the answer."""
+    batches = polls.with_parent(Batch, field, values, "input_file", ("public_id",))
     if not batches:
         return []
     q = connection.ops.quote_name
@@ -166,28 +166,14 @@ def _with_jobs(batches: list[Batch]) -> list[Batch]:
     }
     for batch in batches:
         batch.job = jobs[batch.job_id]
-        batch.input_file = File.from_db(
-            batch._state.db, ["id", "public_id"], [batch.input_file_id, batch.input_public_id]
-        )
     finished = [job for job in jobs.values() if job.status in (Job.Status.COMPLETED, Job.Status.CANCELLED)]
     prefetch_related_objects(finished, "api_files")  # for File.of_job; a running batch has no output file yet
     return batches
 
 
-def _raw_batches(where: str, params: list) -> list[Batch]:
-    q = connection.ops.quote_name
-    return list(
-        Batch.objects.raw(
-            f"SELECT b.*, f.{q('public_id')} AS input_public_id FROM {q(Batch._meta.db_table)} b "
-            f"JOIN {q(File._meta.db_table)} f ON f.{q('id')} = b.{q('input_file_id')} WHERE {where}",
-            params,
-        )
-    )
-
-
 def get_batch(request: ApiRequest, batch_id: str) -> Batch:
     """A user's own batch, or anyone's for staff; 404 otherwise, as if it did not exist."""
-    batch = next(iter(_with_jobs(_raw_batches(f"b.{connection.ops.quote_name('public_id')} = %s", [batch_id]))), None)
+    batch = next(iter(_batches("public_id", [batch_id])), None)
     if batch is None or not batch.job.can_control(request.user):
         raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
     return batch
@@ -195,13 +181,11 @@ def get_batch(request: ApiRequest, batch_id: str) -> Batch:
 
 def _page_of_batches(ids: list[int]) -> list[Batch]:
     """The full batches of a page of ids (cursor_page pages over ids only), in the page's order."""
-    by_id = {b.pk: b for b in _with_jobs(_raw_batches(f"b.id IN ({', '.join(['%s'] * len(ids))})", ids))} if ids else {}
+    by_id = {b.pk: b for b in _batches("id", ids)}
     return [by_id[pk] for pk in ids]
 
 
-_JOB_COLUMNS = ", ".join(
-    connection.ops.quote_name(f.column) for f in Job._meta.concrete_fields if f"job__{f.name}" not in UNUSED
-)
+_JOB_COLUMNS = polls.columns(Job, UNUSED)
 
 
 @api_view("GET", "POST")
@@ -227,7 +211,7 @@ def cancel(request: ApiRequest, batch_id: str) -> JsonResponse:
         raise _conflict(f"Cannot cancel a batch with status '{openai_status(job)}'.")
     asked = timezone.now()
     try:
-        job.cancel()
+        control.cancel(job)
     except InvalidTransition as e:
         raise _conflict(str(e)) from None
     Batch.objects.filter(pk=batch.pk, cancelling_at__isnull=True).update(cancelling_at=asked)
@@ -289,99 +273,49 @@ def _upstream(metadata: dict) -> Endpoint | None:
     return endpoint
 
 
-def _invalid_metadata(key: str, message: str, code: str = "invalid_value") -> ApiError:
+# RunOptions' fields as the metadata names them.
+OPTION_KEYS = {
+    "mode": MODE_KEY,
+    "deadline": DEADLINE_KEY,
+    "output_retries": OUTPUT_RETRIES_KEY,
+    "use_cache": CACHE_KEY,
+    "cost_cap": COST_CAP_KEY,
+    "notify": NOTIFY_KEY,
+}
+
+
+def _run_options(request: ApiRequest, metadata: dict) -> ingest.RunOptions:
+    given = {option: metadata.get(key) for option, key in OPTION_KEYS.items()}
+    try:
+        return runoptions.read({**given, "metadata": metadata}, notify=NotificationSettings.email_default(request.user))
+    except runoptions.InvalidOption as e:
+        raise _refused(e, metadata) from None
+
+
+def _refused(e: runoptions.InvalidOption, metadata: dict) -> ApiError:
+    """The refusal in the API's words: they name the metadata keys, and a deadline's formats."""
+    key = OPTION_KEYS[e.option]
+    code = "invalid_value"
+    if e.problem == "hybrid_only":
+        mode = metadata.get(MODE_KEY) or Job.Mode.LIVE.value
+        message = (
+            f"'metadata.{key}' applies to hybrid mode only, and this batch's mode is {mode!r}: "
+            f"set 'metadata.{MODE_KEY}' to 'hybrid' or leave the deadline out."
+        )
+    elif e.problem == "missing":
+        message = (
+            f"Hybrid mode needs 'metadata.{key}': the time by which every request must be answered, "
+            "as an ISO 8601 time (UTC unless it has an offset) or Unix seconds."
+        )
+        code = "missing_required_parameter"
+    elif e.problem == "passed":
+        message = (
+            f"'metadata.{key}' is {e.value:%Y-%m-%d %H:%M:%S} UTC, which has passed: "
+            "a hybrid deadline must be in the future."
+        )
+    else:
+        message = f"Invalid value for 'metadata.{key}': {e.value!r}. {e}"
     return ApiError(400, message, param=f"metadata.{key}", code=code)
-
-
-def _mode(metadata: dict) -> tuple[str, datetime | None]:
-    """The job's mode and, for hybrid, its deadline (a deadline means nothing to the other modes)."""
-    mode = metadata.get(MODE_KEY) or Job.Mode.LIVE.value
-    if mode not in Job.Mode.values:
-        raise _invalid_metadata(
-            MODE_KEY,
-            f"Invalid value for 'metadata.{MODE_KEY}': {mode!r}. Supported values are: {', '.join(Job.Mode.values)}.",
-        )
-    text = metadata.get(DEADLINE_KEY)
-    if mode != Job.Mode.HYBRID:
-        if text:
-            raise _invalid_metadata(
-                DEADLINE_KEY,
-                f"'metadata.{DEADLINE_KEY}' applies to hybrid mode only, and this batch's mode is {mode!r}: "
-                f"set 'metadata.{MODE_KEY}' to 'hybrid' or leave the deadline out.",
-            )
-        return mode, None
-    if not text:
-        raise _invalid_metadata(
-            DEADLINE_KEY,
-            f"Hybrid mode needs 'metadata.{DEADLINE_KEY}': the time by which every request must be answered, "
-            "as an ISO 8601 time (UTC unless it has an offset) or Unix seconds.",
-            code="missing_required_parameter",
-        )
-    deadline = _moment(text)
-    if deadline is None:
-        raise _invalid_metadata(
-            DEADLINE_KEY,
-            f"Invalid value for 'metadata.{DEADLINE_KEY}': {text!r}. Give an ISO 8601 time, such as "
-            "'2027-06-30T18:00:00+02:00' (UTC without an offset), or Unix seconds, such as '1814371200'.",
-        )
-    if deadline <= timezone.now():
-        raise _invalid_metadata(
-            DEADLINE_KEY,
-            f"'metadata.{DEADLINE_KEY}' is {deadline:%Y-%m-%d %H:%M:%S} UTC, which has passed: "
-            "a hybrid deadline must be in the future.",
-        )
-    return mode, deadline
-
-
-def _cost_cap(metadata: dict) -> Decimal | None:
-    text = metadata.get(COST_CAP_KEY)
-    if text is None or text == "":
-        return None
-    try:
-        cap = Decimal(text)
-    except ArithmeticError:
-        cap = Decimal(-1)
-    if not cap.is_finite() or cap < 0 or cap >= Decimal("1e8"):
-        raise _invalid_metadata(
-            COST_CAP_KEY,
-            f"Invalid value for 'metadata.{COST_CAP_KEY}': {text!r}. Give an amount in dollars, such as '25.00'.",
-        )
-    return cap.quantize(Decimal("0.0001"))
-
-
-def _flag(metadata: dict, key: str, default: bool = False) -> bool:
-    text = metadata.get(key)
-    if text is None or text == "":
-        return default
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    raise _invalid_metadata(key, f"Invalid value for 'metadata.{key}': {text!r}. Give 'true' or 'false'.")
-
-
-def _output_retries(metadata: dict) -> int:
-    text = metadata.get(OUTPUT_RETRIES_KEY)
-    if text is None or text == "":
-        return 2
-    if not (isinstance(text, str) and text.isascii() and text.isdigit() and int(text) <= 10):
-        raise _invalid_metadata(
-            OUTPUT_RETRIES_KEY,
-            f"Invalid value for 'metadata.{OUTPUT_RETRIES_KEY}': {text!r}. Give a whole number from 0 to 10: how "
-            "many more times a request is sent when its answer is not the JSON its schema asks for.",
-        )
-    return int(text)
-
-
-def _moment(text: str) -> datetime | None:
-    """An ISO 8601 time (naive means UTC) or Unix seconds, as an aware datetime; None if it is neither."""
-    try:
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return datetime.fromtimestamp(float(text), tz=UTC)
-        moment = datetime.fromisoformat(text)
-    except (ValueError, OverflowError, OSError):  # not a time, or one out of datetime's range
-        return None
-    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _create(request: ApiRequest) -> JsonResponse:
@@ -404,16 +338,7 @@ def _create(request: ApiRequest) -> JsonResponse:
         )
     metadata = _metadata(body.get("metadata"))
     endpoint = _upstream(metadata)
-    mode, deadline = _mode(metadata)
-    options = ingest.RunOptions(
-        mode=mode,
-        deadline=deadline,
-        metadata=metadata,
-        output_retries=_output_retries(metadata),
-        use_cache=_flag(metadata, CACHE_KEY),
-        cost_cap=_cost_cap(metadata),
-        notify=_flag(metadata, NOTIFY_KEY, default=NotificationSettings.email_default(request.user)),
-    )
+    options = _run_options(request, metadata)
     file = get_file(request, input_file_id, param="input_file_id")
     if file.purpose != File.BATCH:
         raise ApiError(

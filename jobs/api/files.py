@@ -11,7 +11,7 @@ from django.http import FileResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.utils.http import content_disposition_header
 
-from jobs import ingest, storage
+from jobs import export, ingest, storage
 from jobs.api.auth import ApiRequest, api_view
 from jobs.api.pagination import cursor_page
 from jobs.errors import ApiError
@@ -25,7 +25,7 @@ def file_object(file: File) -> dict:
     return {
         "id": file.public_id,
         "object": "file",
-        "bytes": file.size(),
+        "bytes": export.file_size(file),
         "created_at": int(file.created_at.timestamp()),
         "filename": file.filename,
         "purpose": file.purpose,
@@ -164,13 +164,13 @@ def content(request: ApiRequest, file_id: str) -> StreamingHttpResponse:
         if file.full_path.exists():
             response = FileResponse(open(file.full_path, "rb"), content_type="application/octet-stream")
         elif storage.exists(file.path):  # uploaded through another node: streamed from the shared bucket
-            response = StreamingHttpResponse(file.chunks(), content_type="application/octet-stream")
+            response = StreamingHttpResponse(export.file_chunks(file), content_type="application/octet-stream")
             if file.bytes is not None:
                 response["Content-Length"] = str(file.bytes)
         else:
             raise ApiError(404, f"The content of {file_id} is no longer stored.", param="id")
     else:
-        response = StreamingHttpResponse(file.chunks(), content_type="application/octet-stream")
+        response = StreamingHttpResponse(export.file_chunks(file), content_type="application/octet-stream")
     # The stubs say str | None; None only comes without as_attachment and without a filename.
     response["Content-Disposition"] = content_disposition_header(True, file.filename)  # type: ignore[assignment]
     return response

@@ -4,14 +4,14 @@ at once), one is sent and the others wait for its answer.
 
 Who sends a request is decided by a compare-and-set on its CachedAnswer row (sending_lease, for a lease's
 time), so two slices never both send one. The answer goes into the cache in the transaction that stores the
-item's result (leases._remember_answers); a send that ends without an answer lets go of the row, and the
+item's result (the ledger, Books._remember_answers); a send that ends without an answer lets go of the row, and the
 waiting items then send their own.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -19,8 +19,9 @@ from django.db.models import F, Q, Sum, Window
 from django.db.models.functions import Length
 from django.utils import timezone
 
-from jobs.engine.leases import Claimed, Outcome, lease_seconds
+from jobs.engine.leases import Claimed, lease_seconds
 from jobs.models import CachedAnswer, Item, cache_key
+from jobs.models.outcome import Outcome
 
 WAIT_FOR_TWIN_SECONDS = 1.0  # an item whose twin is being sent looks again this much later
 
@@ -67,7 +68,16 @@ def _sort_out(
     return send, others
 
 
-def _take(key: str, row, endpoint_id: int, url: str, item: Claimed, lease: uuid.UUID, now, until) -> bool:
+def _take(
+    key: str,
+    row: CachedAnswer | None,
+    endpoint_id: int,
+    url: str,
+    item: Claimed,
+    lease: uuid.UUID,
+    now: datetime,
+    until: datetime,
+) -> bool:
     """Become the sender of `key` (compare-and-set): unless another slice is sending it right now."""
     if row is None:
         try:
@@ -95,7 +105,7 @@ def _answered(item: Claimed, row: CachedAnswer) -> Outcome:
     )
 
 
-def trim(now=None) -> int:
+def trim(now: datetime | None = None) -> int:
     """Answers past the age limit go, then the oldest beyond BATCHSITE_CACHE_MAX_ENTRIES, then the oldest beyond
     BATCHSITE_CACHE_MAX_MB of answer text (a few huge answers weigh more than many small ones); how many went."""
     now = now or timezone.now()

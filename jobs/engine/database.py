@@ -82,7 +82,9 @@ def renew_leases(job_id: int, lease: uuid.UUID) -> None:
     Job.objects.filter(pk=job_id).update(heartbeat_at=clock.now())
 
 
-def pause_job(job_id: int, reason: str) -> None:
+def pause_itself(job_id: int, reason: str) -> None:
+    """Job.pause_itself by the job's id: the engine found it cannot go on, and says why. (A person pauses a job
+    with control.pause; a paused job waits for a person to resume it either way.)"""
     Job.objects.get(pk=job_id).pause_itself(reason)
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import aiohttp
 from django.conf import settings
@@ -110,7 +110,7 @@ def send_in_background() -> bool:
     return outbox.start()
 
 
-def send_due(now=None) -> dict:
+def send_due(now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     counts = {"emailed": 0, "email_failed": 0, "delivered": 0, "delivery_failed": 0}
     for event in JobEvent.objects.filter(email=JobEvent.Email.PENDING, next_attempt_at__lte=now).select_related(
@@ -252,7 +252,7 @@ async def _deliver(
 
 def _record(delivery: WebhookDelivery, status: int | None, error: str) -> bool:
     ok = status is not None and 200 <= status < 300
-    fields: dict = {"last_status_code": status, "last_error": error if not ok else ""}
+    fields: dict[str, object] = {"last_status_code": status, "last_error": error if not ok else ""}
     if ok:
         fields.update(status=WebhookDelivery.Status.DELIVERED, delivered_at=timezone.now())
     elif delivery.attempts >= MAX_ATTEMPTS:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 
 from jobs.engine import database
 from jobs.engine.database import DatabaseThread
@@ -101,7 +102,7 @@ class Pacing:
         self.window_answers += 1
         self.window_limited += limited
 
-    async def after_429(self, headers, cost: int, delay: float) -> None:
+    async def after_429(self, headers: Mapping[str, str], cost: int, delay: float) -> None:
         """Only a spent budget holds back every sender (for `delay`); a one-off 429 costs only its own request's wait."""
         if self.limiter.spent(headers, cost):
             self.limiter.cool_down(delay)

@@ -24,10 +24,10 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, Protocol, TypeVar, overload
 
 # How far ahead of the steady pace a sender may run: enough to absorb scheduling jitter, small because
 # a server whose budget was just spent (by another client, or by us before an idle spell it did not
@@ -42,19 +42,31 @@ _STATE = struct.Struct("ddddd")
 T = TypeVar("T")
 
 
-def _factor(state, now: float) -> float:
+def _factor(state: Sequence[float], now: float) -> float:
     """The share of the full send rate allowed now: 1 minus the last cut, less what it has climbed back since."""
     return 1.0 - max(0.0, state[3] - INCREASE_PER_SECOND * (now - state[4]))
 
 
-def _slow_down(state, now: float) -> None:
+def _slow_down(state: list[float], now: float) -> None:
     if now - state[4] >= DECREASE_INTERVAL:
         state[3] = 1.0 - max(MIN_FACTOR, _factor(state, now) * DECREASE_FACTOR)
         state[4] = now
 
 
+class Store(Protocol):
+    """What a Limiter keeps its budgets in: FileStore or RedisStore (or a test's own)."""
+
+    def reserve(
+        self, key: str, request_interval: float, token_interval: float, tokens: int, latest: float
+    ) -> float: ...
+    def cool_down(self, key: str, until: float) -> None: ...
+    def cooldown_until(self, key: str) -> float: ...
+    def peek(self, key: str) -> tuple[float, float, float, float]: ...
+    def slow_down(self, key: str) -> None: ...
+
+
 class FileStore:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, int] = {}
@@ -80,7 +92,7 @@ class FileStore:
         return self._update(key, lambda s, now: _reserve(s, now, request_interval, token_interval, tokens, latest))
 
     def cool_down(self, key: str, until: float) -> None:
-        def change(state, now):
+        def change(state: list[float], now: float) -> None:
             state[2] = max(state[2], until)
 
         self._update(key, change)
@@ -97,7 +109,7 @@ class FileStore:
 
 
 def _reserve(
-    state: list, now: float, request_interval: float, token_interval: float, tokens: int, latest: float
+    state: list[float], now: float, request_interval: float, token_interval: float, tokens: int, latest: float
 ) -> float:
     """Take the next free slot; return how long to wait for it (inf, taking nothing, if it comes after `latest`).
     The intervals stretch by the AIMD factor: a cut rate spaces the slots out."""
@@ -147,14 +159,28 @@ class RedisStore:
     return tostring(out)
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str) -> None:
         import redis
 
         self.redis = redis.Redis.from_url(url)
         self.script = self.redis.register_script(self._SCRIPT)
 
-    def _call(self, key, op, a=0.0, b=0.0, n=0, latest=math.inf):
-        args = [
+    @overload
+    def _call(self, key: str, op: Literal["peek"]) -> tuple[float, float, float, float]: ...
+    @overload
+    def _call(
+        self,
+        key: str,
+        op: Literal["reserve", "cool_down", "cooldown_until", "slow_down"],
+        a: float = ...,
+        b: float = ...,
+        n: int = ...,
+        latest: float = ...,
+    ) -> float: ...
+    def _call(
+        self, key: str, op: str, a: float = 0.0, b: float = 0.0, n: int = 0, latest: float = math.inf
+    ) -> float | tuple[float, ...]:
+        args: list[str | float] = [
             op,
             a,
             b,
@@ -169,23 +195,23 @@ class RedisStore:
         out = self.script(keys=[f"batchsite:ratelimit:{key}"], args=args)
         return tuple(float(v) for v in out.split()) if op == "peek" else float(out)
 
-    def reserve(self, key, request_interval, token_interval, tokens, latest):
+    def reserve(self, key: str, request_interval: float, token_interval: float, tokens: int, latest: float) -> float:
         return self._call(key, "reserve", request_interval, token_interval, tokens, latest)
 
-    def cool_down(self, key, until):
+    def cool_down(self, key: str, until: float) -> None:
         self._call(key, "cool_down", until)
 
-    def cooldown_until(self, key):
+    def cooldown_until(self, key: str) -> float:
         return self._call(key, "cooldown_until")
 
-    def peek(self, key):
+    def peek(self, key: str) -> tuple[float, float, float, float]:
         return self._call(key, "peek")
 
-    def slow_down(self, key):
+    def slow_down(self, key: str) -> None:
         self._call(key, "slow_down")
 
 
-def default_store():
+def default_store() -> Store:
     from django.conf import settings
 
     if settings.REDIS_URL:
@@ -214,7 +240,7 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(n) * _UNITS[unit] for n, unit in parts)
 
 
-def _int_header(headers, name: str) -> int | None:
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     try:
         value = int(float(headers.get(name, "")))
     except (TypeError, ValueError):
@@ -231,7 +257,15 @@ class Learned:
 class Limiter:
     """One process's handle on an endpoint's budgets."""
 
-    def __init__(self, key: str, rpm: int | None, tpm: int | None, learned_rpm=None, learned_tpm=None, store=None):
+    def __init__(
+        self,
+        key: str,
+        rpm: int | None,
+        tpm: int | None,
+        learned_rpm: int | None = None,
+        learned_tpm: int | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.key = key
         self.store = store or default_store()
         self.configured_rpm, self.configured_tpm = rpm, tpm
@@ -288,7 +322,7 @@ class Limiter:
         self.store.slow_down(self.key)
         self._factor_read = -math.inf
 
-    def spent(self, headers, cost: int) -> bool:
+    def spent(self, headers: Mapping[str, str], cost: int) -> bool:
         """Whether a 429 means the endpoint's budget is spent (every sender must wait), not a one-off.
 
         Spent: the rate headers say no request (or not this request's tokens) is left; or, with no
@@ -310,7 +344,7 @@ class Limiter:
         booked_until, _, _, now = self.store.peek(self.key)
         return booked_until >= now
 
-    def observe(self, headers) -> None:
+    def observe(self, headers: Mapping[str, str]) -> None:
         """Learn limits from x-ratelimit-* headers, and stop early when the server says we are at zero."""
         limit_requests = _int_header(headers, "x-ratelimit-limit-requests")
         limit_tokens = _int_header(headers, "x-ratelimit-limit-tokens")

@@ -1,4 +1,4 @@
-"""A slice's outcomes, stored in batches a fraction of a second apart, in the order they came (leases.write)."""
+"""A slice's outcomes, stored in batches a fraction of a second apart, in the order they came (ledger.settle)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import uuid
 
 from jobs.engine import leases
 from jobs.engine.database import DB_PATIENCE, DatabaseThread
-from jobs.engine.leases import TRANSIENT_DB_ERRORS, Outcome
+from jobs.engine.leases import TRANSIENT_DB_ERRORS
+from jobs.models import ledger
+from jobs.models.outcome import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class Results:
             batch, self.unstored = self.unstored, []
             try:
                 try:
-                    await self.db.call(leases.write, self.job_id, self.lease, batch, patience=patience)
+                    await self.db.call(ledger.settle, self.job_id, self.lease, batch, patience=patience)
                 except TRANSIENT_DB_ERRORS:
                     raise
                 except Exception:  # one row the database refuses must not cost the batch (nor kill the flusher)

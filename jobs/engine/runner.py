@@ -1,4 +1,4 @@
-"""Live execution of a job, one slice at a time: run_slice() is the django-q2 task's work (tasks.py).
+"""Live execution of a job, one slice at a time: run() is the work of the django-q2 task run_slice (tasks.py).
 
 A job runs as a few chains of slices (Job.start_slices). Each slice runs in one task: it claims work until
 its time budget is spent, then enqueues its successor and finishes the requests it has in flight
@@ -12,24 +12,26 @@ import asyncio
 import logging
 import statistics
 import uuid
+from collections.abc import Collection
+from typing import Any
 
 from django.conf import settings
 from django.db.models import F
 
 from jobs import clock, egress
 from jobs.engine import shutdown
-from jobs.engine.database import DatabaseThread, pause_job, with_db_retries
+from jobs.engine.database import DatabaseThread, pause_itself, with_db_retries
 from jobs.engine.leases import TRANSIENT_DB_ERRORS
 from jobs.engine.ratelimit import Limiter
 from jobs.engine.slice import Slice
-from jobs.models import Endpoint, InvalidTransition, Job
+from jobs.models import Endpoint, InvalidTransition, Job, ledger
 
 log = logging.getLogger(__name__)
 
 
-def run_slice(
+def run(
     job_id: int, budget: float | None = None, slices: int | None = None, generation: int | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Run one slice of a live job; return a summary (for logs and tests).
 
     `generation` is the generation of slices the task belongs to (Job.start_slices); a task of an older
@@ -54,19 +56,19 @@ def run_slice(
         return {"job": job_id, "skipped": job.status}
     endpoint = job.endpoint or Endpoint.default()
     if endpoint is None:
-        pause_job(
+        pause_itself(
             job_id, "No endpoint is configured. Add one on the Endpoints page (or set OPENAI_API_KEY), then resume."
         )
         return {"job": job_id, "skipped": "no endpoint"}
     try:
         endpoint.api_key  # noqa: B018 - decrypting now turns a changed SECRET_KEY into a clear pause
     except ValueError as e:
-        pause_job(job_id, str(e))
+        pause_itself(job_id, str(e))
         return {"job": job_id, "skipped": "bad key"}
     try:  # checked again at each slice: the name may resolve elsewhere now than when the endpoint was saved
         egress.check_base_url(endpoint.base_url)
     except egress.UnsafeURL as e:
-        pause_job(job_id, f"The endpoint's base URL is refused: {e} Fix it on the Endpoints page, then resume.")
+        pause_itself(job_id, f"The endpoint's base URL is refused: {e} Fix it on the Endpoints page, then resume.")
         return {"job": job_id, "skipped": "unsafe endpoint"}
 
     Job.objects.filter(pk=job_id).update(heartbeat_at=clock.now())
@@ -80,7 +82,7 @@ def run_slice(
         if not work.sender.sent and not isinstance(crash, TRANSIENT_DB_ERRORS):
             # It failed before sending anything: it would fail the same way again at once, slice after
             # slice. Say so on the job instead; resuming tries again.
-            pause_job(
+            pause_itself(
                 job_id, f"Batchsite could not run this job: {type(crash).__name__}: {crash}. Resume to try again."
             )
         raise
@@ -112,7 +114,7 @@ def continue_or_finish(job_id: int, generation: int, slices: int, handed_over: b
     A slice that did not hand over stopped because nothing was pending or held, or because it was told
     to stop. Items may have become pending in between (a retry of failed items), so it continues its
     chain while any are. Paused, cancelled or superseded jobs get no successor."""
-    if Job.finalize_if_done(job_id):
+    if ledger.finalize_if_done(job_id):
         return True
     if (
         not handed_over
@@ -122,7 +124,7 @@ def continue_or_finish(job_id: int, generation: int, slices: int, handed_over: b
     return False
 
 
-def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter, latencies) -> None:
+def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter, latencies: Collection[int]) -> None:
     learned: dict[str, int] = {}
     if latencies:
         learned["learned_latency_ms"] = max(1, int(statistics.median(latencies)))

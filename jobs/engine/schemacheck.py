@@ -14,6 +14,7 @@ import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import jsonschema_rs
 
@@ -27,7 +28,7 @@ class Wanted:
     schema_text: str | None  # canonical JSON of the schema, the compiled validator's key; None: json_object
 
 
-def wanted(url: str, body: dict) -> Wanted | None:
+def wanted(url: str, body: dict[str, Any]) -> Wanted | None:
     """The structured output a request asks for, or None when it asks for free text."""
     if url.endswith("/responses"):
         text = body.get("text")
@@ -46,11 +47,11 @@ def wanted(url: str, body: dict) -> Wanted | None:
     return None
 
 
-def _list(value) -> list:
+def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def answers(url: str, data) -> list[str | None]:
+def answers(url: str, data: object) -> list[str | None]:
     """The answer texts of a response (None for a choice without text: a refusal, a tool call, a body of
     another shape: the server's JSON is not trusted to have the documented one)."""
     if not isinstance(data, dict):
@@ -72,7 +73,7 @@ def answers(url: str, data) -> list[str | None]:
     return found or [None]
 
 
-def problem(want: Wanted, url: str, data) -> str | None:
+def problem(want: Wanted, url: str, data: object) -> str | None:
     """Why the response's answers are not what the request asked for, in plain words; None when they are.
     Never raises: whatever the server sent, the answer is judged."""
     try:
@@ -81,7 +82,7 @@ def problem(want: Wanted, url: str, data) -> str | None:
         return f"The answer could not be checked against its schema ({type(e).__name__}: {_short(str(e))})."
 
 
-def _problem(want: Wanted, url: str, data) -> str | None:
+def _problem(want: Wanted, url: str, data: object) -> str | None:
     for n, text in enumerate(answers(url, data)):
         where = f"Answer {n + 1}" if n else "The answer"
         if not isinstance(text, str):
@@ -118,12 +119,12 @@ MAX_PATHS = 200_000  # branching ** depth: about 0.1 s of checking at worst
 MAX_SCHEMA_TEXT = 100_000  # characters, as a CSV template's schema may have (ingest.MAX_SCHEMA_CHARS)
 
 
-def _depth(value, limit: int = 200) -> int:
+def _depth(value: object, limit: int = 200) -> int:
     """How deeply `value` nests arrays and objects (iteratively: no recursion to blow)."""
     deepest, stack = 0, [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        children: Iterable
+        children: Iterable[object]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -138,7 +139,7 @@ def _depth(value, limit: int = 200) -> int:
     return deepest
 
 
-def _branching(schema) -> int:
+def _branching(schema: object) -> int:
     """The most subschemas one schema object makes a value be checked against (anyOf + oneOf + allOf), at
     least 1."""
     most, stack = 1, [schema]
@@ -154,7 +155,7 @@ def _branching(schema) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _validator(schema_text: str):
+def _validator(schema_text: str) -> tuple[jsonschema_rs.Validator, int] | None:
     """(validator, branching) of a schema, or None. A schema comes from the user's file: none over
     MAX_SCHEMA_TEXT (256 of them are kept compiled), no fetching of remote $refs (this machine's network is
     not theirs to probe), and patterns in a linear-time regex engine (no catastrophic backtracking)."""
@@ -170,11 +171,11 @@ def _validator(schema_text: str):
     return validator, _branching(schema)
 
 
-def _no_remote_refs(uri: str):
+def _no_remote_refs(uri: str) -> NoReturn:
     raise ValueError(f"remote $ref {uri} is not fetched")
 
 
-def _not_json(constant: str):
+def _not_json(constant: str) -> NoReturn:
     raise ValueError(f"{constant} is not a JSON value")
 
 

@@ -28,11 +28,12 @@ from jobs import egress, tokens
 from jobs.engine import database, schemacheck, upstream, wire
 from jobs.engine.database import DatabaseThread
 from jobs.engine.heartbeat import Heartbeat
-from jobs.engine.leases import Claimed, Outcome
+from jobs.engine.leases import Claimed
 from jobs.engine.pacing import Pacing, sleep_unless
 from jobs.engine.results import Results
 from jobs.engine.upstream import PERMANENT, RETRY, STOP, UpstreamError
 from jobs.models import Endpoint, Job
+from jobs.models.outcome import Outcome
 from jobs.pricing import PriceBook
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Sender:
         self.latencies: collections.deque[int] = collections.deque(maxlen=1000)  # ms, successful requests
         self.rate_limited = 0  # 429s answered to this slice
         self.stop_reason = ""
-        self.in_flight: set[asyncio.Task] = set()  # the slice's requests: being sent, or waiting for a retry
+        self.in_flight: set[asyncio.Task[None]] = set()  # the slice's requests: being sent, or waiting for a retry
         self.waiting = 0  # requests in flight that wait for a retry: they hold no concurrency slot
         self.slot_opened = asyncio.Event()  # replaced by a new one each time it is set (see _open_slot)
 
@@ -118,7 +119,7 @@ class Sender:
         self.slot_opened.set()
         self.slot_opened = asyncio.Event()
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, task: asyncio.Task[None]) -> None:
         self.in_flight.discard(task)
         self._open_slot()
 
@@ -308,13 +309,13 @@ class Sender:
         if not self.stop_reason:
             self.stop_reason = reason
             self.draining.set()
-            await self.db.call(database.pause_job, self.job_id, reason)
+            await self.db.call(database.pause_itself, self.job_id, reason)
 
 
 @dataclasses.dataclass
 class _Spent:
     """Tokens and cost of answers thrown away for breaking their schema: the send's outcome carries them,
-    final or not, as the endpoint charged for them (leases.write adds them to the item and the job)."""
+    final or not, as the endpoint charged for them (the ledger adds them to the item and the job)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def install_in_worker() -> None:
     signal.signal(signal.SIGUSR1, _on_signal)
 
 
-def _on_signal(signum, frame) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     if not REQUESTED.is_set():
         log.info("worker %s: the node is shutting down; handing work over", os.getpid())
     REQUESTED.set()

@@ -1,4 +1,4 @@
-"""django-q2 entry points. Thin: the work is in runner.py (and the slice it runs) and leases.py.
+"""django-q2 entry points. Thin: the work is in runner.py (and the slice it runs) and the ledger (jobs/models/ledger.py).
 
 A job runs as a few *chains* of slice tasks, each slice enqueueing its successor; their generations
 and enqueue times are kept on the Job (Job.start_slices, jobs/models/job.py). The sweeper here uses
@@ -18,15 +18,17 @@ import logging
 import random
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.apps import apps as global_apps
+from django.apps.registry import Apps
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, router
 from django.db.models import Max, Q
 
 from jobs import clock, ingest, queue
 from jobs.engine import answercache, leases, notify, remote, runner
-from jobs.models import File, InvalidTransition, Job, JobEvent
+from jobs.models import File, InvalidTransition, Job, JobEvent, control, ledger
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +37,38 @@ log = logging.getLogger(__name__)
 QUEUE_ORDER_SLACK = timedelta(seconds=30)
 
 
-def run_slice(job_id: int, slices: int | None = None, generation: int | None = None, enqueued_at=None) -> dict:
+def run_slice(
+    job_id: int, slices: int | None = None, generation: int | None = None, enqueued_at: datetime | None = None
+) -> dict[str, Any]:
     if enqueued_at is not None:  # this slice has left the queue, and so have those enqueued before it
         later = Q(slice_picked_at__isnull=True) | Q(slice_picked_at__lt=enqueued_at)
         Job.objects.filter(later, pk=job_id).update(slice_picked_at=enqueued_at)
-    result = runner.run_slice(job_id, slices=slices, generation=generation)
+    result = runner.run(job_id, slices=slices, generation=generation)
     log.info("slice %s", result)
     return result
 
 
-def validate_batch(job_id: int) -> dict:
+def validate_batch(job_id: int) -> dict[str, Any]:
     """A validating job's file checked off the request path (Job.validate_later): jobs/ingest/validating.py."""
     result = ingest.validate_job(job_id)
     log.info("validated %s", result)
     return result
 
 
-def retry_failed(job_id: int, mode: str | None = None) -> dict:
-    """A big job's failed items queued again (Job.retry_later)."""
+def retry_failed(job_id: int, mode: str | None = None) -> dict[str, Any]:
+    """A big job's failed items queued again (control.retry_later)."""
     job = Job.objects.filter(pk=job_id).first()
     if job is None:
         return {"job": job_id, "skipped": "deleted"}
     try:
-        n = job.retry_failed(mode)
+        n = control.retry_failed(job, mode)
     except InvalidTransition as e:
         log.warning("job %s: retry of failed items not done: %s", job_id, e)
         return {"job": job_id, "skipped": str(e)}
     return {"job": job_id, "retried": n}
 
 
-def poll_remote() -> dict:
+def poll_remote() -> dict[str, Any]:
     """Remote and hybrid jobs (the Batch API): the schedule starts this once a minute, Job.start and Job.cancel
     at once; it polls for up to BATCHSITE_REMOTE_POLL_WINDOW seconds, one poller in the cluster at a time."""
     result = remote.poll()
@@ -72,20 +76,20 @@ def poll_remote() -> dict:
     return result
 
 
-def sweep() -> dict:
+def sweep() -> dict[str, Any]:
     """Expired leases back to pending, jobs left without a slice restarted, finished jobs finalized, lost
     validations enqueued again.
 
     Safe to run in several processes at once: each change is a compare-and-set."""
     now = clock.now()
-    expired = leases.expire()
+    expired = ledger.expire()
     restarted = [job_id for job_id, gen in _orphans(now) if Job.start_slices(job_id, replacing=gen)]
     finished = [
         job_id
         for job_id in Job.objects.filter(
             status__in=[Job.Status.RUNNING, Job.Status.CANCELLING], n_pending=0, n_running=0
         ).values_list("pk", flat=True)
-        if Job.finalize_if_done(job_id)
+        if ledger.finalize_if_done(job_id)
     ]
     revalidated = _revalidate(now)
     if expired or restarted or finished or revalidated:
@@ -99,7 +103,7 @@ def sweep() -> dict:
     return {"expired": expired, "restarted": restarted, "finalized": finished, "revalidated": revalidated}
 
 
-def _revalidate(now) -> list[int]:
+def _revalidate(now: datetime) -> list[int]:
     """Validating jobs whose validation is lost (its worker died, or a Redis broker dropped the task): no life
     shown and not enqueued for ingest.VALIDATION_QUIET. Enqueued again, once whichever sweeps run side by side."""
     quiet = now - ingest.VALIDATION_QUIET
@@ -114,7 +118,7 @@ def _revalidate(now) -> list[int]:
     return enqueued
 
 
-def _orphans(now) -> list[tuple[int, int]]:
+def _orphans(now: datetime) -> list[tuple[int, int]]:
     """Queued or running jobs with pending items and no slice: none has shown life for a lease period,
     and none waits in the queue.
 
@@ -144,7 +148,7 @@ def _orphans(now) -> list[tuple[int, int]]:
     return orphans
 
 
-def clean_up() -> dict:
+def clean_up() -> dict[str, Any]:
     """Every hour: uploads nobody launched, or whose job was deleted, leave the disk after a day."""
     removed = ingest.remove_stale_uploads() + File.remove_expired()  # and /v1 files past their expires_at
     answers = answercache.trim()  # past their age, or beyond the size bound
@@ -154,7 +158,7 @@ def clean_up() -> dict:
     return {"uploads_removed": removed, "cached_answers_removed": answers, "events_removed": events}
 
 
-def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
+def ensure_schedules(apps: Apps = global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
     """Register the sweeper and the clean-up once (idempotent). After every `manage.py migrate` (post_migrate,
     with the migrated state's `apps`), so a deployment needs no extra command; tests and benches call it too.
     The sweeper's schedule is a backstop: workers sweep every few seconds themselves (watch())."""
@@ -169,7 +173,7 @@ def ensure_schedules(apps=global_apps, using: str = DEFAULT_DB_ALIAS) -> None:
         model.objects.using(using).update_or_create(name=name, defaults={**fields, "repeats": -1})
 
 
-def send_notifications() -> dict:
+def send_notifications() -> dict[str, Any]:
     """Emails and webhook deliveries that are due, sent on this worker's outbox thread (jobs/engine/notify.py):
     the task returns at once, so a slow receiver never holds a worker that jobs need."""
     return {"started": notify.send_in_background()}

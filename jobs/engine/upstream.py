@@ -116,7 +116,7 @@ def connection_lost(error: openai.APIConnectionError) -> UpstreamError:
     return UpstreamError(RETRY, f"Could not connect: {error.__cause__ or error}", code="connection_error")
 
 
-def success_body(text: str) -> tuple[dict, str]:
+def success_body(text: str) -> tuple[dict[str, Any], str]:
     """A 200 answer's body parsed, and as the text to store: on one line, since the JSONL exports splice
     stored bodies in as they are. A body that is not a JSON object is worth another try."""
     try:
@@ -158,10 +158,11 @@ def _number(text: str, scale: float = 1.0) -> float | None:
 
 def backoff(attempt: int) -> float:
     """Exponential with jitter: 0.25, 0.5, 1 ... 60 s, each shortened by up to half at random."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(attempt - 1, 0)) * random.uniform(0.5, 1.0)
+    delay: float = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(attempt - 1, 0))  # int ** int is Any to mypy
+    return delay * random.uniform(0.5, 1.0)
 
 
-def usage_of(url: str, body: dict) -> tuple[int, int, int]:
+def usage_of(url: str, body: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt, completion, cached) tokens from a response's usage block, for every endpoint shape. The server's
     word: a count that is not a whole number from 0 to 2**31 - 1 counts as 0 (a negative one would lower
     the spending recorded, a huge one break the counters)."""
@@ -181,11 +182,11 @@ def usage_of(url: str, body: dict) -> tuple[int, int, int]:
     )
 
 
-def _dict(value) -> dict:
+def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _count(value) -> int:
+def _count(value: object) -> int:
     if isinstance(value, float) and value.is_integer():  # 12.0: some servers write counts as floats
         value = int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else 0

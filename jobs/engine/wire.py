@@ -139,7 +139,8 @@ class _Inflate:
         if self.inflater is None:
             return chunk
         try:
-            return self.inflater.decompress(chunk, max(room, 1))
+            inflated: bytes = self.inflater.decompress(chunk, max(room, 1))
+            return inflated
         except zlib.error as e:
             raise aiohttp.ClientPayloadError(f"The answer's {e}") from None
 
@@ -170,7 +171,8 @@ class LongLine(NamedTuple):
         if match is None:
             return None
         try:
-            return json.loads(match[1])
+            found: str = json.loads(match[1])  # a JSON string, by the pattern
+            return found
         except ValueError:
             return None
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from jobs.ingest.plan import Plan
 from jobs.ingest.template import Template
-from jobs.models import Item, Job
+from jobs.models import Item, Job, ledger
 
 CHUNK = 5000
 
@@ -119,16 +119,17 @@ def add_items(job: Job, plan: Plan, progress: Callable[[int], object] | None = N
     one transaction, so a crash leaves the job without any."""
     if not plan.ok:
         raise ValueError("A plan with errors cannot fill a job.")
-    counts = _counts(plan)
-    with transaction.atomic():
-        Job.objects.filter(pk=job.pk).update(**counts)
+    fields = dict(model=plan.model, columns=plan.columns, est_input_tokens=plan.est_input_tokens)
+    with ledger.open(job.pk) as books:  # its books open with every item pending
+        Job.objects.filter(pk=job.pk).update(**fields)
         _insert_items(job.pk, plan, progress)
-    for name, value in counts.items():
+        books.count(total=plan.count, n_pending=plan.count)
+    for name, value in {**fields, "total": job.total + plan.count, "n_pending": job.n_pending + plan.count}.items():
         setattr(job, name, value)
 
 
 def _counts(plan: Plan) -> dict:
-    """The Job's fields that come from its validated requests."""
+    """The fields of a new Job that come from its validated requests: its books open with every item pending."""
     return dict(
         model=plan.model,
         columns=plan.columns,

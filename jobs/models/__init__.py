@@ -5,7 +5,8 @@ from jobs.models.cache import CachedAnswer, cache_key
 from jobs.models.endpoint import Endpoint
 from jobs.models.files import Batch, File, _batch_id, _file_id
 from jobs.models.installation import Installation
-from jobs.models.job import INLINE_ROWS, SUPPORTED_URLS, InvalidTransition, Item, Job, JobTick, QuotaExceeded
+from jobs.models.item import Item, JobTick
+from jobs.models.job import INLINE_ROWS, SUPPORTED_URLS, InvalidTransition, Job, QuotaExceeded
 from jobs.models.notify import JobEvent, NotificationSettings, Webhook, WebhookDelivery
 from jobs.models.price import Price
 from jobs.models.remote import RemoteBatch

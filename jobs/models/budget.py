@@ -1,23 +1,25 @@
 """Monthly spending limits (issue 14), set by staff per person and per endpoint: a job that would take either
 past its limit pauses before that request (jobs/engine/leases.py).
 
-A month's spending is read from a ledger (Spending), written as results are: what requests cost counts in the
+A month's spending is read from the spending table (Spending), written as results are: what requests cost counts in the
 month their answers came, whenever their job was created, and stays counted when the job is deleted (a row
-outlives its job). Job.cost can go down (a recount); the ledger never does."""
+outlives its job). Job.cost can go down (a recount); the spending table never does."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
-from django.db.models import F, Sum
+from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
 from jobs import clock
+from jobs.models.job import Job
 
 
-def month_start(now=None):
+def month_start(now: datetime | None = None) -> datetime:
     local = timezone.localtime(now or clock.now())
     return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
@@ -47,10 +49,8 @@ class SpendingLimit(models.Model):
     def label(self) -> str:
         return f"{self.user.get_username()}'s" if self.user else f"the endpoint “{self.endpoint}”'s"
 
-    def jobs(self):
+    def jobs(self) -> QuerySet[Job]:
         """The jobs whose requests in flight count against this limit: all of the person's, or the endpoint's."""
-        from jobs.models.job import Job
-
         if self.user_id:
             return Job.objects.filter(owner_id=self.user_id)
         return Job.objects.filter(endpoint=self.endpoint)
@@ -61,15 +61,15 @@ class SpendingLimit(models.Model):
         SpendingLimit.objects.select_for_update().filter(pk=self.pk).values_list("pk", flat=True).first()
 
     def spent(self) -> Decimal:
-        """This month's spending in the ledger."""
+        """This month's spending."""
         mine = Spending.objects.filter(month=month_start().date())
         mine = mine.filter(owner_id=self.user_id) if self.user_id else mine.filter(endpoint=self.endpoint)
         return mine.aggregate(s=Sum("usd"))["s"] or Decimal(0)
 
 
 class Spending(models.Model):
-    """The ledger: what a job's requests cost in one month, added to as their results are written (Job.add_to_
-    counters). Its owner and endpoint are kept on the row, so it still counts once the job is deleted."""
+    """What a job's requests cost in one month, added to as their results are written (the ledger,
+    jobs/models/ledger.py). Its owner and endpoint are kept on the row, so it still counts once the job is deleted."""
 
     job = models.ForeignKey("jobs.Job", null=True, on_delete=models.SET_NULL, related_name="+")
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
@@ -91,8 +91,6 @@ class Spending(models.Model):
         month = month_start().date()
         if cls.objects.filter(job_id=job_id, month=month).update(usd=F("usd") + usd):
             return
-        from jobs.models.job import Job
-
         owner_id, endpoint_id = Job.objects.filter(pk=job_id).values_list("owner_id", "endpoint_id").first() or (
             None,
             None,

@@ -2,6 +2,7 @@
 
 import os
 from decimal import Decimal
+from typing import Any
 
 from django.db import models, transaction
 from django.db.models import Q
@@ -109,7 +110,7 @@ class Endpoint(models.Model):
         if not key and not os.environ.get("OPENAI_BASE_URL"):
             return None
 
-        def envint(name):
+        def envint(name: str) -> int | None:
             value = os.environ.get(name, "").strip()
             return int(value) if value else None
 
@@ -141,7 +142,7 @@ class Endpoint(models.Model):
                 endpoint.save()
         return endpoint
 
-    def _values(self) -> dict:
+    def _values(self) -> dict[str, Any]:
         return {f.attname: getattr(self, f.attname) for f in self._meta.concrete_fields if f.name != "updated_at"}
 
     @classmethod

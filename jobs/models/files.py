@@ -1,6 +1,7 @@
 """File and Batch: the /v1 API's objects. A Batch is a Job seen through OpenAI's Batch API."""
 
 import secrets
+from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
@@ -24,7 +25,7 @@ class File(models.Model):
     """A file of the /v1 API: an uploaded batch input on disk, or a job's output or error file.
 
     Output files are not written anywhere: their content is exported from the job's items when
-    downloaded, so they cost nothing until someone asks for them.
+    downloaded (jobs/export.py, file_chunks), so they cost nothing until someone asks for them.
     """
 
     BATCH = "batch"
@@ -38,7 +39,7 @@ class File(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_files")
     filename = models.CharField(max_length=255)
     purpose = models.CharField(max_length=20, choices=PURPOSE_CHOICES)
-    # None: an output or error file not measured yet (see size()); lists of batches never export jobs.
+    # None: an output or error file not measured yet (export.file_size); lists of batches never export jobs.
     bytes = models.BigIntegerField(null=True, default=0)
     path = models.CharField(max_length=500, blank=True, help_text="Uploads: path under the data dir")
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="api_files")
@@ -71,8 +72,8 @@ class File(models.Model):
         """The job's output (RESULTS) or error (ERRORS) file, made on first request; None when it would be empty.
 
         Cheap, for batch objects and their lists: the size is measured (by exporting) only when the File
-        object itself is asked for, see size(). A job that ran again since (retried items) keeps the
-        file's id and is measured again.
+        object itself is asked for, see export.file_size. A job that ran again since (retried items) keeps
+        the file's id and is measured again.
         """
         if kind == cls.RESULTS:
             has_lines = job.n_succeeded > 0
@@ -100,15 +101,8 @@ class File(models.Model):
             file.refresh_from_db()
         return file
 
-    def size(self) -> int:
-        """Bytes of the content; an output or error file is exported once to measure it, then remembered."""
-        if self.bytes is None:
-            self.bytes = sum(len(chunk.encode()) for chunk in self.chunks())
-            File.objects.filter(pk=self.pk, bytes=None).update(bytes=self.bytes)
-        return self.bytes
-
     @classmethod
-    def remove_expired(cls, now=None) -> int:
+    def remove_expired(cls, now: datetime | None = None) -> int:
         """Uploads past their expires_at leave, content and all, unless an unfinished job came from them."""
         now = now or timezone.now()
         expired = cls.objects.filter(job=None, deleted_at=None, expires_at__lte=now)
@@ -124,15 +118,6 @@ class File(models.Model):
                 storage.remove(file.path)
             removed += 1
         return removed
-
-    def chunks(self):
-        """The content: bytes read from disk, or text exported from the job."""
-        from jobs import export
-
-        if self.job is not None:
-            writer = export.results_jsonl if self.kind == self.RESULTS else export.errors_jsonl
-            return writer(self.job)
-        return storage.read_chunks(self.path)
 
     def delete_content(self) -> None:
         """Mark deleted, and remove an upload from disk unless a job still names it as its source."""
@@ -150,8 +135,6 @@ class Batch(models.Model):
     input_file = models.ForeignKey(File, on_delete=models.RESTRICT, related_name="batches")
     completion_window = models.CharField(max_length=10, default="24h")
     cancelling_at = models.DateTimeField(null=True, blank=True)
-    # Not a field: the input file's public id, where a raw query joined it (jobs/api/batches.py).
-    input_public_id: str
 
     class Meta:
         ordering = ["-id"]

@@ -1,4 +1,4 @@
-"""This installation's own key: what sets it apart from another one that shares its bucket (jobs/storage.py)."""
+"""This installation's own key: what sets it apart from another one that shares its bucket (jobs/bucket.py)."""
 
 from __future__ import annotations
 

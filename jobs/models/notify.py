@@ -8,13 +8,18 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import models
 from django.utils import timezone
 
 from jobs import crypto, queue
+
+if TYPE_CHECKING:
+    from jobs.models.job import Job
 
 # Job status -> OpenAI's webhook event. A job that pauses itself (quota, a refused key) emails its owner
 # only: OpenAI's Batch API has no such event.
@@ -32,7 +37,7 @@ class NotificationSettings(models.Model):
         return f"notifications of {self.user}"
 
     @classmethod
-    def email_default(cls, user) -> bool:
+    def email_default(cls, user: AbstractBaseUser) -> bool:
         found = cls.objects.filter(user=user).values_list("email_when_done", flat=True).first()
         return True if found is None else found
 
@@ -81,7 +86,7 @@ class JobEvent(models.Model):
         return f"{self.event} of job {self.job_id}"
 
     @classmethod
-    def prune(cls, now=None) -> int:
+    def prune(cls, now: datetime | None = None) -> int:
         """Events older than BATCHSITE_EVENT_RETENTION_DAYS go, with their deliveries, once nothing of theirs
         is still to be sent (an email or a delivery being retried stays until it ends). How many went."""
         since = (now or timezone.now()) - timedelta(days=settings.BATCHSITE_EVENT_RETENTION_DAYS)
@@ -94,7 +99,7 @@ class JobEvent(models.Model):
         )
 
     @classmethod
-    def record(cls, job, event: str) -> None:
+    def record(cls, job: Job, event: str) -> None:
         """With the status change (same transaction when there is one): the event, its deliveries to every
         active webhook (OpenAI's events only), and a worker task to send them once committed."""
         ev = cls.objects.create(

@@ -3,12 +3,16 @@
 import hashlib
 import secrets
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, models
 from django.db.models import Q
 from django.utils import timezone
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User  # settings.AUTH_USER_MODEL, as django-stubs resolves it
 
 
 class ApiToken(models.Model):
@@ -41,7 +45,7 @@ class ApiToken(models.Model):
         return hashlib.sha256(plaintext.encode()).hexdigest()
 
     @classmethod
-    def create_for(cls, user, name: str) -> tuple["ApiToken", str]:
+    def create_for(cls, user: "User", name: str) -> tuple["ApiToken", str]:
         """A new token for `user`; the plaintext is returned once and never stored."""
         plaintext = cls.PREFIX + secrets.token_urlsafe(32)
         token = cls.objects.create(

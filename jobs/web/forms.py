@@ -6,7 +6,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import transaction
 from django.utils import timezone
 
-from jobs import egress
+from jobs import egress, runoptions
 from jobs.ingest import MAX_DEPTH, MAX_PROMPT_CHARS, MAX_SCHEMA_CHARS, RunOptions, Template, schema_format
 from jobs.models import Endpoint, Job
 
@@ -33,17 +33,17 @@ class JobForm(forms.Form):
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
     )
     max_attempts = forms.IntegerField(
-        min_value=1,
-        max_value=20,
-        initial=5,
+        min_value=runoptions.MAX_ATTEMPTS[0],
+        max_value=runoptions.MAX_ATTEMPTS[1],
+        initial=runoptions.DEFAULTS.max_attempts,
         help_text="Times a request is sent before it "
         "fails. A 429 rate limit never counts; server errors, timeouts and lost connections get at least 10 tries.",
     )
     output_retries = forms.IntegerField(
         label="Retries for invalid JSON",
-        min_value=0,
-        max_value=10,
-        initial=2,
+        min_value=runoptions.OUTPUT_RETRIES[0],
+        max_value=runoptions.OUTPUT_RETRIES[1],
+        initial=runoptions.DEFAULTS.output_retries,
         required=False,
         help_text="When a request asks for a JSON schema, every answer is checked against it; one that is not "
         "valid JSON or breaks the schema is sent again this many times, then fails as invalid_output.",
@@ -105,6 +105,7 @@ class JobForm(forms.Form):
     def __init__(self, *args, csv_columns=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.csv_columns = csv_columns or []
+        self.options: RunOptions | None = None  # read by clean() from a valid form
         if self.csv_columns:
             choices = [("", "(row number)")] + [(c, c) for c in self.csv_columns]
             self.fields["custom_id_column"].widget = forms.Select(choices=choices)
@@ -121,12 +122,11 @@ class JobForm(forms.Form):
         if data.get("mode") != Job.Mode.HYBRID:
             self.errors.pop("deadline", None)  # ignored, even if it is not a date
             data["deadline"] = None
-        elif "deadline" in self.errors:
-            pass  # not a date: that error says enough
-        elif data.get("deadline") is None:
-            self.add_error("deadline", "A hybrid job needs a deadline: the time by which every answer must be in.")
-        elif data["deadline"] <= timezone.now():
-            self.add_error("deadline", "The deadline has passed: choose a time in the future.")
+        if "deadline" not in self.errors:  # not a date: that error says enough
+            try:
+                self.options = runoptions.read(data)
+            except runoptions.InvalidOption as e:
+                self.add_error(e.option, str(e))
         return data
 
     def clean_json_schema(self):
@@ -148,16 +148,8 @@ class JobForm(forms.Form):
 
     def run_options(self) -> RunOptions:
         """How the job runs, for either launch path (ingest.create_job, create_job_to_validate)."""
-        data = self.cleaned_data
-        return RunOptions(
-            mode=data["mode"],
-            deadline=data["deadline"],
-            max_attempts=data["max_attempts"],
-            output_retries=2 if data.get("output_retries") is None else data["output_retries"],
-            use_cache=bool(data.get("use_cache")),
-            notify=bool(data.get("notify")),
-            cost_cap=data.get("cost_cap"),
-        )
+        assert self.options is not None  # the view asks a valid form only
+        return self.options
 
     def template(self) -> Template:
         data = self.cleaned_data
