@@ -33,7 +33,7 @@ class EndpointAdmin(ReadOnlyAdmin):
     again when the server changes."""
 
     list_display = ("name", "base_url", "masked_key", "concurrency", "rpm", "tpm", "is_default")
-    readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "cooldown_until")
+    readonly_fields = ("masked_key", "learned_rpm", "learned_tpm", "learned_token_ratio", "cooldown_until")
 
 
 @admin.register(CachedAnswer)

@@ -131,6 +131,52 @@ def estimate_request(url: str, body: dict) -> int:
     return 0
 
 
+def prompt_chars(url: str, body: dict) -> int:
+    """Characters of a request's prompt text: every message's text (joined by newlines), or the input, prompt or
+    instructions: what a rate limiter that does not tokenize weighs."""
+    if url == "/v1/chat/completions":
+        messages = body.get("messages")
+        texts = (
+            [_text_of(m.get("content")) for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        )
+        return len("\n".join(texts))
+    if url == "/v1/responses":
+        value = body.get("input")
+        if isinstance(value, list):
+            text = "\n".join(_text_of(item.get("content") if isinstance(item, dict) else item) for item in value)
+        else:
+            text = _text_of(value)
+        instructions = body.get("instructions")
+        return len(text) + (len(instructions) + 1 if isinstance(instructions, str) else 0)
+    value = body.get("prompt" if url == "/v1/completions" else "input")
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return len(json.dumps(value))  # token arrays: weighed as the text of their numbers
+    return len(_text_of(value))
+
+
+def rate_charge(url: str, body: dict) -> int:
+    """What an OpenAI-style limiter charges a request against a tokens-per-minute budget when it arrives: about a
+    token per four characters of its prompt (OpenAI's limiter estimates; it does not tokenize), plus all the output
+    it may ask for, max tokens times `n`. Nothing is given back when the answer is shorter. An endpoint that counts
+    otherwise is learned (ratelimit.Limiter.ratio)."""
+    return -(-prompt_chars(url, body) // 4) + rate_output(url, body)
+
+
+def rate_output(url: str, body: dict) -> int:
+    """The output part of rate_charge: every token the request may ask for, which any server charges alike."""
+    return 0 if url in NO_OUTPUT_URLS else max_output_tokens(body) * _answers(body)
+
+
+def _answers(body: dict) -> int:
+    """How many answers a request asks for: its `n` choices or `best_of` completions."""
+    answers = 1
+    for key in ("n", "best_of"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > answers:
+            answers = min(value, MAX_CHOICES)
+    return answers
+
+
 def max_output_tokens(body: dict) -> int:
     """The output budget a request asks for; OpenAI reserves it against the TPM limit."""
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
@@ -177,9 +223,4 @@ def most_output_tokens(url: str, body: dict) -> int:
     if url in NO_OUTPUT_URLS:
         return 0
     per_answer = max_output_tokens(body) or model_max_output(str(body.get("model") or ""))
-    answers = 1
-    for key in ("n", "best_of"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > answers:
-            answers = min(value, MAX_CHOICES)
-    return per_answer * answers
+    return per_answer * _answers(body)

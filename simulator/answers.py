@@ -22,6 +22,7 @@ from typing import Any
 
 from simulator.config import SimConfig
 from simulator.errors import ApiError, prompt_error
+from simulator.tokenizer import count_tokens
 
 # path -> the kind of request it answers
 INFERENCE_ROUTES = {
@@ -52,8 +53,15 @@ class Prepared:
     echo: str  # the text the answer echoes
     inputs: list[str]  # every prompt of a completions request, every input of an embeddings one
     prompt_tokens: int
-    max_tokens: int  # requested output budget; counts against the TPM limit
+    max_tokens: int  # requested output budget, for each of the `answers` it asks for; counts against the TPM limit
     marker: str  # shown in the request log
+    prompt: str = ""  # every text of the prompt, joined
+    answers: int = 1  # n choices
+
+    def rate_charge(self, token_count: str) -> int:
+        """What the TPM budget is charged when the request arrives (SimConfig.token_count)."""
+        prompt = count_tokens(self.prompt) if token_count == "tokenizer" else -(-len(self.prompt) // 4)
+        return prompt + self.max_tokens * self.answers
 
 
 def _content_text(content) -> str:
@@ -126,7 +134,10 @@ def prepare(kind: str, body: dict) -> Prepared:
                 code="invalid_value",
                 param="dimensions",
             )
-    return Prepared(echo, inputs, _tokens(prompt), max_tokens if isinstance(max_tokens, int) else 0, echo[:100])
+    n = body.get("n")
+    answers = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 128 else 1
+    max_tokens = max_tokens if isinstance(max_tokens, int) else 0
+    return Prepared(echo, inputs, _tokens(prompt), max_tokens, echo[:100], prompt, answers)
 
 
 _STRING_FORMATS: dict[Any, str] = {

@@ -14,6 +14,10 @@ class SimConfig:
     # had just spent the budget): a client faster than its limit gets 429s from the first second, not
     # only once it has used up a whole minute's budget.
     start_empty: bool = False
+    # How a request is charged against the TPM budget, besides its max tokens times n: "chars", a token per four
+    # characters of its prompt, as OpenAI's limiter estimates (it does not tokenize); "tokenizer", the prompt's
+    # exact count with o200k_base, as a server that tokenizes would.
+    token_count: str = "chars"
     # status -> fraction of inference requests answered with that status instead
     error_rates: dict[int, float] = field(default_factory=dict)
     retry_after_ms: int = 1000  # advertised by injected 429s
@@ -46,6 +50,7 @@ RUNTIME_KEYS = {
     "rpm": int,
     "tpm": int,
     "start_empty": bool,
+    "token_count": str,
     "retry_after_ms": int,
     "insufficient_quota": bool,
     "api_key": str,

@@ -155,7 +155,7 @@ class Simulator:
                     injected_error(429).body(),
                     {"retry-after": seconds, "retry-after-ms": str(cfg.retry_after_ms)},
                 )
-            headers = self.limiter.take(prep.prompt_tokens + prep.max_tokens, body["model"])
+            headers = self.limiter.take(prep.rate_charge(cfg.token_count), body["model"])
         except RateLimited as e:
             if not math.isinf(e.wait):
                 request[RETRY_AFTER_MS] = math.ceil(e.wait * 1000)

@@ -1,14 +1,15 @@
 """The live engine end to end: a real qcluster, the simulator over HTTP, the SQLite test database."""
 
 import json
+import random
 import time
 from collections import defaultdict
 
 import pytest
 
-from jobs import export
+from jobs import export, ingest
 from jobs.models import Item, Job, control
-from tests.factories import answers, make_endpoint, make_job
+from tests.factories import answers, chat_line, make_endpoint, make_job
 from tests.servers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -187,11 +188,11 @@ def test_kill_9_mid_job_then_resume_exactly_once(cluster, simulator, write, owne
     assert total <= n + in_flight, (total, sent_before, in_flight)
 
 
-def steady_rate(times: list[float], amounts: list[float] | None = None) -> float:
-    """Per minute, between the first and last of `times` after the first 3 s (the start-up: probing the
-    limits, the first burst); `amounts` weighs each time (tokens), else each counts one."""
+def steady_rate(times: list[float], amounts: list[float] | None = None, settle: float = 3) -> float:
+    """Per minute, between the first and last of `times` after the first `settle` seconds (the start-up: probing
+    the limits, the first burst); `amounts` weighs each time (tokens), else each counts one."""
     order = sorted(range(len(times)), key=times.__getitem__)
-    start = times[order[0]] + 3
+    start = times[order[0]] + settle
     steady = [i for i in order if times[i] >= start]
     weights = [amounts[i] if amounts else 1 for i in steady]
     return (sum(weights) - weights[0]) / (times[steady[-1]] - times[steady[0]]) * 60
@@ -215,26 +216,55 @@ def test_rate_limit_reaches_95_percent_with_few_429s(cluster, simulator, write, 
     assert job.endpoint.rate_limited_total == limited  # each 429 counted once, for /metrics
 
 
-def test_token_limit_reaches_90_percent_with_few_429s(cluster, simulator, write, owner):
-    """The token budget counts the whole max_tokens of every request, as OpenAI's does, even though the
-    answers are a few tokens long: the engine keeps its reservation and stays under the limit."""
-    tpm, max_tokens = 600_000, 200
-    sim = simulator("--latency-ms", "50", "--tpm", str(tpm), "--start-empty")
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches at dawn".split()
+
+
+def mixed_requests(n: int, seed: int = 1) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) of `n` chat requests of mixed sizes: prompts from tens to a few thousand tokens, output
+    budgets from 50 to 400."""
+    rng = random.Random(seed)
+    made = []
+    for i in range(n):
+        words = rng.choice([3, 20, 60, 250, 1200, 2500])
+        text = f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(words))
+        made.append((text, rng.choice([50, 100, 200, 400])))
+    return made
+
+
+@pytest.mark.parametrize("token_count", ["chars", "tokenizer"])
+def test_token_limit_reaches_97_percent_with_under_1_percent_429s(cluster, simulator, write, owner, token_count):
+    """The token budget is charged as the server charges it, whichever way it counts a prompt: a token per four
+    characters (OpenAI's estimate, and what Batchsite starts from), or the tokenizer's exact count (learned from
+    the drop in x-ratelimit-remaining-tokens). The whole max_tokens of every request counts, as OpenAI's does,
+    however short the answers (nothing is given back)."""
+    from simulator.tokenizer import count_tokens
+
+    tpm = 900_000
+    sim = simulator("--latency-ms", "50", "--tpm", str(tpm), "--start-empty", "--token-count", token_count)
     cluster()
-    job = make_job(write, owner, make_endpoint(sim.base_url, concurrency=100), 1400, max_tokens=max_tokens)
-    wait_status(job, Job.Status.COMPLETED, 120)
+    # Enough requests that the few sent before any limit is known (each slice's first, alone, into the empty
+    # bucket) stay under 1%.
+    made = mixed_requests(700)
+    lines = [chat_line(f"req-{i}", text, max_tokens=most) for i, (text, most) in enumerate(made)]
+    plan = ingest.validate(write("mixed.jsonl", lines))
+    assert plan.ok, plan.errors
+    job = ingest.create_job(plan, owner=owner, endpoint=make_endpoint(sim.base_url, concurrency=100))
+    job.start()
+    wait_status(job, Job.Status.COMPLETED, 150)
     requests = sim.requests()
     limited = sum(r["status"] == 429 for r in requests)
-    assert limited <= 0.02 * len(requests), f"{limited} of {len(requests)} were 429"
-    # What the server charged each answered request: its prompt tokens and the max_tokens it asked for.
-    charged = {
-        f"Question {custom_id.removeprefix('req-')}": prompt + max_tokens
-        for custom_id, prompt in job.items.values_list("custom_id", "prompt_tokens")
-    }
+    # What the server charged each answered request, by its own rule.
+    rule = (lambda text: -(-len(text) // 4)) if token_count == "chars" else count_tokens
+    charged = {text[:100]: rule(text) + most for text, most in made}
     answered = [r for r in requests if r["status"] == 200]
-    rate = steady_rate([r["t"] for r in answered], [charged[r["marker"]] for r in answered])
-    print(f"TPM test: {rate / tpm:.1%} of the limit, {limited} 429s in {len(requests)}")
-    assert 0.9 * tpm <= rate <= 1.03 * tpm, f"{rate:.0f} tokens/min"
-    assert job.completion_tokens < job.n_succeeded * 10  # short answers: a refund would have sent ~15x too fast
+    # From 8 s on: by then the ratio has had three looks (CALIBRATE_SECONDS apart) to learn the server's count.
+    times, amounts = [r["t"] for r in answered], [charged[r["marker"]] for r in answered]
+    rate, whole = steady_rate(times, amounts, settle=8), steady_rate(times, amounts, settle=0)
     job.endpoint.refresh_from_db()
+    print(
+        f"TPM test ({token_count}): {rate / tpm:.1%} of the limit from 8 s on ({whole / tpm:.1%} from the start), "
+        f"{limited} 429s in {len(requests)}; ratio learned {job.endpoint.learned_token_ratio}"
+    )
+    assert limited <= 0.01 * len(requests), f"{limited} of {len(requests)} were 429"
+    assert 0.97 * tpm <= rate <= 1.03 * tpm, f"{rate:.0f} tokens/min"
     assert job.endpoint.learned_tpm == tpm

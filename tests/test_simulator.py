@@ -289,7 +289,7 @@ def test_ratelimit_headers_count_down(start):
     assert [h["x-ratelimit-limit-requests"] for h in seen] == ["100"] * 3
     assert [int(h["x-ratelimit-remaining-requests"]) for h in seen] == [99, 98, 97]
     tokens = [int(h["x-ratelimit-remaining-tokens"]) for h in seen]
-    cost = 400 // 4 + 1 + 100  # prompt estimate + max_tokens; the bucket refills ~167 tokens/s meanwhile
+    cost = -(-400 // 4) + 100  # a token per 4 characters (as OpenAI estimates) + max_tokens; ~167/s refill
     assert tokens[0] == 10_000 - cost
     assert all(cost - 30 <= before - after <= cost for before, after in zip(tokens, tokens[1:])), tokens
     for h in seen:
@@ -308,6 +308,23 @@ def test_tpm_limit_counts_prompt_and_max_tokens(start):
         ask(c, "huge", max_tokens=5000)
     assert "Request too large" in too_large.value.message
     assert "retry-after" not in too_large.value.response.headers  # waiting would not help
+
+
+@pytest.mark.parametrize("token_count", ["chars", "tokenizer"])
+def test_tpm_charges_a_prompt_by_the_chosen_rule_and_max_tokens_times_n(start, token_count):
+    """OpenAI's limiter estimates a prompt at a token per four characters; a server that tokenizes counts it
+    exactly. Either way, the whole output budget of every choice is charged when the request arrives."""
+    from simulator.tokenizer import count_tokens
+
+    c = client(start(tpm=1_000_000, token_count=token_count))
+    text = "Summarise the plot of The Matrix in three sentences, for a reader who has never seen it. " * 7
+    raw = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=50, n=2
+    )
+    prompt = -(-len(text) // 4) if token_count == "chars" else count_tokens(text)
+    assert prompt != (count_tokens(text) if token_count == "chars" else -(-len(text) // 4))  # the rules differ
+    charged = 1_000_000 - int(raw.headers["x-ratelimit-remaining-tokens"])
+    assert prompt + 100 <= charged <= prompt + 102  # and what refilled in between: a few tokens
 
 
 def test_go_duration_format():

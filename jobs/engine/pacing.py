@@ -36,7 +36,14 @@ class Pacing:
     ):
         # The key names the server too, so budgets never carry over to a different server.
         key = f"endpoint-{endpoint.pk}-{hashlib.sha1(endpoint.base_url.encode()).hexdigest()[:8]}"
-        self.limiter = Limiter(key, endpoint.rpm, endpoint.tpm, endpoint.learned_rpm, endpoint.learned_tpm)
+        self.limiter = Limiter(
+            key,
+            endpoint.rpm,
+            endpoint.tpm,
+            endpoint.learned_rpm,
+            endpoint.learned_tpm,
+            token_ratio=endpoint.learned_token_ratio,
+        )
         self.endpoint_id = endpoint.pk
         self.concurrency = concurrency
         self.deadline_wall = deadline_wall  # the slice's deadline in unix time, as the shared store keeps it

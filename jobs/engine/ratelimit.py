@@ -36,8 +36,8 @@ BURST_SECONDS = 0.2
 # AIMD of the send rate after one-off 429s: a cut halves it (not more often than once a second), and it
 # climbs back by this share of the full rate per second; never below a twentieth of it.
 DECREASE_FACTOR, DECREASE_INTERVAL, INCREASE_PER_SECOND, MIN_FACTOR = 0.5, 1.0, 0.05, 0.05
-# request TAT, token TAT, cool-down until, rate cut, when it was cut (unix seconds)
-_STATE = struct.Struct("ddddd")
+# request TAT, token TAT, cool-down until, rate cut, when it was cut (unix seconds), tokens booked ever (as charged)
+_STATE = struct.Struct("dddddd")
 
 T = TypeVar("T")
 
@@ -63,6 +63,8 @@ class Store(Protocol):
     def cooldown_until(self, key: str) -> float: ...
     def peek(self, key: str) -> tuple[float, float, float, float]: ...
     def slow_down(self, key: str) -> None: ...
+    def booked(self, key: str) -> tuple[float, float, float]: ...
+    def unbook(self, key: str, tokens: int) -> None: ...
 
 
 class FileStore:
@@ -107,22 +109,43 @@ class FileStore:
     def slow_down(self, key: str) -> None:
         self._update(key, _slow_down)
 
+    def booked(self, key: str) -> tuple[float, float, float]:
+        """(tokens booked by every sender ever, as charged; the token schedule's latest slot; now)."""
+        return self._update(key, lambda s, now: (s[5], s[1], now))
+
+    def unbook(self, key: str, tokens: int) -> None:
+        """Tokens booked for a request the endpoint refused (429): it charged nothing for it."""
+
+        def change(state: list[float], now: float) -> None:
+            state[5] -= tokens
+
+        self._update(key, change)
+
 
 def _reserve(
     state: list[float], now: float, request_interval: float, token_interval: float, tokens: int, latest: float
 ) -> float:
     """Take the next free slot; return how long to wait for it (inf, taking nothing, if it comes after `latest`).
-    The intervals stretch by the AIMD factor: a cut rate spaces the slots out."""
+    The intervals stretch by the AIMD factor: a cut rate spaces the slots out.
+
+    A request goes once the budget holds all of its tokens, as a server's bucket admits it: its slot ends where
+    its tokens have come in (less the burst allowance), not where the requests before it ended. For small
+    requests the two are the same; a request of a few seconds' tokens sent at the earlier moment meets an empty
+    bucket."""
     request_tat, token_tat, cooldown = state[:3]
     factor = _factor(state, now)
     request_interval, token_interval = request_interval / factor, token_interval / factor
-    send_at = max(now, cooldown, request_tat - BURST_SECONDS, token_tat - BURST_SECONDS)
+    send_at = max(now, cooldown, request_tat - BURST_SECONDS)
+    token_end = max(token_tat, send_at) + token_interval * tokens
+    if token_interval:
+        send_at = max(send_at, token_end - BURST_SECONDS)
     if send_at > latest:
         return math.inf
     if request_interval:
         state[0] = max(request_tat, send_at) + request_interval
     if token_interval:
-        state[1] = max(token_tat, send_at) + token_interval * tokens
+        state[1] = token_end
+        state[5] += tokens
     return send_at - now
 
 
@@ -130,9 +153,9 @@ class RedisStore:
     _SCRIPT = """
     local t = redis.call('TIME')
     local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-    local s = redis.call('HMGET', KEYS[1], 'r', 't', 'c', 'x', 'y')
+    local s = redis.call('HMGET', KEYS[1], 'r', 't', 'c', 'x', 'y', 'z')
     local r, k, c = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
-    local x, y = tonumber(s[4]) or 0, tonumber(s[5]) or 0
+    local x, y, z = tonumber(s[4]) or 0, tonumber(s[5]) or 0, tonumber(s[6]) or 0
     local op, a, b, n, burst, latest = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
                                        tonumber(ARGV[5]), tonumber(ARGV[6])
     local md, interval, ai, floor = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -140,11 +163,15 @@ class RedisStore:
     local out = 0
     if op == 'reserve' then
       a, b = a / f, b / f
-      local send_at = math.max(now, c, r - burst, k - burst)
+      local send_at = math.max(now, c, r - burst)
+      local token_end = math.max(k, send_at) + b * n
+      if b > 0 then send_at = math.max(send_at, token_end - burst) end
       if send_at > latest then return 'inf' end
       if a > 0 then r = math.max(r, send_at) + a end
-      if b > 0 then k = math.max(k, send_at) + b * n end
+      if b > 0 then k, z = token_end, z + n end
       out = send_at - now
+    elseif op == 'unbook' then
+      z = z - n
     elseif op == 'cool_down' then
       c = math.max(c, a)
     elseif op == 'slow_down' then
@@ -152,10 +179,11 @@ class RedisStore:
         x, y = 1 - math.max(floor, f * md), now
       end
     end
-    redis.call('HSET', KEYS[1], 'r', r, 't', k, 'c', c, 'x', x, 'y', y)
+    redis.call('HSET', KEYS[1], 'r', r, 't', k, 'c', c, 'x', x, 'y', y, 'z', z)
     redis.call('EXPIRE', KEYS[1], 86400)
     if op == 'cooldown_until' then return tostring(c) end
     if op == 'peek' then return tostring(math.max(r, k)) .. ' ' .. tostring(c) .. ' ' .. tostring(f) .. ' ' .. tostring(now) end
+    if op == 'booked' then return tostring(z) .. ' ' .. tostring(k) .. ' ' .. tostring(now) end
     return tostring(out)
     """
 
@@ -168,10 +196,12 @@ class RedisStore:
     @overload
     def _call(self, key: str, op: Literal["peek"]) -> tuple[float, float, float, float]: ...
     @overload
+    def _call(self, key: str, op: Literal["booked"]) -> tuple[float, float, float]: ...
+    @overload
     def _call(
         self,
         key: str,
-        op: Literal["reserve", "cool_down", "cooldown_until", "slow_down"],
+        op: Literal["reserve", "cool_down", "cooldown_until", "slow_down", "unbook"],
         a: float = ...,
         b: float = ...,
         n: int = ...,
@@ -193,7 +223,7 @@ class RedisStore:
             MIN_FACTOR,
         ]
         out = self.script(keys=[f"batchsite:ratelimit:{key}"], args=args)
-        return tuple(float(v) for v in out.split()) if op == "peek" else float(out)
+        return tuple(float(v) for v in out.split()) if op in ("peek", "booked") else float(out)
 
     def reserve(self, key: str, request_interval: float, token_interval: float, tokens: int, latest: float) -> float:
         return self._call(key, "reserve", request_interval, token_interval, tokens, latest)
@@ -209,6 +239,12 @@ class RedisStore:
 
     def slow_down(self, key: str) -> None:
         self._call(key, "slow_down")
+
+    def booked(self, key: str) -> tuple[float, float, float]:
+        return self._call(key, "booked")
+
+    def unbook(self, key: str, tokens: int) -> None:
+        self._call(key, "unbook", n=tokens)
 
 
 def default_store() -> Store:
@@ -240,6 +276,10 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(n) * _UNITS[unit] for n, unit in parts)
 
 
+def _bounded(ratio: float) -> float:
+    return min(max(ratio, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
+
+
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     try:
         value = int(float(headers.get(name, "")))
@@ -252,6 +292,22 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 class Learned:
     rpm: int | None = None
     tpm: int | None = None
+    token_ratio: float | None = None
+
+
+# How what an endpoint charges a request against its token budget is learned, as the ratio of its charge to our
+# estimate (tokens.rate_charge). Each CALIBRATE_SECONDS at least, the drop in x-ratelimit-remaining-tokens (plus
+# what the budget refilled meanwhile) is what the endpoint charged every sender; the store's count of tokens booked
+# is what we charged; the ratio moves toward theirs / ours, a step at most RATIO_STEP, within RATIO_BOUNDS. A
+# 429 that states what the request needed ("Requested 1234") teaches the ratio at once.
+CALIBRATE_SECONDS = 2.0
+RATIO_BOUNDS = (0.25, 4.0)
+RATIO_STEP = 1.5
+FULL = 0.9  # a budget this full may have stopped refilling: its drop says nothing
+# Charges are kept this much above what the endpoint is measured to charge: at the limit, its bucket is all but
+# empty, and a pace even slightly too fast is answered with 429s.
+MARGIN = 1.0
+REQUESTED = re.compile(r"on tokens per min.{0,200}?Requested:? ?([0-9,]{1,12})", re.IGNORECASE | re.DOTALL)
 
 
 class Limiter:
@@ -265,12 +321,16 @@ class Limiter:
         learned_rpm: int | None = None,
         learned_tpm: int | None = None,
         store: Store | None = None,
+        token_ratio: float | None = None,
     ) -> None:
         self.key = key
         self.store = store or default_store()
         self.configured_rpm, self.configured_tpm = rpm, tpm
         self.rpm, self.tpm = rpm or learned_rpm, tpm or learned_tpm
         self.learned = Learned()
+        self.ratio = _bounded(token_ratio or 1.0)  # what the endpoint charges for a token of our estimate
+        self._mark: tuple[float, float, float] | None = None  # (when, remaining tokens, tokens booked) at the last look
+        self._charged = self._output = 0  # since the last look, this process's charges, and their output part
         self._factor, self._factor_read = 1.0, -math.inf
 
     @property
@@ -307,6 +367,66 @@ class Limiter:
 
     def cool_down(self, seconds: float) -> None:
         self.store.cool_down(self.key, time.time() + seconds)
+
+    def charge(self, estimate: int, output: int = 0) -> int:
+        """What the endpoint will charge against its token budget for a request we estimate at `estimate`, of which
+        `output` is its output budget: servers differ in how they count a prompt, not in that."""
+        charged = max(1, math.ceil((estimate - output) * self.ratio) + output)
+        self._charged += charged
+        self._output += output
+        return charged
+
+    def _learn_ratio(self, ratio: float) -> None:
+        low, high = self.ratio / RATIO_STEP, self.ratio * RATIO_STEP
+        self.ratio = self.learned.token_ratio = _bounded(min(max(ratio, low), high))
+
+    def refused(self, text: str, estimate: int, cost: int, output: int = 0) -> None:
+        """A 429: the tokens booked for it were not charged (the calibration must not count them), and one for
+        tokens that states what the request needed teaches the ratio at once."""
+        if self.token_interval:
+            self.store.unbook(self.key, cost)
+        match = REQUESTED.search(text[:4000])
+        if match and estimate > 0:
+            requested = int(match.group(1).replace(",", "") or 0)
+            # Only ever up: a request charged below the ratio was refused for its timing, not its size.
+            prompt, asked = estimate - output, requested - output
+            if prompt > 0 and asked > prompt * self.ratio:
+                self._learn_ratio(asked / prompt)
+
+    def _calibrate(self, limit: int, remaining: int) -> None:
+        """The ratio, from the drop in the endpoint's remaining tokens against the tokens every sender booked."""
+        booked, tat, now = self.store.booked(self.key)
+        # Booked, less what is booked for later: senders waiting for their slots hold seconds of budget ahead.
+        due = booked - max(0.0, tat - now) * limit / 60.0
+        if self._mark is None:
+            self._mark = (now, remaining, due)
+            return
+        then, before, due_before = self._mark
+        if now - then < CALIBRATE_SECONDS:
+            return
+        self._mark = (now, remaining, due)
+        ours = due - due_before
+        # The output budgets in what was booked (as this process's share of them), charged alike by any server:
+        # the ratio is learned on the prompts alone.
+        share = self._output / self._charged if self._charged else 0.0
+        self._charged = self._output = 0
+        if ours < limit * 0.01:
+            return  # too little sent to tell
+        if before >= FULL * limit and remaining >= FULL * limit:
+            # The budget stayed full while we booked: it charges less than we do. When our own schedule is what
+            # holds the senders back (booked ahead of now), charge less, so they go faster.
+            if tat > now:
+                self._learn_ratio(self.ratio / 1.1)
+            return
+        if before >= FULL * limit or remaining >= FULL * limit:
+            return
+        theirs = before - remaining + limit / 60.0 * (now - then) - share * ours
+        ours -= share * ours
+        if theirs > 0 and ours > limit * 0.005:
+            # All the way the first time, three quarters after: the drop and the bookings are read moments apart,
+            # and a few requests sent in between land on one side only.
+            power = 1.0 if self.learned.token_ratio is None else 0.75
+            self._learn_ratio(self.ratio * (MARGIN * theirs / ours) ** power)
 
     def factor(self) -> float:
         """The share of the full send rate that AIMD allows now (read from the store at most every 0.25 s:
@@ -352,6 +472,12 @@ class Limiter:
             self.rpm = self.learned.rpm = limit_requests
         if limit_tokens and not self.configured_tpm:
             self.tpm = self.learned.tpm = limit_tokens
+        remaining_tokens = headers.get("x-ratelimit-remaining-tokens")
+        if limit_tokens and self.tpm and remaining_tokens is not None:
+            try:
+                self._calibrate(limit_tokens, int(float(remaining_tokens)))
+            except ValueError:
+                pass
         for kind, limit in (("requests", limit_requests), ("tokens", limit_tokens)):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             if remaining is not None and remaining.strip() == "0":

@@ -125,12 +125,15 @@ def continue_or_finish(job_id: int, generation: int, slices: int, handed_over: b
 
 
 def _remember_learned_limits(endpoint: Endpoint, limiter: Limiter, latencies: Collection[int]) -> None:
-    learned: dict[str, int] = {}
+    learned: dict[str, int | float] = {}
     if latencies:
         learned["learned_latency_ms"] = max(1, int(statistics.median(latencies)))
     if limiter.learned.rpm and limiter.learned.rpm != endpoint.learned_rpm:
         learned["learned_rpm"] = limiter.learned.rpm
     if limiter.learned.tpm and limiter.learned.tpm != endpoint.learned_tpm:
         learned["learned_tpm"] = limiter.learned.tpm
+    ratio = limiter.learned.token_ratio
+    if ratio and abs(ratio - (endpoint.learned_token_ratio or 1.0)) > 0.01:
+        learned["learned_token_ratio"] = round(ratio, 4)
     if learned:
         Endpoint.objects.filter(pk=endpoint.pk).update(**learned)

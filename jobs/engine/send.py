@@ -175,8 +175,9 @@ class Sender:
         body = json.loads(item.body)
         raw = item.body.encode()  # sent as stored: the request the user wrote, byte for byte
         model = body.get("model", "")
-        # What the endpoint charges against its token budget when the request arrives.
-        cost = item.est_tokens + tokens.max_output_tokens(body)
+        # What an OpenAI-style endpoint charges against its token budget when the request arrives; the limiter
+        # scales it by what this endpoint is learned to charge.
+        estimate, output = tokens.rate_charge(self.url, body), tokens.rate_output(self.url, body)
         # `attempts` counts the sends that were answered (or timed out, or lost their connection) other
         # than with a rate-limit 429: what a job's max_attempts limits, and what the item shows.
         attempts, retries, limited = item.attempts, 0, 0
@@ -185,6 +186,7 @@ class Sender:
         invalid = 0  # answers that broke their schema: sent again, and added to `spent`
         while True:
             probe = self.pacing.start_probe()
+            cost = self.pacing.limiter.charge(estimate, output)
             if not await self.pacing.wait_for_slot(cost, probe) or self.heartbeat.lapsing():
                 if probe:
                     self.pacing.probe_done(answered=False)
@@ -200,6 +202,8 @@ class Sender:
                     headers = response.headers
                     last = upstream.classify(response.status, response.text, headers)
                     self.pacing.limiter.observe(headers)
+                    if last.rate_limited:
+                        self.pacing.limiter.refused(response.text, estimate, cost, output)
                     self.pacing.count_answer(last.rate_limited)
                 else:
                     latency = int((time.perf_counter() - started) * 1000)

@@ -22,6 +22,9 @@ class Endpoint(models.Model):
     tpm = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens per minute; empty: learned")
     learned_rpm = models.PositiveIntegerField(null=True, blank=True, editable=False)
     learned_tpm = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # What the endpoint charges against its token budget for a token of our estimate (tokens.rate_charge),
+    # learned from its rate-limit headers (jobs/engine/ratelimit.py); None: not learned yet (1.0).
+    learned_token_ratio = models.FloatField(null=True, blank=True, editable=False)
     cooldown_until = models.DateTimeField(null=True, blank=True, editable=False)
     # The Batch API (remote and hybrid jobs): what one batch may hold, the per-model enqueued-token budget
     # (OpenAI's varies by model and tier), its discount, and how long a cancel takes to settle.
@@ -131,7 +134,7 @@ class Endpoint(models.Model):
         endpoint.rpm = envint("OPENAI_RPM")
         endpoint.tpm = envint("OPENAI_TPM")
         if changed_url:  # limits learned from another server mean nothing here
-            endpoint.learned_rpm = endpoint.learned_tpm = None
+            endpoint.learned_rpm = endpoint.learned_tpm = endpoint.learned_token_ratio = None
             endpoint.cooldown_until = None
         if not cls.objects.filter(is_default=True).exclude(pk=endpoint.pk).exists():
             endpoint.is_default = True

@@ -22,6 +22,13 @@ class Command(BaseCommand):
         parser.add_argument("--rpm", type=int, help="requests per minute (token bucket)")
         parser.add_argument("--tpm", type=int, help="tokens per minute: prompt estimate + max_tokens")
         parser.add_argument(
+            "--token-count",
+            choices=["chars", "tokenizer"],
+            default="chars",
+            help="how --tpm charges a prompt: a token per 4 characters, as OpenAI's limiter estimates (the default), "
+            "or its exact o200k_base count",
+        )
+        parser.add_argument(
             "--start-empty",
             action="store_true",
             help="rate-limit buckets are empty when the first request arrives, not full: a client "
@@ -77,6 +84,7 @@ class Command(BaseCommand):
             rpm=options["rpm"],
             tpm=options["tpm"],
             start_empty=options["start_empty"],
+            token_count=options["token_count"],
             error_rates=dict(_error_rate(v) for v in options["error_rate"]),
             retry_after_ms=options["retry_after_ms"],
             insufficient_quota=options["insufficient_quota"],
