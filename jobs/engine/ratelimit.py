@@ -300,7 +300,7 @@ class Learned:
 # what the budget refilled meanwhile) is what the endpoint charged every sender; the store's count of tokens booked
 # is what we charged; the ratio moves toward theirs / ours, a step at most RATIO_STEP, within RATIO_BOUNDS. A
 # 429 that states what the request needed ("Requested 1234") teaches the ratio at once.
-CALIBRATE_SECONDS = 2.0
+CALIBRATE_SECONDS = 4.0
 RATIO_BOUNDS = (0.25, 4.0)
 RATIO_STEP = 1.5
 FULL = 0.9  # a budget this full may have stopped refilling: its drop says nothing
@@ -331,6 +331,7 @@ class Limiter:
         self.ratio = _bounded(token_ratio or 1.0)  # what the endpoint charges for a token of our estimate
         self._mark: tuple[float, float, float] | None = None  # (when, remaining tokens, tokens booked) at the last look
         self._charged = self._output = 0  # since the last look, this process's charges, and their output part
+        self._settled_at = 0.0  # a new ratio shows in the sends from then on (the senders booked that far ahead)
         self._factor, self._factor_read = 1.0, -math.inf
 
     @property
@@ -376,9 +377,12 @@ class Limiter:
         self._output += output
         return charged
 
-    def _learn_ratio(self, ratio: float) -> None:
+    def _learn_ratio(self, ratio: float, ahead: float = 0.0) -> None:
+        """A new ratio. `ahead`: how far ahead the senders' slots are booked, at the old ratio; the next look
+        waits for them, or it would see the old ratio's sends and correct it again (and the ratio would swing)."""
         low, high = self.ratio / RATIO_STEP, self.ratio * RATIO_STEP
         self.ratio = self.learned.token_ratio = _bounded(min(max(ratio, low), high))
+        self._settled_at = time.time() + ahead
 
     def refused(self, text: str, estimate: int, cost: int, output: int = 0) -> None:
         """A 429: the tokens booked for it were not charged (the calibration must not count them), and one for
@@ -397,7 +401,11 @@ class Limiter:
         """The ratio, from the drop in the endpoint's remaining tokens against the tokens every sender booked."""
         booked, tat, now = self.store.booked(self.key)
         # Booked, less what is booked for later: senders waiting for their slots hold seconds of budget ahead.
-        due = booked - max(0.0, tat - now) * limit / 60.0
+        ahead = max(0.0, tat - now)
+        due = booked - ahead * limit / 60.0
+        if now < self._settled_at:
+            self._mark = None  # the sends still go at the old ratio: look once they go at the new one
+            return
         if self._mark is None:
             self._mark = (now, remaining, due)
             return
@@ -416,7 +424,7 @@ class Limiter:
             # The budget stayed full while we booked: it charges less than we do. When our own schedule is what
             # holds the senders back (booked ahead of now), charge less, so they go faster.
             if tat > now:
-                self._learn_ratio(self.ratio / 1.1)
+                self._learn_ratio(self.ratio / 1.1, ahead)
             return
         if before >= FULL * limit or remaining >= FULL * limit:
             return
@@ -426,7 +434,7 @@ class Limiter:
             # All the way the first time, three quarters after: the drop and the bookings are read moments apart,
             # and a few requests sent in between land on one side only.
             power = 1.0 if self.learned.token_ratio is None else 0.75
-            self._learn_ratio(self.ratio * (MARGIN * theirs / ours) ** power)
+            self._learn_ratio(self.ratio * (MARGIN * theirs / ours) ** power, ahead)
 
     def factor(self) -> float:
         """The share of the full send rate that AIMD allows now (read from the store at most every 0.25 s:
