@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx2
 import openai
 from django.conf import settings
-from openai.types import Batch
+from openai.types import Batch, FileObject
 
 from jobs import egress
 from jobs.engine import upstream, wire
@@ -153,20 +153,10 @@ def cancel(client: openai.OpenAI, batch_id: str) -> Batch | None:
 
 def find_upload(client: openai.OpenAI, filename: str, since: float, on_page: Callable[[], None]) -> str | None:
     """The file an interrupted upload may have made, found by its name among the endpoint's batch files, newest
-    first, back to `since` (unix time); `on_page` is called after each page of 1,000."""
-    seen = 0
-    try:
-        for f in client.files.list(purpose="batch", order="desc", limit=1000, timeout=CONTROL_TIMEOUT):
-            if f.filename == filename:
-                return f.id
-            seen += 1
-            if seen % 1000 == 0:
-                on_page()
-            if seen >= LIST_PAGES * 1000 or f.created_at < since:
-                break
-    except SDK_ERRORS as e:
-        raise verdict(LOOKUP, e) from e
-    return None
+    first, back to `since` (unix time); `on_page` is called after each page."""
+    files = client.files.list(purpose="batch", order="desc", limit=1000, timeout=CONTROL_TIMEOUT)
+    found = _newest_first(files, 1000, since, on_page, lambda f: f.filename == filename)
+    return found.id if found is not None else None
 
 
 def find_batch(
@@ -174,17 +164,31 @@ def find_batch(
 ) -> Batch | None:
     """The batch an interrupted create may have made: by the chunk's key in its metadata, or by its input file
     (a proxy may drop metadata), both the chunk's own; newest first, back to `since`."""
+
+    def mine(batch: Batch) -> bool:
+        by_key = (batch.metadata or {}).get("batchsite_chunk") == key
+        return by_key or bool(input_file_id and batch.input_file_id == input_file_id)
+
+    return _newest_first(client.batches.list(limit=100, timeout=CONTROL_TIMEOUT), 100, since, on_page, mine)
+
+
+T = TypeVar("T", FileObject, Batch)
+
+
+def _newest_first(
+    listing: Iterable[T], page: int, since: float, on_page: Callable[[], None], wanted: Callable[[T], bool]
+) -> T | None:
+    """The first of a listing (newest first, `page` a page) that is `wanted`, searched up to LIST_PAGES pages and
+    back to `since` (unix time); `on_page` after each page (the caller renews its claim)."""
     seen = 0
     try:
-        for batch in client.batches.list(limit=100, timeout=CONTROL_TIMEOUT):
-            if (batch.metadata or {}).get("batchsite_chunk") == key or (
-                input_file_id and batch.input_file_id == input_file_id
-            ):
-                return batch
+        for item in listing:
+            if wanted(item):
+                return item
             seen += 1
-            if seen % 100 == 0:
+            if seen % page == 0:
                 on_page()
-            if seen >= LIST_PAGES * 100 or batch.created_at < since:
+            if seen >= LIST_PAGES * page or item.created_at < since:
                 break
     except SDK_ERRORS as e:
         raise verdict(LOOKUP, e) from e
